@@ -1,0 +1,127 @@
+"""The model bundle: a folder that training writes and scoring reads.
+
+Layout::
+
+    model.pt        state dict of the MobileNetV2 with its binary head
+    config.json     architecture, image size, normalization, label meaning, threshold, versions
+    metrics.json    validation metrics (and training history when training wrote it)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from artifact_core.data import LABEL_NAMES
+from artifact_core.model import ARCHITECTURE, build_model, unwrap
+from artifact_core.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class BundleConfig:
+    """What a scorer needs to rebuild and use the model without guessing."""
+
+    image_size: int = 224
+    threshold: float = 0.5
+    dropout: float = 0.2
+    num_outputs: int = 1
+    architecture: str = ARCHITECTURE
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    labels: dict[str, str] = field(default_factory=lambda: {str(k): v for k, v in LABEL_NAMES.items()})
+    output: str = "sigmoid(logit) = P(class 1, artifact-free); class 1 when it is >= threshold"
+    train_config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format: int = BUNDLE_FORMAT
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model in eval mode plus its config and metrics."""
+
+    model: nn.Module
+    config: BundleConfig
+    metrics: dict[str, Any]
+    path: str
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    from artifact_core import __version__
+    out = {"artifact_core": __version__, "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "python": platform.python_version()}
+    try:
+        import ray
+        out["ray"] = ray.__version__
+    except ImportError:  # scoring a bundle does not need Ray
+        pass
+    return out
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
+                metrics: dict[str, Any] | None = None) -> str:
+    """Write ``model.pt``, ``config.json`` and ``metrics.json`` into ``out_dir``.
+
+    Returns:
+        ``out_dir``.
+    """
+    if config.architecture != ARCHITECTURE:
+        raise ValueError(f"unsupported architecture {config.architecture!r}; expected {ARCHITECTURE!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    config.versions = config.versions or _versions()
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
+    _write_json_atomic(os.path.join(out_dir, CONFIG_FILE), config.__dict__)
+    _write_json_atomic(os.path.join(out_dir, METRICS_FILE), metrics or {})
+    return out_dir
+
+
+def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild the model from a bundle folder, in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        ValueError: the config is not a bundle this version can read.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model bundle {path!r} does not exist (expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE})")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"model bundle {path!r} has no {name}")
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        raw = json.load(f)
+    known = set(BundleConfig.__dataclass_fields__)
+    config = BundleConfig(**{k: v for k, v in raw.items() if k in known})
+    if config.format > BUNDLE_FORMAT or config.architecture != ARCHITECTURE:
+        raise ValueError(f"{path!r}: bundle format {config.format} / architecture {config.architecture!r} "
+                         f"is not readable here (expected format <= {BUNDLE_FORMAT}, {ARCHITECTURE!r})")
+    model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs)
+    state = torch.load(os.path.join(path, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    metrics = {}
+    metrics_path = os.path.join(path, METRICS_FILE)
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    return Bundle(model=model.to(device).eval(), config=config, metrics=metrics, path=os.path.abspath(path))

@@ -1,0 +1,136 @@
+"""The one typed training configuration, its command-line flags, and its JSON form."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved with the run and inside the bundle."""
+
+    data_dir: str | None = None
+    storage_path: str = "runs"
+    name: str | None = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 16
+    image_size: int = 224
+    head_epochs: int = 4
+    finetune_epochs: int = 4
+    lr: float = 3e-3
+    finetune_lr: float = 3e-4
+    unfreeze_depth: int = 6
+    weight_decay: float = 1e-4
+    dropout: float = 0.2
+    val_fraction: float = 0.2
+    seed: int = 42
+    weights: str = "imagenet"
+    max_failures: int = 1
+    patience: int = 3
+    loader_workers: int = 0
+    skip_unlabeled: bool = False
+    demo_train_images: int = 600
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ValueError`` naming the first flag out of range."""
+        checks = [
+            ("--num-workers", self.num_workers >= 1, "at least 1"),
+            ("--cpus-per-worker", self.cpus_per_worker > 0, "above 0"),
+            ("--batch-size", self.batch_size >= 1, "at least 1"),
+            ("--image-size", self.image_size >= 32, "at least 32"),
+            ("--head-epochs", self.head_epochs >= 0, "0 or more"),
+            ("--finetune-epochs", self.finetune_epochs >= 0, "0 or more"),
+            ("--head-epochs/--finetune-epochs", self.head_epochs + self.finetune_epochs >= 1, "at least 1 epoch in total"),
+            ("--lr", self.lr > 0, "above 0"),
+            ("--finetune-lr", self.finetune_lr > 0, "above 0"),
+            ("--unfreeze-depth", 0 <= self.unfreeze_depth <= 19, "in 0..19"),
+            ("--val-fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
+            ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
+            ("--patience", self.patience >= 0, "0 (off) or more"),
+            ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+        ]
+        for flag, ok, expected in checks:
+            if not ok:
+                value = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+                key = flag.split("/")[0].lstrip("-").replace("-", "_")
+                raise ValueError(f"{flag} must be {expected}, got {value.get(key)!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, ignoring keys this version does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str) -> None:
+        """Write as indented JSON."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every training flag (shared by jobs/train.py and jobs/tune.py)."""
+    d = TrainConfig()
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-dir", default=None,
+                   help="folder of image_<idx>_<0|1>.<ext> files (default: generate demo data under --storage-path)")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="stratified validation share (default: %(default)s)")
+    g.add_argument("--skip-unlabeled", action="store_true", help="skip files without a label in their name instead of failing")
+    g.add_argument("--demo-train-images", type=int, default=d.demo_train_images,
+                   help="training images generated when --data-dir is not given (default: %(default)s)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--storage-path", default=d.storage_path,
+                   help="where runs are written; shared storage (NFS, s3://) on multi-node clusters (default: ./%(default)s)")
+    g.add_argument("--name", default=None, help="run name; rerunning with the same name resumes (default: demo, or the data folder's name)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers (default: %(default)s)")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, mixed precision")
+    g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker (default: %(default)s)")
+    g.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker (default: %(default)s)")
+    g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="split and init seed (default: %(default)s)")
+    g = parser.add_argument_group("model and optimisation")
+    g.add_argument("--weights", default=d.weights, help="imagenet | none | PATH to a state dict (default: %(default)s)")
+    g.add_argument("--image-size", type=int, default=d.image_size, help="square input size (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker (default: %(default)s)")
+    g.add_argument("--head-epochs", type=int, default=d.head_epochs, help="phase 1 epochs, backbone frozen (default: %(default)s)")
+    g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs, help="phase 2 epochs (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="phase 1 learning rate (default: %(default)s)")
+    g.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="phase 2 learning rate (default: %(default)s)")
+    g.add_argument("--unfreeze-depth", type=int, default=d.unfreeze_depth, help="feature blocks unfrozen in phase 2, 0..19 (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=d.patience, help="epochs without val micro-F1 gain before a phase stops early, 0 = off (default: %(default)s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Fill a :class:`TrainConfig` from parsed flags, with absolute paths and a run name."""
+    cfg = TrainConfig.from_dict(vars(args))
+    cfg.storage_path = absolute_storage_path(cfg.storage_path)
+    if cfg.data_dir:
+        cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
+    if not cfg.name:
+        cfg.name = os.path.basename(os.path.normpath(cfg.data_dir)) if cfg.data_dir else "demo"
+    return cfg
+
+
+def absolute_storage_path(path: str) -> str:
+    """Absolute local path, or a URI (``s3://``, ``gs://``...) unchanged.
+
+    Ray Train workers change directory into the session folder, so a relative
+    path would land somewhere else on every worker.
+    """
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))

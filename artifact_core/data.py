@@ -1,0 +1,188 @@
+"""Image folders: listing, labels from file names, splits, class weights, a torch Dataset."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from artifact_core.images import decode_image
+
+log = logging.getLogger(__name__)
+
+#: Label meaning, the one place it is defined. File names carry these digits.
+ARTIFACT = 0
+CLEAN = 1
+LABEL_NAMES = {ARTIFACT: "artifact", CLEAN: "artifact-free"}
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LABEL_PATTERN = "'<name>_<0|1>.<ext>' (0 = artifact, 1 = artifact-free)"
+_LABEL_RE = re.compile(r"_([01])$")
+
+
+def is_image_file(name: str) -> bool:
+    """True when ``name`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """List image files below ``folder``, recursively, as sorted absolute paths.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        NotADirectoryError: the path is a file.
+    """
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{str(root)!r} is not a folder of images")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames
+                     if is_image_file(f) and not f.startswith("."))
+    return sorted(os.path.abspath(p) for p in found)
+
+
+def parse_label(path: str | os.PathLike) -> int:
+    """Read the label from a file name ``<anything>_<label>.<ext>``.
+
+    Raises:
+        ValueError: naming the file and the expected pattern.
+    """
+    name = os.path.basename(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    match = _LABEL_RE.search(stem)
+    if not match or not is_image_file(name):
+        raise ValueError(f"cannot read label from {name!r}: expected {LABEL_PATTERN}")
+    return int(match.group(1))
+
+
+@dataclass
+class LabeledFolder:
+    """Image paths with labels, plus what was skipped while scanning."""
+
+    paths: list[str]
+    labels: list[int]
+    skipped: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[int, int]:
+        """Number of images per label."""
+        return {c: int(sum(1 for y in self.labels if y == c)) for c in (ARTIFACT, CLEAN)}
+
+
+def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = False) -> LabeledFolder:
+    """List a training folder and parse every label.
+
+    Args:
+        folder: root of the labelled images (searched recursively).
+        skip_unlabeled: skip names without a label (listed in ``skipped``) instead of raising.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: the folder is missing.
+        ValueError: no images, an unparsable name (unless skipped), or only one class.
+    """
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {os.fspath(folder)!r}")
+    kept, labels, skipped = [], [], []
+    for p in paths:
+        try:
+            labels.append(parse_label(p))
+            kept.append(p)
+        except ValueError:
+            if not skip_unlabeled:
+                raise
+            skipped.append(p)
+    if skipped:
+        log.warning("skipped %d file(s) without a label in their name under %s", len(skipped), folder)
+    if not kept:
+        raise ValueError(f"no file under {os.fspath(folder)!r} matches {LABEL_PATTERN}")
+    present = sorted(set(labels))
+    if len(present) < 2:
+        only = LABEL_NAMES[present[0]]
+        raise ValueError(
+            f"{os.fspath(folder)!r} holds only class {present[0]} ({only}); "
+            f"training needs examples of both 0 (artifact) and 1 (artifact-free)"
+        )
+    return LabeledFolder(kept, labels, skipped)
+
+
+def stratified_split(labels: Sequence[int], *, val_fraction: float = 0.2,
+                     seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into train/val keeping the class ratio in both.
+
+    Every class with at least two members keeps at least one in each part.
+
+    Returns:
+        (train_indices, val_indices), each sorted.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val_idx.extend(idx[:n_val])
+        train_idx.extend(idx[n_val:])
+    return np.sort(np.asarray(train_idx, dtype=np.int64)), np.sort(np.asarray(val_idx, dtype=np.int64))
+
+
+def class_weights(labels: Sequence[int], num_classes: int = 2) -> np.ndarray:
+    """'Balanced' weights ``n / (num_classes * n_c)``, as scikit-learn computes them.
+
+    Raises:
+        ValueError: a class has no example.
+    """
+    y = np.asarray(labels)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        missing = [int(c) for c in np.flatnonzero(counts == 0)]
+        raise ValueError(f"cannot weight classes: no example of class {missing}")
+    return len(y) / (num_classes * counts)
+
+
+class ImageFileDataset(Dataset):
+    """(image tensor, label) pairs read from files with the shared decoder.
+
+    A file that fails to decode raises :class:`~artifact_core.images.ImageDecodeError`
+    naming it; training folders are checked up front by :func:`find_unreadable`.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int],
+                 transform: Callable) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = list(paths)
+        self.labels = [int(y) for y in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(decode_image(self.paths[i])), self.labels[i]
+
+
+def find_unreadable(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """Return ``(path, reason)`` for every file the shared decoder rejects."""
+    bad = []
+    for p in paths:
+        try:
+            decode_image(p)
+        except ValueError as exc:
+            bad.append((p, getattr(exc, "reason", str(exc))))
+    return bad

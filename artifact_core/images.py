@@ -1,0 +1,99 @@
+"""One image decoder for training, evaluation and scoring.
+
+Every code path that turns file bytes into pixels goes through :func:`decode_image`, so
+a file that trains also scores, and a file that breaks scoring breaks it the same way
+everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+# 8k x 8k: far beyond any face crop, far below what exhausts a worker's memory.
+MAX_IMAGE_PIXELS = 64_000_000
+
+ImageSource = Union[str, os.PathLike, bytes]
+
+
+class ImageDecodeError(ValueError):
+    """A file could not be decoded into an RGB image."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot decode image {source!r}: {reason}")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit/float greyscale: PIL's convert("RGB") clips to 0..255 instead of
+        # rescaling, which turns most 16-bit images white. Rescale by the actual range.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr8 = np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency over white rather than dropping alpha, which would
+        # leave whatever colour sits under transparent pixels (often black).
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(source: ImageSource, *, name: str | None = None,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode a file path or raw bytes into a fully loaded 8-bit RGB PIL image.
+
+    Args:
+        source: a path, or the file's bytes (as Ray Data's ``read_binary_files`` gives).
+        name: how to call the file in errors (defaults to the path, or "<bytes>").
+        max_pixels: larger images are refused as decompression bombs.
+
+    Returns:
+        An RGB ``PIL.Image.Image`` with its pixels loaded.
+
+    Raises:
+        ImageDecodeError: empty, truncated, not an image, or too large.
+    """
+    label = name or (os.fspath(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageDecodeError(label, "file is empty")
+            stream: io.IOBase = io.BytesIO(source)
+        else:
+            if os.path.getsize(source) == 0:
+                raise ImageDecodeError(label, "file is empty")
+            stream = open(source, "rb")
+        with stream:
+            with Image.open(stream) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        label, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
+                    )
+                # PIL's own bomb check only warns below 2x its global limit; ours is a
+                # hard per-call limit. Truncated files fail in load() (PIL's default
+                # LOAD_TRUNCATED_IMAGES=False), never decode silently as half grey.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    img.load()
+                return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        # PIL raises UnidentifiedImageError (an OSError) for non-images, OSError for
+        # truncation, SyntaxError/ValueError for some corrupt headers.
+        raise ImageDecodeError(label, f"{type(exc).__name__}: {exc}") from exc

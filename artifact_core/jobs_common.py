@@ -1,0 +1,46 @@
+"""What every job entry script shares: logging set-up and one-line errors for users."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from artifact_core.images import ImageDecodeError
+from artifact_core.model import WeightsUnavailableError
+from artifact_core.raycluster import ClusterTooSmallError
+
+# Errors that are the user's input, not a bug: one clear line, no stack dump.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError,
+               WeightsUnavailableError, ClusterTooSmallError, ImageDecodeError)
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user-facing cause inside ``exc`` (Ray wraps worker errors), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, USER_ERRORS):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace,
+            logger: logging.Logger) -> int:
+    """Configure logging, run ``main(args)``, turn user errors into one line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs below
+        cause = _user_error(exc)
+        if cause is None:
+            raise
+        logger.debug("details", exc_info=True)
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,322 @@
+"""The per-worker training loop: two phases of one function, DDP, resumable checkpoints.
+
+Phase 1 trains the head with the backbone frozen; phase 2 unfreezes the last K feature
+blocks at a lower learning rate with a fresh optimizer. Every epoch is reported to Ray
+Train with a checkpoint that holds everything needed to resume mid-phase.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from artifact_core.config import TrainConfig
+from artifact_core.data import ImageFileDataset
+from artifact_core.metrics import classification_metrics, predict_labels
+from artifact_core.model import build_model, set_trainable, train_mode, unwrap
+from artifact_core.transforms import eval_transform, train_transform
+
+log = logging.getLogger("artifact_core.train")
+
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+VAL_SCORES_FILE = "val_scores.json"
+
+
+@dataclass
+class PhaseSpec:
+    """One training phase: how many epochs, at which learning rate, how deep unfrozen."""
+
+    name: str
+    epochs: int
+    lr: float
+    unfreeze_depth: int
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in every checkpoint so a restart continues exactly."""
+
+    phase_index: int = 0
+    phase_epoch: int = 0          # epochs finished in the current phase
+    global_epoch: int = 0         # epochs finished in total
+    phase_best_f1: float = -1.0
+    bad_epochs: int = 0           # epochs without val micro-F1 gain in this phase
+    stopped_early: bool = False   # the current phase ended by patience
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_after: list[int] = field(default_factory=list)  # global_epoch at each resume
+
+
+def phases(cfg: TrainConfig) -> list[PhaseSpec]:
+    """The two phases as data, so one function runs both."""
+    return [PhaseSpec("head", cfg.head_epochs, cfg.lr, 0),
+            PhaseSpec("finetune", cfg.finetune_epochs, cfg.finetune_lr, cfg.unfreeze_depth)]
+
+
+def _setup_logging(rank: int) -> None:
+    # Each worker is its own process: the driver's logging set-up does not reach it.
+    if rank != 0:
+        log.setLevel(logging.WARNING)
+    elif not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _amp(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
+    """Autocast context factory and grad scaler: bf16 where supported, else fp16 + scaling."""
+    if device.type != "cuda":
+        return nullcontext, torch.amp.GradScaler("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def _gather(values: list) -> list:
+    """Concatenate a Python list from every rank (validation is sharded without padding)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    out: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def _mean_across_ranks(total: float, count: int, device: torch.device) -> float:
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def _weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-weighted BCE on the 'artifact-free' logit; returns (mean loss, summed loss)."""
+    per_sample = F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), y.float(), reduction="none")
+    per_sample = per_sample * weights[y]
+    return per_sample.mean(), per_sample.sum().detach()
+
+
+def evaluate(model: nn.Module, loader: DataLoader, weights: torch.Tensor, device: torch.device,
+             autocast: Any = nullcontext) -> tuple[list[float], list[int], float, int]:
+    """Probabilities of 'artifact-free', labels and summed loss over this rank's loader."""
+    model.eval()
+    probs: list[float] = []
+    labels: list[int] = []
+    loss_sum, n = 0.0, 0
+    with torch.inference_mode():
+        for x, y in loader:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device)
+            with autocast():
+                logits = model(x)
+            _, s = _weighted_bce(logits, y, weights)
+            loss_sum += float(s)
+            n += len(y)
+            probs.extend(torch.sigmoid(logits.squeeze(1).float()).cpu().tolist())
+            labels.extend(y.cpu().tolist())
+    return probs, labels, loss_sum, n
+
+
+def _save_checkpoint(tmpdir: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, state: LoopState, val_probs: list[float],
+                     val_labels: list[int]) -> None:
+    torch.save(unwrap(model).state_dict(), os.path.join(tmpdir, MODEL_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+               os.path.join(tmpdir, OPTIMIZER_FILE))
+    with open(os.path.join(tmpdir, STATE_FILE), "w") as f:
+        json.dump(asdict(state), f)
+    with open(os.path.join(tmpdir, VAL_SCORES_FILE), "w") as f:
+        json.dump({"prob_artifact_free": val_probs, "label": val_labels}, f)
+
+
+def _load_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) -> tuple[LoopState, dict | None]:
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
+        with open(os.path.join(d, STATE_FILE)) as f:
+            state = LoopState(**json.load(f))
+        opt_path = os.path.join(d, OPTIMIZER_FILE)
+        opt = torch.load(opt_path, map_location="cpu", weights_only=True) if os.path.exists(opt_path) else None
+    return state, opt
+
+
+def _maybe_inject_failure(loop_config: dict, state: LoopState, rank: int, world: int) -> None:
+    """Fault-tolerance drill: kill the last rank once at a given epoch (see the tests)."""
+    at, marker = loop_config.get("fail_at_epoch"), loop_config.get("fail_marker")
+    if at is None or not marker or state.global_epoch != at or rank != world - 1:
+        return
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(f"failed at epoch {at}\n")
+    raise RuntimeError(f"injected worker failure at epoch {at} (rank {rank})")
+
+
+def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
+    split = loop_config["split"]
+    train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
+                                train_transform(image_size=cfg.image_size))
+    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size))
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    # drop_last: a final batch of one sample breaks BatchNorm in the unfrozen blocks.
+    per_rank = len(sampler)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                              num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
+                              persistent_workers=cfg.loader_workers > 0)
+    # Validation is sharded without padding (DistributedSampler would duplicate samples
+    # and bias the metrics); the shards are gathered before computing F1.
+    val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
+    val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers)
+    return train_loader, val_loader
+
+
+def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_state: dict | None,
+              cfg: TrainConfig, loop_config: dict, loaders: tuple[DataLoader, DataLoader],
+              weights: torch.Tensor, device: torch.device, context: dict) -> nn.Module:
+    """Run (or continue) one phase; returns the plain model (no DDP wrapper)."""
+    rank, world = context["rank"], context["world"]
+    base = unwrap(model)
+    trainable = set_trainable(base, unfreeze_depth=spec.unfreeze_depth)
+    # DDP registers gradient hooks only for parameters that require grad when it wraps the
+    # model, so each phase wraps anew after changing what is frozen.
+    ddp_model = ray.train.torch.prepare_model(base)
+    params = [p for p in ddp_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=cfg.weight_decay)
+    autocast, scaler = _amp(device)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scaler.load_state_dict(optimizer_state["scaler"])
+    train_loader, val_loader = loaders
+    while state.phase_epoch < spec.epochs and not state.stopped_early:
+        _maybe_inject_failure(loop_config, state, rank, world)
+        t0 = time.time()
+        train_loader.sampler.set_epoch(state.global_epoch)
+        train_mode(ddp_model)
+        total, count = 0.0, 0
+        for x, y in train_loader:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device)
+            with autocast():
+                logits = ddp_model(x)
+            loss, s = _weighted_bce(logits, y, weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(s)
+            count += len(y)
+        train_loss = _mean_across_ranks(total, count, device)
+        probs, labels, vloss, vn = evaluate(ddp_model, val_loader, weights, device, autocast)
+        val_loss = _mean_across_ranks(vloss, vn, device)
+        probs, labels = _gather(probs), _gather(labels)
+        m = classification_metrics(labels, predict_labels(probs, 0.5))
+
+        state.phase_epoch += 1
+        state.global_epoch += 1
+        if m["micro_f1"] > state.phase_best_f1 + 1e-9:
+            state.phase_best_f1, state.bad_epochs = m["micro_f1"], 0
+        else:
+            state.bad_epochs += 1
+        stop_early = cfg.patience > 0 and state.bad_epochs >= cfg.patience and state.phase_epoch < spec.epochs
+        state.stopped_early = stop_early
+        metrics = {
+            "epoch": state.global_epoch, "phase": spec.name, "phase_epoch": state.phase_epoch,
+            "train_loss": train_loss, "val_loss": val_loss,
+            **{f"val_{k}": v for k, v in m.items()},
+            "lr": spec.lr, "trainable_params": trainable, "epoch_seconds": time.time() - t0,
+            "world_size": world, "node_ids": context["node_ids"], "early_stopped": stop_early,
+        }
+        state.history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmpdir:
+            checkpoint = None
+            if rank == 0:
+                _save_checkpoint(tmpdir, ddp_model, optimizer, scaler, state, probs, labels)
+                checkpoint = ray.train.Checkpoint.from_directory(tmpdir)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        log.info("epoch %d [%s %d/%d] train_loss %.4f val_loss %.4f val_micro_f1 %.4f macro_f1 %.4f "
+                 "recall(artifact) %.3f cm %s %.1fs%s", state.global_epoch, spec.name, state.phase_epoch,
+                 spec.epochs, train_loss, val_loss, m["micro_f1"], m["macro_f1"], m["recall_artifact"],
+                 m["confusion_matrix"], metrics["epoch_seconds"], " (early stop)" if stop_early else "")
+    return unwrap(ddp_model)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point: both phases, resuming from ``ray.train.get_checkpoint()``.
+
+    ``loop_config`` holds ``train`` (a :class:`TrainConfig` dict), ``split`` (paths and
+    labels of both parts), ``class_weights``, ``initial_state`` (the starting weights,
+    loaded once on the driver) and optional failure-drill keys.
+    """
+    cfg = TrainConfig.from_dict(loop_config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _setup_logging(rank)
+    torch.manual_seed(cfg.seed + rank)
+    if not cfg.use_gpu:
+        # Each worker owns cpus_per_worker cores; more threads only fight each other.
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    context = {"rank": rank, "world": world,
+               "node_ids": sorted(set(_gather([ray.get_runtime_context().get_node_id()])))}
+
+    model = build_model(weights="none", dropout=cfg.dropout)
+    model.load_state_dict(loop_config["initial_state"])
+    model = model.to(memory_format=torch.channels_last)
+    state, optimizer_state = LoopState(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state, optimizer_state = _load_checkpoint(checkpoint, model)
+        state.resumed_after.append(state.global_epoch)
+        log.info("resumed from checkpoint after epoch %d (phase %d, epoch %d in phase)",
+                 state.global_epoch, state.phase_index + 1, state.phase_epoch)
+
+    weights = torch.tensor(loop_config["class_weights"], dtype=torch.float32, device=device)
+    loaders = _loaders(loop_config, cfg, rank, world)
+    specs = phases(cfg)
+    while state.phase_index < len(specs):
+        spec = specs[state.phase_index]
+        # Judged against this run's config: a rerun with more epochs extends the phase.
+        if state.phase_epoch < spec.epochs and not state.stopped_early:
+            log.info("phase %d (%s): %d epoch(s) at lr %g, unfreeze depth %d", state.phase_index + 1,
+                     spec.name, spec.epochs, spec.lr, spec.unfreeze_depth)
+            model = run_phase(spec, model=model, state=state, optimizer_state=optimizer_state, cfg=cfg,
+                              loop_config=loop_config, loaders=loaders, weights=weights,
+                              device=device, context=context)
+        optimizer_state = None
+        state = _next_phase(state)
+
+
+def _next_phase(state: LoopState) -> LoopState:
+    state.phase_index += 1
+    state.phase_epoch, state.bad_epochs, state.phase_best_f1, state.stopped_early = 0, 0, -1.0, False
+    return state
+
+
+def read_val_scores(checkpoint_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validation (labels, P(artifact-free)) saved with a checkpoint."""
+    with open(os.path.join(checkpoint_dir, VAL_SCORES_FILE)) as f:
+        d = json.load(f)
+    return np.asarray(d["label"], dtype=np.int64), np.asarray(d["prob_artifact_free"], dtype=np.float64)
+
+
+def read_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The loop state saved with a checkpoint: per-epoch ``history`` (it survives restarts,
+    unlike driver memory) and ``resumed_after`` (the epochs at which the loop resumed)."""
+    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+        return json.load(f)

@@ -1,0 +1,46 @@
+"""Model bundle write/read round trip and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from artifact_core.bundle import BundleConfig, load_bundle, save_bundle
+from artifact_core.model import build_model
+
+
+def test_bundle_round_trip(tmp_path):
+    m = build_model(weights="none", dropout=0.1)
+    torch.nn.init.normal_(m.classifier[1].weight)
+    cfg = BundleConfig(image_size=96, threshold=0.37, dropout=0.1, train_config={"lr": 0.01})
+    out = save_bundle(str(tmp_path / "b"), m, cfg, {"validation": {"micro_f1": 0.9}})
+    b = load_bundle(out)
+    assert b.config.image_size == 96 and b.config.threshold == 0.37
+    assert b.config.labels == {"0": "artifact", "1": "artifact-free"}
+    assert {"torch", "torchvision", "artifact_core"} <= set(b.config.versions)
+    assert b.metrics["validation"]["micro_f1"] == 0.9
+    assert not b.model.training
+    x = torch.randn(2, 3, 96, 96)
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(b.model(x), m(x))
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["architecture"] == "mobilenet_v2" and saved["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_bundle_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_bundle(str(tmp_path / "nope"))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_bundle(str(tmp_path / "b"))
+    save_bundle(str(tmp_path / "c"), build_model(weights="none"), BundleConfig())
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["format"] = 99
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format 99"):
+        load_bundle(str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        save_bundle(str(tmp_path / "d"), build_model(weights="none"), BundleConfig(architecture="resnet50"))

@@ -1,0 +1,106 @@
+"""Folders, labels, splits and class weights, with every bad-input case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from artifact_core.data import (ARTIFACT, CLEAN, ImageFileDataset, class_weights, find_unreadable, list_images,
+                                parse_label, scan_labeled_folder, stratified_split)
+from artifact_core.transforms import eval_transform
+from conftest import write_image
+
+
+def test_list_images_recursive_case_insensitive_sorted(tmp_path):
+    for name in ["b/image_1_1.PNG", "a/image_0_0.jpg", "image_2_1.JPEG", "x.webp", "y.BmP", "notes.txt", ".hidden.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = list_images(tmp_path)
+    assert [p.split(str(tmp_path))[1] for p in found] == [
+        "/a/image_0_0.jpg", "/b/image_1_1.PNG", "/image_2_1.JPEG", "/x.webp", "/y.BmP"]
+
+
+def test_list_images_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        list_images(tmp_path / "f.png")
+
+
+@pytest.mark.parametrize("name,label", [("image_3_0.png", ARTIFACT), ("image_12_1.JPG", CLEAN),
+                                        ("face_v2_final_1.webp", CLEAN), ("/a/b/x_0.bmp", ARTIFACT)])
+def test_parse_label(name, label):
+    assert parse_label(name) == label
+
+
+@pytest.mark.parametrize("name", ["image_3_2.png", "image_3.png", "image_3_1.txt", "image_3_01.png", "image_31.png"])
+def test_parse_label_errors_name_the_file_and_pattern(name):
+    with pytest.raises(ValueError) as err:
+        parse_label(name)
+    assert repr(name.split("/")[-1]) in str(err.value) and "<name>_<0|1>.<ext>" in str(err.value)
+
+
+def test_scan_labeled_folder(tmp_path):
+    for i, y in enumerate([0, 1, 1, 1]):
+        write_image(tmp_path / f"image_{i}_{y}.png")
+    write_image(tmp_path / "stray.png")
+    with pytest.raises(ValueError, match="stray.png"):
+        scan_labeled_folder(tmp_path)
+    folder = scan_labeled_folder(tmp_path, skip_unlabeled=True)
+    assert folder.counts() == {ARTIFACT: 1, CLEAN: 3}
+    assert [p.split("/")[-1] for p in folder.skipped] == ["stray.png"]
+
+
+def test_scan_empty_and_single_class(tmp_path):
+    with pytest.raises(ValueError, match="no images"):
+        scan_labeled_folder(tmp_path)
+    write_image(tmp_path / "image_0_1.png")
+    write_image(tmp_path / "image_1_1.png")
+    with pytest.raises(ValueError, match="only class 1"):
+        scan_labeled_folder(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        scan_labeled_folder(tmp_path / "missing")
+
+
+def test_scan_all_unlabeled_skipped(tmp_path):
+    write_image(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="no file .* matches"):
+        scan_labeled_folder(tmp_path, skip_unlabeled=True)
+
+
+def test_stratified_split_keeps_ratio_and_is_seeded():
+    labels = [0] * 10 + [1] * 90
+    tr, va = stratified_split(labels, val_fraction=0.2, seed=1)
+    assert len(va) == 20 and len(tr) == 80 and not set(tr) & set(va)
+    assert sum(labels[i] == 0 for i in va) == 2
+    tr2, va2 = stratified_split(labels, val_fraction=0.2, seed=1)
+    assert np.array_equal(va, va2)
+    assert not np.array_equal(va, stratified_split(labels, val_fraction=0.2, seed=2)[1])
+
+
+def test_stratified_split_tiny_minority_lands_in_both():
+    tr, va = stratified_split([0, 0] + [1] * 8, val_fraction=0.1)
+    y = np.array([0, 0] + [1] * 8)
+    assert (y[tr] == 0).sum() == 1 and (y[va] == 0).sum() == 1
+    with pytest.raises(ValueError, match="val_fraction"):
+        stratified_split([0, 1], val_fraction=1.0)
+
+
+def test_class_weights_balanced():
+    w = class_weights([0] * 10 + [1] * 90)
+    assert w == pytest.approx([100 / 20, 100 / 180])
+    with pytest.raises(ValueError, match=r"no example of class \[0\]"):
+        class_weights([1, 1])
+
+
+def test_dataset_and_unreadable(tmp_path):
+    good = write_image(tmp_path / "image_0_1.png")
+    bad = tmp_path / "image_1_0.png"
+    bad.write_bytes(b"garbage")
+    ds = ImageFileDataset([str(good)], [1], eval_transform(image_size=32))
+    x, y = ds[0]
+    assert tuple(x.shape) == (3, 32, 32) and y == 1
+    assert [p for p, _ in find_unreadable([str(good), str(bad)])] == [str(bad)]
+    with pytest.raises(ValueError, match="paths but"):
+        ImageFileDataset([str(good)], [], eval_transform())

@@ -1,0 +1,105 @@
+"""MobileNetV2 construction, weights sources, freezing rules of both phases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v2
+
+from artifact_core.model import (IMAGENET_WEIGHTS, NUM_FEATURE_BLOCKS, WeightsUnavailableError, build_model,
+                                 count_trainable, set_trainable, train_mode, unwrap)
+
+
+def _head_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.classifier.parameters())
+
+
+def test_build_model_has_binary_head():
+    m = build_model(weights="none", dropout=0.3)
+    assert isinstance(m.classifier[0], nn.Dropout) and m.classifier[0].p == 0.3
+    assert m.classifier[-1].out_features == 1 and m.classifier[-1].in_features == 1280
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 1)
+    assert build_model(weights="none", num_outputs=2).classifier[-1].out_features == 2
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 19])
+def test_set_trainable_counts_match_depth(depth):
+    m = build_model(weights="none")
+    n = set_trainable(m, unfreeze_depth=depth)
+    expected = _head_params(m) + sum(p.numel() for b in list(m.features)[NUM_FEATURE_BLOCKS - depth:] for p in b.parameters())
+    assert n == expected == count_trainable(m)
+    frozen = list(m.features)[: NUM_FEATURE_BLOCKS - depth]
+    assert all(not p.requires_grad for b in frozen for p in b.parameters())
+    if depth == 0:
+        assert n == 1281
+
+
+def test_set_trainable_rejects_bad_depth():
+    with pytest.raises(ValueError, match="0..19"):
+        set_trainable(build_model(weights="none"), unfreeze_depth=20)
+
+
+def test_train_mode_keeps_frozen_batchnorm_in_eval():
+    m = build_model(weights="none")
+    set_trainable(m, unfreeze_depth=2)
+    train_mode(m)
+    bns = [(i, mod) for i, b in enumerate(m.features) for mod in b.modules() if isinstance(mod, nn.BatchNorm2d)]
+    assert all(not mod.training for i, mod in bns if i < 17)
+    assert all(mod.training for i, mod in bns if i >= 17)
+    frozen_bn = m.features[0][1]
+    before = frozen_bn.running_mean.clone()
+    m(torch.randn(4, 3, 64, 64) * 5 + 3)
+    assert torch.equal(frozen_bn.running_mean, before)  # ImageNet statistics untouched
+
+
+def test_weights_from_file_imagenet_layout(tmp_path):
+    ref = mobilenet_v2(weights=None)  # 1000-class layout, as the ImageNet files have
+    path = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), path)
+    m = build_model(weights=str(path))
+    assert torch.equal(m.features[3].conv[0][0].weight, ref.features[3].conv[0][0].weight)
+    # our own head layout loads too
+    own = build_model(weights="none")
+    torch.save(own.state_dict(), path)
+    assert torch.equal(build_model(weights=str(path)).features[0][0].weight, own.features[0][0].weight)
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        build_model(weights=str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="cannot read"):
+        build_model(weights=str(bad))
+    torch.save({"foo": torch.zeros(1)}, bad)
+    with pytest.raises(WeightsUnavailableError, match="does not fit"):
+        build_model(weights=str(bad))
+
+
+def test_imagenet_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
+    """No download: a state dict placed in TORCH_HOME under torchvision's file name is used."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ref = mobilenet_v2(weights=None)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(ref.state_dict(), cache / IMAGENET_WEIGHTS.url.rsplit("/", 1)[1])
+    m = build_model(weights="imagenet")
+    assert torch.equal(m.features[18][0].weight, ref.features[18][0].weight)
+
+
+def test_imagenet_weights_offline_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_model(weights="imagenet")
+    msg = str(err.value)
+    assert "mobilenet_v2-7ebf99e0.pth" in msg and str(tmp_path) in msg and "state-dict file path" in msg
+
+
+def test_unwrap():
+    m = build_model(weights="none")
+    assert unwrap(nn.DataParallel(m)) is m and unwrap(m) is m

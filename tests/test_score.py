@@ -1,0 +1,141 @@
+"""Ray Data scoring: one row per file, error rows for broken files, resume, agreement with the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.model import build_model
+from artifact_core.predict import ArtifactPredictor, predict_paths
+from artifact_core.scoring import ScoreConfig, run_scoring
+from conftest import write_image
+
+pytestmark = pytest.mark.ray
+
+BROKEN = {"empty.png", "truncated.jpg", "text.png", "bomb.png"}
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = build_model(weights="none")
+    # With fresh BatchNorm statistics the signal vanishes through the 19 blocks and every
+    # image gets one score; calibrate them (cumulative average) so the comparisons mean something.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32) * 4 - 2)
+    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model,
+                       BundleConfig(image_size=32, threshold=0.5))
+
+
+def hostile_folder(root) -> set[str]:
+    """Good, odd-but-valid and broken files; returns the relative names that must get rows."""
+    names = []
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120)]):
+        names.append(write_image(root / f"good_{i}.png", color=color).name)
+    names.append(write_image(root / "UPPER.PNG").relative_to(root).as_posix())
+    names.append(write_image(root / "sub" / "deep" / "photo.JPG", fmt="JPEG").relative_to(root).as_posix())
+    names.append(write_image(root / "rgba.png", mode="RGBA").name)
+    names.append(write_image(root / "grey.png", mode="L").name)
+    names.append(write_image(root / "palette.png", mode="P").name)
+    names.append(write_image(root / "cmyk.jpg", mode="CMYK", fmt="JPEG").name)
+    Image.fromarray(np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20).save(root / "deep16.png")
+    names.append("deep16.png")
+    (root / "empty.png").write_bytes(b"")
+    jpg = write_image(root / "truncated.jpg", size=128, fmt="JPEG")
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    (root / "text.png").write_text("not an image at all")
+    Image.new("L", (8100, 8100)).save(root / "bomb.png")  # 65.6 MP > the 64 MP limit
+    names += sorted(BROKEN)
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return set(names)
+
+
+def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path):
+    src = tmp_path / "in"
+    expected = hostile_folder(src)
+    out = tmp_path / "out"
+    cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1)
+    summary = run_scoring(cfg)
+
+    csv = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert list(csv.columns) == ["filename", "path", "predicted_class", "confidence", "prob_artifact_free", "error"]
+    assert sorted(csv["filename"]) == sorted(expected) and csv["filename"].is_unique
+    assert summary["files"] == len(expected) and summary["errors"] == len(BROKEN)
+    errors = csv[csv["error"] != ""]
+    assert set(errors["filename"]) == BROKEN
+    assert (errors["predicted_class"] == -1).all()
+    good = csv[csv["error"] == ""]
+    assert set(good["predicted_class"]) <= {0, 1}
+    prob = good["prob_artifact_free"].astype(float)
+    conf = good["confidence"].astype(float)
+    assert np.allclose(conf, np.where(good["predicted_class"] == 1, prob, 1 - prob))
+    assert all(os.path.isabs(p) and os.path.exists(p) for p in csv["path"])
+
+    # Parquet and CSV agree; types are right
+    table = pq.read_table(out / "predictions.parquet")
+    assert table.schema.field("predicted_class").type.bit_width == 64
+    pq_df = table.to_pandas().sort_values("filename").reset_index(drop=True)
+    assert len(pq_df) == len(csv)
+    assert list(pq_df["filename"]) == list(csv["filename"])
+    assert np.allclose(pq_df["prob_artifact_free"], csv["prob_artifact_free"].astype(float), equal_nan=True)
+
+    # the actor's probabilities are the in-process model's
+    predictor = ArtifactPredictor(bundle_dir)
+    assert prob.std() > 1e-3, "scores do not vary: the comparison would prove nothing"
+    assert np.allclose(predict_paths(predictor, list(good["path"])), prob, atol=1e-5)
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["files"] == len(expected) and s["threshold"] == 0.5 and s["images_per_second"] > 0
+    assert (out / "confidence_hist.png").exists()
+
+    # an existing output is refused without --resume/--overwrite
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out)))
+
+    # a crash left a corrupt part and new files arrived: --resume scores only what is missing
+    (out / "predictions.parquet" / "zz_partial.parquet").write_bytes(b"PAR1 truncated")
+    new = {write_image(src / f"new_{i}.png", color=(10 * i, 90, 90)).name for i in range(3)}
+    cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1, resume=True)
+    resumed = run_scoring(cfg)
+    assert resumed["scored_this_run"] == 3
+    csv2 = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert sorted(csv2["filename"]) == sorted(expected | new) and csv2["filename"].is_unique
+    old = csv2[csv2["filename"].isin(good["filename"])].set_index("filename")["prob_artifact_free"].astype(float)
+    assert np.allclose(old.sort_index(), good.set_index("filename")["prob_artifact_free"].astype(float).sort_index())
+
+
+def test_threshold_override_and_overwrite(ray_session, bundle_dir, tmp_path):
+    src = tmp_path / "in"
+    for i in range(5):
+        write_image(src / f"x{i}.png", color=(40 * i, 100, 60))
+    out = tmp_path / "out"
+    s = run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out), threshold=0.0, num_actors=1))
+    assert s["predicted"]["1 (artifact-free)"] == 5 and s["threshold"] == 0.0
+    s = run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out), threshold=1.01,
+                                num_actors=1, overwrite=True))
+    assert s["predicted"]["0 (artifact)"] == 5
+
+
+def test_bad_inputs(ray_session, bundle_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(tmp_path / "missing"), output=str(tmp_path / "o")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(tmp_path / "empty"), output=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="model bundle"):
+        run_scoring(ScoreConfig(model=str(tmp_path / "nobundle"), input=str(tmp_path / "empty"), output=str(tmp_path / "o")))
+    shutil.rmtree(tmp_path / "empty")
