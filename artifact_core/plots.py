@@ -67,3 +67,22 @@ def confidence_histogram(confidence: Sequence[float], predicted: Sequence[int], 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def tune_results(table: Any, metric: str, path: str) -> str:
+    """Best validation micro F1 of each trial against its learning rate, coloured by unfreeze depth."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    col = f"best_{metric}"
+    for depth, group in sorted(table.groupby("unfreeze_depth"), key=lambda kv: kv[0]):
+        stopped = group["status"] != "completed"
+        ax.scatter(group.loc[~stopped, "lr"], group.loc[~stopped, col], label=f"K={depth}", s=50)
+        ax.scatter(group.loc[stopped, "lr"], group.loc[stopped, col], marker="x", s=50,
+                   color=ax.collections[-1].get_facecolor()[0] if len(ax.collections) else None)
+    ax.set(xscale="log", xlabel="phase-1 learning rate", ylabel=f"best {metric}",
+           title="sweep (x = stopped early or failed)")
+    ax.legend(title="unfreeze depth")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

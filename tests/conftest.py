@@ -52,30 +52,78 @@ def make_easy_folder(root: Path, *, n: int = 40, size: int = 40, artifact_every:
 
 @pytest.fixture
 def easy_folder(tmp_path: Path) -> Path:
-    return make_easy_folder(tmp_path / "train")
+    return make_easy_folder(tmp_path / "train", n=48)
+
+
+def calibrated_model(seed: int = 0):
+    """A MobileNetV2 with random convolutions but BatchNorm statistics measured on data.
+
+    Stands in for pretrained weights (which cannot be downloaded in tests): with fresh
+    BatchNorm statistics the signal vanishes through the 19 blocks and every image gets
+    the same score; calibrated, the random features carry enough to learn the easy set.
+    """
+    import torch
+
+    from artifact_core.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(weights="none")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32) * 4 - 2)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def backbone_weights(tmp_path_factory) -> str:
+    """A state-dict file of :func:`calibrated_model`, for ``--weights PATH``."""
+    import torch
+
+    path = tmp_path_factory.mktemp("weights") / "backbone.pth"
+    torch.save(calibrated_model().state_dict(), path)
+    return str(path)
+
+
+def start_cluster(state_dir: str, *, port_base: int, head_cpus: int, worker_cpus: int) -> dict:
+    """Start nodes with ``cluster/local_cluster.sh up``; returns addresses and the environment."""
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"), "RAY": RAY_BIN,
+           "LC_DIR": state_dir, "LC_PORT_BASE": str(port_base), "LC_HEAD_CPUS": str(head_cpus),
+           "LC_WORKER_CPUS": str(worker_cpus)}
+    out = subprocess.run(["bash", str(REPO / "cluster" / "local_cluster.sh"), "up"], env=env,
+                         capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        stop_cluster(env)
+        raise RuntimeError(f"local cluster did not start: {out.stdout}{out.stderr}")
+    values = dict(line.split("=", 1) for line in out.stdout.split() if "=" in line)
+    return {"address": values["RAY_ADDRESS"], "dashboard": values["DASHBOARD"], "env": env}
+
+
+def stop_cluster(env: dict) -> None:
+    subprocess.run(["bash", str(REPO / "cluster" / "local_cluster.sh"), "down"], env=env,
+                   capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """Address of a 2-CPU head node started for this test session, stopped afterwards."""
+    """A 2-CPU head node started for this test session (loopback, its own dir), stopped afterwards."""
     import ray
 
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = 6390
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    cmd = [RAY_BIN, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--dashboard-port=8275",
-           f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-    os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
-    address = f"127.0.0.1:{port}"
+    state = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    cluster = start_cluster(state, port_base=6400, head_cpus=2, worker_cpus=0)
+    os.environ["RAY_AUTH_MODE"] = cluster["env"]["RAY_AUTH_MODE"]
     try:
-        ray.init(address=address, log_to_driver=True)
-        yield {"address": address, "dashboard": "http://127.0.0.1:8275", "env": env}
+        ray.init(address=cluster["address"])
+        yield cluster
     finally:
         ray.shutdown()
-        subprocess.run([RAY_BIN, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_cluster(cluster["env"])
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture

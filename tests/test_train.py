@@ -16,16 +16,16 @@ from artifact_core.trainer import run_training
 pytestmark = pytest.mark.ray
 
 
-def small_config(data_dir, storage, name, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data_dir), storage_path=str(storage), name=name, num_workers=2, cpus_per_worker=1,
+def small_config(data_dir, storage, name, weights="none", **kw) -> TrainConfig:
+    base = dict(weights=weights, data_dir=str(data_dir), storage_path=str(storage), name=name, num_workers=2, cpus_per_worker=1,
                 batch_size=8, image_size=32, head_epochs=2, finetune_epochs=2, lr=1e-2, finetune_lr=2e-3,
-                unfreeze_depth=2, weights="none", patience=0, max_failures=1, val_fraction=0.25)
+                unfreeze_depth=2, patience=0, max_failures=1, val_fraction=0.25)
     base.update(kw)
     return TrainConfig(**base)
 
 
-def test_two_phases_bundle_and_learning(ray_session, easy_folder, tmp_path):
-    cfg = small_config(easy_folder, tmp_path / "runs", "basic")
+def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weights, tmp_path):
+    cfg = small_config(easy_folder, tmp_path / "runs", "basic", weights=backbone_weights)
     summary = run_training(cfg)
     hist = summary.metrics["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
@@ -35,14 +35,17 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, tmp_path):
     m = build_model(weights="none")
     assert hist[0]["trainable_params"] == set_trainable(m, unfreeze_depth=0) == 1281
     assert hist[2]["trainable_params"] == set_trainable(m, unfreeze_depth=2)
-    # something was learned on the easy set
+    # something was learned on the easy set: loss falls, validation beats the majority class
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    majority = 9 / 12  # validation: 3 artifact, 9 clean
+    assert summary.metrics["validation"]["support"] == 12
+    assert max(h["val_micro_f1"] for h in hist) > majority
     # the bundle reloads and reproduces the validation scores it was tuned on
     bundle = load_bundle(summary.bundle_dir)
     assert bundle.config.image_size == 32 and 0.0 <= bundle.config.threshold <= 1.0
     assert bundle.config.train_config["unfreeze_depth"] == 2
     saved = json.loads(open(os.path.join(summary.bundle_dir, "metrics.json")).read())
-    assert saved["best_epoch"] in (1, 2, 3, 4) and saved["validation"]["support"] == 10
+    assert saved["best_epoch"] in (1, 2, 3, 4) and saved["validation"]["support"] == 12
     assert {"learning_curves.png", "confusion_matrix.png", "model.pt"} <= set(os.listdir(summary.bundle_dir))
     assert os.path.exists(tmp_path / "runs" / "basic" / "run_config.json")
     out = bundle.model(torch.zeros(1, 3, 32, 32))

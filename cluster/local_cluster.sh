@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on one machine: a head node plus (optionally) a worker node,
+# each with its own temp dir and ports, bound to 127.0.0.1 only.
+#
+#   cluster/local_cluster.sh up      # start head (+ worker); prints RAY_ADDRESS and the dashboard URL
+#   cluster/local_cluster.sh down    # stop exactly these nodes (other Ray clusters keep running)
+#   cluster/local_cluster.sh status
+#
+# Settings (environment):
+#   LC_DIR        state and temp dirs            (default /tmp/ray-lc)
+#   LC_PORT_BASE  first of the ports it uses     (default 6500; it uses BASE..BASE+299)
+#   LC_HEAD_CPUS  CPUs of the head node          (default 1)
+#   LC_WORKER_CPUS CPUs of the worker node, 0 = no worker node (default 1)
+# Token authentication is on (RAY_AUTH_MODE=token); the token is ~/.ray/auth_token.
+set -euo pipefail
+
+LC_DIR=${LC_DIR:-/tmp/ray-lc}
+BASE=${LC_PORT_BASE:-6500}
+HEAD_CPUS=${LC_HEAD_CPUS:-1}
+WORKER_CPUS=${LC_WORKER_CPUS:-1}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+RAY=${RAY:-$(command -v ray || echo ray)}
+IP=127.0.0.1
+
+node_ports() {  # $1 = offset of this node's port block
+  local o=$(( BASE + $1 ))
+  echo --node-manager-port=$((o + 0)) --object-manager-port=$((o + 1)) \
+       --dashboard-agent-listen-port=$((o + 2)) --dashboard-agent-grpc-port=$((o + 3)) \
+       --runtime-env-agent-port=$((o + 4)) --metrics-export-port=$((o + 5)) \
+       --min-worker-port=$((o + 100)) --max-worker-port=$((o + 199))
+}
+
+up() {
+  mkdir -p "$LC_DIR"
+  "$RAY" start --head --node-ip-address=$IP --port=$BASE --num-cpus="$HEAD_CPUS" --num-gpus=0 \
+    --include-dashboard=true --dashboard-host=$IP --dashboard-port=$((BASE + 1)) \
+    --ray-client-server-port=$((BASE + 2)) $(node_ports 10) \
+    --temp-dir="$LC_DIR/head" --disable-usage-stats >"$LC_DIR/head.log" 2>&1 \
+    || { cat "$LC_DIR/head.log" >&2; exit 1; }
+  if [ "$WORKER_CPUS" != "0" ]; then
+    "$RAY" start --address=$IP:$BASE --node-ip-address=$IP --num-cpus="$WORKER_CPUS" --num-gpus=0 \
+      $(node_ports 110) --temp-dir="$LC_DIR/worker" --disable-usage-stats >"$LC_DIR/worker.log" 2>&1 \
+      || { cat "$LC_DIR/worker.log" >&2; down; exit 1; }
+  fi
+  echo "RAY_ADDRESS=$IP:$BASE"
+  echo "DASHBOARD=http://$IP:$((BASE + 1))"
+}
+
+pids() {  # the nodes' daemons name their temp dir (or, the client server, the GCS port) on
+          # their command line; workers and dashboard modules are their descendants
+  local roots all kids
+  roots=$(pgrep -f -- "$LC_DIR/(head|worker)|ray.util.client.server --address=[^ ]*:$BASE " || true)
+  all=$roots
+  while [ -n "$roots" ]; do
+    kids=$(for r in $roots; do pgrep -P "$r" || true; done)
+    all="$all $kids"
+    roots=$kids
+  done
+  echo $all
+}
+
+down() {
+  local p
+  p=$(pids)
+  [ -z "$p" ] && { echo "no nodes running under $LC_DIR"; return 0; }
+  kill -TERM $p 2>/dev/null || true
+  for _ in $(seq 1 30); do [ -z "$(pids)" ] && break; sleep 0.5; done
+  p=$(pids); [ -n "$p" ] && kill -KILL $p 2>/dev/null || true
+  sleep 0.5
+  [ -z "$(pids)" ] || { echo "processes still running under $LC_DIR" >&2; return 1; }
+  echo "stopped the nodes under $LC_DIR"
+}
+
+status() {
+  RAY_ADDRESS=$IP:$BASE "$RAY" status
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

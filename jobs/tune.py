@@ -1,0 +1,61 @@
+"""Ray Tune sweep over learning rate and unfreeze depth; each trial is a multi-worker TorchTrainer.
+
+On a cluster:
+    ray job submit --working-dir . -- python jobs/tune.py --data-dir /data/train \
+        --storage-path /mnt/runs --name sweep1 --num-samples 20 --num-workers 2 --use-gpu
+On a laptop (demo data, local Ray):
+    python jobs/tune.py --num-samples 4
+
+Writes <storage-path>/<name>/results.csv, best_config.json, tune_results.png and model/
+(the best trial's bundle, ready for jobs/score.py --model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from artifact_core.config import add_training_args, config_from_args
+from artifact_core.jobs_common import run_job
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Sweep flags plus every training flag of jobs/train.py (same names)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--num-samples", type=int, default=4, help="trials (default: %(default)s)")
+    g.add_argument("--max-concurrent-trials", type=int, default=None, help="(default: as many as fit the cluster)")
+    g.add_argument("--lr-min", type=float, default=1e-4, help="phase-1 LR, log-uniform lower bound (default: %(default)s)")
+    g.add_argument("--lr-max", type=float, default=1e-2, help="phase-1 LR upper bound (default: %(default)s)")
+    g.add_argument("--lrs", type=float, nargs="+", default=None, help="a grid of phase-1 LRs instead of sampling")
+    g.add_argument("--finetune-lr-ratio-min", type=float, default=0.03,
+                   help="phase-2 LR = phase-1 LR x ratio, log-uniform lower bound (default: %(default)s)")
+    g.add_argument("--finetune-lr-ratio-max", type=float, default=0.3, help="(default: %(default)s)")
+    g.add_argument("--unfreeze-depths", type=int, nargs="+", default=[2, 4, 6], help="choices of K (default: %(default)s)")
+    g.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="(default: %(default)s)")
+    g.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
+    add_training_args(p)
+    p.set_defaults(name=None)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run the sweep; print the results table and the best bundle."""
+    from artifact_core.raycluster import ensure_ray
+    from artifact_core.tuning import run_sweep, sweep_from_args
+
+    base = config_from_args(args)
+    if args.name is None:
+        base.name = f"{base.name}-sweep"
+    ensure_ray()
+    out = run_sweep(sweep_from_args(args, base))
+    with_cols = ["trial_id", "lr", "finetune_lr", "unfreeze_depth", "best_val_micro_f1", "epochs", "status"]
+    print(out["results"][with_cols].to_string(index=False))
+    print(f"best trial {out['best_config']['trial_id']}: {out['best_config']['params']}")
+    print(f"results: {out['sweep_dir']}/results.csv; best model bundle: {out['bundle_dir']}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, get_args_parser().parse_args(), logging.getLogger("artifact_core")))

@@ -1,0 +1,96 @@
+"""The job scripts as users run them: one-line errors for bad input, and `ray job submit` end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, RAY_BIN, make_easy_folder, write_image
+from artifact_core.jobs_common import run_job
+
+pytestmark = pytest.mark.ray
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_cli(name: str, argv: list[str], capsys) -> tuple[int, str]:
+    job = load_job(name)
+    rc = run_job(job.main, job.get_args_parser().parse_args(argv), job.logging.getLogger("artifact_core"))
+    return rc, capsys.readouterr().err
+
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--head-epochs", "1", "--finetune-epochs", "1", "--weights", "none"]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "does not exist"),
+    ("empty", "no images"),
+    ("one_class", "only class 1"),
+    ("bad_label", "cannot read label from 'photo.png'"),
+    ("imagenet_offline", "cannot load ImageNet weights"),
+    ("too_many_workers", "needs 8 worker(s) x 1 CPU"),
+    ("gpu", "asked for GPUs"),
+    ("bad_flag", "--unfreeze-depth must be in 0..19"),
+])
+def test_train_bad_input_is_one_clear_line(ray_session, tmp_path, capsys, monkeypatch, case, expected):
+    data = tmp_path / "data"
+    argv = ["--data-dir", str(data), "--storage-path", str(tmp_path / "runs"), *TINY]
+    if case == "empty":
+        data.mkdir()
+    elif case == "one_class":
+        for i in range(3):
+            write_image(data / f"image_{i}_1.png")
+    elif case == "bad_label":
+        make_easy_folder(data, n=8)
+        write_image(data / "photo.png")
+    elif case != "missing":
+        make_easy_folder(data, n=8)
+    if case == "imagenet_offline":
+        import torch
+
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        monkeypatch.setattr(torch.hub, "download_url_to_file",
+                            lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")))
+        argv[argv.index("none")] = "imagenet"
+    argv += {"too_many_workers": ["--num-workers", "8"], "gpu": ["--use-gpu"],
+             "bad_flag": ["--unfreeze-depth", "25"]}.get(case, [])
+    rc, err = run_cli("train", argv, capsys)
+    assert rc == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_ray_job_submit_train_then_score(ray_session, tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=24)
+    test = tmp_path / "test"
+    for i in range(6):
+        write_image(test / f"image_{i}.png", color=(30 * i, 80, 120))
+    runs, preds = tmp_path / "runs", tmp_path / "preds"
+    env = {**ray_session["env"], "PYTHONUNBUFFERED": "1"}
+    submit = [RAY_BIN, "job", "submit", "--address", ray_session["dashboard"], "--working-dir", str(REPO),
+              "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--"]
+    train = subprocess.run(submit + ["python", "jobs/train.py", "--data-dir", str(data), "--storage-path", str(runs),
+                                     "--name", "submitted", "--num-workers", "2", *TINY],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert "model bundle:" in train.stdout and "succeeded" in train.stdout
+    bundle = runs / "submitted" / "model"
+    assert json.loads((bundle / "config.json").read_text())["image_size"] == 32
+
+    score = subprocess.run(submit + ["python", "jobs/score.py", "--model", str(bundle), "--input", str(test),
+                                     "--output", str(preds), "--batch-size", "4", "--num-actors", "1"],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-3000:]
+    assert "scored 6 file(s)" in score.stdout
+    assert len((preds / "predictions.csv").read_text().strip().splitlines()) == 7
