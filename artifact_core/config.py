@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
+#: Where the demo lives when no data folder is given: <storage>/demo_data, run <storage>/demo.
+DEMO_DATA_FOLDER = "demo_data"
+DEMO_RUN_NAME = "demo"
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved with the run and inside the bundle."""
@@ -121,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.data_dir:
         cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
     if not cfg.name:
-        cfg.name = os.path.basename(os.path.normpath(cfg.data_dir)) if cfg.data_dir else "demo"
+        cfg.name = os.path.basename(os.path.normpath(cfg.data_dir)) if cfg.data_dir else DEMO_RUN_NAME
     return cfg
 
 

@@ -90,7 +90,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, mean: list[fl
             errors[i] = exc.reason
         except Exception as exc:  # noqa: BLE001 - one odd file must never stop the job
             errors[i] = f"{type(exc).__name__}: {exc}"
-    rel = [os.path.relpath(p, root) if not root or p.startswith(root) else p for p in batch["path"]]
+    rel = [p[len(root) + 1:] if p.startswith(root + "/") else p for p in batch["path"]]
     return {"path": np.asarray(batch["path"], dtype=object), "filename": np.asarray(rel, dtype=object),
             "image": images, "error": errors}
 

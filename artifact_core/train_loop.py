@@ -71,6 +71,11 @@ def phases(cfg: TrainConfig) -> list[PhaseSpec]:
 
 def _setup_logging(rank: int) -> None:
     # Each worker is its own process: the driver's logging set-up does not reach it.
+    # Ray Train 2.60 logs every report's whole metrics dict from every rank at INFO under a
+    # logger named after its file, which RunConfig(logging_config=...) does not reach; the
+    # one-line epoch summary below says the same readably.
+    from ray.train.v2._internal.execution import context as train_context
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     if rank != 0:
         log.setLevel(logging.WARNING)
     elif not log.handlers:
@@ -113,6 +118,10 @@ def _weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) 
     return per_sample.mean(), per_sample.sum().detach()
 
 
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), y.to(device)
+
+
 def evaluate(model: nn.Module, loader: DataLoader, weights: torch.Tensor, device: torch.device,
              autocast: Any = nullcontext) -> tuple[list[float], list[int], float, int]:
     """Probabilities of 'artifact-free', labels and summed loss over this rank's loader."""
@@ -122,8 +131,7 @@ def evaluate(model: nn.Module, loader: DataLoader, weights: torch.Tensor, device
     loss_sum, n = 0.0, 0
     with torch.inference_mode():
         for x, y in loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device)
+            x, y = _to_device(x, y, device)
             with autocast():
                 logits = model(x)
             _, s = _weighted_bce(logits, y, weights)
@@ -210,8 +218,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         train_mode(ddp_model)
         total, count = 0.0, 0
         for x, y in train_loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device)
+            x, y = _to_device(x, y, device)
             with autocast():
                 logits = ddp_model(x)
             loss, s = _weighted_bce(logits, y, weights)

@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle
-from artifact_core.config import TrainConfig
+from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig
 from artifact_core.data import LABEL_NAMES, class_weights, find_unreadable, scan_labeled_folder, stratified_split
 from artifact_core.metrics import best_threshold, classification_metrics, predict_labels
 from artifact_core.model import build_model
@@ -32,7 +32,6 @@ from artifact_core.train_loop import MODEL_FILE, read_state, read_val_scores, tr
 
 log = logging.getLogger(__name__)
 
-DEMO_FOLDER = "demo_data"
 BUNDLE_FOLDER = "model"
 METRIC = "val_micro_f1"
 
@@ -50,7 +49,7 @@ def demo_data_dir(storage_path: str, *, n_train: int = 400, n_test: int = 100) -
     """The demo data set under ``storage_path``, generated once (deterministic)."""
     if "://" in storage_path:
         raise ValueError("demo data needs a local --storage-path; pass --data-dir for remote storage")
-    root = os.path.join(storage_path, DEMO_FOLDER)
+    root = os.path.join(storage_path, DEMO_DATA_FOLDER)
     done = os.path.join(root, ".complete")
     if not os.path.exists(done):
         log.info("generating demo data (%d train, %d test images) in %s", n_train, n_test, root)

@@ -42,6 +42,14 @@ up() {
       $(node_ports 110) --temp-dir="$LC_DIR/worker" --disable-usage-stats >"$LC_DIR/worker.log" 2>&1 \
       || { cat "$LC_DIR/worker.log" >&2; down; exit 1; }
   fi
+  # `ray start` returns before the worker node has registered: wait until every node is up.
+  local want=1; [ "$WORKER_CPUS" != "0" ] && want=2
+  for _ in $(seq 1 120); do
+    [ "$("$RAY" status --address=$IP:$BASE 2>/dev/null | grep -c ' node_')" -ge "$want" ] && break
+    sleep 0.5
+  done
+  [ "$("$RAY" status --address=$IP:$BASE 2>/dev/null | grep -c ' node_')" -ge "$want" ] \
+    || { echo "only some of the $want node(s) came up; see $LC_DIR/*.log" >&2; down; exit 1; }
   echo "RAY_ADDRESS=$IP:$BASE"
   echo "DASHBOARD=http://$IP:$((BASE + 1))"
 }

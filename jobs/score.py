@@ -16,9 +16,11 @@ import logging
 import os
 import sys
 
+from artifact_core.config import DEMO_DATA_FOLDER, DEMO_RUN_NAME, TrainConfig
 from artifact_core.jobs_common import run_job
 
-DEMO_RUNS = "runs"
+# the demo's train run writes here when started without arguments
+DEMO_RUNS = TrainConfig().storage_path
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,11 +53,11 @@ def main(args: argparse.Namespace) -> None:
     demo = os.path.abspath(DEMO_RUNS)
     labels = args.labels
     if args.input is None:
-        labels = labels or os.path.join(demo, "demo_data", "test_labels.csv")
+        labels = labels or os.path.join(demo, DEMO_DATA_FOLDER, "test_labels.csv")
     cfg = ScoreConfig(
-        model=args.model or os.path.join(demo, "demo", "model"),
-        input=args.input or os.path.join(demo, "demo_data", "test"),
-        output=args.output or os.path.join(demo, "demo", "predictions"),
+        model=args.model or os.path.join(demo, DEMO_RUN_NAME, "model"),
+        input=args.input or os.path.join(demo, DEMO_DATA_FOLDER, "test"),
+        output=args.output or os.path.join(demo, DEMO_RUN_NAME, "predictions"),
         batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
         use_gpu=args.use_gpu, threshold=args.threshold,
         resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
