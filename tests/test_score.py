@@ -113,8 +113,10 @@ def test_threshold_override_and_overwrite(ray_session, bundle_dir, tmp_path):
     for i in range(5):
         write_image(src / f"x{i}.png", color=(40 * i, 100, 60))
     out = tmp_path / "out"
-    s = run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out), threshold=0.0, num_actors=1))
+    # a pyarrow filesystem URI works as --input as well as a plain path
+    s = run_scoring(ScoreConfig(model=bundle_dir, input=f"file://{src}", output=str(out), threshold=0.0, num_actors=1))
     assert s["predicted"]["1 (artifact-free)"] == 5 and s["threshold"] == 0.0
+    assert sorted(pd.read_csv(out / "predictions.csv")["filename"]) == [f"x{i}.png" for i in range(5)]
     s = run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out), threshold=1.01,
                                 num_actors=1, overwrite=True))
     assert s["predicted"]["0 (artifact)"] == 5
