@@ -56,6 +56,8 @@ class ScoreConfig:
     threshold: float | None = None
     resume: bool = False
     overwrite: bool = False
+    object_store_budget_mb: int = 512
+    actor_memory_mb: int = 1024
 
 
 def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
@@ -142,17 +144,23 @@ def default_num_actors(cfg: ScoreConfig) -> int:
 def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None, root: str,
                   image_size: int, num_actors: int) -> ray.data.Dataset:
     """The lazy Ray Data pipeline from files to prediction rows."""
+    # A fixed object-store budget for this job's blocks keeps memory flat whatever the folder
+    # size; Ray Data's default budget is a share of the whole store, filled more the longer a
+    # job runs. It must be set before the dataset is created (datasets copy the context).
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=cfg.object_store_budget_mb * 2**20)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-    # Decode runs with the read's remote args (1 CPU, spread) and the actors with the default
-    # strategy: Ray Data then fuses decode into the read tasks. Fused into the predictor
-    # actors instead (its choice otherwise), decode would no longer overlap inference.
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
-                        scheduling_strategy="SPREAD",
                         fn_kwargs={"image_size": image_size, "root": root})
+    # The actors reserve memory for the model and their batches. That also keeps Ray Data
+    # from fusing decode into them (it fuses ops with equal resource requests): fused, decode
+    # and inference run one after the other in the actor; apart, decode tasks on the free
+    # CPUs overlap inference.
     return ds.map_batches(
         ArtifactPredictor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, scheduling_strategy="DEFAULT",
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, memory=cfg.actor_memory_mb * 2**20,
         fn_constructor_kwargs={"bundle_dir": cfg.model, "use_gpu": cfg.use_gpu, "threshold": cfg.threshold,
                                "num_threads": max(1, int(cfg.cpus_per_actor))},
     )

@@ -38,6 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="predictor actors (default: one per GPU, or half the cluster's CPUs)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per predictor actor (default: %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
+    p.add_argument("--object-store-budget-mb", type=int, default=512,
+                   help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="score only files without a row in an existing output")
@@ -59,7 +61,7 @@ def main(args: argparse.Namespace) -> None:
         input=args.input or os.path.join(demo, DEMO_DATA_FOLDER, "test"),
         output=args.output or os.path.join(demo, DEMO_RUN_NAME, "predictions"),
         batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-        use_gpu=args.use_gpu, threshold=args.threshold,
+        use_gpu=args.use_gpu, threshold=args.threshold, object_store_budget_mb=args.object_store_budget_mb,
         resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
     )
     ensure_ray()
