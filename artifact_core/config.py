@@ -1,4 +1,6 @@
-"""The one typed training configuration, its command-line flags, and its JSON form."""
+"""The typed configurations of the jobs (train, sweep, score) and their command-line flags.
+
+Defaults live in the dataclasses only; the flags read them from there."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -139,3 +141,84 @@ def absolute_storage_path(path: str) -> str:
     if "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+@dataclass
+class SweepConfig:
+    """The search space and sweep settings; training settings live in ``base``."""
+
+    base: TrainConfig
+    num_samples: int = 4
+    max_concurrent_trials: int | None = None
+    lr_min: float = 1e-4
+    lr_max: float = 1e-2
+    finetune_lr_ratio_min: float = 0.03
+    finetune_lr_ratio_max: float = 0.3
+    unfreeze_depths: list[int] = field(default_factory=lambda: [2, 4, 6])
+    lrs: list[float] | None = None  # a grid instead of log-uniform sampling
+    scheduler: str = "asha"
+    grace_period: int = 1
+    resume: bool = False
+
+    def validate(self) -> "SweepConfig":
+        """Raise ``ValueError`` naming the flag out of range."""
+        self.base.validate()
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ValueError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}")
+        if not 0 < self.finetune_lr_ratio_min <= self.finetune_lr_ratio_max:
+            raise ValueError("need 0 < --finetune-lr-ratio-min <= --finetune-lr-ratio-max")
+        if not self.unfreeze_depths or any(not 0 <= d <= 19 for d in self.unfreeze_depths):
+            raise ValueError(f"--unfreeze-depths must be values in 0..19, got {self.unfreeze_depths}")
+        if self.scheduler not in ("asha", "none"):
+            raise ValueError(f"--scheduler must be 'asha' or 'none', got {self.scheduler!r}")
+        if self.grace_period < 1:
+            raise ValueError(f"--grace-period must be at least 1, got {self.grace_period}")
+        return self
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the sweep flags of jobs/tune.py (training flags come from :func:`add_training_args`)."""
+    d = SweepConfig(base=TrainConfig())
+    g = parser.add_argument_group("sweep")
+    g.add_argument("--num-samples", type=int, default=d.num_samples, help="trials (default: %(default)s)")
+    g.add_argument("--max-concurrent-trials", type=int, default=d.max_concurrent_trials,
+                   help="(default: as many as fit the cluster)")
+    g.add_argument("--lr-min", type=float, default=d.lr_min, help="phase-1 LR, log-uniform lower bound (default: %(default)s)")
+    g.add_argument("--lr-max", type=float, default=d.lr_max, help="phase-1 LR upper bound (default: %(default)s)")
+    g.add_argument("--lrs", type=float, nargs="+", default=d.lrs, help="a grid of phase-1 LRs instead of sampling")
+    g.add_argument("--finetune-lr-ratio-min", type=float, default=d.finetune_lr_ratio_min,
+                   help="phase-2 LR = phase-1 LR x ratio, log-uniform lower bound (default: %(default)s)")
+    g.add_argument("--finetune-lr-ratio-max", type=float, default=d.finetune_lr_ratio_max, help="(default: %(default)s)")
+    g.add_argument("--unfreeze-depths", type=int, nargs="+", default=d.unfreeze_depths,
+                   help="choices of K (default: %(default)s)")
+    g.add_argument("--scheduler", choices=["asha", "none"], default=d.scheduler, help="(default: %(default)s)")
+    g.add_argument("--grace-period", type=int, default=d.grace_period,
+                   help="epochs before ASHA may stop a trial (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
+    return parser
+
+
+def sweep_from_args(args: argparse.Namespace, base: TrainConfig) -> SweepConfig:
+    """Fill a :class:`SweepConfig` from parsed ``jobs/tune.py`` flags."""
+    names = {f.name for f in dataclasses.fields(SweepConfig)} - {"base"}
+    return SweepConfig(base=base, **{k: v for k, v in vars(args).items() if k in names})
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of one scoring run."""
+
+    model: str
+    input: str
+    output: str
+    batch_size: int = 64
+    num_actors: int | None = None
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False
+    threshold: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    object_store_budget_mb: int = 512
+    actor_memory_mb: int = 1024

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ import ray.data
 
 from artifact_core import plots
 from artifact_core.bundle import load_bundle
+from artifact_core.config import ScoreConfig
 from artifact_core.data import is_image_file, list_images
 from artifact_core.images import ImageDecodeError, decode_image
 from artifact_core.metrics import classification_metrics
@@ -40,24 +40,6 @@ PARQUET_DIR = "predictions.parquet"
 CSV_FILE = "predictions.csv"
 SUMMARY_FILE = "summary.json"
 HIST_FILE = "confidence_hist.png"
-
-
-@dataclass
-class ScoreConfig:
-    """Settings of one scoring run."""
-
-    model: str
-    input: str
-    output: str
-    batch_size: int = 64
-    num_actors: int | None = None
-    cpus_per_actor: float = 1.0
-    use_gpu: bool = False
-    threshold: float | None = None
-    resume: bool = False
-    overwrite: bool = False
-    object_store_budget_mb: int = 512
-    actor_memory_mb: int = 1024
 
 
 def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:

@@ -7,13 +7,11 @@ report reaches Tune and ASHA can stop a bad trial after any epoch.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -23,48 +21,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from artifact_core import plots
-from artifact_core.config import TrainConfig
+from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.raycluster import ClusterTooSmallError
 from artifact_core.trainer import BUNDLE_FOLDER, METRIC, build_trainer, export_bundle, prepare_run
 
 log = logging.getLogger(__name__)
 
 TRIALS_FOLDER = "trials"
-
-
-@dataclass
-class SweepConfig:
-    """The search space and sweep settings; training settings live in ``base``."""
-
-    base: TrainConfig
-    num_samples: int = 4
-    max_concurrent_trials: int | None = None
-    lr_min: float = 1e-4
-    lr_max: float = 1e-2
-    finetune_lr_ratio_min: float = 0.03
-    finetune_lr_ratio_max: float = 0.3
-    unfreeze_depths: list[int] = field(default_factory=lambda: [2, 4, 6])
-    lrs: list[float] | None = None  # a grid instead of log-uniform sampling
-    scheduler: str = "asha"
-    grace_period: int = 1
-    resume: bool = False
-
-    def validate(self) -> "SweepConfig":
-        """Raise ``ValueError`` naming the flag out of range."""
-        self.base.validate()
-        if self.num_samples < 1:
-            raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
-        if not 0 < self.lr_min <= self.lr_max:
-            raise ValueError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}")
-        if not 0 < self.finetune_lr_ratio_min <= self.finetune_lr_ratio_max:
-            raise ValueError("need 0 < --finetune-lr-ratio-min <= --finetune-lr-ratio-max")
-        if not self.unfreeze_depths or any(not 0 <= d <= 19 for d in self.unfreeze_depths):
-            raise ValueError(f"--unfreeze-depths must be values in 0..19, got {self.unfreeze_depths}")
-        if self.scheduler not in ("asha", "none"):
-            raise ValueError(f"--scheduler must be 'asha' or 'none', got {self.scheduler!r}")
-        if self.grace_period < 1:
-            raise ValueError(f"--grace-period must be at least 1, got {self.grace_period}")
-        return self
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
@@ -183,24 +146,14 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         raise RuntimeError(f"every trial failed; see {os.path.join(sweep_dir, 'results.csv')}")
     best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
     best_cfg = trial_config(loop_config["train"], best.config)
-    train_run = os.path.join(shared["trials_path"], _trial_id(best))
+    best_id = best.metrics.get("trial_id") or os.path.basename(best.path)
     bundle_dir = os.path.join(sweep_dir, BUNDLE_FOLDER)
-    metrics = export_bundle(ray.train.Result.from_path(train_run), best_cfg, bundle_dir,
-                            extra_metrics={"sweep": base.name, "trial": _trial_id(best)})
-    best_config = {"trial_id": _trial_id(best), "params": best.config, "train_config": best_cfg.to_dict(),
+    metrics = export_bundle(ray.train.Result.from_path(os.path.join(shared["trials_path"], best_id)), best_cfg,
+                            bundle_dir, extra_metrics={"sweep": base.name, "trial": best_id})
+    best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.to_dict(),
                    f"best_{METRIC}": float(best.metrics_dataframe[METRIC].max()),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
                    "wall_seconds": time.time() - t0}
     with open(os.path.join(sweep_dir, "best_config.json"), "w") as f:
         json.dump(best_config, f, indent=2)
     return {"results": table, "best_config": best_config, "bundle_dir": bundle_dir, "sweep_dir": sweep_dir}
-
-
-def _trial_id(result: Any) -> str:
-    return result.metrics.get("trial_id") or os.path.basename(result.path)
-
-
-def sweep_from_args(args: Any, base: TrainConfig) -> SweepConfig:
-    """Fill a :class:`SweepConfig` from parsed ``jobs/tune.py`` flags."""
-    names = {f.name for f in dataclasses.fields(SweepConfig)} - {"base"}
-    return SweepConfig(base=base, **{k: v for k, v in vars(args).items() if k in names})

@@ -1,8 +1,7 @@
 """Score a (huge) image folder with Ray Data into Parquet and CSV.
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/score.py --model /mnt/runs/exp1/model \
-        --input /data/test --output /mnt/preds/exp1
+    ray job submit --working-dir . -- python jobs/score.py --model /mnt/runs/exp1/model --input /data/test --output /mnt/preds/exp1
 On a laptop (no arguments: the demo test folder with the demo model under ./runs):
     python jobs/score.py
 
@@ -16,7 +15,7 @@ import logging
 import os
 import sys
 
-from artifact_core.config import DEMO_DATA_FOLDER, DEMO_RUN_NAME, TrainConfig
+from artifact_core.config import DEMO_DATA_FOLDER, DEMO_RUN_NAME, ScoreConfig, TrainConfig
 from artifact_core.jobs_common import run_job
 
 # the demo's train run writes here when started without arguments
@@ -25,20 +24,21 @@ DEMO_RUNS = TrainConfig().storage_path
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags (see --help)."""
+    d = ScoreConfig(model="", input="", output="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=f"model bundle folder (default: ./{DEMO_RUNS}/demo/model)")
+    p.add_argument("--model", default=None, help=f"model bundle folder (default: ./{DEMO_RUNS}/{DEMO_RUN_NAME}/model)")
     p.add_argument("--input", default=None,
                    help=f"image folder, searched recursively; local path or pyarrow URI such as s3://bucket/dir "
-                        f"(default: ./{DEMO_RUNS}/demo_data/test)")
-    p.add_argument("--output", default=None, help=f"output folder (default: ./{DEMO_RUNS}/demo/predictions)")
+                        f"(default: ./{DEMO_RUNS}/{DEMO_DATA_FOLDER}/test)")
+    p.add_argument("--output", default=None, help=f"output folder (default: ./{DEMO_RUNS}/{DEMO_RUN_NAME}/predictions)")
     p.add_argument("--labels", default=None,
                    help="optional CSV filename,label to report micro F1 against (default for the demo: its test_labels.csv)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call (default: %(default)s)")
     p.add_argument("--num-actors", type=int, default=None,
                    help="predictor actors (default: one per GPU, or half the cluster's CPUs)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per predictor actor (default: %(default)s)")
+    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs per predictor actor (default: %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
-    p.add_argument("--object-store-budget-mb", type=int, default=512,
+    p.add_argument("--object-store-budget-mb", type=int, default=d.object_store_budget_mb,
                    help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
     g = p.add_mutually_exclusive_group()
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     """Score, then print counts, speed and (with labels) micro F1."""
     from artifact_core.raycluster import ensure_ray
-    from artifact_core.scoring import ScoreConfig, evaluate_against_labels, run_scoring
+    from artifact_core.scoring import evaluate_against_labels, run_scoring
 
     demo = os.path.abspath(DEMO_RUNS)
     labels = args.labels

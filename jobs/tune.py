@@ -1,8 +1,7 @@
 """Ray Tune sweep over learning rate and unfreeze depth; each trial is a multi-worker TorchTrainer.
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/tune.py --data-dir /data/train \
-        --storage-path /mnt/runs --name sweep1 --num-samples 20 --num-workers 2 --use-gpu
+    ray job submit --working-dir . -- python jobs/tune.py --data-dir /data/train --storage-path /mnt/runs --name sweep1 --num-samples 20 --num-workers 2 --use-gpu
 On a laptop (demo data, local Ray):
     python jobs/tune.py --num-samples 4
 
@@ -16,35 +15,21 @@ import argparse
 import logging
 import sys
 
-from artifact_core.config import add_training_args, config_from_args
+from artifact_core.config import add_sweep_args, add_training_args, config_from_args, sweep_from_args
 from artifact_core.jobs_common import run_job
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Sweep flags plus every training flag of jobs/train.py (same names)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("sweep")
-    g.add_argument("--num-samples", type=int, default=4, help="trials (default: %(default)s)")
-    g.add_argument("--max-concurrent-trials", type=int, default=None, help="(default: as many as fit the cluster)")
-    g.add_argument("--lr-min", type=float, default=1e-4, help="phase-1 LR, log-uniform lower bound (default: %(default)s)")
-    g.add_argument("--lr-max", type=float, default=1e-2, help="phase-1 LR upper bound (default: %(default)s)")
-    g.add_argument("--lrs", type=float, nargs="+", default=None, help="a grid of phase-1 LRs instead of sampling")
-    g.add_argument("--finetune-lr-ratio-min", type=float, default=0.03,
-                   help="phase-2 LR = phase-1 LR x ratio, log-uniform lower bound (default: %(default)s)")
-    g.add_argument("--finetune-lr-ratio-max", type=float, default=0.3, help="(default: %(default)s)")
-    g.add_argument("--unfreeze-depths", type=int, nargs="+", default=[2, 4, 6], help="choices of K (default: %(default)s)")
-    g.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="(default: %(default)s)")
-    g.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
-    add_training_args(p)
-    p.set_defaults(name=None)
-    return p
+    add_sweep_args(p)
+    return add_training_args(p)
 
 
 def main(args: argparse.Namespace) -> None:
     """Run the sweep; print the results table and the best bundle."""
     from artifact_core.raycluster import ensure_ray
-    from artifact_core.tuning import run_sweep, sweep_from_args
+    from artifact_core.tuning import run_sweep
 
     base = config_from_args(args)
     if args.name is None:
