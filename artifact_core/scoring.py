@@ -8,10 +8,12 @@ so a CSV only exists when it is complete.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
-import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -25,13 +27,15 @@ import ray
 import ray.data
 
 from artifact_core import plots
-from artifact_core.bundle import load_bundle
+from artifact_core.bundle import WEIGHTS_FILE, load_bundle
 from artifact_core.config import ScoreConfig
 from artifact_core.data import is_image_file, list_images
 from artifact_core.images import ImageDecodeError, decode_image
 from artifact_core.metrics import classification_metrics
 from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor
 from artifact_core.raycluster import check_fits
+from artifact_core.score_output import ScoringIdentity, mark_complete, prepare_output
+from artifact_core.storage import FileReadError, Location, check_apart, read_file_bytes, resolve
 from artifact_core.transforms import eval_resize
 
 log = logging.getLogger(__name__)
@@ -40,77 +44,106 @@ PARQUET_DIR = "predictions.parquet"
 CSV_FILE = "predictions.csv"
 SUMMARY_FILE = "summary.json"
 HIST_FILE = "confidence_hist.png"
+REPORT_DIR = "report"
+#: Written only once every file has its row; deleted when a run starts.
+DERIVED_ENTRIES = (CSV_FILE, SUMMARY_FILE, HIST_FILE, REPORT_DIR)
+#: Everything a scoring run may create in ``--output``: the only entries --overwrite deletes.
+OWNED_ENTRIES = (PARQUET_DIR, *DERIVED_ENTRIES)
+
+
+def display_path(path: str) -> str:
+    """A file name that is valid UTF-8 for Parquet and CSV: undecodable bytes become ``\\xNN``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
     """Image files under a local folder or a pyarrow-filesystem URI (recursive, any case).
 
+    Hidden files and folders are skipped in both cases.
+
     Returns:
         (sorted paths, filesystem or None for local, normalized root).
     """
-    if "://" not in input_uri:
-        root = os.path.abspath(os.path.expanduser(input_uri))
-        return list_images(root), None, root
-    fs, root = pafs.FileSystem.from_uri(input_uri)
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"input {input_uri!r} is not a folder")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name))
-    return paths, fs, root.rstrip("/")
+    loc = resolve(input_uri)
+    if loc.is_local:
+        return list_images(loc.path), None, loc.path
+    if not loc.is_dir():
+        raise FileNotFoundError(f"input {input_uri!r} does not exist or is not a folder")
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    prefix = loc.path + "/"
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name)
+                   and not any(part.startswith(".") for part in i.path[len(prefix):].split("/")))
+    return paths, loc.fs, loc.path
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, root: str) -> dict[str, np.ndarray]:
-    """Bytes -> resized uint8 (N, 3, S, S) with the shared decoder; failures become errors.
+def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, root: str,
+                 fs: pafs.FileSystem | None = None) -> dict[str, np.ndarray]:
+    """Listed paths -> resized uint8 (N, 3, S, S) with the shared decoder; failures become errors.
 
-    The predictor normalizes (the second half of the eval transform): shipping uint8
-    moves a quarter of the bytes through the object store.
+    Each file is read here, at its turn, so a file that vanished, turned unreadable or is no
+    regular file after listing gets an error row instead of stopping the job. The predictor
+    normalizes (the second half of the eval transform): shipping uint8 moves a quarter of the
+    bytes through the object store.
     """
     tf = eval_resize(image_size=image_size)
-    n = len(batch["path"])
+    raw_paths = list(batch["raw_path"])
+    n = len(raw_paths)
     images = np.zeros((n, 3, image_size, image_size), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
-    for i, (data, path) in enumerate(zip(batch["bytes"], batch["path"])):
+    paths = []
+    for i, raw in enumerate(raw_paths):
+        path = display_path(os.fsdecode(bytes(raw)))
+        paths.append(path)
         try:
-            images[i] = tf(decode_image(bytes(data), name=path)).numpy()
-        except ImageDecodeError as exc:
+            data = read_file_bytes(bytes(raw) if fs is None else os.fsdecode(bytes(raw)), fs)
+            images[i] = tf(decode_image(data, name=path)).numpy()
+        except (FileReadError, ImageDecodeError) as exc:
             errors[i] = exc.reason
         except Exception as exc:  # noqa: BLE001 - one odd file must never stop the job
             errors[i] = f"{type(exc).__name__}: {exc}"
-    rel = [p[len(root) + 1:] if p.startswith(root + "/") else p for p in batch["path"]]
-    return {"path": np.asarray(batch["path"], dtype=object), "filename": np.asarray(rel, dtype=object),
+    rel = [p[len(root) + 1:] if p.startswith(root + "/") else p for p in paths]
+    return {"path": np.asarray(paths, dtype=object), "filename": np.asarray(rel, dtype=object),
             "image": images, "error": errors}
 
 
-def _existing_rows(parquet_dir: str) -> set[str]:
+def _existing_rows(parquet_dir: Location) -> set[str]:
     """Paths already scored; unreadable part files (a crash mid-write) are removed."""
     done: set[str] = set()
-    if not os.path.isdir(parquet_dir):
-        return done
-    for name in sorted(os.listdir(parquet_dir)):
-        f = os.path.join(parquet_dir, name)
+    for name in parquet_dir.children():
+        part = parquet_dir.join(name)
         if not name.endswith(".parquet"):
             continue
         try:
-            done.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+            done.update(pq.read_table(part.path, columns=["path"], filesystem=part.fs).column("path").to_pylist())
         except Exception as exc:  # noqa: BLE001 - any unreadable part is rescored
-            log.warning("removing unreadable partial output %s (%s); its rows are scored again", f, exc)
-            os.remove(f)
+            log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, exc)
+            part.remove()
     return done
 
 
-def _prepare_output(cfg: ScoreConfig) -> str:
-    parquet_dir = os.path.join(cfg.output, PARQUET_DIR)
-    if os.path.exists(cfg.output) and os.listdir(cfg.output) and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"output {cfg.output!r} already exists; pass --resume to add the missing rows "
-                              f"or --overwrite to replace it")
-    if cfg.overwrite and os.path.exists(cfg.output):
-        shutil.rmtree(cfg.output)
-    os.makedirs(parquet_dir, exist_ok=True)
-    # Derived files go first: until the run completes nothing may look complete.
-    for name in (CSV_FILE, SUMMARY_FILE, HIST_FILE):
-        if os.path.exists(os.path.join(cfg.output, name)):
-            os.remove(os.path.join(cfg.output, name))
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Location:
+    """Check and claim ``--output`` (see :mod:`artifact_core.score_output`); returns the Parquet folder.
+
+    Derived files are deleted first: until the run completes nothing may look complete.
+    """
+    output = resolve(cfg.output)
+    check_apart(output, resolve(cfg.input), output_name="--output", source_name="the input")
+    identity = ScoringIdentity(input=resolve(cfg.input).uri, model=os.path.abspath(cfg.model),
+                               model_sha256=_file_sha256(os.path.join(cfg.model, WEIGHTS_FILE)),
+                               threshold=threshold, image_size=image_size)
+    prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume, overwrite=cfg.overwrite)
+    for name in DERIVED_ENTRIES:
+        output.join(name).remove()
+    parquet_dir = output.join(PARQUET_DIR)
+    parquet_dir.makedirs()
     return parquet_dir
 
 
@@ -132,9 +165,16 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=cfg.object_store_budget_mb * 2**20)
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
+    # The dataset starts from the listed paths, not from read_binary_files: each decode task
+    # reads its files itself, so a file that vanished or cannot be opened becomes an error
+    # row instead of failing a read task (and its whole block). Paths travel as bytes:
+    # names that are not valid UTF-8 still reach the file.
+    raw = [os.fsencode(p) for p in paths]
+    step = max(1, cfg.batch_size)
+    blocks = [pa.table({"raw_path": pa.array(raw[i:i + step], pa.binary())}) for i in range(0, len(raw), step)]
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"image_size": image_size, "root": root})
+                        fn_kwargs={"image_size": image_size, "root": root, "fs": fs})
     # The actors reserve memory for the model and their batches. That also keeps Ray Data
     # from fusing decode into them (it fuses ops with equal resource requests): fused, decode
     # and inference run one after the other in the actor; apart, decode tasks on the free
@@ -150,9 +190,14 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
 
 def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_seconds: float,
              scored_now: int) -> dict[str, Any]:
-    """Check one row per file, then write the CSV, summary and histogram atomically."""
-    parquet_dir = os.path.join(cfg.output, PARQUET_DIR)
-    table = pq.read_table(parquet_dir, columns=list(OUTPUT_COLUMNS))
+    """Check one row per file, then write the CSV, summary and histogram atomically.
+
+    Args:
+        expected: the display paths (:func:`display_path`) of every listed file.
+    """
+    output = resolve(cfg.output)
+    parquet_dir = output.join(PARQUET_DIR)
+    table = pq.read_table(parquet_dir.path, columns=list(OUTPUT_COLUMNS), filesystem=parquet_dir.fs)
     # A resumed crash may have left a file scored twice: keep its first row.
     paths = table.column("path").to_pylist()
     first: dict[str, int] = {}
@@ -162,9 +207,9 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
     if missing:
         raise RuntimeError(f"{len(missing)} file(s) have no prediction row, e.g. {missing[:3]}; rerun with --resume")
     table = table.take(pa.array([first[p] for p in expected])).sort_by("filename")
-    tmp = os.path.join(cfg.output, CSV_FILE + ".tmp")
-    pacsv.write_csv(table, tmp)
-    os.replace(tmp, os.path.join(cfg.output, CSV_FILE))
+    buf = io.BytesIO()
+    pacsv.write_csv(table, buf)
+    output.join(CSV_FILE).write_bytes(buf.getvalue())
 
     pred = table.column("predicted_class").to_numpy()
     conf = table.column("confidence").to_numpy(zero_copy_only=False)
@@ -179,36 +224,43 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "images_per_second": scored_now / wall_seconds if wall_seconds > 0 else None,
         "error_examples": failed.select(["filename", "error"]).to_pylist(),
     }
-    tmp = os.path.join(cfg.output, SUMMARY_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(cfg.output, SUMMARY_FILE))
+    output.join(SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if ok.any():
-        plots.confidence_histogram(conf[ok], pred[ok], os.path.join(cfg.output, HIST_FILE))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, HIST_FILE)
+            plots.confidence_histogram(conf[ok], pred[ok], local)
+            output.join(HIST_FILE).upload(local)
+    mark_complete(output, files=len(expected), scored_this_run=scored_now)
     return summary
 
 
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every image under ``cfg.input`` into ``cfg.output``; returns the summary."""
+    """Score every image under ``cfg.input`` into ``cfg.output``; returns the summary.
+
+    Every listed file gets exactly one row: files that cannot be read or decoded at their
+    turn get an error row. The output folder is claimed with a manifest first
+    (:mod:`artifact_core.score_output`), so ``--overwrite`` only ever deletes what scoring wrote.
+    """
     t0 = time.time()
-    cfg.output = os.path.abspath(os.path.expanduser(cfg.output))
+    cfg.output = resolve(cfg.output).uri
     bundle = load_bundle(cfg.model)  # fail fast here, not in every actor
     threshold = float(bundle.config.threshold if cfg.threshold is None else cfg.threshold)
     paths, fs, root = list_input(cfg.input)
     if not paths:
         raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) found under {cfg.input!r}")
-    parquet_dir = _prepare_output(cfg)
+    parquet_dir = _prepare_output(cfg, threshold, bundle.config.image_size)
     done = _existing_rows(parquet_dir) if cfg.resume else set()
-    todo = [p for p in paths if p not in done]
+    shown = [display_path(p) for p in paths]
+    todo = [p for p, d in zip(paths, shown) if d not in done]
     log.info("%d image file(s) under %s; %d already scored, %d to score", len(paths), cfg.input,
              len(paths) - len(todo), len(todo))
     if todo:
         num_actors = cfg.num_actors or default_num_actors(cfg)
         check_fits(num_workers=num_actors, cpus_per_worker=cfg.cpus_per_actor,
                    gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring")
-        ds = build_dataset(cfg, todo, fs, root, bundle.config.image_size, num_actors)
-        ds.write_parquet(parquet_dir)
-    summary = finalize(cfg, paths, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo))
+        ds = build_dataset(cfg, todo, fs, display_path(root), bundle.config.image_size, num_actors)
+        ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
+    summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo))
     return summary
 
 
@@ -222,7 +274,9 @@ def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
     truth = pacsv.read_csv(labels_csv).to_pydict()
     if "filename" not in truth or "label" not in truth:
         raise ValueError(f"{labels_csv!r} must have columns filename,label; found {sorted(truth)}")
-    pred = pacsv.read_csv(os.path.join(output, CSV_FILE)).to_pydict()
+    csv = resolve(output).join(CSV_FILE)
+    with csv.fs.open_input_stream(csv.path) as f:
+        pred = pacsv.read_csv(f).to_pydict()
     by_name = dict(zip(pred["filename"], pred["predicted_class"]))
     pairs = [(int(y), int(by_name[f])) for f, y in zip(truth["filename"], truth["label"]) if f in by_name]
     if not pairs:

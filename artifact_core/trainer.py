@@ -27,6 +27,7 @@ from artifact_core.data import LABEL_NAMES, class_weights, find_unreadable, scan
 from artifact_core.metrics import best_threshold, classification_metrics, predict_labels
 from artifact_core.model import build_model
 from artifact_core.raycluster import check_fits
+from artifact_core.storage import check_apart, resolve
 from artifact_core.train_loop import MODEL_FILE, read_state, read_val_scores, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ def prepare_run(cfg: TrainConfig) -> dict[str, Any]:
     """
     cfg.validate()
     data_dir = cfg.data_dir or os.path.join(demo_data_dir(cfg.storage_path, n_train=cfg.demo_train_images), "train")
+    # The run folder (checkpoints, bundle, plots) must not mix with the data it trains on.
+    if cfg.name:
+        check_apart(resolve(f"{cfg.storage_path.rstrip('/')}/{cfg.name}"), resolve(data_dir),
+                    output_name="the run folder (--storage-path/--name)", source_name="the training data")
     folder = scan_labeled_folder(data_dir, skip_unlabeled=cfg.skip_unlabeled)
     bad = dict(find_unreadable(folder.paths))
     if bad:

@@ -32,6 +32,10 @@ node_ports() {  # $1 = offset of this node's port block
 
 up() {
   mkdir -p "$LC_DIR"
+  # A fresh machine has no token yet; `ray start` with token auth refuses to run without one.
+  if [ "$RAY_AUTH_MODE" = "token" ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+    "$RAY" get-auth-token --generate >/dev/null
+  fi
   "$RAY" start --head --node-ip-address=$IP --port=$BASE --num-cpus="$HEAD_CPUS" --num-gpus=0 \
     --include-dashboard=true --dashboard-host=$IP --dashboard-port=$((BASE + 1)) \
     --ray-client-server-port=$((BASE + 2)) $(node_ports 10) \

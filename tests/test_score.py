@@ -15,6 +15,7 @@ from PIL import Image
 
 from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.predict import ArtifactPredictor, predict_paths
+from artifact_core.score_output import OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
 from conftest import calibrated_model, write_image
 
@@ -93,7 +94,7 @@ def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path):
     assert (out / "confidence_hist.png").exists()
 
     # an existing output is refused without --resume/--overwrite
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(OutputConflictError, match="--resume"):
         run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out)))
 
     # a crash left a corrupt part and new files arrived: --resume scores only what is missing

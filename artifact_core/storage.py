@@ -1,0 +1,233 @@
+"""One way to reach files: a local path or a pyarrow filesystem URI (``s3://``, ``gs://``, ``file://``).
+
+:func:`resolve` turns what a user typed into a :class:`Location` (a filesystem and a
+path on it); everything else goes through its few methods, so local folders and
+object stores behave the same.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` strings (``s3://``, ``file://``...), false for plain paths."""
+    return "://" in path
+
+
+@dataclass(frozen=True)
+class Location:
+    """A path on a pyarrow filesystem, with the string the user would recognise."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        """True when the path is on this machine's file system."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> "Location":
+        """A child location (``parts`` use ``/``)."""
+        path = posixpath.join(self.path, *parts)
+        uri = posixpath.join(self.uri, *parts) if not self.is_local else os.path.join(self.uri, *parts)
+        return Location(self.fs, path, uri)
+
+    def info(self) -> pafs.FileInfo:
+        """pyarrow's file info (type NotFound when missing)."""
+        return self.fs.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        """True for an existing file or folder."""
+        return self.info().type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        """True for an existing folder (an object store prefix with objects under it)."""
+        return self.info().type == pafs.FileType.Directory
+
+    def children(self) -> list[str]:
+        """Names directly inside this folder (empty when it does not exist)."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+    def read_text(self) -> str:
+        """The whole file as UTF-8 text."""
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write the file so that readers see the old or the new content, never half.
+
+        Locally through a temporary file and a rename; an object store's single PUT is
+        already all or nothing.
+        """
+        if self.is_local:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+            return
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def write_text(self, text: str) -> None:
+        """:meth:`write_bytes` for UTF-8 text."""
+        self.write_bytes(text.encode("utf-8"))
+
+    def upload(self, local_file: str) -> None:
+        """Copy a local file here (atomically, as :meth:`write_bytes`)."""
+        with open(local_file, "rb") as f:
+            self.write_bytes(f.read())
+
+    def makedirs(self) -> None:
+        """Create the folder and its parents (a no-op on object stores, which have none)."""
+        self.fs.create_dir(self.path, recursive=True)
+
+    def remove(self) -> None:
+        """Delete this file or folder tree; a symbolic link is unlinked, never followed."""
+        if self.is_local and os.path.islink(self.path):
+            os.unlink(self.path)
+            return
+        kind = self.info().type
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif kind == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+
+def resolve(path_or_uri: str) -> Location:
+    """A :class:`Location` for a local path (made absolute, ``~`` expanded) or a URI.
+
+    ``file://`` URIs become local paths, so the same folder compares equal however it
+    was written.
+    """
+    if not is_uri(path_or_uri):
+        local = os.path.abspath(os.path.expanduser(path_or_uri))
+        return Location(pafs.LocalFileSystem(), local, local)
+    fs, path = pafs.FileSystem.from_uri(path_or_uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        local = os.path.abspath(path)
+        return Location(fs, local, local)
+    return Location(fs, path.rstrip("/"), path_or_uri.rstrip("/"))
+
+
+class NestedLocationError(ValueError):
+    """An output folder would overlap a folder the job reads."""
+
+
+def _identity(loc: Location) -> tuple[str, str]:
+    """(filesystem kind, canonical path) for comparing two locations."""
+    if loc.is_local:
+        return "local", os.path.realpath(loc.path)
+    return loc.fs.type_name, loc.path.rstrip("/")
+
+
+def nesting(a: Location, b: Location) -> str | None:
+    """How ``a`` relates to ``b``: "the same folder as", "inside", "a parent of", or None.
+
+    Symbolic links are resolved for local paths, so a link into the input is caught.
+    """
+    (kind_a, pa_), (kind_b, pb) = _identity(a), _identity(b)
+    if kind_a != kind_b:
+        return None
+    if pa_ == pb:
+        return "the same folder as"
+    if pa_.startswith(pb.rstrip("/") + "/"):
+        return "inside"
+    if pb.startswith(pa_.rstrip("/") + "/"):
+        return "a parent of"
+    return None
+
+
+def check_apart(output: Location, source: Location, *, output_name: str, source_name: str) -> None:
+    """Refuse an output that is ``source``, contains it or lies inside it.
+
+    An output inside the data would be read as data next time; one that contains the data
+    could be replaced with the data in it.
+
+    Raises:
+        NestedLocationError: naming both folders and how they overlap.
+    """
+    relation = nesting(output, source)
+    if relation is not None:
+        raise NestedLocationError(
+            f"{output_name} {output.uri} is {relation} {source_name} {source.uri}; "
+            f"choose a folder outside it")
+
+
+#: Larger files are refused before reading: no face image is this big, and reading one
+#: whole would take a decode worker's memory.
+MAX_FILE_BYTES = 256 * 2**20
+
+
+class FileReadError(OSError):
+    """A listed file could not be read at its turn; ``reason`` says why, for an error row."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot read {path!r}: {reason}")
+
+
+def _read_local(path: str | bytes, max_bytes: int) -> bytes:
+    # O_NONBLOCK: opening a FIFO (or a device) named like an image must not block the job;
+    # fstat on the open descriptor then tells what it really is, with no race.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileReadError(os.fsdecode(path), "not a regular file")
+        if st.st_size > max_bytes:
+            raise FileReadError(os.fsdecode(path), f"{st.st_size} bytes exceeds the limit of {max_bytes}")
+        chunks, left = [], st.st_size + 1  # one byte more: a file that grew is read whole or refused
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 22))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise FileReadError(os.fsdecode(path), f"file grew beyond the limit of {max_bytes} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
+def read_file_bytes(path: str | bytes, fs: pafs.FileSystem | None = None, *,
+                    max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The whole content of one listed file, or :class:`FileReadError` saying why not.
+
+    Covers files removed after listing, unreadable ones (permissions, broken or looping
+    links), things that are not regular files (FIFOs, devices, folders) and oversized files.
+    """
+    name = os.fsdecode(path)
+    try:
+        if fs is None or isinstance(fs, pafs.LocalFileSystem):
+            return _read_local(path, max_bytes)
+        info = fs.get_file_info(name)
+        if info.type == pafs.FileType.NotFound:
+            raise FileReadError(name, "file vanished after listing")
+        if info.type != pafs.FileType.File:
+            raise FileReadError(name, "not a regular file")
+        if info.size is not None and info.size > max_bytes:
+            raise FileReadError(name, f"{info.size} bytes exceeds the limit of {max_bytes}")
+        with fs.open_input_stream(name) as f:
+            return f.read()
+    except FileReadError:
+        raise
+    except FileNotFoundError as exc:
+        raise FileReadError(name, "file vanished after listing (or is a broken link)") from exc
+    except PermissionError as exc:
+        raise FileReadError(name, "permission denied") from exc
+    except OSError as exc:
+        raise FileReadError(name, f"{type(exc).__name__}: {exc.strerror or exc}") from exc

@@ -1,0 +1,162 @@
+"""Scoring never destroys data: the output manifest, nested folders, files that fail at their turn."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.score_output import MANIFEST_FILE, OutputConflictError
+from artifact_core.scoring import ScoreConfig, run_scoring
+from artifact_core.storage import FileReadError, NestedLocationError, read_file_bytes
+from conftest import calibrated_model, write_image
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> str:
+    model = calibrated_model()
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.02)
+    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model,
+                       BundleConfig(image_size=32, threshold=0.5))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its content (links as their targets)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+    return out
+
+
+def user_folder(root: Path) -> Path:
+    """The issue's layout: X/photos/good_{0,1}.jpg and X/notes.txt."""
+    for i in range(2):
+        write_image(root / "photos" / f"good_{i}.jpg", fmt="JPEG")
+    (root / "notes.txt").write_text("my notes")
+    return root
+
+
+@pytest.mark.parametrize("output", ["parent", "same", "inside", "link_to_input", "home_like"])
+def test_overwrite_never_touches_user_data(bundle_dir, tmp_path, output):
+    x = user_folder(tmp_path / "X")
+    photos = x / "photos"
+    target = {"parent": x, "same": photos, "inside": photos / "scores", "home_like": tmp_path / "home"}.get(output)
+    if output == "link_to_input":
+        target = tmp_path / "link"
+        target.symlink_to(photos)
+    if output == "home_like":
+        (target / "Documents").mkdir(parents=True)
+        (target / "Documents" / "thesis.tex").write_text("years of work")
+        (target / ".bashrc").write_text("alias ll='ls -l'")
+    before = snapshot(tmp_path)
+    expected = NestedLocationError if output != "home_like" else OutputConflictError
+    with pytest.raises(expected) as err:
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(photos), output=str(target), overwrite=True))
+    msg = str(err.value)
+    assert "\n" not in msg
+    if output == "home_like":
+        assert MANIFEST_FILE in msg and "nothing was deleted" in msg
+    else:
+        assert "the input" in msg and str(target.resolve() if output != "link_to_input" else target) in msg
+    assert snapshot(tmp_path) == before, "a refused run changed files"
+
+
+def test_resume_and_overwrite_also_refuse_a_foreign_folder(bundle_dir, tmp_path):
+    x = user_folder(tmp_path / "X")
+    other = tmp_path / "out"
+    other.mkdir()
+    (other / "predictions.csv").write_text("someone else's file with a scoring-like name")
+    before = snapshot(tmp_path)
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(OutputConflictError, match="not empty"):
+            run_scoring(ScoreConfig(model=bundle_dir, input=str(x / "photos"), output=str(other), **flags))
+    assert snapshot(tmp_path) == before
+
+
+def test_read_file_bytes_reasons(tmp_path):
+    ok = write_image(tmp_path / "ok.png")
+    assert read_file_bytes(str(ok)) == ok.read_bytes()
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "dir.png").mkdir()
+    cases = {"fifo.png": "not a regular file", "dangling.png": "vanished", "nowhere.png": "vanished",
+             "loop.png": "ELOOP|Too many levels|OSError", "dir.png": "not a regular file|IsADirectory"}
+    for name, reason in cases.items():
+        with pytest.raises(FileReadError) as err:
+            read_file_bytes(str(tmp_path / name))
+        assert __import__("re").search(reason, err.value.reason), (name, err.value.reason)
+    with pytest.raises(FileReadError, match="exceeds the limit"):
+        read_file_bytes(str(ok), max_bytes=10)
+    if os.geteuid() != 0:  # root reads any file whatever its mode
+        locked = write_image(tmp_path / "locked.png")
+        locked.chmod(0)
+        with pytest.raises(FileReadError, match="permission denied"):
+            read_file_bytes(str(locked))
+
+
+@pytest.mark.ray
+def test_every_listed_file_gets_one_row_and_overwrite_keeps_user_files(ray_session, bundle_dir, tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    good = [write_image(src / f"good_{i}.png", color=(60 * i, 90, 120)).name for i in range(3)]
+    odd = ["with space, comma and \"quote\".png", "új képek ✓.png", "line\nbreak.png"]
+    for name in odd:
+        write_image(src / name)
+    os.mkfifo(src / "pipe.png")
+    (src / "dangling.png").symlink_to(src / "missing-target.png")
+    (src / "loop.png").symlink_to(src / "loop.png")
+    bad_utf8 = os.path.join(os.fsencode(src), b"caf\xe9.png")
+    with open(bad_utf8, "wb") as f:
+        f.write(write_image(tmp_path / "tmp.png").read_bytes())
+    vanishing = write_image(src / "vanishing.png")
+
+    import artifact_core.scoring as scoring
+    real_list = scoring.list_input
+
+    def list_then_delete(uri):  # the file disappears between listing and reading
+        listed = real_list(uri)
+        vanishing.unlink()
+        return listed
+
+    monkeypatch.setattr(scoring, "list_input", list_then_delete)
+    out = tmp_path / "out"
+    summary = run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1))
+    monkeypatch.setattr(scoring, "list_input", real_list)
+
+    csv = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    expected_names = set(good) | set(odd) | {"pipe.png", "dangling.png", "loop.png", "caf\\xe9.png", "vanishing.png"}
+    assert sorted(csv["filename"]) == sorted(expected_names) and csv["filename"].is_unique
+    errors = dict(zip(csv["filename"], csv["error"]))
+    assert errors["pipe.png"] == "not a regular file"
+    assert "vanished" in errors["vanishing.png"] and "vanished" in errors["dangling.png"]
+    assert errors["loop.png"] != ""
+    for name in good + odd + ["caf\\xe9.png"]:
+        assert errors[name] == "", (name, errors[name])
+    assert summary["errors"] == 4 and summary["files"] == len(expected_names)
+    assert (csv[csv["error"] != ""]["predicted_class"] == -1).all()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["complete"] and manifest["identity"]["threshold"] == 0.5
+    assert "predictions.parquet" in manifest["entries"]
+
+    # a user's file next to a real scoring output survives --overwrite; scoring's own files are replaced
+    (out / "my_review_notes.txt").write_text("keep me")
+    old_parts = set(os.listdir(out / "predictions.parquet"))
+    s2 = run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4,
+                                 num_actors=1, overwrite=True, threshold=1.01))
+    assert (out / "my_review_notes.txt").read_text() == "keep me"
+    assert not old_parts & set(os.listdir(out / "predictions.parquet")), "old Parquet parts survived --overwrite"
+    assert s2["files"] == len(expected_names) - 1  # vanishing.png is gone
+    assert s2["predicted"]["0 (artifact)"] == s2["files"] - s2["errors"]
+
+    # --resume with another threshold (or model) would mix two runs in one CSV: refused, named
+    with pytest.raises(OutputConflictError, match="threshold: 1.01 before, 0.5 now"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out), num_actors=1, resume=True))
+    assert np.isclose(json.loads((out / "summary.json").read_text())["threshold"], 1.01)
