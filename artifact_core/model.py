@@ -33,9 +33,10 @@ WEIGHTS_KEYWORDS = ("imagenet", "torchvision", "bundled")
 #: ImageNet MobileNetV2 shipped in the package as the offline fallback (see weights/README.md there).
 BUNDLED_WEIGHTS_FILE = "mobilenet_v2_imagenet_coral.fp16.pth"
 BUNDLED_WEIGHTS_SHA256 = "71e5b720c3f1fb3434b634c9883478fe699c8f0eefde6b21c644ab6f8cb46792"
-#: Seconds a download may wait on one network operation (connect, each read). urllib has no
-#: timeout by default, so a firewall that drops packets would hang the driver for minutes.
-DOWNLOAD_TIMEOUT_S = 20.0
+#: Seconds a download may wait on one network operation (connect to one address, each read).
+#: urllib has no timeout by default: a firewall that drops packets would hold the driver for
+#: minutes per address, and a stalled transfer for ever.
+DOWNLOAD_TIMEOUT_S = 10.0
 
 
 def _torchvision_cache_file() -> str:
@@ -66,7 +67,7 @@ def _download(url: str, dst: str, *, timeout: float) -> None:
 
 
 def _torchvision_state_dict(*, timeout: float) -> tuple[dict[str, torch.Tensor], str]:
-    """torchvision's IMAGENET1K_V2 from the torch hub cache, downloading it there if allowed."""
+    """torchvision's IMAGENET1K_V2 from the torch hub cache, else downloaded into it."""
     path = _torchvision_cache_file()
     if os.path.isfile(path):
         return _file_state_dict(path), f"torchvision cache {path}"
@@ -119,9 +120,10 @@ def resolve_weights(weights: str | None, *,
     Raises:
         WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
     """
+    state: dict[str, torch.Tensor] | None
     if weights in ("none", None, ""):
-        return None, "none (random init)"
-    if weights == "imagenet":
+        state, source = None, "none (random init)"
+    elif weights == "imagenet":
         try:
             state, source = _torchvision_state_dict(timeout=download_timeout)
         except WeightsUnavailableError as exc:
