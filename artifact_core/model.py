@@ -120,10 +120,10 @@ def resolve_weights(weights: str | None, *,
     Raises:
         WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
     """
-    state: dict[str, torch.Tensor] | None
     if weights in ("none", None, ""):
-        state, source = None, "none (random init)"
-    elif weights == "imagenet":
+        # Not logged: every worker and every bundle load builds its model this way.
+        return None, "none (random init)"
+    if weights == "imagenet":
         try:
             state, source = _torchvision_state_dict(timeout=download_timeout)
         except WeightsUnavailableError as exc:
