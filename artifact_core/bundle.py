@@ -42,6 +42,9 @@ class BundleConfig:
     labels: dict[str, str] = field(default_factory=lambda: {str(k): v for k, v in LABEL_NAMES.items()})
     output: str = "sigmoid(logit) = P(class 1, artifact-free); class 1 when it is >= threshold"
     train_config: dict[str, Any] = field(default_factory=dict)
+    #: where the starting weights came from (torchvision cache, download, the shipped copy, a file);
+    #: None in bundles written before it was recorded.
+    weights_source: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     format: int = BUNDLE_FORMAT
 

@@ -107,7 +107,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="split and init seed (default: %(default)s)")
     g = parser.add_argument_group("model and optimisation")
-    g.add_argument("--weights", default=d.weights, help="imagenet | none | PATH to a state dict (default: %(default)s)")
+    g.add_argument("--weights", default=d.weights, help="imagenet (torchvision's cached file, else download, else the copy shipped in the package) | "
+                        "torchvision (cache or download only) | bundled (shipped copy only) | none | "
+                        "PATH to a state dict (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=d.image_size, help="square input size (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker (default: %(default)s)")
     g.add_argument("--head-epochs", type=int, default=d.head_epochs, help="phase 1 epochs, backbone frozen (default: %(default)s)")

@@ -1,9 +1,16 @@
-"""MobileNetV2 with a binary head, and the freezing rules of the two training phases."""
+"""MobileNetV2 with a binary head, where its starting weights come from, and the freezing rules
+of the two training phases."""
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import importlib.resources
+import logging
 import os
-from urllib.error import URLError
+import re
+import urllib.request
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -14,31 +21,133 @@ NUM_FEATURE_BLOCKS = 19
 ARCHITECTURE = "mobilenet_v2"
 IMAGENET_WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V2
 
+log = logging.getLogger(__name__)
+
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be loaded (offline, or a bad file)."""
 
 
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights from the torch hub cache, downloading if needed."""
+#: ``--weights`` keywords; anything else but ``none`` is a state-dict path.
+WEIGHTS_KEYWORDS = ("imagenet", "torchvision", "bundled")
+#: ImageNet MobileNetV2 shipped in the package as the offline fallback (see weights/README.md there).
+BUNDLED_WEIGHTS_FILE = "mobilenet_v2_imagenet_coral.fp16.pth"
+BUNDLED_WEIGHTS_SHA256 = "71e5b720c3f1fb3434b634c9883478fe699c8f0eefde6b21c644ab6f8cb46792"
+#: Seconds a download may wait on one network operation (connect to one address, each read).
+#: urllib has no timeout by default: a firewall that drops packets would hold the driver for
+#: minutes per address, and a stalled transfer for ever.
+DOWNLOAD_TIMEOUT_S = 10.0
+
+
+def _torchvision_cache_file() -> str:
+    """Where torchvision keeps its ImageNet file: ``$TORCH_HOME/hub/checkpoints/<name>``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(IMAGENET_WEIGHTS.url))
+
+
+def _download(url: str, dst: str, *, timeout: float) -> None:
+    """Fetch ``url`` into ``dst`` atomically, checking the sha256 prefix in its file name.
+
+    A fresh opener per call, so proxy settings from the environment are read now.
+    """
+    match = re.search(r"-([a-f0-9]+)\.", os.path.basename(url))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.{os.getpid()}.partial"
+    digest = hashlib.sha256()
     try:
-        return IMAGENET_WEIGHTS.get_state_dict(progress=False, check_hash=True)
-    except (URLError, OSError, RuntimeError) as exc:
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        file_name = os.path.basename(IMAGENET_WEIGHTS.url)
+        with urllib.request.build_opener().open(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+        if match and not digest.hexdigest().startswith(match.group(1)):
+            raise OSError(f"{url}: sha256 {digest.hexdigest()[:12]}... does not start with {match.group(1)}")
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _torchvision_state_dict(*, timeout: float) -> tuple[dict[str, torch.Tensor], str]:
+    """torchvision's IMAGENET1K_V2 from the torch hub cache, else downloaded into it."""
+    path = _torchvision_cache_file()
+    if os.path.isfile(path):
+        return _file_state_dict(path), f"torchvision cache {path}"
+    try:
+        _download(IMAGENET_WEIGHTS.url, path, timeout=timeout)
+    except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError, timeouts are OSErrors
         raise WeightsUnavailableError(
             f"cannot load ImageNet weights for MobileNetV2 ({type(exc).__name__}: {exc}). "
             f"Either pre-download them on a machine with internet "
             f"(python -c \"import torchvision; torchvision.models.mobilenet_v2(weights='IMAGENET1K_V2')\") "
-            f"and copy {file_name} into {cache} (set TORCH_HOME to move that cache), "
+            f"and copy {os.path.basename(path)} into {os.path.dirname(path)} (set TORCH_HOME to move that cache), "
+            f"pass --weights bundled (the ImageNet copy shipped with this package), "
             f"or pass a state-dict file path as weights."
         ) from exc
+    return _file_state_dict(path), f"torchvision download {IMAGENET_WEIGHTS.url} -> {path}"
+
+
+def bundled_weights_path() -> str:
+    """Path of the ImageNet MobileNetV2 state dict shipped inside the package (fp16)."""
+    return str(importlib.resources.files("artifact_core").joinpath("weights", BUNDLED_WEIGHTS_FILE))
+
+
+def _bundled_state_dict() -> tuple[dict[str, torch.Tensor], str]:
+    path = bundled_weights_path()
+    if not os.path.isfile(path):
+        raise WeightsUnavailableError(f"the bundled weights {path!r} are missing: reinstall artifact-core")
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    if sha != BUNDLED_WEIGHTS_SHA256:
+        raise WeightsUnavailableError(
+            f"the bundled weights {path!r} have sha256 {sha}, expected {BUNDLED_WEIGHTS_SHA256}: reinstall artifact-core")
+    return _file_state_dict(path), f"bundled fp16 (google-coral MobileNetV2, Apache-2.0) {path} sha256 {sha}"
+
+
+def resolve_weights(weights: str | None, *,
+                    download_timeout: float = DOWNLOAD_TIMEOUT_S) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Load the starting weights that a ``--weights`` value names, and say where they came from.
+
+    Args:
+        weights: ``"imagenet"`` (torchvision's IMAGENET1K_V2 from the torch hub cache, else
+            downloaded, else the copy shipped in this package), ``"torchvision"`` (cache or
+            download only), ``"bundled"`` (the shipped copy only), ``"none"`` (random init),
+            or a path to a MobileNetV2 state dict.
+        download_timeout: seconds one network operation of a download may take.
+
+    Returns:
+        ``(state_dict or None, source)``; the source is a short text for logs and the bundle,
+        e.g. ``"torchvision cache /root/.cache/torch/hub/checkpoints/mobilenet_v2-7ebf99e0.pth"``.
+
+    Raises:
+        WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
+    """
+    if weights in ("none", None, ""):
+        # Not logged: every worker and every bundle load builds its model this way.
+        return None, "none (random init)"
+    if weights == "imagenet":
+        try:
+            state, source = _torchvision_state_dict(timeout=download_timeout)
+        except WeightsUnavailableError as exc:
+            cause = exc.__cause__ or exc
+            log.warning("torchvision's ImageNet weights are not available (%s: %s); using the ImageNet "
+                        "copy shipped with artifact-core instead", type(cause).__name__, cause)
+            state, source = _bundled_state_dict()
+    elif weights == "torchvision":
+        state, source = _torchvision_state_dict(timeout=download_timeout)
+    elif weights == "bundled":
+        state, source = _bundled_state_dict()
+    else:
+        path = os.path.abspath(os.path.expanduser(weights))
+        state, source = _file_state_dict(path), f"file {path}"
+    log.info("starting weights: %s", source)
+    return state, source
 
 
 def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a file; half-precision tensors come back as float32."""
     if not os.path.isfile(path):
         raise WeightsUnavailableError(
-            f"weights file {path!r} does not exist; expected 'imagenet', 'none' or a state-dict path"
+            f"weights file {path!r} does not exist; expected one of {', '.join(WEIGHTS_KEYWORDS)}, "
+            f"'none' or a state-dict path"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -48,16 +157,18 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsUnavailableError(f"weights file {path!r} holds {type(state).__name__}, expected a state dict")
-    return state
+    # fp16/bf16 files (such as the shipped copy) train and score in float32 like the rest.
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
 
 
-def build_model(*, weights: str = "imagenet", dropout: float = 0.2, num_outputs: int = 1) -> nn.Module:
+def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet", dropout: float = 0.2,
+                num_outputs: int = 1) -> nn.Module:
     """MobileNetV2 whose ImageNet classifier is replaced by a fresh ``num_outputs`` head.
 
     Args:
-        weights: ``"imagenet"`` (torchvision IMAGENET1K_V2 via the torch hub cache),
-            ``"none"`` (random init), or a path to a MobileNetV2 state dict (1000-class
-            ImageNet layout, or this project's own head layout).
+        weights: a ``--weights`` value as :func:`resolve_weights` reads it (``"imagenet"``,
+            ``"torchvision"``, ``"bundled"``, ``"none"``, a state-dict path), or a state dict
+            already loaded (1000-class ImageNet layout, or this project's own head layout).
         dropout: dropout before the final linear layer.
         num_outputs: 1 (a logit for "artifact-free") or 2 (two-class logits).
 
@@ -65,17 +176,15 @@ def build_model(*, weights: str = "imagenet", dropout: float = 0.2, num_outputs:
         WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
     """
     model = mobilenet_v2(weights=None)
-    if weights == "imagenet":
-        model.load_state_dict(_imagenet_state_dict())
-    elif weights not in ("none", None, ""):
-        state = _file_state_dict(os.path.expanduser(weights))
+    state, source = (weights, "state dict") if isinstance(weights, Mapping) else resolve_weights(weights)
+    if state is not None:
         # A 1000-class ImageNet file: keep its head out; our own head layout: load all.
         backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         missing, unexpected = model.load_state_dict(backbone, strict=False)
         missing = [k for k in missing if not k.startswith("classifier.")]
         if missing or unexpected:
             raise WeightsUnavailableError(
-                f"weights file {weights!r} does not fit MobileNetV2: "
+                f"weights from {source}: the state dict does not fit MobileNetV2: "
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )

@@ -25,7 +25,7 @@ from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig
 from artifact_core.data import LABEL_NAMES, class_weights, find_unreadable, scan_labeled_folder, stratified_split
 from artifact_core.metrics import best_threshold, classification_metrics, predict_labels
-from artifact_core.model import build_model
+from artifact_core.model import build_model, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.storage import check_apart, resolve
 from artifact_core.train_loop import MODEL_FILE, read_state, read_val_scores, train_loop_per_worker
@@ -89,14 +89,15 @@ def prepare_run(cfg: TrainConfig) -> dict[str, Any]:
     split = {"train_paths": [paths[i] for i in train_idx], "train_labels": train_labels,
              "val_paths": [paths[i] for i in val_idx], "val_labels": [labels[i] for i in val_idx]}
     # Loading here makes a bad --weights fail before any worker starts, and workers need
-    # neither internet nor the file.
-    initial_state = build_model(weights=cfg.weights, dropout=cfg.dropout).state_dict()
+    # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
+    weights_state, weights_source = resolve_weights(cfg.weights)
+    initial_state = build_model(weights=weights_state, dropout=cfg.dropout).state_dict()
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
     log.info("data %s: train %s, val %s, %d unreadable skipped", data_dir, counts["train"], counts["val"], len(bad))
     return {"train": {**cfg.to_dict(), "data_dir": data_dir}, "split": split,
             "class_weights": class_weights(train_labels).tolist(), "initial_state": initial_state,
-            "counts": counts, "unreadable": sorted(bad)}
+            "counts": counts, "unreadable": sorted(bad), "weights_source": weights_source}
 
 
 def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, storage_path: str,
@@ -137,11 +138,12 @@ def _best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
-                  extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None) -> dict[str, Any]:
     """Write the best checkpoint of ``result`` as a model bundle with a tuned threshold.
 
     ``out_dir`` may be local or a URI; plots (learning curves, confusion matrix) go
-    next to the weights.
+    next to the weights. ``weights_source`` (from :func:`prepare_run`) says where the
+    starting weights came from; config.json records it.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -169,7 +171,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
         **(extra_metrics or {}),
     }
     config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout,
-                          train_config=cfg.to_dict())
+                          train_config=cfg.to_dict(), weights_source=weights_source)
     with tempfile.TemporaryDirectory() as tmp:
         local = out_dir if "://" not in out_dir else tmp
         save_bundle(local, model, config, metrics)
@@ -196,7 +198,7 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     bundle_dir = f"{run_dir}/{BUNDLE_FOLDER}"
     metrics = export_bundle(result, cfg, bundle_dir, extra_metrics={
         "counts": loop_config["counts"], "unreadable_skipped": loop_config["unreadable"],
-        "wall_seconds": time.time() - t0})
+        "wall_seconds": time.time() - t0}, weights_source=loop_config.get("weights_source"))
     if "://" not in run_dir:
         cfg.save(os.path.join(run_dir, "run_config.json"))
     return TrainSummary(bundle_dir=bundle_dir, metrics=metrics, result=result)

@@ -35,7 +35,7 @@ TINY = ["--image-size", "32", "--batch-size", "8", "--head-epochs", "1", "--fine
     ("empty", "no images"),
     ("one_class", "only class 1"),
     ("bad_label", "cannot read label from 'photo.png'"),
-    ("imagenet_offline", "cannot load ImageNet weights"),
+    ("torchvision_offline", "cannot load ImageNet weights"),
     ("too_many_workers", "needs 8 worker(s) x 1 CPU"),
     ("gpu", "asked for GPUs"),
     ("bad_flag", "--unfreeze-depth must be in 0..19"),
@@ -53,13 +53,13 @@ def test_train_bad_input_is_one_clear_line(ray_session, tmp_path, capsys, monkey
         write_image(data / "photo.png")
     elif case != "missing":
         make_easy_folder(data, n=8)
-    if case == "imagenet_offline":
-        import torch
+    if case == "torchvision_offline":
+        from artifact_core import model
 
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-        monkeypatch.setattr(torch.hub, "download_url_to_file",
+        monkeypatch.setattr(model, "_download",
                             lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")))
-        argv[argv.index("none")] = "imagenet"
+        argv[argv.index("none")] = "torchvision"
     argv += {"too_many_workers": ["--num-workers", "8"], "gpu": ["--use-gpu"],
              "bad_flag": ["--unfreeze-depth", "25"]}.get(case, [])
     rc, err = run_cli("train", argv, capsys)

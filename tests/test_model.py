@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchvision.models import mobilenet_v2
 
+from artifact_core import model as model_mod
 from artifact_core.model import (IMAGENET_WEIGHTS, NUM_FEATURE_BLOCKS, WeightsUnavailableError, build_model,
                                  count_trainable, set_trainable, train_mode, unwrap)
 
@@ -88,14 +89,14 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(m.features[18][0].weight, ref.features[18][0].weight)
 
 
-def test_imagenet_weights_offline_says_how_to_fix(tmp_path, monkeypatch):
+def test_torchvision_weights_offline_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def offline(*a, **k):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(model_mod, "_download", offline)
     with pytest.raises(WeightsUnavailableError) as err:
-        build_model(weights="imagenet")
+        build_model(weights="torchvision")
     msg = str(err.value)
     assert "mobilenet_v2-7ebf99e0.pth" in msg and str(tmp_path) in msg and "state-dict file path" in msg
 
