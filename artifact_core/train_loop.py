@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from artifact_core.config import TrainConfig
 from artifact_core.data import ImageFileDataset
-from artifact_core.metrics import classification_metrics, predict_labels
+from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
 from artifact_core.model import build_model, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
 
@@ -56,11 +56,41 @@ class LoopState:
     phase_index: int = 0
     phase_epoch: int = 0          # epochs finished in the current phase
     global_epoch: int = 0         # epochs finished in total
-    phase_best_f1: float = -1.0
-    bad_epochs: int = 0           # epochs without val micro-F1 gain in this phase
+    phase_best_score: float = -1.0  # best value of phase_best_metric in this phase
+    phase_best_metric: str = ""     # the --select-metric that score is of
+    bad_epochs: int = 0           # epochs without a gain of the selection metric in this phase
     stopped_early: bool = False   # the current phase ended by patience
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_after: list[int] = field(default_factory=list)  # global_epoch at each resume
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoopState":
+        """Build from a saved ``state.json``, ignoring keys this version does not know.
+
+        Checkpoints from before ``--select-metric`` saved ``phase_best_f1`` (micro F1): it
+        is kept with its metric's name, so a run resumed under another metric restarts
+        the phase's best (see :func:`update_patience`).
+        """
+        d = dict(d)
+        if "phase_best_f1" in d and "phase_best_score" not in d:
+            d["phase_best_score"], d["phase_best_metric"] = d["phase_best_f1"], "val_micro_f1"
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def update_patience(state: LoopState, metrics: dict[str, Any], metric: str) -> None:
+    """Count an epoch toward patience: a gain of ``metric`` resets the count.
+
+    A best score of another metric (a resumed run whose ``--select-metric`` changed)
+    does not count: the first epoch under the new metric sets the best.
+    """
+    value = float(metrics[metric])
+    if state.phase_best_metric != metric:
+        state.phase_best_score, state.phase_best_metric = -1.0, metric
+    if value > state.phase_best_score + 1e-9:
+        state.phase_best_score, state.bad_epochs = value, 0
+    else:
+        state.bad_epochs += 1
 
 
 def phases(cfg: TrainConfig) -> list[PhaseSpec]:
@@ -158,10 +188,20 @@ def _load_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) -> tupl
     with checkpoint.as_directory() as d:
         model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
         with open(os.path.join(d, STATE_FILE)) as f:
-            state = LoopState(**json.load(f))
+            state = LoopState.from_dict(json.load(f))
         opt_path = os.path.join(d, OPTIMIZER_FILE)
         opt = torch.load(opt_path, map_location="cpu", weights_only=True) if os.path.exists(opt_path) else None
     return state, opt
+
+
+def _maybe_override_val_probs(loop_config: dict, epoch: int, probs: list[float], labels: list[int]) -> list[float]:
+    """Selection drill (see the tests): ``val_prob_drill`` maps an epoch to the probability of
+    'artifact-free' every validation image of label 0 and of label 1 gets, so a test can
+    script which epoch has skill and check that selection keeps it."""
+    drill = (loop_config.get("val_prob_drill") or {}).get(str(epoch))
+    if drill is None:
+        return probs
+    return [float(drill[y]) for y in labels]
 
 
 def _maybe_inject_failure(loop_config: dict, state: LoopState, rank: int, world: int) -> None:
@@ -232,14 +272,14 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         probs, labels, vloss, vn = evaluate(ddp_model, val_loader, weights, device, autocast)
         val_loss = _mean_across_ranks(vloss, vn, device)
         probs, labels = _gather(probs), _gather(labels)
-        m = classification_metrics(labels, predict_labels(probs, 0.5))
+        probs = _maybe_override_val_probs(loop_config, state.global_epoch + 1, probs, labels)
+        # Threshold-free AP and ROC AUC of the artifact class beside micro F1 at 0.5: they
+        # drive selection (--select-metric), since a one-class model cannot win them.
+        m = {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking_metrics(labels, probs)}
 
         state.phase_epoch += 1
         state.global_epoch += 1
-        if m["micro_f1"] > state.phase_best_f1 + 1e-9:
-            state.phase_best_f1, state.bad_epochs = m["micro_f1"], 0
-        else:
-            state.bad_epochs += 1
+        update_patience(state, {f"val_{k}": v for k, v in m.items()}, cfg.select_metric)
         stop_early = cfg.patience > 0 and state.bad_epochs >= cfg.patience and state.phase_epoch < spec.epochs
         state.stopped_early = stop_early
         metrics = {
@@ -257,8 +297,9 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
                 checkpoint = ray.train.Checkpoint.from_directory(tmpdir)
             ray.train.report(metrics, checkpoint=checkpoint)
         log.info("epoch %d [%s %d/%d] train_loss %.4f val_loss %.4f val_micro_f1 %.4f macro_f1 %.4f "
-                 "recall(artifact) %.3f cm %s %.1fs%s", state.global_epoch, spec.name, state.phase_epoch,
-                 spec.epochs, train_loss, val_loss, m["micro_f1"], m["macro_f1"], m["recall_artifact"],
+                 "recall(artifact) %.3f AP(artifact) %.3f ROC AUC %.3f cm %s %.1fs%s", state.global_epoch,
+                 spec.name, state.phase_epoch, spec.epochs, train_loss, val_loss, m["micro_f1"], m["macro_f1"],
+                 m["recall_artifact"], m["ap_artifact"], m["roc_auc"],
                  m["confusion_matrix"], metrics["epoch_seconds"], " (early stop)" if stop_early else "")
     return unwrap(ddp_model)
 
@@ -311,7 +352,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _next_phase(state: LoopState) -> LoopState:
     state.phase_index += 1
-    state.phase_epoch, state.bad_epochs, state.phase_best_f1, state.stopped_early = 0, 0, -1.0, False
+    state.phase_epoch, state.bad_epochs, state.phase_best_score, state.stopped_early = 0, 0, -1.0, False
     return state
 
 
