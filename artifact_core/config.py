@@ -53,6 +53,9 @@ class TrainConfig:
     # of the artifact class by default: under a 1:9 imbalance micro F1 rewards a model that
     # never finds an artifact, AP cannot be won that way. Allowed: SELECT_METRICS.
     select_metric: str = "val_ap_artifact"
+    # > 0: draw training images with replacement so that this share are artifacts (the loss
+    # weights then balance the drawn mix); 0: every image once per epoch, class-weighted loss.
+    oversample: float = 0.0
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
@@ -72,6 +75,7 @@ class TrainConfig:
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
+            ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
         ]
         for flag, ok, expected in checks:
             if not ok:
@@ -128,6 +132,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head (default: %(default)s)")
     g.add_argument("--patience", type=int, default=d.patience, help="epochs without a gain of --select-metric before a phase stops early, 0 = off (default: %(default)s)")
+    g.add_argument("--oversample", type=float, default=d.oversample,
+                   help="share of artifact images among each epoch's draws, e.g. 0.3 (drawn with replacement; "
+                        "the loss weights balance the drawn mix); 0 = off (default: %(default)s)")
     g.add_argument("--select-metric", choices=SELECT_METRICS, default=d.select_metric,
                    help="validation metric that picks the checkpoint, drives patience, ASHA and the best sweep "
                         "trial (default: %(default)s, average precision of the artifact class)")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray.train
@@ -23,10 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from artifact_core.config import TrainConfig
-from artifact_core.data import ImageFileDataset
+from artifact_core.data import ARTIFACT, ImageFileDataset
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
 from artifact_core.model import build_model, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
@@ -216,12 +217,60 @@ def _maybe_inject_failure(loop_config: dict, state: LoopState, rank: int, world:
     raise RuntimeError(f"injected worker failure at epoch {at} (rank {rank})")
 
 
+class OversamplingSampler(Sampler[int]):
+    """Draws training images with replacement so that about ``share`` of the draws are
+    artifact images (more positives per batch than a 1:9 folder gives).
+
+    DDP-aware: each rank draws its own ``ceil(n / world)`` indices per epoch from its own
+    random stream (seed, epoch, rank), so together the ranks see about one epoch's worth of
+    images and no rank repeats another's draws; ``set_epoch`` changes the draws as
+    :class:`~torch.utils.data.DistributedSampler` does.
+    """
+
+    def __init__(self, labels: list[int], *, share: float, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        y = np.asarray(labels)
+        n_art = int(np.sum(y == ARTIFACT))
+        if not 0 < share < 1 or n_art == 0 or n_art == y.size:
+            raise ValueError(f"oversampling needs a share in (0, 1) and both classes, got share {share} "
+                             f"with {n_art} artifact(s) in {y.size} images")
+        w = np.where(y == ARTIFACT, share / n_art, (1 - share) / (y.size - n_art))
+        self.weights = torch.as_tensor(w, dtype=torch.double)
+        self.num_samples = math.ceil(y.size / num_replicas)
+        self.rank, self.seed, self.epoch = rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """New draws for a new epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank)
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def loss_weights(cfg: TrainConfig, folder_weights: list[float]) -> list[float]:
+    """Class weights of the loss: the folder's balanced weights, or with ``--oversample R``
+    the balanced weights of the drawn mix (artifact share R), so sampling and weighting
+    together still count both classes equally."""
+    if cfg.oversample > 0:
+        return [1 / (2 * cfg.oversample), 1 / (2 * (1 - cfg.oversample))]
+    return list(folder_weights)
+
+
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
     split = loop_config["split"]
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
                                 train_transform(image_size=cfg.image_size))
     val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size))
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler | OversamplingSampler
+    if cfg.oversample > 0:
+        sampler = OversamplingSampler(split["train_labels"], share=cfg.oversample, num_replicas=world, rank=rank,
+                                      seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     # drop_last: a final batch of one sample breaks BatchNorm in the unfrozen blocks.
     per_rank = len(sampler)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
@@ -334,7 +383,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("resumed from checkpoint after epoch %d (phase %d, epoch %d in phase)",
                  state.global_epoch, state.phase_index + 1, state.phase_epoch)
 
-    weights = torch.tensor(loop_config["class_weights"], dtype=torch.float32, device=device)
+    weights = torch.tensor(loss_weights(cfg, loop_config["class_weights"]), dtype=torch.float32, device=device)
     loaders = _loaders(loop_config, cfg, rank, world)
     specs = phases(cfg)
     while state.phase_index < len(specs):

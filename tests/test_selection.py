@@ -60,3 +60,49 @@ def test_asha_explicit_grace_period_in_head_phase_warns(caplog):
     assert build_scheduler(SweepConfig(base=TrainConfig(), scheduler="none")) is None
     with pytest.raises(ValueError, match="--image-sizes"):
         SweepConfig(base=TrainConfig(), image_sizes=[16]).validate()
+
+
+def test_sweep_searches_the_image_size():
+    from ray import tune
+
+    from artifact_core.config import add_sweep_args, sweep_from_args
+    from artifact_core.tuning import _param_space, trial_config
+
+    p = add_training_args(add_sweep_args(argparse.ArgumentParser()))
+    args = p.parse_args(["--image-sizes", "224", "320", "448"])
+    sweep = sweep_from_args(args, config_from_args(args))
+    assert sweep.image_sizes == [224, 320, 448] and sweep.validate()
+    space = _param_space(sweep)
+    assert isinstance(space["image_size"], tune.search.sample.Categorical)
+    assert space["image_size"].categories == [224, 320, 448]
+    cfg = trial_config(TrainConfig().to_dict(), {"lr": 1e-3, "finetune_lr_ratio": 0.1, "unfreeze_depth": 2, "image_size": 320})
+    assert cfg.image_size == 320 and cfg.finetune_lr == pytest.approx(1e-4)
+    # without --image-sizes the size is not a searched parameter
+    assert "image_size" not in _param_space(SweepConfig(base=TrainConfig()))
+    assert trial_config(TrainConfig(image_size=288).to_dict(),
+                        {"lr": 1e-3, "finetune_lr_ratio": 0.1, "unfreeze_depth": 2}).image_size == 288
+
+
+def test_oversampling_sampler_shares_and_ranks():
+    from artifact_core.train_loop import OversamplingSampler, loss_weights
+
+    labels = [0] * 10 + [1] * 90
+    ranks = [OversamplingSampler(labels, share=0.4, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    assert [len(s) for s in ranks] == [50, 50]
+    draws = {}
+    for epoch in range(20):
+        for r, s in enumerate(ranks):
+            s.set_epoch(epoch)
+            draws[(epoch, r)] = list(s)
+    pooled = [i for d in draws.values() for i in d]
+    assert abs(sum(labels[i] == 0 for i in pooled) / len(pooled) - 0.4) < 0.04  # 2,000 draws
+    assert draws[(0, 0)] != draws[(0, 1)] and draws[(0, 0)] != draws[(1, 0)]  # own stream per rank and epoch
+    again = OversamplingSampler(labels, share=0.4, num_replicas=2, rank=1, seed=3)
+    again.set_epoch(7)
+    assert list(again) == draws[(7, 1)]  # reproducible (a resumed run draws the same)
+    with pytest.raises(ValueError, match="both classes"):
+        OversamplingSampler([1, 1, 1], share=0.5)
+    assert loss_weights(TrainConfig(oversample=0.5), [5.0, 0.55]) == [1.0, 1.0]
+    assert loss_weights(TrainConfig(), [5.0, 0.55]) == [5.0, 0.55]
+    with pytest.raises(ValueError, match="--oversample"):
+        TrainConfig(oversample=1.0).validate()

@@ -85,7 +85,8 @@ def test_selection_keeps_the_one_epoch_with_skill(ray_session, easy_folder, tmp_
     # must then separate the classes.
     one_class, skilled = [0.9, 0.9], [0.3, 0.4]  # P(artifact-free) for label 0, label 1
     drill = {"1": one_class, "2": one_class, "3": skilled, "4": one_class}
-    cfg = small_config(easy_folder, tmp_path / "runs", "sel")
+    # (trained with artifact oversampling, which runs the DDP-aware sampler for real)
+    cfg = small_config(easy_folder, tmp_path / "runs", "sel", oversample=0.4)
     summary = run_training(cfg, loop_overrides={"val_prob_drill": drill})
     hist = summary.metrics["history"]
     assert [h["val_micro_f1"] for h in hist] == [0.75, 0.75, 0.25, 0.75]
