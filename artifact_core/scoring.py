@@ -1,7 +1,8 @@
 """Batch scoring of image folders with Ray Data, streaming into Parquet, then one CSV.
 
-Pipeline: list files -> ``read_binary_files`` -> decode + eval transform in parallel
-tasks (a broken file becomes an error row) -> :class:`ArtifactPredictor` actors -> Parquet.
+Pipeline: list files -> ``read_binary_files`` -> decode + resize in parallel torch-free
+tasks (:func:`artifact_core.decode.decode_batch`; a broken file becomes an error row)
+-> :class:`ArtifactPredictor` actors (torch or ONNX Runtime) -> Parquet.
 The CSV and ``summary.json`` are derived from the Parquet files once every file has a row,
 so a CSV only exists when it is complete.
 """
@@ -28,11 +29,10 @@ from artifact_core import plots
 from artifact_core.bundle import load_bundle
 from artifact_core.config import ScoreConfig
 from artifact_core.data import is_image_file, list_images
-from artifact_core.images import ImageDecodeError, decode_image
+from artifact_core.decode import decode_batch
 from artifact_core.metrics import classification_metrics
-from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor
+from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
-from artifact_core.transforms import eval_resize
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +58,6 @@ def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name))
     return paths, fs, root.rstrip("/")
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, root: str) -> dict[str, np.ndarray]:
-    """Bytes -> resized uint8 (N, 3, S, S) with the shared decoder; failures become errors.
-
-    The predictor normalizes (the second half of the eval transform): shipping uint8
-    moves a quarter of the bytes through the object store.
-    """
-    tf = eval_resize(image_size=image_size)
-    n = len(batch["path"])
-    images = np.zeros((n, 3, image_size, image_size), dtype=np.uint8)
-    errors = np.full(n, "", dtype=object)
-    for i, (data, path) in enumerate(zip(batch["bytes"], batch["path"])):
-        try:
-            images[i] = tf(decode_image(bytes(data), name=path)).numpy()
-        except ImageDecodeError as exc:
-            errors[i] = exc.reason
-        except Exception as exc:  # noqa: BLE001 - one odd file must never stop the job
-            errors[i] = f"{type(exc).__name__}: {exc}"
-    rel = [p[len(root) + 1:] if p.startswith(root + "/") else p for p in batch["path"]]
-    return {"path": np.asarray(batch["path"], dtype=object), "filename": np.asarray(rel, dtype=object),
-            "image": images, "error": errors}
 
 
 def _existing_rows(parquet_dir: str) -> set[str]:
@@ -144,7 +122,9 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, memory=cfg.actor_memory_mb * 2**20,
         fn_constructor_kwargs={"bundle_dir": cfg.model, "use_gpu": cfg.use_gpu, "threshold": cfg.threshold,
-                               "num_threads": max(1, int(cfg.cpus_per_actor))},
+                               "num_threads": max(1, int(cfg.cpus_per_actor)),
+                               "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
+                               "precision": cfg.precision},
     )
 
 
@@ -175,6 +155,8 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "predicted": {"0 (artifact)": int((pred == 0).sum()), "1 (artifact-free)": int((pred == 1).sum())},
         "mean_confidence": float(np.mean(conf[ok])) if ok.any() else None,
         "model": os.path.abspath(cfg.model), "threshold": threshold, "input": cfg.input,
+        "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
+        "precision": cfg.precision,
         "wall_seconds": wall_seconds, "scored_this_run": scored_now,
         "images_per_second": scored_now / wall_seconds if wall_seconds > 0 else None,
         "error_examples": failed.select(["filename", "error"]).to_pylist(),

@@ -179,8 +179,9 @@ def _maybe_inject_failure(loop_config: dict, state: LoopState, rank: int, world:
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
     split = loop_config["split"]
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
-                                train_transform(image_size=cfg.image_size))
-    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size))
+                                train_transform(image_size=cfg.image_size), target_size=cfg.image_size)
+    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size),
+                              target_size=cfg.image_size)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     # drop_last: a final batch of one sample breaks BatchNorm in the unfrozen blocks.
     per_rank = len(sampler)

@@ -24,6 +24,7 @@ from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig
 from artifact_core.data import LABEL_NAMES, class_weights, find_unreadable, scan_labeled_folder, stratified_split
+from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import best_threshold, classification_metrics, predict_labels
 from artifact_core.model import build_model
 from artifact_core.raycluster import check_fits
@@ -132,11 +133,13 @@ def _best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
-                  extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra_metrics: dict[str, Any] | None = None,
+                  split: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the best checkpoint of ``result`` as a model bundle with a tuned threshold.
 
     ``out_dir`` may be local or a URI; plots (learning curves, confusion matrix) go
-    next to the weights.
+    next to the weights, and ONNX models (fp32, int8 calibrated on ``split``'s validation
+    images) too; an ONNX failure is logged and leaves the PyTorch bundle complete.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -171,6 +174,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
         plots.learning_curves(history, os.path.join(local, "learning_curves.png"))
         plots.confusion_matrix_plot(at_threshold["confusion_matrix"], os.path.join(local, "confusion_matrix.png"),
                                     title=f"validation, threshold {threshold:.3f}")
+        metrics["onnx"] = export_onnx_or_log(local, (split or {}).get("val_paths"), (split or {}).get("val_labels"))
         if local != out_dir:
             pyarrow.fs.copy_files(local, out_dir)
     return metrics
@@ -191,7 +195,7 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     bundle_dir = f"{run_dir}/{BUNDLE_FOLDER}"
     metrics = export_bundle(result, cfg, bundle_dir, extra_metrics={
         "counts": loop_config["counts"], "unreadable_skipped": loop_config["unreadable"],
-        "wall_seconds": time.time() - t0})
+        "wall_seconds": time.time() - t0}, split=loop_config["split"])
     if "://" not in run_dir:
         cfg.save(os.path.join(run_dir, "run_config.json"))
     return TrainSummary(bundle_dir=bundle_dir, metrics=metrics, result=result)

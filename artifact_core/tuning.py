@@ -149,7 +149,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     best_id = best.metrics.get("trial_id") or os.path.basename(best.path)
     bundle_dir = os.path.join(sweep_dir, BUNDLE_FOLDER)
     metrics = export_bundle(ray.train.Result.from_path(os.path.join(shared["trials_path"], best_id)), best_cfg,
-                            bundle_dir, extra_metrics={"sweep": base.name, "trial": best_id})
+                            bundle_dir, extra_metrics={"sweep": base.name, "trial": best_id},
+                            split=loop_config["split"])
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.to_dict(),
                    f"best_{METRIC}": float(best.metrics_dataframe[METRIC].max()),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
