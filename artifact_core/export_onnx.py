@@ -250,9 +250,15 @@ def _int8_step(bundle_dir: str, fp32_path: str, x: np.ndarray, fp32_probs: np.nd
 
 def export_onnx_or_log(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
                        calibration_labels: Sequence[int] | None = None, *, int8: bool = True) -> dict[str, Any]:
-    """:func:`export_onnx` for training's export: a failure is logged and recorded
-    (``{"error": ...}``), never raised, so the PyTorch bundle is still produced.
-    int8 is skipped when there is no calibration image."""
+    """:func:`export_onnx` for training's export, right after ``model.pt`` was written.
+
+    ONNX files left from an earlier model in the folder are removed first (scoring would
+    otherwise run them). A failure is logged and recorded (``{"error": ...}``), never
+    raised, so the PyTorch bundle is still produced. int8 is skipped without calibration images.
+    """
+    for stale in (ONNX_FILE, ONNX_INT8_FILE, CALIBRATION_FILE):
+        if os.path.exists(os.path.join(bundle_dir, stale)):
+            os.remove(os.path.join(bundle_dir, stale))
     try:
         return export_onnx(bundle_dir, calibration_paths, calibration_labels,
                            int8=int8 and bool(calibration_paths))

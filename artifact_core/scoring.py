@@ -175,6 +175,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     t0 = time.time()
     cfg.output = os.path.abspath(os.path.expanduser(cfg.output))
     bundle = load_bundle(cfg.model)  # fail fast here, not in every actor
+    resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu)  # a bad --engine too
     threshold = float(bundle.config.threshold if cfg.threshold is None else cfg.threshold)
     paths, fs, root = list_input(cfg.input)
     if not paths:

@@ -101,6 +101,7 @@ def test_export_failures_keep_the_torch_bundle(torch_bundle, images, tmp_path, m
     monkeypatch.setattr(export_mod, "_export_fp32", broken)
     c = str(tmp_path / "c")
     shutil.copytree(torch_bundle, c)
+    shutil.copy(os.path.join(b, "model.onnx"), c)  # left from an earlier model: must not survive
     info = export_mod.export_onnx_or_log(c, images[:4])
     assert "quantization unsupported" in info["error"] and not os.path.exists(os.path.join(c, "model.onnx"))
     assert json.load(open(os.path.join(c, "metrics.json")))["onnx"] == info

@@ -133,6 +133,13 @@ def test_bad_inputs(ray_session, bundle_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="model bundle"):
         run_scoring(ScoreConfig(model=str(tmp_path / "nobundle"), input=str(tmp_path / "empty"), output=str(tmp_path / "o")))
     shutil.rmtree(tmp_path / "empty")
+    # an engine the bundle cannot run fails before any output exists
+    with pytest.raises(FileNotFoundError, match="model.onnx"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(tmp_path), output=str(tmp_path / "o2"), engine="onnx"))
+    with pytest.raises(ValueError, match="int8"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(tmp_path), output=str(tmp_path / "o2"),
+                                precision="int8", use_gpu=True))
+    assert not (tmp_path / "o2").exists()
 
 
 def test_onnx_engine_through_the_actor_equals_torch(ray_session, bundle_dir, tmp_path):
