@@ -244,6 +244,10 @@ def sweep_from_args(args: argparse.Namespace, base: TrainConfig) -> SweepConfig:
     return SweepConfig(base=base, **{k: v for k, v in vars(args).items() if k in names})
 
 
+SCORE_ENGINES = ("auto", "torch", "onnx")
+SCORE_PRECISIONS = ("fp32", "int8")
+
+
 @dataclass
 class ScoreConfig:
     """Settings of one scoring run."""
@@ -260,3 +264,5 @@ class ScoreConfig:
     overwrite: bool = False
     object_store_budget_mb: int = 512
     actor_memory_mb: int = 1024
+    engine: str = "auto"  # auto: ONNX Runtime on CPU when the bundle has model.onnx, torch on GPU
+    precision: str = "fp32"  # int8: the bundle's model.int8.onnx (ONNX Runtime, CPU)

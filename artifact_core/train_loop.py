@@ -263,8 +263,9 @@ def loss_weights(cfg: TrainConfig, folder_weights: list[float]) -> list[float]:
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
     split = loop_config["split"]
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
-                                train_transform(image_size=cfg.image_size))
-    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size))
+                                train_transform(image_size=cfg.image_size), target_size=cfg.image_size)
+    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size),
+                              target_size=cfg.image_size)
     sampler: DistributedSampler | OversamplingSampler
     if cfg.oversample > 0:
         sampler = OversamplingSampler(split["train_labels"], share=cfg.oversample, num_replicas=world, rank=rank,

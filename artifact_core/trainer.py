@@ -24,6 +24,7 @@ from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig
 from artifact_core.data import LABEL_NAMES, class_weights, find_unreadable, scan_labeled_folder, stratified_split
+from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import (best_report, best_threshold, classification_metrics, precision_recall_curve,
                                    predict_labels, ranking_metrics, thin_curve)
 from artifact_core.model import build_model, resolve_weights
@@ -144,12 +145,15 @@ def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
 
 
 def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
-                  extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None) -> dict[str, Any]:
+                  extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None,
+                  split: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the best checkpoint of ``result`` as a model bundle with a tuned threshold.
 
-    ``out_dir`` may be local or a URI; plots (learning curves, confusion matrix) go
-    next to the weights. ``weights_source`` (from :func:`prepare_run`) says where the
-    starting weights came from; config.json records it.
+    ``out_dir`` may be local or a URI; plots (learning curves, PR curve, confusion matrix) go
+    next to the weights, and ONNX models (fp32, int8 calibrated on ``split``'s validation
+    images) too; an ONNX failure is logged and leaves the PyTorch bundle complete.
+    ``weights_source`` (from :func:`prepare_run`) says where the starting weights came
+    from; config.json records it.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -192,6 +196,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
         plots.pr_curve(curve, os.path.join(local, "pr_curve.png"), ap=ranking["ap_artifact"],
                        prevalence=ranking["prevalence_artifact"],
                        operating_point=(at_threshold["recall_artifact"], at_threshold["precision_artifact"]))
+        metrics["onnx"] = export_onnx_or_log(local, (split or {}).get("val_paths"), (split or {}).get("val_labels"))
         if local != out_dir:
             pyarrow.fs.copy_files(local, out_dir)
     return metrics
@@ -212,7 +217,8 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     bundle_dir = f"{run_dir}/{BUNDLE_FOLDER}"
     metrics = export_bundle(result, cfg, bundle_dir, extra_metrics={
         "counts": loop_config["counts"], "unreadable_skipped": loop_config["unreadable"],
-        "wall_seconds": time.time() - t0}, weights_source=loop_config.get("weights_source"))
+        "wall_seconds": time.time() - t0}, weights_source=loop_config.get("weights_source"),
+        split=loop_config["split"])
     if "://" not in run_dir:
         cfg.save(os.path.join(run_dir, "run_config.json"))
     return TrainSummary(bundle_dir=bundle_dir, metrics=metrics, result=result)

@@ -187,7 +187,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     bundle_dir = os.path.join(sweep_dir, BUNDLE_FOLDER)
     metrics = export_bundle(ray.train.Result.from_path(os.path.join(shared["trials_path"], best_id)), best_cfg,
                             bundle_dir, extra_metrics={"sweep": base.name, "trial": best_id},
-                            weights_source=loop_config["weights_source"])
+                            weights_source=loop_config["weights_source"], split=loop_config["split"])
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.to_dict(),
                    "select_metric": metric, f"best_{metric}": float(best.metrics_dataframe[metric].max()),
                    f"best_{HEADLINE_METRIC}": float(best.metrics_dataframe[HEADLINE_METRIC].max()),

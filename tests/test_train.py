@@ -54,7 +54,11 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     assert saved["validation"]["ap_artifact"] == saved["ap_artifact"]
     curve = saved["pr_curve"]
     assert len(curve["threshold"]) == len(curve["precision"]) == len(curve["recall"]) >= 1 and curve["recall"][-1] == 1.0
-    assert {"learning_curves.png", "confusion_matrix.png", "pr_curve.png", "model.pt"} <= set(os.listdir(summary.bundle_dir))
+    assert {"learning_curves.png", "confusion_matrix.png", "pr_curve.png", "model.pt", "model.onnx",
+            "model.int8.onnx", "calibration.json"} <= set(os.listdir(summary.bundle_dir))
+    # ONNX checked against the torch model; int8 evaluated on the validation images
+    assert saved["onnx"]["max_abs_logit_diff"] < 1e-3 and saved["onnx"]["int8"]["evaluated_on"] == 12
+    assert set(saved["onnx"]["int8"]["validation"]) == {"micro_f1", "macro_f1", "recall_artifact"}
     assert os.path.exists(tmp_path / "runs" / "basic" / "run_config.json")
     out = bundle.model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 1) and torch.isfinite(out).all()
