@@ -222,3 +222,6 @@ class ScoreConfig:
     overwrite: bool = False
     object_store_budget_mb: int = 512
     actor_memory_mb: int = 1024
+    report: bool | None = None  # the review page: None = when at most report_top images are flagged
+    report_top: int = 500
+    report_uncertain: int = 50

@@ -209,7 +209,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         ds = build_dataset(cfg, todo, fs, root, bundle.config.image_size, num_actors)
         ds.write_parquet(parquet_dir)
     summary = finalize(cfg, paths, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo))
-    return summary
+    from artifact_core.report import report_after_scoring  # the page reads the finished outputs
+    return report_after_scoring(cfg, summary)
 
 
 def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
