@@ -137,6 +137,13 @@ def _filesystem(input_uri: str | None) -> pafs.FileSystem | None:
     return None
 
 
+def _missing(paths: Sequence[str], fs: pafs.FileSystem | None) -> set[str]:
+    """The paths that are not (or no longer) files."""
+    if fs is None:
+        return {p for p in paths if not os.path.isfile(p)}
+    return {p for p, info in zip(paths, fs.get_file_info(list(paths))) if info.type != pafs.FileType.File}
+
+
 def _heatmaps_ray(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | None, *, thumb_size: int,
                   num_actors: int, cpus_per_actor: float, use_gpu: bool, batch_size: int) -> Iterable[dict[str, np.ndarray]]:
     import ray.data
@@ -203,7 +210,10 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, IMG_DIR))
     index = {p: i for i, p in enumerate(paths)}
-    results: dict[str, dict[str, Any]] = {}
+    # A file removed since scoring would make the whole read fail: it gets a card with the reason.
+    results: dict[str, dict[str, Any]] = {p: {"error": "file no longer exists", "prob": float("nan")}
+                                          for p in _missing(paths, fs)}
+    paths = [p for p in paths if p not in results]
     if paths:
         log.info("report: heatmaps for %d image(s) (%d flagged of %d, %d uncertain)", len(paths), len(flagged),
                  n_flagged, len(unsure))

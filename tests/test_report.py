@@ -156,6 +156,21 @@ def test_scoring_writes_report(ray_session, bundle64, tmp_path):
     assert not (out / "report.tmp").exists()
 
 
+def test_report_in_process_with_a_vanished_file(bundle64, tmp_path):
+    folder = image_folder(tmp_path / "in", n=6)
+    out = tmp_path / "out"
+    df = fake_scoring_output(out, folder, bundle64, median_threshold(bundle64, folder))
+    gone = df[df["predicted_class"] == 0].sort_values("confidence").iloc[-1]  # the first card
+    os.remove(gone["path"])
+    rep = write_report(str(out), top=2, uncertain=1, use_ray=False)
+    assert rep["heatmap_errors"] == 1 and rep["images_shown"] == 2 and rep["flagged_shown"] == 2
+    page = (out / "report" / "index.html").read_text()
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', page, re.S).group(1))
+    first = data["flagged"][0]
+    assert first["f"] == gone["filename"] and first["e"] == "file no longer exists" and first["t"] == ""
+    assert sorted(os.listdir(out / "report" / "img")) == ["000001.jpg", "000001_cam.jpg", "000002.jpg", "000002_cam.jpg"]
+
+
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if shutil.which(name):
@@ -227,3 +242,23 @@ def test_report_pages_ten_thousand_flagged(tmp_path):
     assert attrs.get("data-ready") == "1" and attrs["data-images"] == "200", attrs  # one page: 100 cards x 2
     assert "page 1 / 100 (1–100 of 10000)" in proc.stdout and "2000 left out" in proc.stdout
     assert attrs["data-broken"] == "0"
+
+
+def test_score_flags(capsys):
+    import importlib.util
+    import logging
+
+    from artifact_core.jobs_common import run_job
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("job_score_flags", REPO / "jobs" / "score.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    p = job.get_args_parser()
+    assert (p.parse_args([]).report, p.parse_args([]).report_top, p.parse_args([]).report_uncertain) == (None, 500, 50)
+    assert p.parse_args(["--report", "--report-top", "7"]).report is True
+    assert p.parse_args(["--no-report"]).report is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--report", "--no-report"])
+    assert run_job(job.main, p.parse_args(["--report-top", "-1"]), logging.getLogger("test")) == 2
+    assert "--report-top and --report-uncertain must be 0 or more, got -1" in capsys.readouterr().err
