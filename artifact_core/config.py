@@ -266,3 +266,6 @@ class ScoreConfig:
     actor_memory_mb: int = 1024
     engine: str = "auto"  # auto: ONNX Runtime on CPU when the bundle has model.onnx, torch on GPU
     precision: str = "fp32"  # int8: the bundle's model.int8.onnx (ONNX Runtime, CPU)
+    report: bool | None = None  # the review page: None = when at most report_top images are flagged
+    report_top: int = 500
+    report_uncertain: int = 50

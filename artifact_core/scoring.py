@@ -46,7 +46,7 @@ SUMMARY_FILE = "summary.json"
 HIST_FILE = "confidence_hist.png"
 REPORT_DIR = "report"
 #: Written only once every file has its row; deleted when a run starts.
-DERIVED_ENTRIES = (CSV_FILE, SUMMARY_FILE, HIST_FILE, REPORT_DIR)
+DERIVED_ENTRIES = (CSV_FILE, SUMMARY_FILE, HIST_FILE, REPORT_DIR, f"{REPORT_DIR}.tmp")
 #: Everything a scoring run may create in ``--output``: the only entries --overwrite deletes.
 OWNED_ENTRIES = (PARQUET_DIR, *DERIVED_ENTRIES)
 
@@ -231,7 +231,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         ds = build_dataset(cfg, todo, fs, display_path(root), bundle.config.image_size, num_actors)
         ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
     summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo))
-    return summary
+    from artifact_core.report import report_after_scoring  # the page reads the finished outputs
+    return report_after_scoring(cfg, summary)
 
 
 def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:

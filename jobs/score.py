@@ -5,7 +5,8 @@ On a cluster:
 On a laptop (no arguments: the demo test folder with the demo model under ./runs):
     python jobs/score.py
 
-Writes <output>/predictions.parquet/, predictions.csv, summary.json, confidence_hist.png.
+Writes <output>/predictions.parquet/, predictions.csv, summary.json, confidence_hist.png and
+the review page report/index.html (flagged images with artifact heatmaps).
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--object-store-budget-mb", type=int, default=d.object_store_budget_mb,
                    help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
+    g = p.add_argument_group("review page (<output>/report/index.html)")
+    r = g.add_mutually_exclusive_group()
+    r.add_argument("--report", dest="report", action="store_const", const=True, default=d.report,
+                   help="always write the page (with more than --report-top flagged: the top ones and a count of the rest)")
+    r.add_argument("--no-report", dest="report", action="store_const", const=False, help="never write it")
+    g.add_argument("--report-top", type=int, default=d.report_top,
+                   help="flagged images shown, most confident first; without --report/--no-report the page is "
+                        "written when at most this many are flagged (default: %(default)s)")
+    g.add_argument("--report-uncertain", type=int, default=d.report_uncertain,
+                   help="images closest to the threshold shown as well (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="score only files without a row in an existing output")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -58,6 +69,9 @@ def main(args: argparse.Namespace) -> None:
     from artifact_core.raycluster import ensure_ray
     from artifact_core.scoring import evaluate_against_labels, run_scoring
 
+    if args.report_top < 0 or args.report_uncertain < 0:
+        raise ValueError(f"--report-top and --report-uncertain must be 0 or more, got {args.report_top} and "
+                         f"{args.report_uncertain}")
     demo = os.path.abspath(DEMO_RUNS)
     labels = args.labels
     if args.input is None:
@@ -70,6 +84,7 @@ def main(args: argparse.Namespace) -> None:
         use_gpu=args.use_gpu, engine=args.engine, precision=args.precision, threshold=args.threshold,
         object_store_budget_mb=args.object_store_budget_mb,
         resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
+        report=args.report, report_top=args.report_top, report_uncertain=args.report_uncertain,
     )
     ensure_ray()
     s = run_scoring(cfg)
@@ -82,6 +97,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"against {labels}: micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f}, "
               f"confusion matrix [rows true 0/1, cols predicted 0/1] {m['confusion_matrix']}")
     print(f"predictions: {os.path.join(cfg.output, 'predictions.csv')}")
+    report = s.get("report", {})
+    print(f"report: {report['path']}" if report.get("path") else f"no report: {report.get('reason')}")
 
 
 if __name__ == "__main__":
