@@ -44,6 +44,8 @@ class TrainConfig:
     loader_workers: int = 0
     skip_unlabeled: bool = False
     demo_train_images: int = 600
+    #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
+    wait_for_resources: float | None = None
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
@@ -62,6 +64,7 @@ class TrainConfig:
             ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("--wait-for-resources", self.wait_for_resources is None or self.wait_for_resources >= 0, "0 or more seconds"),
         ]
         for flag, ok, expected in checks:
             if not ok:
@@ -86,6 +89,10 @@ class TrainConfig:
             json.dump(self.to_dict(), f, indent=2)
 
 
+WAIT_HELP = ("when the cluster is too small, how long to wait for its autoscaler to add nodes "
+             "(asking it for what the job needs); 0 = fail at once (default: 600 with an autoscaler, 0 without)")
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every training flag (shared by jobs/train.py and jobs/tune.py)."""
     d = TrainConfig()
@@ -104,6 +111,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, mixed precision")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker (default: %(default)s)")
     g.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker (default: %(default)s)")
+    g.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS",
+                   help=WAIT_HELP)
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="split and init seed (default: %(default)s)")
     g = parser.add_argument_group("model and optimisation")
@@ -224,3 +233,5 @@ class ScoreConfig:
     overwrite: bool = False
     object_store_budget_mb: int = 512
     actor_memory_mb: int = 1024
+    #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
+    wait_for_resources: float | None = None

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from artifact_core.config import DEMO_DATA_FOLDER, DEMO_RUN_NAME, ScoreConfig, TrainConfig
+from artifact_core.config import DEMO_DATA_FOLDER, DEMO_RUN_NAME, WAIT_HELP, ScoreConfig, TrainConfig
 from artifact_core.jobs_common import run_job
 
 # the demo's train run writes here when started without arguments
@@ -40,6 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
     p.add_argument("--object-store-budget-mb", type=int, default=d.object_store_budget_mb,
                    help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
+    p.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS", help=WAIT_HELP)
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="score only files without a row in an existing output")
@@ -63,6 +64,7 @@ def main(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
         use_gpu=args.use_gpu, threshold=args.threshold, object_store_budget_mb=args.object_store_budget_mb,
         resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
+        wait_for_resources=args.wait_for_resources,
     )
     ensure_ray()
     s = run_scoring(cfg)
