@@ -107,3 +107,24 @@ def test_autoscaler_limits():
     assert not a.infeasible({"CPU": 8.0, "GPU": 1.0}) and a.infeasible({"CPU": 1.0, "GPU": 2.0})
     assert Autoscaler("autoscaler").max_resources() is None and not Autoscaler("autoscaler").infeasible({"GPU": 64})
     assert Autoscaler("cluster config", (NodeGroup("cpu", {"CPU": 2.0}, -1),)).max_resources() is None
+
+
+def test_sweep_concurrency_counts_what_the_autoscaler_may_build(monkeypatch):
+    from artifact_core import tuning
+    from artifact_core.config import SweepConfig, TrainConfig
+
+    checked = []
+    monkeypatch.setattr(tuning, "check_fits", lambda **kw: checked.append(kw))
+    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 0.0})  # a 0-CPU head, nothing else yet
+    cfg = SweepConfig(base=TrainConfig(num_workers=2, cpus_per_worker=1))
+    limits = Autoscaler("cluster config", (NodeGroup("head", {"CPU": 0.0}, 0), NodeGroup("cpu", {"CPU": 4.0}, 3)))
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: limits)
+    assert tuning._concurrency(cfg) == 6  # 12 CPUs at most, 2 per trial
+    assert checked[0]["num_workers"] == 2 and checked[0]["what"] == "one sweep trial"  # waits for one trial
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: Autoscaler("autoscaler"))  # limits unknown
+    assert tuning._concurrency(cfg) == 1
+    cfg.max_concurrent_trials = 4
+    assert tuning._concurrency(cfg) == 4  # the user's number stands: extra trials wait for nodes
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
+    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert tuning._concurrency(cfg) == 2  # fixed cluster: capped at what fits
