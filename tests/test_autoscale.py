@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def _stop(cluster: dict, state: str) -> None:
     stop_cluster(cluster["env"])
     left = subprocess.run(["pgrep", "-f", state], capture_output=True, text=True).stdout.split()
     assert not left, f"cluster processes left running: {left}"
+    shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture
