@@ -5,6 +5,9 @@ Layout::
     model.pt        state dict of the MobileNetV2 with its binary head
     config.json     architecture, image size, normalization, label meaning, threshold, versions
     metrics.json    validation metrics (and training history when training wrote it)
+    model.onnx      optional: the same model for ONNX Runtime (dynamic batch), see onnx_export
+    model.int8.onnx optional: statically quantized (QDQ, per-channel) copy
+    calibration.json optional: the images int8 was calibrated and evaluated on
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass
@@ -73,7 +79,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename: readers never see half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=float)
@@ -95,13 +102,13 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
-    _write_json_atomic(os.path.join(out_dir, CONFIG_FILE), config.__dict__)
-    _write_json_atomic(os.path.join(out_dir, METRICS_FILE), metrics or {})
+    write_json_atomic(os.path.join(out_dir, CONFIG_FILE), config.__dict__)
+    write_json_atomic(os.path.join(out_dir, METRICS_FILE), metrics or {})
     return out_dir
 
 
-def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
-    """Rebuild the model from a bundle folder, in eval mode on ``device``.
+def read_bundle_config(path: str) -> BundleConfig:
+    """The config of a bundle folder, without building the model.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
@@ -119,6 +126,29 @@ def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
     if config.format > BUNDLE_FORMAT or config.architecture != ARCHITECTURE:
         raise ValueError(f"{path!r}: bundle format {config.format} / architecture {config.architecture!r} "
                          f"is not readable here (expected format <= {BUNDLE_FORMAT}, {ARCHITECTURE!r})")
+    return config
+
+
+def update_metrics(path: str, key: str, value: Any) -> dict[str, Any]:
+    """Set ``metrics[key] = value`` in a bundle's ``metrics.json`` (atomically); returns the metrics."""
+    metrics_path = os.path.join(path, METRICS_FILE)
+    metrics: dict[str, Any] = {}
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    metrics[key] = value
+    write_json_atomic(metrics_path, metrics)
+    return metrics
+
+
+def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild the model from a bundle folder, in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        ValueError: the config is not a bundle this version can read.
+    """
+    config = read_bundle_config(path)
     model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs)
     state = torch.load(os.path.join(path, WEIGHTS_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state)

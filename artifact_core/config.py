@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: Validation metrics that may drive selection (``--select-metric``); every epoch reports all
+#: of them and higher is better for each.
+SELECT_METRICS = ("val_ap_artifact", "val_roc_auc", "val_micro_f1", "val_macro_f1",
+                  "val_f1_artifact", "val_recall_artifact")
+
 #: Where the demo lives when no data folder is given: <storage>/demo_data, run <storage>/demo.
 DEMO_DATA_FOLDER = "demo_data"
 DEMO_RUN_NAME = "demo"
@@ -44,6 +49,13 @@ class TrainConfig:
     loader_workers: int = 0
     skip_unlabeled: bool = False
     demo_train_images: int = 600
+    # Drives checkpoint choice, patience, ASHA and the best sweep trial. Average precision
+    # of the artifact class by default: under a 1:9 imbalance micro F1 rewards a model that
+    # never finds an artifact, AP cannot be won that way. Allowed: SELECT_METRICS.
+    select_metric: str = "val_ap_artifact"
+    # > 0: draw training images with replacement so that this share are artifacts (the loss
+    # weights then balance the drawn mix); 0: every image once per epoch, class-weighted loss.
+    oversample: float = 0.0
     #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
     wait_for_resources: float | None = None
 
@@ -64,6 +76,8 @@ class TrainConfig:
             ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
+            ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
             ("--wait-for-resources", self.wait_for_resources is None or self.wait_for_resources >= 0, "0 or more seconds"),
         ]
         for flag, ok, expected in checks:
@@ -128,7 +142,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--unfreeze-depth", type=int, default=d.unfreeze_depth, help="feature blocks unfrozen in phase 2, 0..19 (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head (default: %(default)s)")
-    g.add_argument("--patience", type=int, default=d.patience, help="epochs without val micro-F1 gain before a phase stops early, 0 = off (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=d.patience, help="epochs without a gain of --select-metric before a phase stops early, 0 = off (default: %(default)s)")
+    g.add_argument("--oversample", type=float, default=d.oversample,
+                   help="share of artifact images among each epoch's draws, e.g. 0.3 (drawn with replacement; "
+                        "the loss weights balance the drawn mix); 0 = off (default: %(default)s)")
+    g.add_argument("--select-metric", choices=SELECT_METRICS, default=d.select_metric,
+                   help="validation metric that picks the checkpoint, drives patience, ASHA and the best sweep "
+                        "trial (default: %(default)s, average precision of the artifact class)")
     return parser
 
 
@@ -167,9 +187,20 @@ class SweepConfig:
     finetune_lr_ratio_max: float = 0.3
     unfreeze_depths: list[int] = field(default_factory=lambda: [2, 4, 6])
     lrs: list[float] | None = None  # a grid instead of log-uniform sampling
+    image_sizes: list[int] | None = None  # a choice of input sizes instead of base.image_size
     scheduler: str = "asha"
-    grace_period: int = 1
+    # None: head_epochs + 1, so ASHA's first rung comes after one phase-2 epoch. The swept
+    # unfreeze depth and phase-2 rate act only in phase 2; rungs inside phase 1 would stop
+    # trials on head-only epochs that those parameters never touched.
+    grace_period: int | None = None
     resume: bool = False
+
+    def resolved_grace_period(self) -> int:
+        """``grace_period``, or by default the first epoch of phase 2 (``head_epochs + 1``),
+        capped at the run's length."""
+        total = self.base.head_epochs + self.base.finetune_epochs
+        g = self.grace_period if self.grace_period is not None else self.base.head_epochs + 1
+        return max(1, min(g, total))
 
     def validate(self) -> "SweepConfig":
         """Raise ``ValueError`` naming the flag out of range."""
@@ -184,8 +215,10 @@ class SweepConfig:
             raise ValueError(f"--unfreeze-depths must be values in 0..19, got {self.unfreeze_depths}")
         if self.scheduler not in ("asha", "none"):
             raise ValueError(f"--scheduler must be 'asha' or 'none', got {self.scheduler!r}")
-        if self.grace_period < 1:
+        if self.grace_period is not None and self.grace_period < 1:
             raise ValueError(f"--grace-period must be at least 1, got {self.grace_period}")
+        if self.image_sizes is not None and (not self.image_sizes or any(s < 32 for s in self.image_sizes)):
+            raise ValueError(f"--image-sizes must be values of at least 32, got {self.image_sizes}")
         return self
 
 
@@ -205,8 +238,11 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--unfreeze-depths", type=int, nargs="+", default=d.unfreeze_depths,
                    help="choices of K (default: %(default)s)")
     g.add_argument("--scheduler", choices=["asha", "none"], default=d.scheduler, help="(default: %(default)s)")
+    g.add_argument("--image-sizes", type=int, nargs="+", default=d.image_sizes,
+                   help="choices of the square input size, e.g. 224 320 448 (default: --image-size only)")
     g.add_argument("--grace-period", type=int, default=d.grace_period,
-                   help="epochs before ASHA may stop a trial (default: %(default)s)")
+                   help="epochs before ASHA may stop a trial (default: --head-epochs + 1, the first "
+                        "rung after one phase-2 epoch, where unfreeze depth and phase-2 LR act)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
     return parser
 
@@ -215,6 +251,10 @@ def sweep_from_args(args: argparse.Namespace, base: TrainConfig) -> SweepConfig:
     """Fill a :class:`SweepConfig` from parsed ``jobs/tune.py`` flags."""
     names = {f.name for f in dataclasses.fields(SweepConfig)} - {"base"}
     return SweepConfig(base=base, **{k: v for k, v in vars(args).items() if k in names})
+
+
+SCORE_ENGINES = ("auto", "torch", "onnx")
+SCORE_PRECISIONS = ("fp32", "int8")
 
 
 @dataclass
@@ -233,5 +273,10 @@ class ScoreConfig:
     overwrite: bool = False
     object_store_budget_mb: int = 512
     actor_memory_mb: int = 1024
+    engine: str = "auto"  # auto: ONNX Runtime on CPU when the bundle has model.onnx, torch on GPU
+    precision: str = "fp32"  # int8: the bundle's model.int8.onnx (ONNX Runtime, CPU)
+    report: bool | None = None  # the review page: None = when at most report_top images are flagged
+    report_top: int = 500
+    report_uncertain: int = 50
     #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
     wait_for_resources: float | None = None

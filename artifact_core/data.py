@@ -160,21 +160,24 @@ class ImageFileDataset(Dataset):
 
     A file that fails to decode raises :class:`~artifact_core.images.ImageDecodeError`
     naming it; training folders are checked up front by :func:`find_unreadable`.
+    With ``target_size`` the decoder also resizes (at reduced scale where it can), exactly
+    as scoring's decode tasks do, so validation and scoring see the same pixels.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
-                 transform: Callable) -> None:
+                 transform: Callable, *, target_size: int | None = None) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
         self.labels = [int(y) for y in labels]
         self.transform = transform
+        self.target_size = target_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(decode_image(self.paths[i])), self.labels[i]
+        return self.transform(decode_image(self.paths[i], target_size=self.target_size)), self.labels[i]
 
 
 def find_unreadable(paths: Sequence[str]) -> list[tuple[str, str]]:

@@ -2,7 +2,9 @@
 
 Every code path that turns file bytes into pixels goes through :func:`decode_image`, so
 a file that trains also scores, and a file that breaks scoring breaks it the same way
-everywhere.
+everywhere. With a target size it also does the model's resize (:func:`resize_image`),
+decoding large files at reduced scale first, so training, validation and scoring see the
+same pixels for the same file. This module imports no torch: scoring's decode tasks use it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import warnings
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # 8k x 8k: far beyond any face crop, far below what exhausts a worker's memory.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -51,17 +53,50 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_image(img: Image.Image, size: int) -> Image.Image:
+    """Resize to ``size`` x ``size`` (squashed, as the model is trained) with PIL's bilinear filter.
+
+    The one resize of evaluation and scoring (and of training before augmentation).
+    PIL's bilinear widens its kernel when downsampling, so it is antialiased.
+    """
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways with a rotate tag)."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is no tag
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block must not lose good pixels
+        pass
+    return img
+
+
+def _reduce(img: Image.Image, target_size: int) -> Image.Image:
+    """Shrink by an integer box factor per axis, keeping each side at least twice the target:
+    a box average is much cheaper per input pixel than the bilinear resize that follows."""
+    fx, fy = img.width // (2 * target_size), img.height // (2 * target_size)
+    if max(fx, fy) < 2:
+        return img
+    return img.reduce((max(fx, 1), max(fy, 1)))
+
+
 def decode_image(source: ImageSource, *, name: str | None = None,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode a file path or raw bytes into a fully loaded 8-bit RGB PIL image.
+                 max_pixels: int = MAX_IMAGE_PIXELS, target_size: int | None = None) -> Image.Image:
+    """Decode a file path or raw bytes into a fully loaded, upright, 8-bit RGB PIL image.
 
     Args:
         source: a path, or the file's bytes (as Ray Data's ``read_binary_files`` gives).
         name: how to call the file in errors (defaults to the path, or "<bytes>").
         max_pixels: larger images are refused as decompression bombs.
+        target_size: when given, the image comes back resized to ``target_size`` x
+            ``target_size`` by :func:`resize_image`; a JPEG at least twice as large is
+            decoded at 1/2, 1/4 or 1/8 scale (never below the target), other large images
+            are box-reduced to at least twice the target first.
 
     Returns:
-        An RGB ``PIL.Image.Image`` with its pixels loaded.
+        An RGB ``PIL.Image.Image`` with its pixels loaded and its EXIF orientation applied.
 
     Raises:
         ImageDecodeError: empty, truncated, not an image, or too large.
@@ -86,10 +121,17 @@ def decode_image(source: ImageSource, *, name: str | None = None,
                 # PIL's own bomb check only warns below 2x its global limit; ours is a
                 # hard per-call limit. Truncated files fail in load() (PIL's default
                 # LOAD_TRUNCATED_IMAGES=False), never decode silently as half grey.
+                if target_size and img.format == "JPEG":
+                    # DCT-domain downscaling: PIL picks the largest of 1/2, 1/4, 1/8 that keeps
+                    # both sides >= the request, so the resize below still only downsamples.
+                    img.draft(None, (target_size, target_size))
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
                     img.load()
-                return _to_rgb(img)
+                out = _to_rgb(_exif_upright(img))
+        if target_size:
+            out = resize_image(_reduce(out, target_size), target_size)
+        return out
     except ImageDecodeError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,

@@ -1,12 +1,18 @@
-"""Classification metrics in plain numpy (micro F1 first, confusion matrix beside it)."""
+"""Classification metrics in plain numpy: micro F1 (the headline) with the confusion matrix
+beside it, and the ranking metrics of the artifact class (average precision, ROC AUC, the
+precision-recall curve) that drive model selection, because a model that never finds an
+artifact cannot win them.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import numpy as np
 
-from artifact_core.data import LABEL_NAMES
+from artifact_core.config import SELECT_METRICS  # noqa: F401  (re-exported: the allowed set)
+from artifact_core.data import ARTIFACT, LABEL_NAMES
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int = 2) -> np.ndarray:
@@ -61,12 +67,20 @@ def predict_labels(prob_clean: Sequence[float], threshold: float = 0.5) -> np.nd
     return (np.asarray(prob_clean, dtype=np.float64) >= threshold).astype(np.int64)
 
 
-def best_threshold(y_true: Sequence[int], prob_clean: Sequence[float]) -> tuple[float, float]:
+def best_threshold(y_true: Sequence[int], prob_clean: Sequence[float], *,
+                   avoid_one_class: bool = True) -> tuple[float, float]:
     """The decision threshold on P(artifact-free) that maximizes micro F1.
 
     Candidates are midpoints between consecutive distinct scores (plus 0.5), so the
     threshold generalizes better than one sitting exactly on a validation score.
-    Ties go to the candidate closest to 0.5.
+    Ties go to the higher artifact recall (under a 1:9 imbalance "call everything
+    clean" often ties with a cut that finds artifacts), then to the candidate closest
+    to 0.5.
+
+    With ``avoid_one_class`` (default), a winner that calls every image one class is
+    replaced by the two-class cut with the best artifact F1, when one finds at least one
+    artifact: the model then has skill that a one-class decision would throw away (micro
+    F1 drops a little below the majority share; artifact recall rises above 0).
 
     Returns:
         (threshold, micro F1 at that threshold).
@@ -78,9 +92,146 @@ def best_threshold(y_true: Sequence[int], prob_clean: Sequence[float]) -> tuple[
     u = np.unique(s)
     candidates = np.concatenate([[0.5], (u[:-1] + u[1:]) / 2, [u[0] - 1e-6, u[-1] + 1e-6]])
     candidates = np.clip(candidates, 0.0, 1.0)
-    best = (0.5, -1.0)
+    n_art = int(np.sum(y == ARTIFACT))
+    rows = []  # (micro F1, artifact recall, -distance to 0.5, artifact F1, both classes called, threshold)
     for t in candidates:
-        f = float(np.mean(predict_labels(s, t) == y))
-        if f > best[1] + 1e-12 or (abs(f - best[1]) <= 1e-12 and abs(t - 0.5) < abs(best[0] - 0.5)):
-            best = (float(t), f)
-    return best
+        pred = predict_labels(s, t)
+        tp = int(np.sum((pred == ARTIFACT) & (y == ARTIFACT)))
+        called = int(np.sum(pred == ARTIFACT))
+        recall = tp / n_art if n_art else 0.0
+        f1_art = 2 * tp / (called + n_art) if called + n_art else 0.0
+        rows.append((round(float(np.mean(pred == y)), 12), recall, -abs(float(t) - 0.5), f1_art,
+                     0 < called < y.size, float(t)))
+    best = max(rows, key=lambda r: r[:3])
+    if avoid_one_class and not best[4]:
+        two_class = [r for r in rows if r[4] and r[3] > 0]
+        if two_class:
+            best = max(two_class, key=lambda r: (r[3], r[:3]))
+    return best[5], float(best[0])
+
+
+def artifact_scores(prob_clean: Sequence[float]) -> np.ndarray:
+    """The score of the artifact class (class 0): 1 - P(artifact-free)."""
+    return 1.0 - np.asarray(prob_clean, dtype=np.float64)
+
+
+def _pr_counts(is_pos: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives when calling every score >= each distinct threshold positive.
+
+    Tied scores enter together (one point per distinct score), as scikit-learn's
+    ``_binary_clf_curve``. Thresholds come out in decreasing order.
+    """
+    order = np.argsort(-scores, kind="mergesort")
+    s, pos = scores[order], is_pos[order].astype(np.float64)
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
+    tps = np.cumsum(pos)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return tps, fps, s[last_of_tie]
+
+
+def precision_recall_curve(y_true: Sequence[int], prob_clean: Sequence[float]) -> dict[str, list[float]]:
+    """Precision and recall of the artifact class at every distinct artifact score.
+
+    The artifact score is 1 - P(artifact-free); an image counts as called "artifact" when
+    its score reaches the threshold. Points run from the strictest threshold to the most
+    lenient (recall rising), as scikit-learn's ``precision_recall_curve`` read backwards
+    without its appended (recall 0, precision 1) end point.
+
+    Returns:
+        {"threshold": [...], "precision": [...], "recall": [...]}; empty lists when the
+        input is empty.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    scores = artifact_scores(prob_clean)
+    if y.shape != scores.shape:
+        raise ValueError(f"y_true has {y.size} entries, prob_clean {scores.size}")
+    if y.size == 0:
+        return {"threshold": [], "precision": [], "recall": []}
+    tps, fps, thr = _pr_counts(y == ARTIFACT, scores)
+    n_pos = float(np.sum(y == ARTIFACT))
+    precision = tps / (tps + fps)
+    recall = tps / n_pos if n_pos else np.zeros_like(tps)
+    return {"threshold": thr.tolist(), "precision": precision.tolist(), "recall": recall.tolist()}
+
+
+def average_precision(y_true: Sequence[int], prob_clean: Sequence[float]) -> float:
+    """Average precision of the artifact class: sum over thresholds of (R_n - R_{n-1}) P_n.
+
+    scikit-learn's definition (``average_precision_score`` with ``pos_label=0`` on
+    1 - P(artifact-free)): a step function, no interpolation, ties entering together.
+    A model that ranks at random scores about the artifact share (0.1 at 1:9); a one-class
+    model that gives every image the same score scores exactly that share. 0.0 when there
+    is no artifact to find.
+    """
+    curve = precision_recall_curve(y_true, prob_clean)
+    if not curve["recall"] or curve["recall"][-1] == 0:
+        return 0.0
+    recall = np.r_[0.0, curve["recall"]]
+    return float(np.sum(np.diff(recall) * np.asarray(curve["precision"])))
+
+
+def roc_auc(y_true: Sequence[int], prob_clean: Sequence[float]) -> float:
+    """Area under the ROC curve of the artifact class (ties count one half).
+
+    The chance that a random artifact image scores above a random clean one, which equals
+    scikit-learn's trapezoidal ``roc_auc_score``. 0.5 (no ranking information) when only
+    one class is present, where scikit-learn raises: the selection code needs a number.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    scores = artifact_scores(prob_clean)
+    pos, neg = scores[y == ARTIFACT], scores[y != ARTIFACT]
+    if pos.size == 0 or neg.size == 0:
+        return 0.5
+    # Mann-Whitney U with mid-ranks for ties.
+    ranks = _midranks(np.r_[pos, neg])
+    u = ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2
+    return float(u / (pos.size * neg.size))
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    sx = x[order]
+    ranks = np.empty(x.size, dtype=np.float64)
+    starts = np.r_[0, np.flatnonzero(np.diff(sx) != 0) + 1]
+    ends = np.r_[starts[1:], x.size]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2  # mean of 1-based ranks a+1..b
+    return ranks
+
+
+def ranking_metrics(y_true: Sequence[int], prob_clean: Sequence[float]) -> dict[str, float]:
+    """Threshold-free metrics of the artifact class: ``ap_artifact``, ``roc_auc`` and
+    ``prevalence_artifact`` (the AP of a model without skill)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    return {"ap_artifact": average_precision(y, prob_clean), "roc_auc": roc_auc(y, prob_clean),
+            "prevalence_artifact": float(np.mean(y == ARTIFACT)) if y.size else 0.0}
+
+
+def thin_curve(curve: dict[str, list[float]], max_points: int = 500) -> dict[str, list[float]]:
+    """At most ``max_points`` evenly spaced points of a curve, ends kept (for metrics.json)."""
+    n = len(curve["threshold"])
+    if n <= max_points:
+        return curve
+    idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+    return {k: [v[i] for i in idx] for k, v in curve.items()}
+
+
+def selection_key(metrics: dict[str, Any], metric: str) -> tuple[float, float, int]:
+    """Sort key of one epoch's report for ``metric``: higher is better.
+
+    Ties go to the higher micro F1 at 0.5 and then to the later epoch (it has seen more
+    data). A missing or NaN value sorts last.
+    """
+    def num(key: str) -> float:
+        v = metrics.get(key)
+        return float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else -math.inf
+
+    return num(metric), num("val_micro_f1"), int(metrics.get("epoch", 0) or 0)
+
+
+def best_report(reports: Sequence[dict[str, Any]], metric: str) -> int:
+    """Index of the best report under :func:`selection_key` (first of equals is never preferred
+    over a later epoch)."""
+    if not reports:
+        raise ValueError("no reports to choose from")
+    return max(range(len(reports)), key=lambda i: selection_key(reports[i], metric))

@@ -11,7 +11,8 @@ from artifact_core.data import LABEL_NAMES
 
 
 def learning_curves(history: Sequence[dict[str, Any]], path: str) -> str:
-    """Train/val loss and val micro/macro F1 per epoch, with the phase switch marked."""
+    """Train/val loss, and per epoch val micro/macro F1 and artifact recall (at 0.5) with the
+    artifact class's average precision, the phase switch marked."""
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_f1 = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
@@ -20,13 +21,45 @@ def learning_curves(history: Sequence[dict[str, Any]], path: str) -> str:
     ax_loss.set(xlabel="epoch", ylabel="class-weighted BCE", title="loss")
     ax_f1.plot(epochs, [h["val_micro_f1"] for h in history], "o-", label="micro F1")
     ax_f1.plot(epochs, [h["val_macro_f1"] for h in history], "o-", label="macro F1")
-    ax_f1.set(xlabel="epoch", ylabel="F1 at threshold 0.5", title="validation", ylim=(0, 1.02))
+    # Histories of runs from before these keys existed lack them: plot what is there.
+    for key, label, style in (("val_recall_artifact", "artifact recall", "s--"),
+                              ("val_ap_artifact", "artifact AP (threshold-free)", "^-")):
+        if all(key in h for h in history):
+            ax_f1.plot(epochs, [h[key] for h in history], style, label=label)
+    ax_f1.set(xlabel="epoch", ylabel="at threshold 0.5 (AP: any threshold)", title="validation", ylim=(0, 1.02))
     switch = next((h["epoch"] - 0.5 for h in history if h["phase"] != history[0]["phase"]), None)
     for ax in (ax_loss, ax_f1):
         if switch is not None:
             ax.axvline(switch, color="grey", ls="--", lw=1, label="fine-tune starts")
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def pr_curve(curve: dict[str, Sequence[float]], path: str, *, ap: float, prevalence: float,
+             operating_point: tuple[float, float] | None = None) -> str:
+    """Precision-recall curve of the artifact class, the no-skill level and the chosen
+    threshold's (recall, precision) marked.
+
+    Args:
+        curve: ``{"recall": [...], "precision": [...]}`` as from
+            :func:`artifact_core.metrics.precision_recall_curve`.
+    """
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
+    # A step plot, as average precision integrates it (no interpolation between points).
+    recall = [0.0, *curve["recall"]]
+    precision = [curve["precision"][0] if curve["precision"] else 1.0, *curve["precision"]]
+    ax.step(recall, precision, where="pre", label=f"model (AP {ap:.3f})")
+    ax.axhline(prevalence, color="grey", ls="--", lw=1, label=f"no skill (AP {prevalence:.3f})")
+    if operating_point is not None:
+        ax.plot(*operating_point, "o", color="red", label="tuned threshold")
+    ax.set(xlabel="artifact recall", ylabel="artifact precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title="validation precision-recall, class 0 (artifact)")
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
@@ -70,7 +103,7 @@ def confidence_histogram(confidence: Sequence[float], predicted: Sequence[int], 
 
 
 def tune_results(table: Any, metric: str, path: str) -> str:
-    """Best validation micro F1 of each trial against its learning rate, coloured by unfreeze depth."""
+    """Best validation ``metric`` of each trial against its learning rate, coloured by unfreeze depth."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     col = f"best_{metric}"

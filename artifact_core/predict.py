@@ -1,62 +1,208 @@
-"""The predictor shared by scoring (a Ray Data actor) and in-process evaluation."""
+"""The predictor shared by scoring (a Ray Data actor) and in-process evaluation.
+
+Two engines with one contract, ``predict(batch) -> P(artifact-free)`` for a (N, 3, S, S)
+batch that is either uint8 pixels (normalized by the engine) or already normalized floats:
+
+- :class:`TorchEngine`: the bundle's ``model.pt`` in PyTorch, on CPU or GPU;
+- :class:`OnnxEngine`: ``model.onnx`` (fp32) or ``model.int8.onnx`` in ONNX Runtime on CPU.
+
+:func:`resolve_engine` turns ``--engine auto|torch|onnx`` and ``--precision fp32|int8``
+into one of them.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from artifact_core.bundle import load_bundle
-from artifact_core.images import decode_image
-from artifact_core.transforms import eval_transform, normalize
+from artifact_core.bundle import ONNX_FILE, ONNX_INT8_FILE, BundleConfig, load_bundle, read_bundle_config
+from artifact_core.config import SCORE_ENGINES as ENGINES
+from artifact_core.config import SCORE_PRECISIONS as PRECISIONS
+from artifact_core.decode import decode_paths
 
 OUTPUT_COLUMNS = ("filename", "path", "predicted_class", "confidence", "prob_artifact_free", "error")
+
+
+def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32", *,
+                   use_gpu: bool = False) -> str:
+    """The engine that will run: ``"torch"`` or ``"onnx"``.
+
+    ``auto`` is torch on GPU, ONNX Runtime on CPU when the bundle has the ONNX file for
+    ``precision``, else torch. ``int8`` exists only as ONNX (CPU).
+
+    Raises:
+        ValueError: an unknown engine/precision, or a combination that cannot run.
+        FileNotFoundError: ONNX asked for but the bundle lacks the file.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    onnx_file = onnx_path(bundle_dir, precision)
+    if precision == "int8" and (use_gpu or engine == "torch"):
+        raise ValueError("--precision int8 runs in ONNX Runtime on CPU only; "
+                         "use --engine onnx (or auto) without --use-gpu, or --precision fp32")
+    if engine == "auto":
+        engine = "torch" if use_gpu else ("onnx" if os.path.isfile(onnx_file) or precision == "int8" else "torch")
+    if engine == "onnx":
+        if use_gpu:
+            raise ValueError("--engine onnx runs on CPU; drop --use-gpu or use --engine torch (or auto)")
+        if not os.path.isfile(onnx_file):
+            raise FileNotFoundError(
+                f"model bundle {bundle_dir!r} has no {os.path.basename(onnx_file)}; make it with "
+                f"'python -m artifact_core.export_onnx {bundle_dir}"
+                f"{' --int8 --calibration-dir DIR' if precision == 'int8' else ''}' or use --engine torch")
+    return engine
+
+
+def onnx_path(bundle_dir: str, precision: str = "fp32") -> str:
+    """Path of the bundle's ONNX model for ``precision``."""
+    return os.path.join(bundle_dir, ONNX_INT8_FILE if precision == "int8" else ONNX_FILE)
+
+
+def amp_dtype() -> torch.dtype:
+    """Autocast dtype on the current GPU: bf16 from compute capability 8.0 (Ampere) on, else fp16
+    (older GPUs emulate bf16 slowly or not at all)."""
+    major, _ = torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+class TorchEngine:
+    """The bundle's model in PyTorch eager mode (channels-last), on CPU or one GPU.
+
+    On GPU the uint8 batch goes through pinned memory to the device and is normalized
+    there (a quarter of the bytes of float32 over PCIe), under bf16/fp16 autocast.
+    """
+
+    name = "torch"
+    precision = "fp32"
+
+    def __init__(self, bundle_dir: str, *, device: torch.device, micro_batch: int | None = None) -> None:
+        bundle = load_bundle(bundle_dir, device=device)
+        self.config: BundleConfig = bundle.config
+        self.device = device
+        self.model = bundle.model.to(memory_format=torch.channels_last)
+        self.micro_batch = micro_batch
+        self.mean = torch.tensor(bundle.config.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(bundle.config.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.autocast_dtype = amp_dtype() if device.type == "cuda" else None
+
+    def _to_device(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and chunk.device.type == "cpu":
+            chunk = chunk.pin_memory()
+        return chunk.to(self.device, non_blocking=True)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> [0, 1] -> mean/std normalized float32 (on ``x``'s device)."""
+        return (x.to(torch.float32) / 255.0 - self.mean) / self.std
+
+    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """P(artifact-free) for a (N, 3, S, S) uint8 or normalized float batch."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+        chunks = x.split(self.micro_batch) if self.micro_batch else (x,)
+        out = []
+        with torch.inference_mode():
+            for chunk in chunks:
+                chunk = self._to_device(chunk)
+                if chunk.dtype == torch.uint8:
+                    chunk = self.normalize(chunk)
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
+                                    enabled=self.autocast_dtype is not None):
+                    logits = self.model(chunk)
+                out.append(torch.sigmoid(logits.squeeze(1).float()).cpu())
+        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+class OnnxEngine:
+    """An ONNX Runtime session on CPU, made once (per actor).
+
+    ``intra_op_num_threads`` = the CPUs the actor reserved; one inter-op thread and
+    sequential execution, since MobileNetV2 is a chain with nothing to run in parallel.
+    """
+
+    name = "onnx"
+
+    def __init__(self, bundle_dir: str, *, precision: str = "fp32", num_threads: int | None = None,
+                 micro_batch: int | None = None) -> None:
+        import onnxruntime as ort  # only the ONNX engine needs it
+
+        self.config = read_bundle_config(bundle_dir)
+        self.precision = precision
+        self.micro_batch = micro_batch
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(num_threads or 0)  # 0: ONNX Runtime's default (all cores)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(onnx_path(bundle_dir, precision), options,
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.mean = np.asarray(self.config.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(self.config.std, dtype=np.float32).reshape(1, -1, 1, 1)
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """uint8 pixels -> mean/std normalized float32, as :meth:`TorchEngine.normalize`."""
+        return (x.astype(np.float32) / np.float32(255.0) - self.mean) / self.std
+
+    def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Raw logits (float32) for a (N, 3, S, S) uint8 or normalized float batch."""
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        step = self.micro_batch or max(len(x), 1)
+        out = []
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            chunk = self.normalize(chunk) if chunk.dtype == np.uint8 else np.ascontiguousarray(chunk, dtype=np.float32)
+            out.append(self.session.run(None, {self.input_name: chunk})[0].reshape(-1))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """P(artifact-free) for a (N, 3, S, S) uint8 or normalized float batch."""
+        return 1.0 / (1.0 + np.exp(-self.logits(batch).astype(np.float64)))
 
 
 class ArtifactPredictor:
     """Callable class for ``Dataset.map_batches``: loads the bundle once per actor.
 
-    Input batch (numpy format): ``image`` (N, 3, H, W) uint8 from
-    :func:`~artifact_core.transforms.eval_resize` (normalized here),
+    Input batch (numpy format): ``image`` (N, 3, S, S) uint8 from
+    :func:`~artifact_core.decode.decode_batch` (normalized by the engine),
     ``error`` (str, "" when the image decoded), ``path``, ``filename``.
     Output: :data:`OUTPUT_COLUMNS`. Rows with a decode error keep it, with
     ``predicted_class = -1`` and NaN probabilities.
     """
 
     def __init__(self, bundle_dir: str, *, use_gpu: bool = False, threshold: float | None = None,
-                 num_threads: int | None = None, cpu_micro_batch: int = 8) -> None:
-        if num_threads:
-            torch.set_num_threads(num_threads)
+                 num_threads: int | None = None, cpu_micro_batch: int = 8, engine: str = "auto",
+                 precision: str = "fp32") -> None:
+        self.engine_name = resolve_engine(bundle_dir, engine, precision, use_gpu=use_gpu)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        bundle = load_bundle(bundle_dir, device=self.device)
-        self.config = bundle.config
-        self.model = bundle.model.to(memory_format=torch.channels_last)
-        self.threshold = float(bundle.config.threshold if threshold is None else threshold)
         # On CPU MobileNetV2 runs ~2x faster per image in chunks of 4-8 than of 64 (its
         # activations then stay in cache; measured with bench/score_bench.py). GPUs take it whole.
-        self.micro_batch = cpu_micro_batch if self.device.type == "cpu" else None
-        self.normalize = normalize(mean=tuple(bundle.config.mean), std=tuple(bundle.config.std))
+        micro_batch = cpu_micro_batch if self.device.type == "cpu" else None
+        self.engine: Any
+        if self.engine_name == "onnx":
+            self.engine = OnnxEngine(bundle_dir, precision=precision, num_threads=num_threads, micro_batch=micro_batch)
+        else:
+            if num_threads:
+                torch.set_num_threads(num_threads)
+            self.engine = TorchEngine(bundle_dir, device=self.device, micro_batch=micro_batch)
+        self.precision = self.engine.precision
+        self.config = self.engine.config
+        self.threshold = float(self.config.threshold if threshold is None else threshold)
 
-    def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
-        """P(artifact-free) for a normalized (N, 3, H, W) batch."""
-        chunks = x.split(self.micro_batch) if self.micro_batch else (x,)
-        out = []
-        with torch.inference_mode():
-            for chunk in chunks:
-                chunk = chunk.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    logits = self.model(chunk)
-                out.append(torch.sigmoid(logits.squeeze(1).float()).cpu())
-        return torch.cat(out).numpy().astype(np.float64)
+    def predict_tensor(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """P(artifact-free) for a (N, 3, H, W) batch, uint8 or normalized."""
+        return self.engine.predict(x)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = np.asarray(batch["error"], dtype=object)
         ok = errors == ""
         prob = np.full(len(errors), np.nan)
         if ok.any():
-            x = self.normalize(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])))
-            prob[ok] = self.predict_tensor(x)
+            prob[ok] = self.engine.predict(np.ascontiguousarray(batch["image"][ok]))
         pred = np.where(ok, (prob >= self.threshold).astype(np.int64), -1)
         confidence = np.where(pred == 1, prob, 1.0 - prob)
         return {"filename": batch["filename"], "path": batch["path"], "predicted_class": pred,
@@ -64,16 +210,11 @@ class ArtifactPredictor:
 
 
 def predict_paths(predictor: ArtifactPredictor, paths: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-    """P(artifact-free) for image files, in process, with the same decode and transform as scoring.
+    """P(artifact-free) for image files, in process, with the same decode as scoring's tasks.
 
     Raises:
         ImageDecodeError: for the first file that cannot be decoded.
     """
-    tf = eval_transform(image_size=predictor.config.image_size, mean=tuple(predictor.config.mean),
-                        std=tuple(predictor.config.std))
-    out = []
-    for i in range(0, len(paths), batch_size):
-        x = torch.stack([tf(decode_image(p)) for p in paths[i:i + batch_size]])
-        out.append(predictor.predict_tensor(x))
+    out = [predictor.engine.predict(decode_paths(paths[i:i + batch_size], predictor.config.image_size))
+           for i in range(0, len(paths), batch_size)]
     return np.concatenate(out) if out else np.zeros(0)
-

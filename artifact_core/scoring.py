@@ -1,7 +1,8 @@
 """Batch scoring of image folders with Ray Data, streaming into Parquet, then one CSV.
 
-Pipeline: list files -> ``read_binary_files`` -> decode + eval transform in parallel
-tasks (a broken file becomes an error row) -> :class:`ArtifactPredictor` actors -> Parquet.
+Pipeline: list files -> read + decode + resize in parallel torch-free
+tasks (:func:`artifact_core.decode.decode_batch`; a broken file becomes an error row)
+-> :class:`ArtifactPredictor` actors (torch or ONNX Runtime) -> Parquet.
 The CSV and ``summary.json`` are derived from the Parquet files once every file has a row,
 so a CSV only exists when it is complete.
 """
@@ -30,13 +31,12 @@ from artifact_core import plots
 from artifact_core.bundle import WEIGHTS_FILE, load_bundle
 from artifact_core.config import ScoreConfig
 from artifact_core.data import is_image_file, list_images
-from artifact_core.images import ImageDecodeError, decode_image
+from artifact_core.decode import decode_batch
 from artifact_core.metrics import classification_metrics
-from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor
+from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
 from artifact_core.score_output import ScoringIdentity, mark_complete, prepare_output
-from artifact_core.storage import FileReadError, Location, check_apart, read_file_bytes, resolve
-from artifact_core.transforms import eval_resize
+from artifact_core.storage import Location, check_apart, display_path, resolve
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,9 @@ SUMMARY_FILE = "summary.json"
 HIST_FILE = "confidence_hist.png"
 REPORT_DIR = "report"
 #: Written only once every file has its row; deleted when a run starts.
-DERIVED_ENTRIES = (CSV_FILE, SUMMARY_FILE, HIST_FILE, REPORT_DIR)
+DERIVED_ENTRIES = (CSV_FILE, SUMMARY_FILE, HIST_FILE, REPORT_DIR, f"{REPORT_DIR}.tmp")
 #: Everything a scoring run may create in ``--output``: the only entries --overwrite deletes.
 OWNED_ENTRIES = (PARQUET_DIR, *DERIVED_ENTRIES)
-
-
-def display_path(path: str) -> str:
-    """A file name that is valid UTF-8 for Parquet and CSV: undecodable bytes become ``\\xNN``."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
@@ -74,36 +69,6 @@ def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
     paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name)
                    and not any(part.startswith(".") for part in i.path[len(prefix):].split("/")))
     return paths, loc.fs, loc.path
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, root: str,
-                 fs: pafs.FileSystem | None = None) -> dict[str, np.ndarray]:
-    """Listed paths -> resized uint8 (N, 3, S, S) with the shared decoder; failures become errors.
-
-    Each file is read here, at its turn, so a file that vanished, turned unreadable or is no
-    regular file after listing gets an error row instead of stopping the job. The predictor
-    normalizes (the second half of the eval transform): shipping uint8 moves a quarter of the
-    bytes through the object store.
-    """
-    tf = eval_resize(image_size=image_size)
-    raw_paths = list(batch["raw_path"])
-    n = len(raw_paths)
-    images = np.zeros((n, 3, image_size, image_size), dtype=np.uint8)
-    errors = np.full(n, "", dtype=object)
-    paths = []
-    for i, raw in enumerate(raw_paths):
-        path = display_path(os.fsdecode(bytes(raw)))
-        paths.append(path)
-        try:
-            data = read_file_bytes(bytes(raw) if fs is None else os.fsdecode(bytes(raw)), fs)
-            images[i] = tf(decode_image(data, name=path)).numpy()
-        except (FileReadError, ImageDecodeError) as exc:
-            errors[i] = exc.reason
-        except Exception as exc:  # noqa: BLE001 - one odd file must never stop the job
-            errors[i] = f"{type(exc).__name__}: {exc}"
-    rel = [p[len(root) + 1:] if p.startswith(root + "/") else p for p in paths]
-    return {"path": np.asarray(paths, dtype=object), "filename": np.asarray(rel, dtype=object),
-            "image": images, "error": errors}
 
 
 def _existing_rows(parquet_dir: Location) -> set[str]:
@@ -188,7 +153,9 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, memory=cfg.actor_memory_mb * 2**20,
         fn_constructor_kwargs={"bundle_dir": cfg.model, "use_gpu": cfg.use_gpu, "threshold": cfg.threshold,
-                               "num_threads": max(1, int(cfg.cpus_per_actor))},
+                               "num_threads": max(1, int(cfg.cpus_per_actor)),
+                               "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
+                               "precision": cfg.precision},
     )
 
 
@@ -224,6 +191,8 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "predicted": {"0 (artifact)": int((pred == 0).sum()), "1 (artifact-free)": int((pred == 1).sum())},
         "mean_confidence": float(np.mean(conf[ok])) if ok.any() else None,
         "model": os.path.abspath(cfg.model), "threshold": threshold, "input": cfg.input,
+        "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
+        "precision": cfg.precision,
         "wall_seconds": wall_seconds, "scored_this_run": scored_now,
         "images_per_second": scored_now / wall_seconds if wall_seconds > 0 else None,
         "error_examples": failed.select(["filename", "error"]).to_pylist(),
@@ -248,6 +217,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     t0 = time.time()
     cfg.output = resolve(cfg.output).uri
     bundle = load_bundle(cfg.model)  # fail fast here, not in every actor
+    resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu)  # a bad --engine too
     threshold = float(bundle.config.threshold if cfg.threshold is None else cfg.threshold)
     paths, fs, root = list_input(cfg.input)
     if not paths:
@@ -266,7 +236,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         ds = build_dataset(cfg, todo, fs, display_path(root), bundle.config.image_size, num_actors)
         ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
     summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo))
-    return summary
+    from artifact_core.report import report_after_scoring  # the page reads the finished outputs
+    return report_after_scoring(cfg, summary)
 
 
 def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:

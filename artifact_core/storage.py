@@ -15,6 +15,11 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 
+def display_path(path: str) -> str:
+    """A file name that is valid UTF-8 for Parquet and CSV: undecodable bytes become ``\\xNN``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_uri(path: str) -> bool:
     """True for ``scheme://...`` strings (``s3://``, ``file://``...), false for plain paths."""
     return "://" in path

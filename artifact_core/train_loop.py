@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator
 
 import numpy as np
 import ray.train
@@ -23,11 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from artifact_core.config import TrainConfig
-from artifact_core.data import ImageFileDataset
-from artifact_core.metrics import classification_metrics, predict_labels
+from artifact_core.data import ARTIFACT, ImageFileDataset
+from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
 from artifact_core.model import build_model, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
 
@@ -56,11 +57,41 @@ class LoopState:
     phase_index: int = 0
     phase_epoch: int = 0          # epochs finished in the current phase
     global_epoch: int = 0         # epochs finished in total
-    phase_best_f1: float = -1.0
-    bad_epochs: int = 0           # epochs without val micro-F1 gain in this phase
+    phase_best_score: float = -1.0  # best value of phase_best_metric in this phase
+    phase_best_metric: str = ""     # the --select-metric that score is of
+    bad_epochs: int = 0           # epochs without a gain of the selection metric in this phase
     stopped_early: bool = False   # the current phase ended by patience
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_after: list[int] = field(default_factory=list)  # global_epoch at each resume
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoopState":
+        """Build from a saved ``state.json``, ignoring keys this version does not know.
+
+        Checkpoints from before ``--select-metric`` saved ``phase_best_f1`` (micro F1): it
+        is kept with its metric's name, so a run resumed under another metric restarts
+        the phase's best (see :func:`update_patience`).
+        """
+        d = dict(d)
+        if "phase_best_f1" in d and "phase_best_score" not in d:
+            d["phase_best_score"], d["phase_best_metric"] = d["phase_best_f1"], "val_micro_f1"
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def update_patience(state: LoopState, metrics: dict[str, Any], metric: str) -> None:
+    """Count an epoch toward patience: a gain of ``metric`` resets the count.
+
+    A best score of another metric (a resumed run whose ``--select-metric`` changed)
+    does not count: the first epoch under the new metric sets the best.
+    """
+    value = float(metrics[metric])
+    if state.phase_best_metric != metric:
+        state.phase_best_score, state.phase_best_metric = -1.0, metric
+    if value > state.phase_best_score + 1e-9:
+        state.phase_best_score, state.bad_epochs = value, 0
+    else:
+        state.bad_epochs += 1
 
 
 def phases(cfg: TrainConfig) -> list[PhaseSpec]:
@@ -169,10 +200,20 @@ def _load_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) -> tupl
     with checkpoint.as_directory() as d:
         model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
         with open(os.path.join(d, STATE_FILE)) as f:
-            state = LoopState(**json.load(f))
+            state = LoopState.from_dict(json.load(f))
         opt_path = os.path.join(d, OPTIMIZER_FILE)
         opt = torch.load(opt_path, map_location="cpu", weights_only=True) if os.path.exists(opt_path) else None
     return state, opt
+
+
+def _maybe_override_val_probs(loop_config: dict, epoch: int, probs: list[float], labels: list[int]) -> list[float]:
+    """Selection drill (see the tests): ``val_prob_drill`` maps an epoch to the probability of
+    'artifact-free' every validation image of label 0 and of label 1 gets, so a test can
+    script which epoch has skill and check that selection keeps it."""
+    drill = (loop_config.get("val_prob_drill") or {}).get(str(epoch))
+    if drill is None:
+        return probs
+    return [float(drill[y]) for y in labels]
 
 
 def _maybe_inject_failure(loop_config: dict, state: LoopState, rank: int, world: int) -> None:
@@ -187,12 +228,61 @@ def _maybe_inject_failure(loop_config: dict, state: LoopState, rank: int, world:
     raise RuntimeError(f"injected worker failure at epoch {at} (rank {rank})")
 
 
+class OversamplingSampler(Sampler[int]):
+    """Draws training images with replacement so that about ``share`` of the draws are
+    artifact images (more positives per batch than a 1:9 folder gives).
+
+    DDP-aware: each rank draws its own ``ceil(n / world)`` indices per epoch from its own
+    random stream (seed, epoch, rank), so together the ranks see about one epoch's worth of
+    images and no rank repeats another's draws; ``set_epoch`` changes the draws as
+    :class:`~torch.utils.data.DistributedSampler` does.
+    """
+
+    def __init__(self, labels: list[int], *, share: float, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        y = np.asarray(labels)
+        n_art = int(np.sum(y == ARTIFACT))
+        if not 0 < share < 1 or n_art == 0 or n_art == y.size:
+            raise ValueError(f"oversampling needs a share in (0, 1) and both classes, got share {share} "
+                             f"with {n_art} artifact(s) in {y.size} images")
+        w = np.where(y == ARTIFACT, share / n_art, (1 - share) / (y.size - n_art))
+        self.weights = torch.as_tensor(w, dtype=torch.double)
+        self.num_samples = math.ceil(y.size / num_replicas)
+        self.rank, self.seed, self.epoch = rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """New draws for a new epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank)
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def loss_weights(cfg: TrainConfig, folder_weights: list[float]) -> list[float]:
+    """Class weights of the loss: the folder's balanced weights, or with ``--oversample R``
+    the balanced weights of the drawn mix (artifact share R), so sampling and weighting
+    together still count both classes equally."""
+    if cfg.oversample > 0:
+        return [1 / (2 * cfg.oversample), 1 / (2 * (1 - cfg.oversample))]
+    return list(folder_weights)
+
+
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
     split = loop_config["split"]
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
-                                train_transform(image_size=cfg.image_size))
-    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size))
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+                                train_transform(image_size=cfg.image_size), target_size=cfg.image_size)
+    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size),
+                              target_size=cfg.image_size)
+    sampler: DistributedSampler | OversamplingSampler
+    if cfg.oversample > 0:
+        sampler = OversamplingSampler(split["train_labels"], share=cfg.oversample, num_replicas=world, rank=rank,
+                                      seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     # drop_last: a final batch of one sample breaks BatchNorm in the unfrozen blocks.
     per_rank = len(sampler)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
@@ -245,14 +335,14 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         probs, labels, vloss, vn = evaluate(unwrap(ddp_model), val_loader, weights, device, autocast)
         val_loss = _mean_across_ranks(vloss, vn, device)
         probs, labels = _gather(probs), _gather(labels)
-        m = classification_metrics(labels, predict_labels(probs, 0.5))
+        probs = _maybe_override_val_probs(loop_config, state.global_epoch + 1, probs, labels)
+        # Threshold-free AP and ROC AUC of the artifact class beside micro F1 at 0.5: they
+        # drive selection (--select-metric), since a one-class model cannot win them.
+        m = {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking_metrics(labels, probs)}
 
         state.phase_epoch += 1
         state.global_epoch += 1
-        if m["micro_f1"] > state.phase_best_f1 + 1e-9:
-            state.phase_best_f1, state.bad_epochs = m["micro_f1"], 0
-        else:
-            state.bad_epochs += 1
+        update_patience(state, {f"val_{k}": v for k, v in m.items()}, cfg.select_metric)
         stop_early = cfg.patience > 0 and state.bad_epochs >= cfg.patience and state.phase_epoch < spec.epochs
         state.stopped_early = stop_early
         metrics = {
@@ -270,8 +360,9 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
                 checkpoint = ray.train.Checkpoint.from_directory(tmpdir)
             ray.train.report(metrics, checkpoint=checkpoint)
         log.info("epoch %d [%s %d/%d] train_loss %.4f val_loss %.4f val_micro_f1 %.4f macro_f1 %.4f "
-                 "recall(artifact) %.3f cm %s %.1fs%s", state.global_epoch, spec.name, state.phase_epoch,
-                 spec.epochs, train_loss, val_loss, m["micro_f1"], m["macro_f1"], m["recall_artifact"],
+                 "recall(artifact) %.3f AP(artifact) %.3f ROC AUC %.3f cm %s %.1fs%s", state.global_epoch,
+                 spec.name, state.phase_epoch, spec.epochs, train_loss, val_loss, m["micro_f1"], m["macro_f1"],
+                 m["recall_artifact"], m["ap_artifact"], m["roc_auc"],
                  m["confusion_matrix"], metrics["epoch_seconds"], " (early stop)" if stop_early else "")
     return unwrap(ddp_model)
 
@@ -306,7 +397,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("resumed from checkpoint after epoch %d (phase %d, epoch %d in phase)",
                  state.global_epoch, state.phase_index + 1, state.phase_epoch)
 
-    weights = torch.tensor(loop_config["class_weights"], dtype=torch.float32, device=device)
+    weights = torch.tensor(loss_weights(cfg, loop_config["class_weights"]), dtype=torch.float32, device=device)
     loaders = _loaders(loop_config, cfg, rank, world)
     specs = phases(cfg)
     while state.phase_index < len(specs):
@@ -324,7 +415,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _next_phase(state: LoopState) -> LoopState:
     state.phase_index += 1
-    state.phase_epoch, state.bad_epochs, state.phase_best_f1, state.stopped_early = 0, 0, -1.0, False
+    state.phase_epoch, state.bad_epochs, state.phase_best_score, state.stopped_early = 0, 0, -1.0, False
     return state
 
 

@@ -24,7 +24,9 @@ from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig
 from artifact_core.data import LABEL_NAMES, class_weights, find_unreadable, scan_labeled_folder, stratified_split
-from artifact_core.metrics import best_threshold, classification_metrics, predict_labels
+from artifact_core.export_onnx import export_onnx_or_log
+from artifact_core.metrics import (best_report, best_threshold, classification_metrics, precision_recall_curve,
+                                   predict_labels, ranking_metrics, thin_curve)
 from artifact_core.model import build_model, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.storage import check_apart, resolve
@@ -33,7 +35,8 @@ from artifact_core.train_loop import MODEL_FILE, read_state, read_val_scores, tr
 log = logging.getLogger(__name__)
 
 BUNDLE_FOLDER = "model"
-METRIC = "val_micro_f1"
+#: The headline metric, reported beside the selection metric (``TrainConfig.select_metric``).
+HEADLINE_METRIC = "val_micro_f1"
 
 
 @dataclass
@@ -119,7 +122,7 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
             name=name,
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
+                num_to_keep=2, checkpoint_score_attribute=cfg.select_metric, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks or []),
             # Ray logs every report's full metrics dict per rank at INFO; the loop's own
@@ -129,26 +132,33 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     )
 
 
-def _best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
+def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
+    """The kept checkpoint that is best by ``metric`` (ties: higher micro F1, later epoch)."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    if not candidates and metric != HEADLINE_METRIC:
+        # A run trained before --select-metric existed reported no AP: fall back to micro F1.
+        log.warning("no checkpoint of %s reports %s; choosing by %s", result.path, metric, HEADLINE_METRIC)
+        return _best_checkpoint(result, HEADLINE_METRIC)
     if not candidates:
-        raise RuntimeError(f"run at {result.path} has no checkpoint with {METRIC}")
-    # Highest F1; among equals the later epoch (it has seen more data).
-    return max(candidates, key=lambda cm: (cm[1][METRIC], cm[1].get("epoch", 0)))
+        raise RuntimeError(f"run at {result.path} has no checkpoint with {metric}")
+    return candidates[best_report([m for _, m in candidates], metric)]
 
 
 def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
-                  extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None) -> dict[str, Any]:
+                  extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None,
+                  split: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the best checkpoint of ``result`` as a model bundle with a tuned threshold.
 
-    ``out_dir`` may be local or a URI; plots (learning curves, confusion matrix) go
-    next to the weights. ``weights_source`` (from :func:`prepare_run`) says where the
-    starting weights came from; config.json records it.
+    ``out_dir`` may be local or a URI; plots (learning curves, PR curve, confusion matrix) go
+    next to the weights, and ONNX models (fp32, int8 calibrated on ``split``'s validation
+    images) too; an ONNX failure is logged and leaves the PyTorch bundle complete.
+    ``weights_source`` (from :func:`prepare_run`) says where the starting weights came
+    from; config.json records it.
 
     Returns:
         The metrics written to ``metrics.json``.
     """
-    best, best_metrics = _best_checkpoint(result)
+    best, best_metrics = _best_checkpoint(result, cfg.select_metric)
     with best.as_directory() as d:
         labels, probs = read_val_scores(d)
         model = build_model(weights="none", dropout=cfg.dropout)
@@ -158,13 +168,18 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
         state = read_state(d)
     history = state["history"]
     threshold, _ = best_threshold(labels, probs)
-    at_threshold = classification_metrics(labels, predict_labels(probs, threshold))
+    ranking = ranking_metrics(labels, probs)
+    at_threshold = {**classification_metrics(labels, predict_labels(probs, threshold)), **ranking}
+    curve = precision_recall_curve(labels, probs)
     metrics = {
         "best_epoch": best_metrics["epoch"], "best_phase": best_metrics["phase"],
+        "select_metric": cfg.select_metric, "select_value": best_metrics.get(cfg.select_metric),
         "threshold": threshold,
+        "ap_artifact": ranking["ap_artifact"], "roc_auc": ranking["roc_auc"],
         "validation": at_threshold,
-        "validation_at_0.5": classification_metrics(labels, predict_labels(probs, 0.5)),
-        "note": "threshold tuned on the validation set used for checkpoint selection: "
+        "validation_at_0.5": {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking},
+        "pr_curve": {"class": "artifact (0)", "score": "1 - prob_artifact_free", **thin_curve(curve)},
+        "note": "checkpoint chosen and threshold tuned on the same validation set: "
                 "validation figures are optimistic; score a held-out set for an unbiased estimate",
         "history": history,
         "resumed_after_epochs": state.get("resumed_after", []),
@@ -178,6 +193,10 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
         plots.learning_curves(history, os.path.join(local, "learning_curves.png"))
         plots.confusion_matrix_plot(at_threshold["confusion_matrix"], os.path.join(local, "confusion_matrix.png"),
                                     title=f"validation, threshold {threshold:.3f}")
+        plots.pr_curve(curve, os.path.join(local, "pr_curve.png"), ap=ranking["ap_artifact"],
+                       prevalence=ranking["prevalence_artifact"],
+                       operating_point=(at_threshold["recall_artifact"], at_threshold["precision_artifact"]))
+        metrics["onnx"] = export_onnx_or_log(local, (split or {}).get("val_paths"), (split or {}).get("val_labels"))
         if local != out_dir:
             pyarrow.fs.copy_files(local, out_dir)
     return metrics
@@ -198,7 +217,8 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     bundle_dir = f"{run_dir}/{BUNDLE_FOLDER}"
     metrics = export_bundle(result, cfg, bundle_dir, extra_metrics={
         "counts": loop_config["counts"], "unreadable_skipped": loop_config["unreadable"],
-        "wall_seconds": time.time() - t0}, weights_source=loop_config.get("weights_source"))
+        "wall_seconds": time.time() - t0}, weights_source=loop_config.get("weights_source"),
+        split=loop_config["split"])
     if "://" not in run_dir:
         cfg.save(os.path.join(run_dir, "run_config.json"))
     return TrainSummary(bundle_dir=bundle_dir, metrics=metrics, result=result)

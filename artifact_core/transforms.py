@@ -1,12 +1,35 @@
-"""Image presets (torchvision transforms v2): one for training, one for evaluation and scoring."""
+"""Image presets (torchvision transforms v2): one for training, one for evaluation and scoring.
+
+Both resize with :func:`artifact_core.images.resize_image` (PIL), the function scoring's
+torch-free decode tasks use, so validation and scoring see the same pixels.
+"""
 
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
+
+from artifact_core.images import resize_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ResizePIL:
+    """PIL image -> ``size`` x ``size`` PIL image via :func:`~artifact_core.images.resize_image`
+    (a no-op on images :func:`~artifact_core.images.decode_image` already resized)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"expected a PIL image (from artifact_core.images.decode_image), got {type(img).__name__}")
+        return resize_image(img, self.size)
+
+    def __repr__(self) -> str:
+        return f"ResizePIL(size={self.size})"
 
 
 def train_transform(*, image_size: int = 224, hflip_prob: float = 0.5,
@@ -20,8 +43,8 @@ def train_transform(*, image_size: int = 224, hflip_prob: float = 0.5,
     details that heavy crops or colour jitter could remove or imitate.
     """
     return v2.Compose([
+        ResizePIL(image_size),
         v2.ToImage(),
-        v2.Resize((image_size, image_size), antialias=True),
         v2.RandomHorizontalFlip(p=hflip_prob),
         v2.RandomAffine(degrees=rotation_degrees, shear=shear_degrees,
                         scale=(1.0 - zoom, 1.0 + zoom)),
@@ -34,9 +57,10 @@ def train_transform(*, image_size: int = 224, hflip_prob: float = 0.5,
 def eval_resize(*, image_size: int = 224) -> v2.Compose:
     """First half of :func:`eval_transform`: PIL image -> resized uint8 (3, S, S) tensor.
 
-    Scoring ships this to the predictor actors: a quarter of the bytes of float32.
+    Equals what scoring's decode tasks produce (without torch) for an image decoded with
+    the same target size.
     """
-    return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)])
+    return v2.Compose([ResizePIL(image_size), v2.ToImage()])
 
 
 def normalize(*, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> v2.Compose:

@@ -5,7 +5,8 @@ On a cluster:
 On a laptop (no arguments: the demo test folder with the demo model under ./runs):
     python jobs/score.py
 
-Writes <output>/predictions.parquet/, predictions.csv, summary.json, confidence_hist.png.
+Writes <output>/predictions.parquet/, predictions.csv, summary.json, confidence_hist.png and
+the review page report/index.html (flagged images with artifact heatmaps).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import logging
 import os
 import sys
 
-from artifact_core.config import DEMO_DATA_FOLDER, DEMO_RUN_NAME, WAIT_HELP, ScoreConfig, TrainConfig
+from artifact_core.config import (DEMO_DATA_FOLDER, DEMO_RUN_NAME, SCORE_ENGINES, SCORE_PRECISIONS, WAIT_HELP,
+                                  ScoreConfig, TrainConfig)
 from artifact_core.jobs_common import run_job
 
 # the demo's train run writes here when started without arguments
@@ -38,10 +40,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="predictor actors (default: one per GPU, or half the cluster's CPUs)")
     p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs per predictor actor (default: %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
+    p.add_argument("--engine", choices=SCORE_ENGINES, default=d.engine,
+                   help="inference engine; auto: ONNX Runtime on CPU when the bundle has model.onnx, "
+                        "else PyTorch; PyTorch on GPU (default: %(default)s)")
+    p.add_argument("--precision", choices=SCORE_PRECISIONS, default=d.precision,
+                   help="int8: the bundle's model.int8.onnx in ONNX Runtime (CPU); see README (default: %(default)s)")
     p.add_argument("--object-store-budget-mb", type=int, default=d.object_store_budget_mb,
                    help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
     p.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS", help=WAIT_HELP)
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
+    g = p.add_argument_group("review page (<output>/report/index.html)")
+    r = g.add_mutually_exclusive_group()
+    r.add_argument("--report", dest="report", action="store_const", const=True, default=d.report,
+                   help="always write the page (with more than --report-top flagged: the top ones and a count of the rest)")
+    r.add_argument("--no-report", dest="report", action="store_const", const=False, help="never write it")
+    g.add_argument("--report-top", type=int, default=d.report_top,
+                   help="flagged images shown, most confident first; without --report/--no-report the page is "
+                        "written when at most this many are flagged (default: %(default)s)")
+    g.add_argument("--report-uncertain", type=int, default=d.report_uncertain,
+                   help="images closest to the threshold shown as well (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="score only files without a row in an existing output")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -53,6 +70,9 @@ def main(args: argparse.Namespace) -> None:
     from artifact_core.raycluster import ensure_ray
     from artifact_core.scoring import evaluate_against_labels, run_scoring
 
+    if args.report_top < 0 or args.report_uncertain < 0:
+        raise ValueError(f"--report-top and --report-uncertain must be 0 or more, got {args.report_top} and "
+                         f"{args.report_uncertain}")
     demo = os.path.abspath(DEMO_RUNS)
     labels = args.labels
     if args.input is None:
@@ -62,8 +82,10 @@ def main(args: argparse.Namespace) -> None:
         input=args.input or os.path.join(demo, DEMO_DATA_FOLDER, "test"),
         output=args.output or os.path.join(demo, DEMO_RUN_NAME, "predictions"),
         batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-        use_gpu=args.use_gpu, threshold=args.threshold, object_store_budget_mb=args.object_store_budget_mb,
+        use_gpu=args.use_gpu, engine=args.engine, precision=args.precision, threshold=args.threshold,
+        object_store_budget_mb=args.object_store_budget_mb,
         resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
+        report=args.report, report_top=args.report_top, report_uncertain=args.report_uncertain,
         wait_for_resources=args.wait_for_resources,
     )
     ensure_ray()
@@ -77,6 +99,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"against {labels}: micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f}, "
               f"confusion matrix [rows true 0/1, cols predicted 0/1] {m['confusion_matrix']}")
     print(f"predictions: {os.path.join(cfg.output, 'predictions.csv')}")
+    report = s.get("report", {})
+    print(f"report: {report['path']}" if report.get("path") else f"no report: {report.get('reason')}")
 
 
 if __name__ == "__main__":

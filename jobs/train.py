@@ -36,7 +36,8 @@ def main(args: argparse.Namespace) -> None:
     v = summary.metrics["validation"]
     print(f"validation micro F1 {v['micro_f1']:.4f} (macro F1 {v['macro_f1']:.4f}) at threshold "
           f"{summary.metrics['threshold']:.3f}; confusion matrix [rows true 0/1, cols predicted 0/1] "
-          f"{v['confusion_matrix']}")
+          f"{v['confusion_matrix']}; artifact AP {summary.metrics['ap_artifact']:.4f}, ROC AUC "
+          f"{summary.metrics['roc_auc']:.4f} (checkpoint chosen by {summary.metrics['select_metric']})")
     print(f"model bundle: {summary.bundle_dir}")
 
 

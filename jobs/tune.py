@@ -1,4 +1,4 @@
-"""Ray Tune sweep over learning rate and unfreeze depth; each trial is a multi-worker TorchTrainer.
+"""Ray Tune sweep over learning rates, unfreeze depth and input size; each trial is a multi-worker TorchTrainer.
 
 On a cluster:
     ray job submit --working-dir . -- python jobs/tune.py --data-dir /data/train --storage-path /mnt/runs --name sweep1 --num-samples 20 --num-workers 2 --use-gpu
@@ -36,8 +36,10 @@ def main(args: argparse.Namespace) -> None:
         base.name = f"{base.name}-sweep"
     ensure_ray()
     out = run_sweep(sweep_from_args(args, base))
-    with_cols = ["trial_id", "lr", "finetune_lr", "unfreeze_depth", "best_val_micro_f1", "epochs", "status"]
-    print(out["results"][with_cols].to_string(index=False))
+    table = out["results"]
+    with_cols = ["trial_id", "lr", "finetune_lr", "unfreeze_depth", "image_size",
+                 *[c for c in table.columns if c.startswith("best_")], "epochs", "status"]
+    print(table[[c for c in with_cols if c in table]].to_string(index=False))
     print(f"best trial {out['best_config']['trial_id']}: {out['best_config']['params']}")
     print(f"results: {out['sweep_dir']}/results.csv; best model bundle: {out['bundle_dir']}")
 

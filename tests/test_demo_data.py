@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from artifact_core.data import scan_labeled_folder
-from artifact_core.demo_data import DEFECTS, generate, render_face
+from artifact_core.demo_data import DEFECTS, SUBTLE_DEFECTS, generate, render_face, render_subtle_face, save_defect_gallery
 
 
 def _digest(folder):
@@ -55,3 +55,48 @@ def test_command_line(tmp_path):
                           "--n-train", "10", "--n-test", "2", "--size", "32"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert len(list((tmp_path / "cli" / "train").iterdir())) == 10
+    out = subprocess.run([sys.executable, "-m", "artifact_core.demo_data", str(tmp_path / "sub"), "--difficulty", "subtle",
+                          "--n-train", "10", "--n-test", "2", "--size", "64", "--workers", "1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(next((tmp_path / "sub" / "train").iterdir())).size == (64, 64)
+
+
+def test_easy_images_unchanged():
+    # The easy demo's pixels for fixed seeds, so the README's figures stay reproducible.
+    # (A Pillow upgrade that changes its drawing or resampling may change these legitimately.)
+    digests = [hashlib.sha256(np.asarray(render_face(s, size=64, defect=d)).tobytes()).hexdigest()[:16]
+               for s, d in ((1, None), (2, "text"), (3, "smear"))]
+    assert digests == ["1a7de78b30840934", "9c59fec1702afb63", "b0f7268f027ca5e9"]
+
+
+@pytest.mark.parametrize("defect", SUBTLE_DEFECTS)
+def test_subtle_defects_are_small_local_and_visible(defect):
+    # Same seed with and without the defect: the same face, light and noise, so the
+    # difference is the defect alone. Small (under 2 % of the pixels) and leaving the image's
+    # global statistics as they were, yet strong enough somewhere to be seen.
+    for seed in range(8):
+        clean = np.asarray(render_subtle_face(seed, size=256), dtype=np.int16)
+        broken = np.asarray(render_subtle_face(seed, size=256, defect=defect), dtype=np.int16)
+        diff = np.abs(clean - broken).max(axis=2)
+        assert diff.max() >= 12, f"{defect} (seed {seed}) is invisible: max change {diff.max()}"
+        assert (diff > 8).mean() < 0.02, f"{defect} (seed {seed}) changed {(diff > 8).mean():.1%}"
+        assert np.abs(clean.mean(axis=(0, 1)) - broken.mean(axis=(0, 1))).max() < 1.0
+
+
+def test_generate_subtle(tmp_path):
+    info = generate(str(tmp_path / "s"), n_train=30, n_test=6, size=96, seed=4, difficulty="subtle")
+    folder = scan_labeled_folder(info["train"])
+    assert len(folder.paths) == 30 and folder.counts() == {0: 3, 1: 27}
+    assert Image.open(folder.paths[0]).size == (96, 96)
+    assert Image.open(tmp_path / "s" / "sample_grid.png").size[0] == 8 * 256
+    # the files do not depend on the number of rendering processes
+    generate(str(tmp_path / "p"), n_train=30, n_test=6, size=96, seed=4, difficulty="subtle", workers=2)
+    assert _digest(tmp_path / "s" / "train") == _digest(tmp_path / "p" / "train")
+    assert _digest(tmp_path / "s" / "test") == _digest(tmp_path / "p" / "test")
+    with pytest.raises(ValueError, match="difficulty"):
+        generate(str(tmp_path / "x"), difficulty="hard")
+
+
+def test_defect_gallery(tmp_path):
+    path = save_defect_gallery(str(tmp_path / "g.png"), size=128, tile=64)
+    assert Image.open(path).size[1] > len(SUBTLE_DEFECTS) * 64

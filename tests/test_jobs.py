@@ -92,3 +92,4 @@ def test_ray_job_submit_train_then_score(ray_session, tmp_path):
     assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-3000:]
     assert "scored 6 file(s)" in score.stdout
     assert len((preds / "predictions.csv").read_text().strip().splitlines()) == 7
+    assert (preds / "report" / "index.html").exists() and "report:" in score.stdout

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.export_onnx import export_onnx
 from artifact_core.predict import ArtifactPredictor, predict_paths
 from artifact_core.score_output import OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
@@ -91,6 +92,7 @@ def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path):
 
     s = json.loads((out / "summary.json").read_text())
     assert s["files"] == len(expected) and s["threshold"] == 0.5 and s["images_per_second"] > 0
+    assert s["engine"] == "torch" and s["precision"] == "fp32"  # auto: the bundle has no model.onnx
     assert (out / "confidence_hist.png").exists()
 
     # an existing output is refused without --resume/--overwrite
@@ -132,3 +134,32 @@ def test_bad_inputs(ray_session, bundle_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="model bundle"):
         run_scoring(ScoreConfig(model=str(tmp_path / "nobundle"), input=str(tmp_path / "empty"), output=str(tmp_path / "o")))
     shutil.rmtree(tmp_path / "empty")
+    # an engine the bundle cannot run fails before any output exists
+    with pytest.raises(FileNotFoundError, match="model.onnx"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(tmp_path), output=str(tmp_path / "o2"), engine="onnx"))
+    with pytest.raises(ValueError, match="int8"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(tmp_path), output=str(tmp_path / "o2"),
+                                precision="int8", use_gpu=True))
+    assert not (tmp_path / "o2").exists()
+
+
+def test_onnx_engine_through_the_actor_equals_torch(ray_session, bundle_dir, tmp_path):
+    onnx_bundle = str(tmp_path / "bundle")
+    shutil.copytree(bundle_dir, onnx_bundle)
+    export_onnx(onnx_bundle)
+    src = tmp_path / "in"
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120)]):
+        write_image(src / f"p{i}.png", color=color)
+    rng = np.random.default_rng(0)
+    for i in range(3):  # large JPEGs: decoded at reduced scale by the actor's decode tasks
+        Image.fromarray(rng.normal(120, 50, (200 + 30 * i, 180, 3)).clip(0, 255).astype(np.uint8)).save(src / f"j{i}.jpg")
+    (src / "broken.jpg").write_bytes(b"nope")
+    out = tmp_path / "out"
+    s = run_scoring(ScoreConfig(model=onnx_bundle, input=str(src), output=str(out), batch_size=4, num_actors=1))
+    assert s["engine"] == "onnx" and s["precision"] == "fp32" and s["errors"] == 1  # auto on CPU
+    csv = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    good = csv[csv["error"] == ""]
+    prob = good["prob_artifact_free"].astype(float).to_numpy()
+    assert prob.std() > 1e-3
+    torch_prob = predict_paths(ArtifactPredictor(onnx_bundle, engine="torch"), list(good["path"]))
+    np.testing.assert_allclose(prob, torch_prob, atol=1e-4, rtol=0)

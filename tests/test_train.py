@@ -46,7 +46,19 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     assert bundle.config.train_config["unfreeze_depth"] == 2
     saved = json.loads(open(os.path.join(summary.bundle_dir, "metrics.json")).read())
     assert saved["best_epoch"] in (1, 2, 3, 4) and saved["validation"]["support"] == 12
-    assert {"learning_curves.png", "confusion_matrix.png", "model.pt"} <= set(os.listdir(summary.bundle_dir))
+    # selection by artifact AP (default); AP, ROC AUC and the PR curve reported
+    assert saved["select_metric"] == "val_ap_artifact"
+    assert saved["select_value"] == max(h["val_ap_artifact"] for h in hist)
+    assert all({"val_ap_artifact", "val_roc_auc", "val_micro_f1"} <= set(h) for h in hist)
+    assert 0 <= saved["ap_artifact"] <= 1 and 0 <= saved["roc_auc"] <= 1
+    assert saved["validation"]["ap_artifact"] == saved["ap_artifact"]
+    curve = saved["pr_curve"]
+    assert len(curve["threshold"]) == len(curve["precision"]) == len(curve["recall"]) >= 1 and curve["recall"][-1] == 1.0
+    assert {"learning_curves.png", "confusion_matrix.png", "pr_curve.png", "model.pt", "model.onnx",
+            "model.int8.onnx", "calibration.json"} <= set(os.listdir(summary.bundle_dir))
+    # ONNX checked against the torch model; int8 evaluated on the validation images
+    assert saved["onnx"]["max_abs_logit_diff"] < 1e-3 and saved["onnx"]["int8"]["evaluated_on"] == 12
+    assert set(saved["onnx"]["int8"]["validation"]) == {"micro_f1", "macro_f1", "recall_artifact"}
     assert os.path.exists(tmp_path / "runs" / "basic" / "run_config.json")
     out = bundle.model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 1) and torch.isfinite(out).all()
@@ -67,3 +79,21 @@ def test_worker_failure_resumes_and_rerun_continues(ray_session, easy_folder, tm
     assert again.metrics["resumed_after_epochs"] == [3, 4]
     assert [h["epoch"] for h in again.metrics["history"]] == [1, 2, 3, 4, 5]
     assert again.metrics["history"][-1]["phase"] == "finetune"
+
+
+def test_selection_keeps_the_one_epoch_with_skill(ray_session, easy_folder, tmp_path):
+    # Scripted validation scores (the loop's selection drill): epochs 1, 2 and 4 call every
+    # image clean (micro F1 9/12 = the majority share, no ranking skill); epoch 3 ranks every
+    # artifact first but at 0.5 calls everything an artifact (micro F1 3/12). Micro F1 would
+    # keep a one-class epoch; the default selection must keep epoch 3, and its threshold
+    # must then separate the classes.
+    one_class, skilled = [0.9, 0.9], [0.3, 0.4]  # P(artifact-free) for label 0, label 1
+    drill = {"1": one_class, "2": one_class, "3": skilled, "4": one_class}
+    # (trained with artifact oversampling, which runs the DDP-aware sampler for real)
+    cfg = small_config(easy_folder, tmp_path / "runs", "sel", oversample=0.4)
+    summary = run_training(cfg, loop_overrides={"val_prob_drill": drill})
+    hist = summary.metrics["history"]
+    assert [h["val_micro_f1"] for h in hist] == [0.75, 0.75, 0.25, 0.75]
+    assert summary.metrics["best_epoch"] == 3 and summary.metrics["select_value"] == 1.0
+    assert summary.metrics["validation"]["recall_artifact"] == 1.0 and summary.metrics["validation"]["micro_f1"] == 1.0
+    assert 0.3 < summary.metrics["threshold"] < 0.4

@@ -1,0 +1,279 @@
+"""Where the model sees the artifact: Grad-CAM heatmaps (Captum) and overlays.
+
+The bundle's model has one logit, ``sigmoid(logit) = P(artifact-free)``. Evidence for the
+*artifact* class is the gradient of the negated logit, so Grad-CAM runs on a wrapper whose
+output is ``-logit``; only positive evidence is kept (ReLU), upsampled to the input size and
+scaled to [0, 1] per image (an all-zero map: nothing in the image speaks for an artifact).
+
+In-process use on files or folders::
+
+    python -m artifact_core.explain runs/demo/model faces/ one.png --out explained/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from torch import nn
+
+from artifact_core.bundle import Bundle, load_bundle
+from artifact_core.data import LABEL_NAMES, list_images
+from artifact_core.images import ImageDecodeError, decode_image
+from artifact_core.transforms import eval_resize, normalize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.45
+DEFAULT_CMAP = "jet"
+
+
+class _ArtifactLogit(nn.Module):
+    """``-logit``: larger means more artifact (the model's logit is for artifact-free)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.model(x)
+
+
+@contextmanager
+def _explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration; both restored afterwards.
+
+    Grad-CAM needs gradients with respect to a layer's activations only; parameter
+    gradients would cost time and memory and leave ``.grad`` tensors behind.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | None = None,
+                     micro_batch: int = 8) -> np.ndarray:
+    """Grad-CAM of the artifact class for a normalized batch.
+
+    Args:
+        model: the bundle's MobileNetV2 (one logit for "artifact-free").
+        x: normalized images, (N, 3, H, W) float.
+        layer: the layer to explain (default: the last feature block, ``model.features[-1]``).
+        micro_batch: images per backward pass (bounds memory on large batches).
+
+    Returns:
+        float32 array (N, H, W) in [0, 1]; each map is scaled by its own maximum.
+    """
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a normalized (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+    layer = model.features[-1] if layer is None else layer
+    device = next(model.parameters()).device
+    height, width = int(x.shape[2]), int(x.shape[3])
+    out = []
+    with _explaining(model):
+        cam = LayerGradCam(_ArtifactLogit(model), layer)
+        for chunk in x.split(max(1, micro_batch)):
+            # A fresh tensor outside inference mode: tensors made under inference_mode cannot
+            # take part in autograd.
+            chunk = chunk.detach().clone().to(device).float()
+            attr = cam.attribute(chunk, target=0, relu_attributions=True)
+            attr = LayerAttribution.interpolate(attr, (height, width), interpolate_mode="bilinear")
+            out.append(attr[:, 0].detach().float().cpu())
+    maps = torch.cat(out).clamp_(min=0)
+    peak = maps.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
+    maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
+    return maps.clamp_(0, 1).numpy().astype(np.float32)
+
+
+def overlay(image: np.ndarray | Image.Image, heatmap: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
+            cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """Blend a colour-mapped heatmap over an image.
+
+    Args:
+        image: RGB uint8 (H, W, 3) array or PIL image.
+        heatmap: (h, w) floats in [0, 1]; resized (bilinear) to the image when sizes differ.
+        alpha: weight of the heatmap colours (0 = image only, 1 = heatmap only).
+        cmap: a matplotlib colormap name.
+
+    Returns:
+        RGB uint8 array (H, W, 3).
+    """
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an RGB (H, W, 3) image, got shape {img.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    if heat.shape != img.shape[:2]:
+        heat = np.asarray(Image.fromarray(heat, mode="F").resize((img.shape[1], img.shape[0]), Image.BILINEAR))
+        heat = np.clip(heat, 0.0, 1.0)
+    colours = colormaps[cmap](heat)[..., :3] * 255.0
+    blended = (1.0 - alpha) * img.astype(np.float32) + alpha * colours
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+class Explainer:
+    """A loaded bundle that returns probabilities and artifact heatmaps for images.
+
+    Uses the same pixels as scoring: the shared decoder, then the bundle's eval transform
+    (resize to uint8, then normalize).
+    """
+
+    def __init__(self, bundle: Bundle | str, *, device: str | torch.device = "cpu", micro_batch: int = 8) -> None:
+        self.device = torch.device(device)
+        self.bundle = load_bundle(bundle, device=self.device) if isinstance(bundle, str) else bundle
+        self.model = self.bundle.model.to(self.device).eval()
+        cfg = self.bundle.config
+        self.threshold = float(cfg.threshold)
+        self.resize = eval_resize(image_size=cfg.image_size)
+        self.normalize = normalize(mean=tuple(cfg.mean), std=tuple(cfg.std))
+        self.micro_batch = micro_batch
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """Decoded RGB image -> the resized uint8 (3, S, S) tensor the model sees (before normalizing)."""
+        return self.resize(image)
+
+    def explain_uint8(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3, S, S) uint8 from :meth:`pixels` -> (P(artifact-free) (N,), heatmaps (N, S, S))."""
+        x = self.normalize(images).to(self.device)
+        with torch.inference_mode():
+            prob = torch.sigmoid(self.model(x).squeeze(1).float()).cpu().numpy().astype(np.float64)
+        return prob, gradcam_heatmaps(self.model, x, micro_batch=self.micro_batch)
+
+
+def _overlay_png(image: Image.Image, heatmap: np.ndarray, path: str) -> None:
+    Image.fromarray(overlay(image, heatmap)).save(path)
+
+
+def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_size: int = 16) -> list[dict]:
+    """Write ``<name>.heatmap.png`` per image and ``explain.csv`` / ``explain.json`` into ``out_dir``.
+
+    A file that cannot be decoded gets a row with its error and no heatmap.
+
+    Returns:
+        One dict per input path: file, heatmap (file name or ""), prob_artifact_free,
+        predicted_class (0 artifact, 1 artifact-free, -1 error), confidence, error.
+    """
+    explainer = Explainer(bundle_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    names = _output_names(paths)
+    rows: list[dict] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(zip(paths[start:start + batch_size], names[start:start + batch_size]))
+        decoded = []
+        for path, name in chunk:
+            try:
+                decoded.append((path, name, decode_image(path)))
+            except ImageDecodeError as exc:
+                rows.append({"file": path, "heatmap": "", "prob_artifact_free": None, "predicted_class": -1,
+                             "confidence": None, "error": exc.reason})
+        if not decoded:
+            continue
+        pixels = torch.stack([explainer.pixels(img) for _, _, img in decoded])
+        probs, maps = explainer.explain_uint8(pixels)
+        for (path, name, img), prob, heat in zip(decoded, probs, maps):
+            pred = int(prob >= explainer.threshold)
+            heatmap_file = f"{name}.heatmap.png"
+            # Overlay on the original image (aspect kept); the map is resized to it.
+            _overlay_png(img, heat, os.path.join(out_dir, heatmap_file))
+            rows.append({"file": path, "heatmap": heatmap_file, "prob_artifact_free": float(prob),
+                         "predicted_class": pred, "confidence": float(prob if pred == 1 else 1.0 - prob),
+                         "error": ""})
+    order = {p: i for i, p in enumerate(paths)}
+    rows.sort(key=lambda r: order[r["file"]])
+    fields = ["file", "heatmap", "predicted_class", "confidence", "prob_artifact_free", "error"]
+    with open(os.path.join(out_dir, "explain.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out_dir, "explain.json"), "w") as f:
+        json.dump({"model": explainer.bundle.path, "threshold": explainer.threshold,
+                   "labels": {str(k): v for k, v in LABEL_NAMES.items()}, "images": rows}, f, indent=2)
+    return rows
+
+
+def _output_names(paths: Sequence[str]) -> list[str]:
+    """File stems for the outputs; a repeated name (same file name in two folders) gets a suffix."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        base = os.path.basename(p)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        names.append(base if n == 0 else f"{base}.{n}")
+    return names
+
+
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Files as given, folders expanded recursively to their image files.
+
+    Raises:
+        FileNotFoundError: an item does not exist.
+        ValueError: nothing to explain.
+    """
+    paths: list[str] = []
+    for item in items:
+        item = os.path.abspath(os.path.expanduser(item))
+        if os.path.isdir(item):
+            paths.extend(list_images(item))
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item!r} does not exist (expected an image file or a folder)")
+    if not paths:
+        raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) in {list(items)}")
+    return paths
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags (see --help)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="model bundle folder")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder for <name>.heatmap.png, explain.csv and explain.json")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Explain the given images; prints one line per image."""
+    from artifact_core.jobs_common import run_job
+
+    args = get_args_parser().parse_args(argv)
+
+    def _run(a: argparse.Namespace) -> None:
+        rows = explain_paths(a.bundle, expand_inputs(a.inputs), a.out, batch_size=a.batch_size)
+        for r in rows:
+            if r["error"]:
+                print(f"{r['file']}: error: {r['error']}")
+            else:
+                print(f"{r['file']}: {LABEL_NAMES[r['predicted_class']]} (P(artifact) {1 - r['prob_artifact_free']:.3f}) "
+                      f"-> {os.path.join(a.out, r['heatmap'])}")
+        print(f"wrote {len(rows)} row(s) to {os.path.join(a.out, 'explain.csv')}")
+
+    return run_job(_run, args, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

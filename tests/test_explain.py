@@ -1,0 +1,151 @@
+"""Grad-CAM heatmaps of the artifact class: shape, range, the sign of the evidence, overlays, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.images import decode_image
+from artifact_core.explain import Explainer, explain_paths, gradcam_heatmaps, overlay
+from conftest import REPO, calibrated_model, make_easy_folder, write_image
+
+
+class RedDetector(nn.Module):
+    """A model laid out like MobileNetV2 (``features``, pooled, ``classifier``) whose only
+    feature is "red here": with ``sign=-1`` red lowers the artifact-free logit (red = artifact)."""
+
+    def __init__(self, sign: float = -1.0) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 1, kernel_size=4, stride=4)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[0, 0] = 1.0
+            conv.weight[0, 1:] = -0.5
+            conv.bias.fill_(-0.5)
+        self.features = nn.Sequential(conv, nn.ReLU())
+        self.classifier = nn.Linear(1, 1)
+        with torch.no_grad():
+            self.classifier.weight.fill_(sign * 10.0)
+            self.classifier.bias.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def red_square(y: int, x: int, size: int = 64) -> torch.Tensor:
+    img = torch.full((1, 3, size, size), -1.0)
+    img[:, 0, y:y + 16, x:x + 16] = 2.0
+    return img
+
+
+def test_heatmap_marks_the_region_that_drives_the_artifact_logit():
+    model = RedDetector(sign=-1.0)
+    for y, x in [(0, 0), (40, 8), (24, 44)]:
+        heat = gradcam_heatmaps(model, red_square(y, x))
+        assert heat.shape == (1, 64, 64) and heat.dtype == np.float32
+        assert heat.min() >= 0.0 and heat.max() == pytest.approx(1.0)
+        inside = heat[0, y:y + 16, x:x + 16].mean()
+        outside = (heat[0].sum() - heat[0, y:y + 16, x:x + 16].sum()) / (64 * 64 - 256)
+        assert inside > 0.5 > 0.1 > outside, (y, x, inside, outside)
+        py, px = np.unravel_index(heat[0].argmax(), heat[0].shape)
+        assert y - 4 <= py < y + 20 and x - 4 <= px < x + 20
+
+
+def test_heatmap_is_evidence_for_the_artifact_class_not_against_it():
+    # Here red makes an image *artifact-free*: no artifact evidence anywhere, an all-zero map.
+    heat = gradcam_heatmaps(RedDetector(sign=+1.0), red_square(8, 8))
+    assert np.all(heat == 0.0)
+
+
+def test_heatmaps_on_mobilenet_vary_and_restore_the_model():
+    model = calibrated_model()
+    torch.manual_seed(0)
+    # leaning to "artifact" so that every image has some evidence to map
+    torch.nn.init.normal_(model.classifier[1].weight, mean=-0.02, std=0.05)
+    model.features[3].requires_grad_(False)  # a partly frozen model keeps its mix
+    flags = [p.requires_grad for p in model.parameters()]
+    model.train()
+    x = torch.randn(3, 3, 128, 128) * 1.5
+    with torch.inference_mode():  # as callers in inference code would hold it
+        heat = gradcam_heatmaps(model, x, micro_batch=2)
+    assert heat.shape == (3, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    # The maps are images, not constants, and depend on the image.
+    nonzero = [h for h in heat if h.max() > 0]
+    assert nonzero, "no artifact evidence at all: the test would prove nothing"
+    assert all(h.std() > 0.01 for h in nonzero)
+    assert np.abs(heat[0] - heat[1]).mean() > 0.01 or np.abs(heat[1] - heat[2]).mean() > 0.01
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        gradcam_heatmaps(model, torch.zeros(3, 64, 64))
+
+
+def test_overlay_blends_and_resizes():
+    img = np.full((30, 40, 3), 100, dtype=np.uint8)
+    heat = np.zeros((8, 8), dtype=np.float32)
+    heat[:4, :4] = 1.0
+    out = overlay(img, heat, alpha=0.5)
+    assert out.shape == (30, 40, 3) and out.dtype == np.uint8
+    assert not np.array_equal(out[2, 2], out[28, 38])  # hot corner differs from the cold one
+    assert np.array_equal(overlay(img, heat, alpha=0.0), img)
+    assert np.array_equal(overlay(Image.fromarray(img), heat, alpha=0.0), img)
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(img, heat, alpha=1.5)
+
+
+@pytest.fixture(scope="module")
+def bundle64(tmp_path_factory) -> str:
+    model = calibrated_model()
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.05)
+    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model, BundleConfig(image_size=64))
+
+
+def test_explainer_uses_the_scoring_pixels(bundle64, tmp_path):
+    from artifact_core.predict import ArtifactPredictor, predict_paths
+
+    folder = make_easy_folder(tmp_path / "imgs", n=4, size=50)
+    paths = sorted(str(p) for p in folder.iterdir())
+    ex = Explainer(bundle64)
+    prob, maps = ex.explain_uint8(torch.stack([ex.pixels(decode_image(p)) for p in paths]))
+    assert maps.shape == (4, 64, 64)
+    assert np.allclose(prob, predict_paths(ArtifactPredictor(bundle64), paths), atol=1e-5)
+
+
+def test_cli_writes_overlays_and_table(bundle64, tmp_path):
+    folder = make_easy_folder(tmp_path / "imgs", n=3, size=50)
+    single = write_image(tmp_path / "one" / "face.jpg", size=70, fmt="JPEG")
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "artifact_core.explain", bundle64, str(folder), str(single),
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "explain.csv")))
+    assert len(rows) == 5
+    ok = [r for r in rows if not r["error"]]
+    assert len(ok) == 4 and [r["file"] for r in rows if r["error"]] == [str(folder / "broken.png")]
+    for r in ok:
+        png = Image.open(out / r["heatmap"])
+        src = Image.open(r["file"])
+        assert png.size == src.size and png.mode == "RGB"  # over the original image, aspect kept
+        assert r["predicted_class"] in ("0", "1") and 0.0 <= float(r["prob_artifact_free"]) <= 1.0
+    meta = json.loads((out / "explain.json").read_text())
+    assert meta["threshold"] == 0.5 and len(meta["images"]) == 5
+    assert "face.jpg.heatmap.png" in proc.stdout or (out / "face.jpg.heatmap.png").exists()
+    # direct call: same rows
+    rows2 = explain_paths(bundle64, [str(single)], str(tmp_path / "out2"))
+    assert rows2[0]["prob_artifact_free"] == pytest.approx(float([r for r in rows if r["file"] == str(single)][0]["prob_artifact_free"]), abs=1e-6)
+
+
+def test_cli_user_errors(bundle64, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "artifact_core.explain", bundle64, str(tmp_path / "nope.png"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "nope.png" in proc.stderr and "does not exist" in proc.stderr

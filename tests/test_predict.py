@@ -1,0 +1,137 @@
+"""Engines: ONNX export matches PyTorch, int8 export and its metrics, engine choice, GPU dtype."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from artifact_core import export_onnx as export_mod
+from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.data import list_images, parse_label
+from artifact_core.predict import ArtifactPredictor, amp_dtype, predict_paths, resolve_engine
+from conftest import calibrated_model, make_easy_folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    """Labelled images of several sizes and formats (real decode: JPEG draft, PNG reduce)."""
+    root = make_easy_folder(tmp_path_factory.mktemp("imgs"), n=16, size=40)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        arr = rng.normal(120, 40, (300 + 40 * i, 260, 3)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / f"photo_{i}_{i % 2}.jpg", quality=85)
+    return list_images(root)
+
+
+@pytest.fixture(scope="module")
+def torch_bundle(tmp_path_factory) -> str:
+    model = calibrated_model()
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.02)  # varied, unsaturated scores
+    return save_bundle(str(tmp_path_factory.mktemp("b") / "model"), model, BundleConfig(image_size=32, threshold=0.5))
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(torch_bundle, images, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("onnx") / "model")
+    shutil.copytree(torch_bundle, path)
+    export_mod.export_onnx(path, images, [parse_label(p) for p in images], int8=True)
+    return path
+
+
+def test_onnx_fp32_equals_torch_on_decoded_images(onnx_bundle, images):
+    metrics = json.load(open(os.path.join(onnx_bundle, "metrics.json")))["onnx"]
+    assert metrics["opset"] == export_mod.OPSET and metrics["max_abs_logit_diff"] < 1e-3
+    torch_p = predict_paths(ArtifactPredictor(onnx_bundle, engine="torch"), images)
+    onnx_pred = ArtifactPredictor(onnx_bundle, engine="onnx", num_threads=1)
+    assert onnx_pred.engine_name == "onnx" and onnx_pred.precision == "fp32"
+    onnx_p = predict_paths(onnx_pred, images, batch_size=5)
+    assert torch_p.std() > 1e-3, "scores do not vary: the comparison would prove nothing"
+    np.testing.assert_allclose(onnx_p, torch_p, atol=1e-4, rtol=0)
+    # the actor's batch contract: uint8 images with error rows
+    batch = {"image": np.zeros((2, 3, 32, 32), dtype=np.uint8), "error": np.array(["", "broken"], dtype=object),
+             "path": np.array(["a", "b"], dtype=object), "filename": np.array(["a", "b"], dtype=object)}
+    out = onnx_pred(batch)
+    assert out["predicted_class"][1] == -1 and np.isnan(out["prob_artifact_free"][1])
+    assert out["predicted_class"][0] in (0, 1)
+
+
+def test_int8_export_reports_metrics_and_scores(onnx_bundle, images):
+    metrics = json.load(open(os.path.join(onnx_bundle, "metrics.json")))["onnx"]
+    int8 = metrics["int8"]
+    assert int8["file"] == "model.int8.onnx" and int8["evaluated_on"] == len(images)
+    for part in (int8["validation"], metrics["fp32_validation"]):
+        assert set(part) == {"micro_f1", "macro_f1", "recall_artifact"} and 0 <= part["micro_f1"] <= 1
+    calibration = json.load(open(os.path.join(onnx_bundle, "calibration.json")))
+    assert calibration["paths"] == images and len(calibration["calibrated_on"]) == int8["calibration_images"]
+    p8 = predict_paths(ArtifactPredictor(onnx_bundle, precision="int8"), images)
+    p32 = predict_paths(ArtifactPredictor(onnx_bundle), images)  # auto: ONNX fp32 on CPU
+    assert np.abs(p8 - p32).max() < 0.2 and not np.array_equal(p8, p32)
+    assert np.isclose(np.abs(p8 - p32).max(), int8["max_abs_prob_diff_vs_fp32"], atol=1e-4)
+
+
+def test_cli_for_an_older_bundle_uses_named_calibration_images(onnx_bundle, tmp_path, capsys):
+    old = str(tmp_path / "old")
+    shutil.copytree(onnx_bundle, old)
+    for name in ("model.onnx", "model.int8.onnx"):
+        os.remove(os.path.join(old, name))
+    args = export_mod.get_args_parser().parse_args([old, "--int8", "--max-calibration-images", "8"])
+    assert export_mod.main(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["int8"]["calibration_images"] == 8 and os.path.isfile(os.path.join(old, "model.int8.onnx"))
+
+
+def test_export_failures_keep_the_torch_bundle(torch_bundle, images, tmp_path, monkeypatch):
+    b = str(tmp_path / "b")
+    shutil.copytree(torch_bundle, b)
+
+    def broken(*a, **k):
+        raise RuntimeError("quantization unsupported here")
+
+    monkeypatch.setattr(export_mod, "_quantize_int8", broken)
+    info = export_mod.export_onnx_or_log(b, images[:4], [parse_label(p) for p in images[:4]])
+    assert "quantization unsupported" in info["int8"]["error"]
+    assert os.path.isfile(os.path.join(b, "model.onnx")) and not os.path.exists(os.path.join(b, "model.int8.onnx"))
+    # an exporter that fails outright: recorded, not raised; model.pt untouched
+    monkeypatch.setattr(export_mod, "_export_fp32", broken)
+    c = str(tmp_path / "c")
+    shutil.copytree(torch_bundle, c)
+    shutil.copy(os.path.join(b, "model.onnx"), c)  # left from an earlier model: must not survive
+    info = export_mod.export_onnx_or_log(c, images[:4])
+    assert "quantization unsupported" in info["error"] and not os.path.exists(os.path.join(c, "model.onnx"))
+    assert json.load(open(os.path.join(c, "metrics.json")))["onnx"] == info
+    assert ArtifactPredictor(c).engine_name == "torch"
+    with pytest.raises(ValueError, match="calibration"):
+        export_mod.export_onnx(c, None, int8=True)
+
+
+def test_resolve_engine(torch_bundle, onnx_bundle):
+    assert resolve_engine(torch_bundle) == "torch"  # auto without model.onnx
+    assert resolve_engine(onnx_bundle) == "onnx"
+    assert resolve_engine(onnx_bundle, use_gpu=True) == "torch"
+    assert resolve_engine(onnx_bundle, "torch") == "torch"
+    assert resolve_engine(onnx_bundle, "auto", "int8") == "onnx"
+    with pytest.raises(FileNotFoundError, match="export_onnx"):
+        resolve_engine(torch_bundle, "onnx")
+    with pytest.raises(FileNotFoundError, match="model.int8.onnx"):
+        resolve_engine(torch_bundle, "auto", "int8")
+    with pytest.raises(ValueError, match="int8"):
+        resolve_engine(onnx_bundle, "torch", "int8")
+    with pytest.raises(ValueError, match="--use-gpu"):
+        resolve_engine(onnx_bundle, "onnx", use_gpu=True)
+    with pytest.raises(ValueError, match="--engine must be one of"):
+        resolve_engine(onnx_bundle, "tensorrt")
+    with pytest.raises(ValueError, match="--precision"):
+        resolve_engine(onnx_bundle, "auto", "fp16")
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16), ((6, 1), torch.float16)])
+def test_gpu_autocast_dtype_follows_compute_capability(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert amp_dtype() == dtype

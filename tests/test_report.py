@@ -1,0 +1,264 @@
+"""The review page: selection, escaping, heatmaps in Ray Data actors, and a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.predict import ArtifactPredictor, predict_paths
+from artifact_core.report import (HeatmapActor, _json_for_script, render_page, report_after_scoring, select_rows,
+                                  write_report)
+from conftest import calibrated_model, make_easy_folder, write_image
+
+# A file name that closes the data <script> and opens markup with an event handler, and one
+# with both kinds of quotes: neither may run or break the page.
+EVIL_DIR = "a<"
+EVIL_FILE = "script><img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">.png"
+EVIL = f"{EVIL_DIR}/{EVIL_FILE}"
+QUOTES = "it's \"quoted\" & <b>bold</b>.png"
+
+
+@pytest.fixture(scope="module")
+def bundle64(tmp_path_factory) -> str:
+    model = calibrated_model()
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.05)
+    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model, BundleConfig(image_size=64))
+
+
+def image_folder(root: Path, n: int = 10) -> Path:
+    make_easy_folder(root, n=n, size=56, artifact_every=3, seed=1)
+    write_image(root / EVIL_DIR / EVIL_FILE, size=60, color=(220, 40, 40))
+    write_image(root / QUOTES, size=60, color=(40, 40, 220))
+    return root
+
+
+def median_threshold(bundle: str, folder: Path) -> float:
+    """A threshold that flags about half the folder (scores of a random head sit close together)."""
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    return float(np.median(predict_paths(ArtifactPredictor(bundle), paths)))
+
+
+def fake_scoring_output(out: Path, folder: Path, bundle: str, threshold: float) -> pd.DataFrame:
+    """What ``run_scoring`` leaves before the report, made in process (no Ray)."""
+    out.mkdir(parents=True)
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    prob = predict_paths(ArtifactPredictor(bundle), paths)
+    pred = (prob >= threshold).astype(int)
+    df = pd.DataFrame({"filename": [os.path.relpath(p, folder) for p in paths], "path": paths,
+                       "predicted_class": pred, "confidence": np.where(pred == 1, prob, 1 - prob),
+                       "prob_artifact_free": prob, "error": ""})
+    bad = pd.DataFrame([{"filename": "gone <i>.png", "path": str(folder / "gone <i>.png"), "predicted_class": -1,
+                         "confidence": np.nan, "prob_artifact_free": np.nan, "error": "file is empty"}])
+    df = pd.concat([df, bad]).sort_values("filename")
+    df.to_csv(out / "predictions.csv", index=False)
+    (out / "summary.json").write_text(json.dumps({
+        "files": len(df), "scored": len(paths), "errors": 1,
+        "predicted": {"0 (artifact)": int((pred == 0).sum()), "1 (artifact-free)": int((pred == 1).sum())},
+        "mean_confidence": float(df["confidence"].mean()), "model": bundle, "threshold": threshold,
+        "input": str(folder)}))
+    return df
+
+
+def test_select_rows_orders_flagged_and_uncertain():
+    t = pa.table({"filename": list("abcdef"), "path": list("abcdef"), "predicted_class": [0, 0, 1, 1, 0, -1],
+                  "confidence": [0.9, 0.99, 0.7, 0.55, 0.6, float("nan")],
+                  "prob_artifact_free": [0.1, 0.01, 0.7, 0.55, 0.4, float("nan")], "error": ["", "", "", "", "", "x"]})
+    flagged, unsure, n = select_rows(t, threshold=0.5, top=2, uncertain=2)
+    assert n == 3 and [r["filename"] for r in flagged] == ["b", "a"]
+    assert [r["filename"] for r in unsure] == ["d", "e"]  # |0.55-0.5|, |0.4-0.5|; never an error row
+    assert select_rows(t, threshold=0.5, top=0, uncertain=10)[1][-1]["filename"] == "b"
+
+
+def test_page_escapes_file_names():
+    card = {"f": EVIL, "c": 0.9, "pa": 0.9, "p": 0, "t": "img/000000.jpg", "o": "img/000000_cam.jpg", "e": ""}
+    page = render_page({"model": "<m>", "input": "in\"put", "predicted": {}}, [card], [dict(card, f=QUOTES)],
+                       n_flagged=5, errors=[{"filename": "x</td><script>alert(1)</script>", "error": "e"}], n_errors=1,
+                       has_hist=False)
+    assert "<img src=x" not in page and "</script><" not in page.replace("</script>\n<script>", "")
+    assert "<script>alert(1)" not in page and "&lt;m&gt;" in page
+    data = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(data)["flagged"][0]["f"] == EVIL and json.loads(data)["uncertain"][0]["f"] == QUOTES
+    assert "4 left out" in page
+    assert "<" not in _json_for_script({"s": "</script><!--"})
+
+
+def test_heatmap_actor_turns_bad_bytes_into_error_rows(bundle64, tmp_path):
+    good = write_image(tmp_path / "g.png", size=300).read_bytes()
+    out = HeatmapActor(bundle64, thumb_size=100)({"bytes": np.array([good, b"junk", b""], dtype=object),
+                                                 "path": np.array(["g.png", "junk.png", "empty.png"], dtype=object)})
+    assert list(out["error"][1:]) != ["", ""] and out["error"][0] == ""
+    assert "empty" in out["error"][2]
+    from PIL import Image
+    import io
+    thumb, cam = Image.open(io.BytesIO(out["thumb"][0])), Image.open(io.BytesIO(out["overlay"][0]))
+    assert thumb.size == cam.size == (100, 100) and thumb.format == "JPEG"
+    assert out["thumb"][1] == b"" and np.isnan(out["prob_artifact_free"][1])
+
+
+def test_report_switch_without_scoring(tmp_path):
+    out = tmp_path / "o"
+    (out / "report").mkdir(parents=True)  # a page left from an earlier run
+    (out / "summary.json").write_text("{}")
+    cfg = SimpleNamespace(report=None, report_top=3, report_uncertain=1, output=str(out), cpus_per_actor=1.0,
+                          use_gpu=False)
+    s = report_after_scoring(cfg, {"predicted": {"0 (artifact)": 4}})
+    assert s["report"]["path"] is None and "--report-top 3" in s["report"]["reason"]
+    assert not (out / "report").exists()  # stale page removed: it would disagree with the predictions
+    assert json.loads((out / "summary.json").read_text())["report"] == s["report"]
+    cfg.report = False
+    assert "--no-report" in report_after_scoring(cfg, {"predicted": {"0 (artifact)": 0}})["report"]["reason"]
+
+
+@pytest.mark.ray
+def test_scoring_writes_report(ray_session, bundle64, tmp_path):
+    from artifact_core.scoring import ScoreConfig, run_scoring
+
+    folder = image_folder(tmp_path / "in")
+    threshold = median_threshold(bundle64, folder)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    cfg = ScoreConfig(model=bundle64, input=str(folder), output=str(out), batch_size=8, num_actors=1,
+                      threshold=threshold, report=True, report_top=3, report_uncertain=4)
+    summary = run_scoring(cfg)
+    csv = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    n_flagged = int((csv["predicted_class"] == 0).sum())
+    assert n_flagged > 3
+
+    rep = summary["report"]
+    assert rep == json.loads((out / "summary.json").read_text())["report"]
+    assert rep["path"] == str(out / "report" / "index.html")
+    assert rep["flagged"] == n_flagged and rep["flagged_shown"] == 3 and rep["flagged_left_out"] == n_flagged - 3
+    assert rep["uncertain_shown"] == 4 and rep["images_shown"] == 7 and rep["heatmap_errors"] == 0
+    page = (out / "report" / "index.html").read_text()
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', page, re.S).group(1))
+    flagged = csv[csv["predicted_class"] == 0].sort_values("confidence", ascending=False)
+    assert [c["f"] for c in data["flagged"]] == list(flagged["filename"][:3])
+    for c in data["flagged"] + data["uncertain"]:
+        for rel in (c["t"], c["o"]):
+            assert rel.startswith("img/") and (out / "report" / rel).stat().st_size > 0
+    assert len(os.listdir(out / "report" / "img")) == 14
+    assert (out / "report" / "confidence_hist.png").exists() and 'src="confidence_hist.png"' in page
+    assert f"{n_flagged - 3} left out" in page and "broken.png" in page  # the error table
+    assert not (out / "report.tmp").exists()
+
+
+def test_report_in_process_with_a_vanished_file(bundle64, tmp_path):
+    folder = image_folder(tmp_path / "in", n=6)
+    out = tmp_path / "out"
+    df = fake_scoring_output(out, folder, bundle64, median_threshold(bundle64, folder))
+    gone = df[df["predicted_class"] == 0].sort_values("confidence").iloc[-1]  # the first card
+    os.remove(gone["path"])
+    rep = write_report(str(out), top=2, uncertain=1, use_ray=False)
+    assert rep["heatmap_errors"] == 1 and rep["images_shown"] == 2 and rep["flagged_shown"] == 2
+    page = (out / "report" / "index.html").read_text()
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', page, re.S).group(1))
+    first = data["flagged"][0]
+    assert first["f"] == gone["filename"] and first["e"] == "file no longer exists" and first["t"] == ""
+    assert sorted(os.listdir(out / "report" / "img")) == ["000001.jpg", "000001_cam.jpg", "000002.jpg", "000002_cam.jpg"]
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def chromium(page: Path, *, args: list[str], window: str = "1400,4000", timeout: int = 90) -> subprocess.CompletedProcess:
+    """Headless Chromium on a file:// page, offline and without a profile of its own."""
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        cmd = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={window}",
+               "--virtual-time-budget=5000", *args, page.as_uri()]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def body_attrs(dom: str) -> dict[str, str]:
+    tag = re.search(r"<body([^>]*)>", dom).group(1)
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', tag))
+
+
+@pytest.mark.skipif(find_chromium() is None,
+                    reason="needs a headless Chromium (Debian: apt-get install chromium) to open the report page")
+def test_report_in_a_real_browser(bundle64, tmp_path):
+    folder = image_folder(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    fake_scoring_output(out, folder, bundle64, median_threshold(bundle64, folder))
+    rep = write_report(str(out), top=100, uncertain=100, use_ray=False)
+    assert rep["images_shown"] == 10  # every readable image, flagged or not
+    page = Path(rep["path"])
+
+    proc = chromium(page, args=["--dump-dom"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    attrs = body_attrs(dom)
+    assert attrs.get("data-ready") == "1", f"the page's script did not run: {attrs}"
+    assert "data-pwned" not in attrs, "a file name ran as script"
+    # 10 cards x (thumbnail + overlay), none pending in a tall window
+    assert int(attrs["data-images"]) == 20
+    assert attrs["data-broken"] == "0" and attrs["data-loaded"] == "20", attrs
+    assert "&lt;/script&gt;&lt;img src=x" in dom or "&lt;script&gt;&lt;img src=x" in dom
+    assert "&lt;b&gt;bold&lt;/b&gt;" in dom and "gone &lt;i&gt;.png" in dom
+
+    # The check can fail: a missing overlay shows up as broken.
+    os.remove(page.parent / "img" / "000000_cam.jpg")
+    attrs = body_attrs(chromium(page, args=["--dump-dom"]).stdout)
+    assert attrs["data-broken"] == "1" and attrs["data-loaded"] == "19", attrs
+
+
+@pytest.mark.skipif(find_chromium() is None,
+                    reason="needs a headless Chromium (Debian: apt-get install chromium) to open the report page")
+def test_report_pages_ten_thousand_flagged(tmp_path):
+    from PIL import Image
+
+    report = tmp_path / "report"
+    (report / "img").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 60, 60)).save(report / "img" / "a.jpg")
+    cards = [{"f": f"image_{i:05d}.png", "c": 0.99, "pa": 0.99, "p": 0, "t": "img/a.jpg", "o": "img/a.jpg", "e": ""}
+             for i in range(10_000)]
+    page = render_page({"predicted": {"0 (artifact)": 12_000}}, cards, [], n_flagged=12_000, errors=[], n_errors=0,
+                       has_hist=False)
+    (report / "index.html").write_text(page)
+    proc = chromium(report / "index.html", args=["--dump-dom"])
+    attrs = body_attrs(proc.stdout)
+    assert attrs.get("data-ready") == "1" and attrs["data-images"] == "200", attrs  # one page: 100 cards x 2
+    assert "page 1 / 100 (1–100 of 10000)" in proc.stdout and "2000 left out" in proc.stdout
+    assert attrs["data-broken"] == "0"
+
+
+def test_score_flags(capsys):
+    import importlib.util
+    import logging
+
+    from artifact_core.jobs_common import run_job
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("job_score_flags", REPO / "jobs" / "score.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    p = job.get_args_parser()
+    assert (p.parse_args([]).report, p.parse_args([]).report_top, p.parse_args([]).report_uncertain) == (None, 500, 50)
+    assert p.parse_args(["--report", "--report-top", "7"]).report is True
+    assert p.parse_args(["--no-report"]).report is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--report", "--no-report"])
+    assert run_job(job.main, p.parse_args(["--report-top", "-1"]), logging.getLogger("test")) == 2
+    assert "--report-top and --report-uncertain must be 0 or more, got -1" in capsys.readouterr().err

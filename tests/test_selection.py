@@ -1,0 +1,108 @@
+"""Selection without Ray: the flag, patience on the selection metric, old loop states, ASHA rungs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+
+from artifact_core.config import SELECT_METRICS, SweepConfig, TrainConfig, add_training_args, config_from_args
+from artifact_core.train_loop import LoopState, update_patience
+from artifact_core.tuning import asha_rungs, build_scheduler
+
+
+def test_select_metric_flag_and_validation():
+    args = add_training_args(argparse.ArgumentParser()).parse_args([])
+    assert config_from_args(args).select_metric == "val_ap_artifact" == TrainConfig().select_metric
+    args = add_training_args(argparse.ArgumentParser()).parse_args(["--select-metric", "val_roc_auc"])
+    assert config_from_args(args).select_metric == "val_roc_auc"
+    with pytest.raises(SystemExit):
+        add_training_args(argparse.ArgumentParser()).parse_args(["--select-metric", "val_loss"])
+    with pytest.raises(ValueError, match=r"--select-metric must be one of val_ap_artifact, .*val_micro_f1.*got 'ap'"):
+        TrainConfig(select_metric="ap").validate()
+    for m in SELECT_METRICS:
+        TrainConfig(select_metric=m).validate()
+
+
+def test_patience_follows_the_selection_metric():
+    state = LoopState()
+    for ap, f1 in ((0.3, 0.9), (0.5, 0.9), (0.5, 0.95), (0.4, 0.99)):
+        update_patience(state, {"val_ap_artifact": ap, "val_micro_f1": f1}, "val_ap_artifact")
+    # micro F1 rose in epochs 3 and 4, AP did not: two epochs without gain
+    assert state.phase_best_score == 0.5 and state.bad_epochs == 2 and state.phase_best_metric == "val_ap_artifact"
+
+
+def test_old_loop_state_loads_and_resets_its_best_for_a_new_metric():
+    old = {"phase_index": 1, "phase_epoch": 2, "global_epoch": 6, "phase_best_f1": 0.92, "bad_epochs": 1,
+           "stopped_early": False, "history": [{"epoch": 1}], "resumed_after": [3], "some_future_key": 1}
+    state = LoopState.from_dict(old)
+    assert (state.phase_index, state.global_epoch, state.bad_epochs, state.resumed_after) == (1, 6, 1, [3])
+    assert state.phase_best_score == 0.92 and state.phase_best_metric == "val_micro_f1"
+    # resumed under AP: a micro-F1 best of 0.92 must not make an AP of 0.6 look like no gain
+    update_patience(state, {"val_ap_artifact": 0.6}, "val_ap_artifact")
+    assert state.phase_best_score == 0.6 and state.bad_epochs == 0
+    assert LoopState.from_dict({}) == LoopState()
+
+
+@pytest.mark.parametrize("head,finetune,expected", [(4, 4, [5]), (2, 2, [3]), (4, 12, [5, 10]), (0, 4, [1, 2, 4])])
+def test_asha_rungs_fall_after_the_head_phase_by_default(head, finetune, expected):
+    cfg = SweepConfig(base=TrainConfig(head_epochs=head, finetune_epochs=finetune))
+    rungs = asha_rungs(build_scheduler(cfg))
+    assert rungs == expected and min(rungs) > head
+
+
+def test_asha_explicit_grace_period_in_head_phase_warns(caplog):
+    cfg = SweepConfig(base=TrainConfig(head_epochs=4, finetune_epochs=4), grace_period=1)
+    with caplog.at_level(logging.WARNING, logger="artifact_core.tuning"):
+        rungs = asha_rungs(build_scheduler(cfg))
+    assert rungs == [1, 2, 4, 8] and "head phase" in caplog.text
+    assert build_scheduler(SweepConfig(base=TrainConfig(), scheduler="none")) is None
+    with pytest.raises(ValueError, match="--image-sizes"):
+        SweepConfig(base=TrainConfig(), image_sizes=[16]).validate()
+
+
+def test_sweep_searches_the_image_size():
+    from ray import tune
+
+    from artifact_core.config import add_sweep_args, sweep_from_args
+    from artifact_core.tuning import _param_space, trial_config
+
+    p = add_training_args(add_sweep_args(argparse.ArgumentParser()))
+    args = p.parse_args(["--image-sizes", "224", "320", "448"])
+    sweep = sweep_from_args(args, config_from_args(args))
+    assert sweep.image_sizes == [224, 320, 448] and sweep.validate()
+    space = _param_space(sweep)
+    assert isinstance(space["image_size"], tune.search.sample.Categorical)
+    assert space["image_size"].categories == [224, 320, 448]
+    cfg = trial_config(TrainConfig().to_dict(), {"lr": 1e-3, "finetune_lr_ratio": 0.1, "unfreeze_depth": 2, "image_size": 320})
+    assert cfg.image_size == 320 and cfg.finetune_lr == pytest.approx(1e-4)
+    # without --image-sizes the size is not a searched parameter
+    assert "image_size" not in _param_space(SweepConfig(base=TrainConfig()))
+    assert trial_config(TrainConfig(image_size=288).to_dict(),
+                        {"lr": 1e-3, "finetune_lr_ratio": 0.1, "unfreeze_depth": 2}).image_size == 288
+
+
+def test_oversampling_sampler_shares_and_ranks():
+    from artifact_core.train_loop import OversamplingSampler, loss_weights
+
+    labels = [0] * 10 + [1] * 90
+    ranks = [OversamplingSampler(labels, share=0.4, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    assert [len(s) for s in ranks] == [50, 50]
+    draws = {}
+    for epoch in range(20):
+        for r, s in enumerate(ranks):
+            s.set_epoch(epoch)
+            draws[(epoch, r)] = list(s)
+    pooled = [i for d in draws.values() for i in d]
+    assert abs(sum(labels[i] == 0 for i in pooled) / len(pooled) - 0.4) < 0.04  # 2,000 draws
+    assert draws[(0, 0)] != draws[(0, 1)] and draws[(0, 0)] != draws[(1, 0)]  # own stream per rank and epoch
+    again = OversamplingSampler(labels, share=0.4, num_replicas=2, rank=1, seed=3)
+    again.set_epoch(7)
+    assert list(again) == draws[(7, 1)]  # reproducible (a resumed run draws the same)
+    with pytest.raises(ValueError, match="both classes"):
+        OversamplingSampler([1, 1, 1], share=0.5)
+    assert loss_weights(TrainConfig(oversample=0.5), [5.0, 0.55]) == [1.0, 1.0]
+    assert loss_weights(TrainConfig(), [5.0, 0.55]) == [5.0, 0.55]
+    with pytest.raises(ValueError, match="--oversample"):
+        TrainConfig(oversample=1.0).validate()
