@@ -26,12 +26,14 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 RAY=${RAY:-$(command -v ray || echo ray)}
 IP=127.0.0.1
 
-node_ports() {  # $1 = offset of this node's port block
-  local o=$(( BASE + $1 ))
+node_ports() {  # $1 = offset of this node's fixed ports, $2 = offset of its 100 worker ports
+  # (the blocks of the two nodes must not overlap: a worker process of one node holding a
+  # port the other node's agent needs kills that node's raylet)
+  local o=$(( BASE + $1 )) w=$(( BASE + $2 ))
   echo --node-manager-port=$((o + 0)) --object-manager-port=$((o + 1)) \
        --dashboard-agent-listen-port=$((o + 2)) --dashboard-agent-grpc-port=$((o + 3)) \
        --runtime-env-agent-port=$((o + 4)) --metrics-export-port=$((o + 5)) \
-       --min-worker-port=$((o + 100)) --max-worker-port=$((o + 199))
+       --min-worker-port=$w --max-worker-port=$((w + 99))
 }
 
 up() {
@@ -42,7 +44,7 @@ up() {
   fi
   "$RAY" start --head --node-ip-address=$IP --port=$BASE --num-cpus="$HEAD_CPUS" --num-gpus=0 \
     --include-dashboard=true --dashboard-host=$IP --dashboard-port=$((BASE + 1)) \
-    --ray-client-server-port=$((BASE + 2)) $(node_ports 10) \
+    --ray-client-server-port=$((BASE + 2)) $(node_ports 10 100) \
     --temp-dir="$LC_DIR/head" --disable-usage-stats \
     ${LC_AUTOSCALING_CONFIG:+--autoscaling-config="$LC_AUTOSCALING_CONFIG"} >"$LC_DIR/head.log" 2>&1 \
     || { cat "$LC_DIR/head.log" >&2; exit 1; }
@@ -56,7 +58,7 @@ up() {
 start_worker() {  # the worker node (LC_WORKER_CPUS CPUs, at least 1), joining the running head
   local cpus=$WORKER_CPUS; [ "$cpus" = "0" ] && cpus=1
   "$RAY" start --address=$IP:$BASE --node-ip-address=$IP --num-cpus="$cpus" --num-gpus=0 \
-    $(node_ports 110) --temp-dir="$LC_DIR/worker" --disable-usage-stats >"$LC_DIR/worker.log" 2>&1 \
+    $(node_ports 20 200) --temp-dir="$LC_DIR/worker" --disable-usage-stats >"$LC_DIR/worker.log" 2>&1 \
     || { cat "$LC_DIR/worker.log" >&2; return 1; }
 }
 
