@@ -44,6 +44,8 @@ class TrainConfig:
     loader_workers: int = 0
     skip_unlabeled: bool = False
     demo_train_images: int = 600
+    #: delete what an earlier run wrote in <storage>/<name> and start again (only a run folder)
+    overwrite: bool = False
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
@@ -100,6 +102,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--storage-path", default=d.storage_path,
                    help="where runs are written; shared storage (NFS, s3://) on multi-node clusters (default: ./%(default)s)")
     g.add_argument("--name", default=None, help="run name; rerunning with the same name resumes (default: demo, or the data folder's name)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete what an earlier run wrote in <storage-path>/<name> and start again")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers (default: %(default)s)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, mixed precision")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker (default: %(default)s)")
@@ -128,9 +132,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig.from_dict(vars(args))
     cfg.storage_path = absolute_storage_path(cfg.storage_path)
     if cfg.data_dir:
-        cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
+        cfg.data_dir = absolute_storage_path(cfg.data_dir)  # a URI stays as it is
     if not cfg.name:
-        cfg.name = os.path.basename(os.path.normpath(cfg.data_dir)) if cfg.data_dir else DEMO_RUN_NAME
+        cfg.name = os.path.basename(cfg.data_dir.rstrip("/")) if cfg.data_dir else DEMO_RUN_NAME
     return cfg
 
 
