@@ -203,7 +203,10 @@ class SkippingLoader:
 
 
 def _collect_unreadable(loaders: tuple, state: LoopState, device: torch.device) -> int:
-    """Files skipped this epoch, summed over ranks; rank 0's state keeps them with reasons."""
+    """Distinct files skipped this epoch over all ranks; the state keeps them with reasons.
+
+    Counted when a loader meets them: a file in a batch that ``drop_last`` drops is not met.
+    """
     mine = [(u.path, u.reason) for loader in loaders for u in loader.unreadable]
     for loader in loaders:
         loader.unreadable.clear()
@@ -213,7 +216,7 @@ def _collect_unreadable(loaders: tuple, state: LoopState, device: torch.device) 
         log.info("skipped %d unreadable image(s), e.g. %s", len(new),
                  "; ".join(f"{os.path.basename(p)}: {r}" for p, r in new[:3]))
     state.unreadable.update(dict(everyone))
-    return len(everyone)
+    return len({p for p, _ in everyone})  # the sampler's padding may repeat a file
 
 
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[SkippingLoader, SkippingLoader]:

@@ -67,3 +67,23 @@ def test_worker_failure_resumes_and_rerun_continues(ray_session, easy_folder, tm
     assert again.metrics["resumed_after_epochs"] == [3, 4]
     assert [h["epoch"] for h in again.metrics["history"]] == [1, 2, 3, 4, 5]
     assert again.metrics["history"][-1]["phase"] == "finetune"
+
+
+def test_unreadable_images_are_skipped_by_the_workers(ray_session, tmp_path, backbone_weights):
+    from conftest import make_easy_folder
+
+    data = make_easy_folder(tmp_path / "train", n=32)
+    good = (data / "image_1_1.png").read_bytes()
+    (data / "image_90_1.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    (data / "image_91_0.png").write_text("this is a text file, not a picture")
+    # batch 16 >= a rank's share of the training files: no batch is dropped, every epoch meets every file
+    cfg = small_config(data, tmp_path / "runs", "bad", weights=backbone_weights, head_epochs=1, finetune_epochs=1,
+                       batch_size=16)
+    summary = run_training(cfg)
+    hist = summary.metrics["history"]
+    # every epoch meets both files again (summed across the two ranks, train + val)
+    assert [h["unreadable_skipped"] for h in hist] == [2, 2]
+    saved = json.loads(open(os.path.join(summary.bundle_dir, "metrics.json")).read())
+    assert sorted(os.path.basename(p) for p in saved["unreadable_skipped"]) == ["image_90_1.png", "image_91_0.png"]
+    assert all(saved["unreadable_reasons"].values())
+    assert saved["counts"]["train"]["artifact"] + saved["counts"]["val"]["artifact"] == 9
