@@ -96,16 +96,17 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         return Split(data.uri, [relative[i] for i in train_idx], [folder.labels[i] for i in train_idx],
                      [relative[i] for i in val_idx], [folder.labels[i] for i in val_idx])
 
+    # Loading here makes a bad --weights fail before any worker starts, and workers need
+    # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
+    weights_state, weights_source = resolve_weights(cfg.weights)
+    initial_state = build_model(weights=weights_state, dropout=cfg.dropout).state_dict()
+    # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
     if run is None:
         stored = fresh_split()
     else:
         stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data.uri,
                            make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity)
     split = stored.absolute(folder.root)
-    # Loading here makes a bad --weights fail before any worker starts, and workers need
-    # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
-    weights_state, weights_source = resolve_weights(cfg.weights)
-    initial_state = build_model(weights=weights_state, dropout=cfg.dropout).state_dict()
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
     log.info("data %s: train %s, val %s", data.uri, counts["train"], counts["val"])
