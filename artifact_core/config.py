@@ -46,6 +46,8 @@ class TrainConfig:
     demo_train_images: int = 600
     #: delete what an earlier run wrote in <storage>/<name> and start again (only a run folder)
     overwrite: bool = False
+    #: training ingest: "dataloader" (decode in the worker) or "ray-data" (Ray Data streaming_split)
+    ingest: str = "dataloader"
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
@@ -64,6 +66,7 @@ class TrainConfig:
             ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("--ingest", self.ingest in ("dataloader", "ray-data"), "'dataloader' or 'ray-data'"),
         ]
         for flag, ok, expected in checks:
             if not ok:
@@ -107,6 +110,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers (default: %(default)s)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, mixed precision")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker (default: %(default)s)")
+    g.add_argument("--ingest", choices=["dataloader", "ray-data"], default=d.ingest,
+                   help="training ingest: a DataLoader per worker, or Ray Data streaming_split across "
+                        "workers (decode in Ray Data tasks; leave CPUs free for them) (default: %(default)s)")
     g.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker (default: %(default)s)")
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="split and init seed (default: %(default)s)")

@@ -219,7 +219,7 @@ def _collect_unreadable(loaders: tuple, state: LoopState, device: torch.device) 
     return len({p for p, _ in everyone})  # the sampler's padding may repeat a file
 
 
-def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[SkippingLoader, SkippingLoader]:
+def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[Any, SkippingLoader]:
     split = loop_config["split"]
     fs = loop_config.get("data_fs")  # a pyarrow filesystem for data in object storage, else None
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
@@ -229,15 +229,20 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     # drop_last: a final batch of one sample breaks BatchNorm in the unfrozen blocks.
     per_rank = len(sampler)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                              num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
-                              persistent_workers=cfg.loader_workers > 0, collate_fn=collate)
+    if cfg.ingest == "ray-data":  # this worker's streaming_split shard (artifact_core.ingest)
+        from artifact_core.ingest import ShardLoader
+        train: Any = ShardLoader(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
+                                 drop_last=len(train_ds) // world > cfg.batch_size)
+    else:
+        train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                                          num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
+                                          persistent_workers=cfg.loader_workers > 0, collate_fn=collate))
     # Validation is sharded without padding (DistributedSampler would duplicate samples
     # and bias the metrics); the shards are gathered before computing F1.
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
     val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
                             collate_fn=collate)
-    return SkippingLoader(train_loader), SkippingLoader(val_loader)
+    return train, SkippingLoader(val_loader)
 
 
 def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_state: dict | None,

@@ -129,6 +129,15 @@ def storage_args(storage_path: str) -> dict[str, Any]:
     return {"storage_path": loc.path, "storage_filesystem": loc.fs}
 
 
+def _ingest_args(cfg: TrainConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
+    """``datasets``/``dataset_config`` for ``--ingest ray-data`` (only the training part is split)."""
+    if cfg.ingest != "ray-data":
+        return {}
+    from artifact_core.ingest import train_datasets
+    return {"datasets": train_datasets(loop_config, image_size=cfg.image_size),
+            "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
+
+
 def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, storage_path: str,
                   callbacks: Sequence[Any] | None = None) -> TorchTrainer:
     """The one TorchTrainer set-up, shared by the train job and every tune trial.
@@ -142,6 +151,7 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        **_ingest_args(cfg, loop_config),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
