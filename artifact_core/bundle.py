@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from artifact_core.data import LABEL_NAMES
 from artifact_core.model import ARCHITECTURE, build_model, unwrap
+from artifact_core.storage import is_uri, resolve
 from artifact_core.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BUNDLE_FORMAT = 1
@@ -141,13 +143,32 @@ def update_metrics(path: str, key: str, value: Any) -> dict[str, Any]:
     return metrics
 
 
+def _download_bundle(uri: str, local: str) -> None:
+    """Copy a bundle's files from a URI (``s3://``...) into the local folder ``local``."""
+    remote = resolve(uri)
+    if not remote.is_dir():
+        raise FileNotFoundError(f"model bundle {uri!r} does not exist (expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE})")
+    for name in (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE):
+        src = remote.join(name)
+        if src.exists():
+            with src.fs.open_input_stream(src.path) as f, open(os.path.join(local, name), "wb") as out:
+                out.write(f.read())
+
+
 def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
-    """Rebuild the model from a bundle folder, in eval mode on ``device``.
+    """Rebuild the model from a bundle folder (local, or a URI downloaded first), in eval mode on ``device``.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
         ValueError: the config is not a bundle this version can read.
     """
+    if is_uri(path) and not resolve(path).is_local:
+        with tempfile.TemporaryDirectory() as tmp:
+            _download_bundle(path, tmp)
+            bundle = load_bundle(tmp, device=device)
+        bundle.path = path
+        return bundle
+    path = resolve(path).path  # file:// URIs become local paths
     config = read_bundle_config(path)
     model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs)
     state = torch.load(os.path.join(path, WEIGHTS_FILE), map_location="cpu", weights_only=True)

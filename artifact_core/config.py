@@ -58,6 +58,10 @@ class TrainConfig:
     oversample: float = 0.0
     #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
     wait_for_resources: float | None = None
+    #: delete what an earlier run wrote in <storage>/<name> and start again (only a run folder)
+    overwrite: bool = False
+    #: training ingest: "dataloader" (decode in the worker) or "ray-data" (Ray Data streaming_split)
+    ingest: str = "dataloader"
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
@@ -79,6 +83,7 @@ class TrainConfig:
             ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
             ("--wait-for-resources", self.wait_for_resources is None or self.wait_for_resources >= 0, "0 or more seconds"),
+            ("--ingest", self.ingest in ("dataloader", "ray-data"), "'dataloader' or 'ray-data'"),
         ]
         for flag, ok, expected in checks:
             if not ok:
@@ -121,9 +126,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--storage-path", default=d.storage_path,
                    help="where runs are written; shared storage (NFS, s3://) on multi-node clusters (default: ./%(default)s)")
     g.add_argument("--name", default=None, help="run name; rerunning with the same name resumes (default: demo, or the data folder's name)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete what an earlier run wrote in <storage-path>/<name> and start again")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers (default: %(default)s)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, mixed precision")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker (default: %(default)s)")
+    g.add_argument("--ingest", choices=["dataloader", "ray-data"], default=d.ingest,
+                   help="training ingest: a DataLoader per worker, or Ray Data streaming_split across "
+                        "workers (decode in Ray Data tasks; leave CPUs free for them) (default: %(default)s)")
     g.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker (default: %(default)s)")
     g.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS",
                    help=WAIT_HELP)
@@ -157,9 +167,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig.from_dict(vars(args))
     cfg.storage_path = absolute_storage_path(cfg.storage_path)
     if cfg.data_dir:
-        cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
+        cfg.data_dir = absolute_storage_path(cfg.data_dir)  # a URI stays as it is
     if not cfg.name:
-        cfg.name = os.path.basename(os.path.normpath(cfg.data_dir)) if cfg.data_dir else DEMO_RUN_NAME
+        cfg.name = os.path.basename(cfg.data_dir.rstrip("/")) if cfg.data_dir else DEMO_RUN_NAME
     return cfg
 
 

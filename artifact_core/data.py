@@ -7,13 +7,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch.utils.data import Dataset
 
-from artifact_core.images import decode_image
+from artifact_core.images import ImageDecodeError, decode_image
+from artifact_core.storage import FileReadError, read_file_bytes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,30 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return sorted(os.path.abspath(p) for p in found)
 
 
+def list_image_files(folder: str) -> tuple[list[str], pafs.FileSystem | None, str]:
+    """Image files below a local folder or a pyarrow filesystem URI (recursive, hidden skipped).
+
+    Returns:
+        (sorted paths on the filesystem, the filesystem or None for local, the normalized root).
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: the folder is missing or a file.
+    """
+    loc = resolve(folder)
+    if loc.is_local:
+        return list_images(loc.path), None, loc.path
+    kind = loc.info().type
+    if kind == pafs.FileType.File:
+        raise NotADirectoryError(f"{folder!r} is not a folder of images")
+    if kind != pafs.FileType.Directory:
+        raise FileNotFoundError(f"image folder {folder!r} does not exist")
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    prefix = loc.path + "/"
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name)
+                   and not any(part.startswith(".") for part in i.path[len(prefix):].split("/")))
+    return paths, loc.fs, loc.path
+
+
 def parse_label(path: str | os.PathLike) -> int:
     """Read the label from a file name ``<anything>_<label>.<ext>``.
 
@@ -73,6 +99,10 @@ class LabeledFolder:
     paths: list[str]
     labels: list[int]
     skipped: list[str] = field(default_factory=list)
+    #: where the paths live: None for local files, else the pyarrow filesystem (picklable)
+    fs: Any = None
+    #: the listed folder as a path on ``fs``; paths are below it
+    root: str = ""
 
     def counts(self) -> dict[int, int]:
         """Number of images per label."""
@@ -80,17 +110,17 @@ class LabeledFolder:
 
 
 def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = False) -> LabeledFolder:
-    """List a training folder and parse every label.
+    """List a training folder and parse every label (no image is opened).
 
     Args:
-        folder: root of the labelled images (searched recursively).
+        folder: root of the labelled images (searched recursively): a local path or a URI.
         skip_unlabeled: skip names without a label (listed in ``skipped``) instead of raising.
 
     Raises:
         FileNotFoundError / NotADirectoryError: the folder is missing.
         ValueError: no images, an unparsable name (unless skipped), or only one class.
     """
-    paths = list_images(folder)
+    paths, fs, root = list_image_files(os.fspath(folder))
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {os.fspath(folder)!r}")
     kept, labels, skipped = [], [], []
@@ -113,7 +143,7 @@ def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = Fal
             f"{os.fspath(folder)!r} holds only class {present[0]} ({only}); "
             f"training needs examples of both 0 (artifact) and 1 (artifact-free)"
         )
-    return LabeledFolder(kept, labels, skipped)
+    return LabeledFolder(kept, labels, skipped, fs=fs, root=root)
 
 
 def stratified_split(labels: Sequence[int], *, val_fraction: float = 0.2,
@@ -155,37 +185,55 @@ def class_weights(labels: Sequence[int], num_classes: int = 2) -> np.ndarray:
     return len(y) / (num_classes * counts)
 
 
+class Unreadable(NamedTuple):
+    """What :class:`ImageFileDataset` returns for a file it cannot read or decode."""
+
+    path: str
+    reason: str
+
+
 class ImageFileDataset(Dataset):
     """(image tensor, label) pairs read from files with the shared decoder.
 
-    A file that fails to decode raises :class:`~artifact_core.images.ImageDecodeError`
-    naming it; training folders are checked up front by :func:`find_unreadable`.
-    With ``target_size`` the decoder also resizes (at reduced scale where it can), exactly
-    as scoring's decode tasks do, so validation and scoring see the same pixels.
+    Files are read at their turn (through ``fs`` when they live in object storage), so
+    nothing decodes the whole folder up front. A file that cannot be read or decoded
+    gives an :class:`Unreadable` marker instead of an image; :func:`collate_readable`
+    drops it from the batch and passes it on to be counted. With ``target_size`` the
+    decoder also resizes (at reduced scale where it can), exactly as scoring's decode tasks
+    do, so validation and scoring see the same pixels.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
-                 transform: Callable, *, target_size: int | None = None) -> None:
+                 transform: Callable, fs: pafs.FileSystem | None = None, *,
+                 target_size: int | None = None) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
         self.labels = [int(y) for y in labels]
         self.transform = transform
         self.target_size = target_size
+        self.fs = fs
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(decode_image(self.paths[i], target_size=self.target_size)), self.labels[i]
-
-
-def find_unreadable(paths: Sequence[str]) -> list[tuple[str, str]]:
-    """Return ``(path, reason)`` for every file the shared decoder rejects."""
-    bad = []
-    for p in paths:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Unreadable:
+        path = self.paths[i]
         try:
-            decode_image(p)
-        except ValueError as exc:
-            bad.append((p, getattr(exc, "reason", str(exc))))
-    return bad
+            return self.transform(decode_image(read_file_bytes(path, self.fs), name=path,
+                                               target_size=self.target_size)), self.labels[i]
+        except (FileReadError, ImageDecodeError) as exc:
+            return Unreadable(path, exc.reason)
+
+
+def collate_readable(items: list, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[Unreadable]]:
+    """Stack the readable samples of a batch; returns (images, labels, unreadable markers).
+
+    A batch of only unreadable files becomes an empty (0, 3, S, S) batch rather than
+    disappearing: under DDP every rank must run the same number of steps.
+    """
+    bad = [it for it in items if isinstance(it, Unreadable)]
+    good = [it for it in items if not isinstance(it, Unreadable)]
+    if not good:
+        return torch.zeros(0, 3, image_size, image_size), torch.zeros(0, dtype=torch.int64), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), bad

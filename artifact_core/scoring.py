@@ -30,7 +30,7 @@ import ray.data
 from artifact_core import plots
 from artifact_core.bundle import WEIGHTS_FILE, load_bundle
 from artifact_core.config import ScoreConfig
-from artifact_core.data import is_image_file, list_images
+from artifact_core.data import list_image_files
 from artifact_core.decode import decode_batch
 from artifact_core.metrics import classification_metrics
 from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, resolve_engine
@@ -59,16 +59,7 @@ def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
     Returns:
         (sorted paths, filesystem or None for local, normalized root).
     """
-    loc = resolve(input_uri)
-    if loc.is_local:
-        return list_images(loc.path), None, loc.path
-    if not loc.is_dir():
-        raise FileNotFoundError(f"input {input_uri!r} does not exist or is not a folder")
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    prefix = loc.path + "/"
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name)
-                   and not any(part.startswith(".") for part in i.path[len(prefix):].split("/")))
-    return paths, loc.fs, loc.path
+    return list_image_files(input_uri)
 
 
 def _existing_rows(parquet_dir: Location) -> set[str]:
@@ -86,9 +77,9 @@ def _existing_rows(parquet_dir: Location) -> set[str]:
     return done
 
 
-def _file_sha256(path: str) -> str:
+def _file_sha256(loc: Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with loc.fs.open_input_stream(loc.path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -101,8 +92,9 @@ def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Loca
     """
     output = resolve(cfg.output)
     check_apart(output, resolve(cfg.input), output_name="--output", source_name="the input")
-    identity = ScoringIdentity(input=resolve(cfg.input).uri, model=os.path.abspath(cfg.model),
-                               model_sha256=_file_sha256(os.path.join(cfg.model, WEIGHTS_FILE)),
+    model = resolve(cfg.model)
+    identity = ScoringIdentity(input=resolve(cfg.input).uri, model=model.uri,
+                               model_sha256=_file_sha256(model.join(WEIGHTS_FILE)),
                                threshold=threshold, image_size=image_size)
     prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume, overwrite=cfg.overwrite)
     for name in DERIVED_ENTRIES:
@@ -190,7 +182,7 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "files": len(expected), "scored": int(ok.sum()), "errors": int((~ok).sum()),
         "predicted": {"0 (artifact)": int((pred == 0).sum()), "1 (artifact-free)": int((pred == 1).sum())},
         "mean_confidence": float(np.mean(conf[ok])) if ok.any() else None,
-        "model": os.path.abspath(cfg.model), "threshold": threshold, "input": cfg.input,
+        "model": resolve(cfg.model).uri, "threshold": threshold, "input": cfg.input,
         "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
         "precision": cfg.precision,
         "wall_seconds": wall_seconds, "scored_this_run": scored_now,

@@ -15,6 +15,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from artifact_core.config import TrainConfig
-from artifact_core.data import ARTIFACT, ImageFileDataset
+from artifact_core.data import ARTIFACT, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
 from artifact_core.model import build_model, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
@@ -63,6 +64,7 @@ class LoopState:
     stopped_early: bool = False   # the current phase ended by patience
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_after: list[int] = field(default_factory=list)  # global_epoch at each resume
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason, skipped by the loaders
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopState":
@@ -157,7 +159,9 @@ def _weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) 
     """Class-weighted BCE on the 'artifact-free' logit; returns (mean loss, summed loss)."""
     per_sample = F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), y.float(), reduction="none")
     per_sample = per_sample * weights[y]
-    return per_sample.mean(), per_sample.sum().detach()
+    # sum / n rather than mean(): a batch whose files were all unreadable is empty, and its
+    # step must still run (DDP) with a zero loss, not NaN.
+    return per_sample.sum() / max(len(y), 1), per_sample.sum().detach()
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,12 +275,53 @@ def loss_weights(cfg: TrainConfig, folder_weights: list[float]) -> list[float]:
     return list(folder_weights)
 
 
-def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
+class SkippingLoader:
+    """Iterates ``(images, labels)`` of a DataLoader that uses :func:`collate_readable`,
+    keeping the unreadable files it met in ``unreadable``."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.unreadable: list[Unreadable] = []
+
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's sampler (``set_epoch`` goes there)."""
+        return self.loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, bad in self.loader:
+            self.unreadable.extend(bad)
+            yield x, y
+
+
+def _collect_unreadable(loaders: tuple, state: LoopState, device: torch.device) -> int:
+    """Distinct files skipped this epoch over all ranks; the state keeps them with reasons.
+
+    Counted when a loader meets them: a file in a batch that ``drop_last`` drops is not met.
+    """
+    mine = [(u.path, u.reason) for loader in loaders for u in loader.unreadable]
+    for loader in loaders:
+        loader.unreadable.clear()
+    everyone = _gather(mine)
+    new = [(p, r) for p, r in everyone if p not in state.unreadable]
+    if new:  # logged once per file (rank 0 only logs at INFO)
+        log.info("skipped %d unreadable image(s), e.g. %s", len(new),
+                 "; ".join(f"{os.path.basename(p)}: {r}" for p, r in new[:3]))
+    state.unreadable.update(dict(everyone))
+    return len({p for p, _ in everyone})  # the sampler's padding may repeat a file
+
+
+def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[Any, SkippingLoader]:
     split = loop_config["split"]
+    fs = loop_config.get("data_fs")  # a pyarrow filesystem for data in object storage, else None
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
-                                train_transform(image_size=cfg.image_size), target_size=cfg.image_size)
-    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size),
+                                train_transform(image_size=cfg.image_size), fs=fs, target_size=cfg.image_size)
+    val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size), fs=fs,
                               target_size=cfg.image_size)
+    collate = partial(collate_readable, image_size=cfg.image_size)
     sampler: DistributedSampler | OversamplingSampler
     if cfg.oversample > 0:
         sampler = OversamplingSampler(split["train_labels"], share=cfg.oversample, num_replicas=world, rank=rank,
@@ -285,14 +330,20 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     # drop_last: a final batch of one sample breaks BatchNorm in the unfrozen blocks.
     per_rank = len(sampler)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                              num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
-                              persistent_workers=cfg.loader_workers > 0)
+    if cfg.ingest == "ray-data":  # this worker's streaming_split shard (artifact_core.ingest)
+        from artifact_core.ingest import ShardLoader
+        train: Any = ShardLoader(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
+                                 drop_last=len(train_ds) // world > cfg.batch_size)
+    else:
+        train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                                          num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
+                                          persistent_workers=cfg.loader_workers > 0, collate_fn=collate))
     # Validation is sharded without padding (DistributedSampler would duplicate samples
     # and bias the metrics); the shards are gathered before computing F1.
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
-    val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers)
-    return train_loader, val_loader
+    val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
+                            collate_fn=collate)
+    return train, SkippingLoader(val_loader)
 
 
 def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_state: dict | None,
@@ -339,6 +390,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         # Threshold-free AP and ROC AUC of the artifact class beside micro F1 at 0.5: they
         # drive selection (--select-metric), since a one-class model cannot win them.
         m = {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking_metrics(labels, probs)}
+        unreadable = _collect_unreadable(loaders, state, device)
 
         state.phase_epoch += 1
         state.global_epoch += 1
@@ -351,6 +403,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
             **{f"val_{k}": v for k, v in m.items()},
             "lr": spec.lr, "trainable_params": trainable, "epoch_seconds": time.time() - t0,
             "world_size": world, "node_ids": context["node_ids"], "early_stopped": stop_early,
+            "unreadable_skipped": unreadable,
         }
         state.history.append(metrics)
         with tempfile.TemporaryDirectory() as tmpdir:

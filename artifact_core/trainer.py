@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,14 +24,15 @@ from ray.train.torch import TorchTrainer
 from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig
-from artifact_core.data import LABEL_NAMES, class_weights, find_unreadable, scan_labeled_folder, stratified_split
+from artifact_core.data import LABEL_NAMES, class_weights, scan_labeled_folder, stratified_split
 from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import (best_report, best_threshold, classification_metrics, precision_recall_curve,
                                    predict_labels, ranking_metrics, thin_curve)
 from artifact_core.model import build_model, resolve_weights
 from artifact_core.raycluster import check_fits
+from artifact_core.run_identity import Split, claim_run
 from artifact_core.storage import check_apart, resolve
-from artifact_core.train_loop import MODEL_FILE, read_state, read_val_scores, train_loop_per_worker
+from artifact_core.train_loop import MODEL_FILE, STATE_FILE, read_state, read_val_scores, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -63,44 +65,80 @@ def demo_data_dir(storage_path: str, *, n_train: int = 400, n_test: int = 100) -
     return root
 
 
-def prepare_run(cfg: TrainConfig) -> dict[str, Any]:
-    """Scan, check and split the data and load the starting weights, once, on the driver.
+def prepare_run(cfg: TrainConfig, *, kind: str = "train",
+                extra_identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """List and split the data, claim the run folder and load the starting weights, once, on the driver.
 
-    Unreadable training images are skipped (count in the log, list under
-    ``unreadable`` in the returned config) so one bad file does not cost a run.
+    No image is opened here: unreadable files are skipped by the workers that load them
+    (counted with the epoch metrics). The first start of a named run stores its config and
+    split in the run folder; a rerun resumes with the stored split, or is refused when it
+    would train something else (:mod:`artifact_core.run_identity`).
+
+    Args:
+        cfg: the training config (``data_dir`` and ``storage_path`` may be URIs).
+        kind: "train", or "sweep" when a sweep claims the folder (its trials sample the LRs).
+        extra_identity: more fields that define the run (a sweep's search space).
 
     Returns:
         The ``train_loop_config`` for :func:`~artifact_core.train_loop.train_loop_per_worker`.
     """
     cfg.validate()
     data_dir = cfg.data_dir or os.path.join(demo_data_dir(cfg.storage_path, n_train=cfg.demo_train_images), "train")
+    data = resolve(data_dir)
+    run = resolve(cfg.storage_path).join(cfg.name) if cfg.name else None
     # The run folder (checkpoints, bundle, plots) must not mix with the data it trains on.
-    if cfg.name:
-        check_apart(resolve(f"{cfg.storage_path.rstrip('/')}/{cfg.name}"), resolve(data_dir),
-                    output_name="the run folder (--storage-path/--name)", source_name="the training data")
-    folder = scan_labeled_folder(data_dir, skip_unlabeled=cfg.skip_unlabeled)
-    bad = dict(find_unreadable(folder.paths))
-    if bad:
-        log.warning("skipping %d unreadable image(s) in %s, e.g. %s", len(bad), data_dir,
-                    "; ".join(f"{os.path.basename(p)}: {r}" for p, r in list(bad.items())[:3]))
-    paths = [p for p in folder.paths if p not in bad]
-    labels = [y for p, y in zip(folder.paths, folder.labels) if p not in bad]
-    if len(set(labels)) < 2:
-        raise ValueError(f"after skipping {len(bad)} unreadable file(s), {data_dir!r} no longer has both classes")
-    train_idx, val_idx = stratified_split(labels, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    train_labels = [labels[i] for i in train_idx]
-    split = {"train_paths": [paths[i] for i in train_idx], "train_labels": train_labels,
-             "val_paths": [paths[i] for i in val_idx], "val_labels": [labels[i] for i in val_idx]}
+    if run is not None:
+        check_apart(run, data, output_name="the run folder (--storage-path/--name)", source_name="the training data")
+    folder = scan_labeled_folder(data.uri, skip_unlabeled=cfg.skip_unlabeled)
+    prefix = folder.root.rstrip("/") + "/"
+    relative = [p[len(prefix):] for p in folder.paths]
+    train_dict = {**cfg.to_dict(), "data_dir": data.uri}
+
+    def fresh_split() -> Split:
+        train_idx, val_idx = stratified_split(folder.labels, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        return Split(data.uri, [relative[i] for i in train_idx], [folder.labels[i] for i in train_idx],
+                     [relative[i] for i in val_idx], [folder.labels[i] for i in val_idx])
+
     # Loading here makes a bad --weights fail before any worker starts, and workers need
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
     initial_state = build_model(weights=weights_state, dropout=cfg.dropout).state_dict()
+    # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
+    if run is None:
+        stored = fresh_split()
+    else:
+        stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data.uri,
+                           make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity)
+    split = stored.absolute(folder.root)
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
-    log.info("data %s: train %s, val %s, %d unreadable skipped", data_dir, counts["train"], counts["val"], len(bad))
-    return {"train": {**cfg.to_dict(), "data_dir": data_dir}, "split": split,
-            "class_weights": class_weights(train_labels).tolist(), "initial_state": initial_state,
-            "counts": counts, "unreadable": sorted(bad), "weights_source": weights_source}
+    log.info("data %s: train %s, val %s", data.uri, counts["train"], counts["val"])
+    # data_fs: the pyarrow filesystem of data in object storage (None for local files); it
+    # pickles to the workers, which read each image through it at its turn.
+    return {"train": {**train_dict, "overwrite": False}, "split": split, "data_fs": folder.fs,
+            "class_weights": class_weights(split["train_labels"]).tolist(), "initial_state": initial_state,
+            "counts": counts, "weights_source": weights_source}
+
+
+def storage_args(storage_path: str) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem`` for URIs) for Ray's ``RunConfig``.
+
+    Passing the filesystem object keeps settings Ray would not find from the URI alone
+    (a custom endpoint from ``AWS_ENDPOINT_URL``, credentials) on the workers as well.
+    """
+    loc = resolve(storage_path)
+    if loc.is_local:
+        return {"storage_path": loc.path}
+    return {"storage_path": loc.path, "storage_filesystem": loc.fs}
+
+
+def _ingest_args(cfg: TrainConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
+    """``datasets``/``dataset_config`` for ``--ingest ray-data`` (only the training part is split)."""
+    if cfg.ingest != "ray-data":
+        return {}
+    from artifact_core.ingest import train_datasets
+    return {"datasets": train_datasets(loop_config, image_size=cfg.image_size),
+            "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
 
 
 def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, storage_path: str,
@@ -116,11 +154,12 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        **_ingest_args(cfg, loop_config),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            **storage_args(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=cfg.select_metric, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -202,23 +241,35 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
     return metrics
 
 
+def unreadable_of(result: Any) -> dict[str, str]:
+    """Files the workers skipped as unreadable (path -> reason), from the run's latest checkpoint."""
+    ckpt = getattr(result, "checkpoint", None)
+    if ckpt is None:
+        return {}
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{STATE_FILE}") as f:
+            return dict(json.loads(f.read().decode("utf-8")).get("unreadable", {}))
+    except (OSError, ValueError):
+        return {}
+
+
 def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = None) -> TrainSummary:
     """Train with Ray Train and export the best checkpoint as ``<storage>/<name>/model``.
 
-    Rerunning with the same ``storage_path`` and ``name`` resumes the run.
+    Rerunning with the same ``storage_path`` and ``name`` resumes the run with its stored
+    split; other training settings or data are refused (see :mod:`artifact_core.run_identity`).
     """
     t0 = time.time()
     loop_config = prepare_run(cfg)
     loop_config.update(loop_overrides or {})
     cfg = TrainConfig.from_dict(loop_config["train"])  # with the resolved data folder
-    run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    run_dir = resolve(cfg.storage_path).join(cfg.name).uri
     trainer = build_trainer(cfg, loop_config, name=cfg.name, storage_path=cfg.storage_path)
     result = trainer.fit()
     bundle_dir = f"{run_dir}/{BUNDLE_FOLDER}"
+    unreadable = unreadable_of(result)
     metrics = export_bundle(result, cfg, bundle_dir, extra_metrics={
-        "counts": loop_config["counts"], "unreadable_skipped": loop_config["unreadable"],
-        "wall_seconds": time.time() - t0}, weights_source=loop_config.get("weights_source"),
-        split=loop_config["split"])
-    if "://" not in run_dir:
-        cfg.save(os.path.join(run_dir, "run_config.json"))
+        "counts": loop_config["counts"], "unreadable_skipped": sorted(unreadable),
+        "unreadable_reasons": unreadable, "wall_seconds": time.time() - t0},
+        weights_source=loop_config.get("weights_source"), split=loop_config["split"])
     return TrainSummary(bundle_dir=bundle_dir, metrics=metrics, result=result)

@@ -10,10 +10,12 @@ F1 alone, which a model that never finds an artifact wins under class imbalance.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -26,7 +28,9 @@ from ray.tune.schedulers import ASHAScheduler
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.raycluster import check_fits, detect_autoscaler
-from artifact_core.trainer import BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, export_bundle, prepare_run
+from artifact_core.storage import Location, resolve
+from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, export_bundle, prepare_run,
+                                   storage_args)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +147,31 @@ def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select
     return pd.DataFrame(rows).sort_values(f"best_{metric}", ascending=False, na_position="last")
 
 
+def _search_space_identity(cfg: SweepConfig) -> dict[str, Any]:
+    """The sweep settings that define a sweep (beside the training fields): another value is another sweep."""
+    return {"search_space": {"lr_min": cfg.lr_min, "lr_max": cfg.lr_max, "lrs": cfg.lrs,
+                             "finetune_lr_ratio_min": cfg.finetune_lr_ratio_min,
+                             "finetune_lr_ratio_max": cfg.finetune_lr_ratio_max,
+                             "unfreeze_depths": list(cfg.unfreeze_depths), "image_sizes": cfg.image_sizes,
+                             "scheduler": cfg.scheduler, "grace_period": cfg.grace_period,
+                             "num_samples": cfg.num_samples}}
+
+
+def write_results(sweep: Location, table: pd.DataFrame, metric: str) -> None:
+    """results.csv and tune_results.png into the sweep folder (local or object storage)."""
+    buf = io.StringIO()
+    table.to_csv(buf, index=False)
+    sweep.join("results.csv").write_text(buf.getvalue())
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "tune_results.png")
+        plots.tune_results(table, metric, local)
+        sweep.join("tune_results.png").upload(local)
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep and export results, best config and the best bundle.
+
+    Every output may live in object storage (``--storage-path s3://...``).
 
     Returns:
         {"results": DataFrame, "best_config": dict, "bundle_dir": str, "sweep_dir": str}.
@@ -152,19 +179,25 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     t0 = time.time()
     cfg.validate()
     base = cfg.base
-    sweep_dir = os.path.join(base.storage_path, base.name)
-    loop_config = prepare_run(base)
+    if cfg.resume and base.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pass one of them")
+    sweep = resolve(base.storage_path).join(base.name)
+    sweep_dir = sweep.uri
+    loop_config = prepare_run(base, kind="sweep", extra_identity=_search_space_identity(cfg))
     concurrent = _concurrency(cfg)
-    shared = {"loop_config": loop_config, "trials_path": os.path.join(sweep_dir, TRIALS_FOLDER)}
+    shared = {"loop_config": loop_config, "trials_path": sweep.join(TRIALS_FOLDER).uri}
+    storage = storage_args(sweep_dir)
+    fs = storage.get("storage_filesystem")
     # The driver of a trial only waits on its TorchTrainer: it needs no CPU of its own, and
     # taking one would deadlock small clusters ({"cpu": 0} alone is refused by Tune).
     trainable = tune.with_resources(tune.with_parameters(tune_trial, shared=shared), {"cpu": 0, "memory": 1})
     total_epochs = base.head_epochs + base.finetune_epochs
     metric = base.select_metric
-    experiment = os.path.join(sweep_dir, "tune")
-    if cfg.resume and tune.Tuner.can_restore(experiment):
-        log.info("resuming sweep %s", experiment)
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    experiment = f"{storage['storage_path']}/tune"
+    if cfg.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        log.info("resuming sweep %s", sweep.join("tune").uri)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
     else:
         if cfg.resume:
             log.warning("nothing to resume at %s; starting a new sweep", experiment)
@@ -177,23 +210,21 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             param_space=_param_space(cfg),
             tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=cfg.num_samples,
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
-            run_config=tune.RunConfig(name="tune", storage_path=sweep_dir,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+            run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
     table = results_table(grid, total_epochs, metric)
     table["image_size"] = table["image_size"].fillna(base.image_size).astype(int)
-    os.makedirs(sweep_dir, exist_ok=True)
-    table.to_csv(os.path.join(sweep_dir, "results.csv"), index=False)
-    plots.tune_results(table, metric, os.path.join(sweep_dir, "tune_results.png"))
+    write_results(sweep, table, metric)
     ok = table[table["status"] != "error"].dropna(subset=[f"best_{metric}"])
     if ok.empty:
-        raise RuntimeError(f"every trial failed; see {os.path.join(sweep_dir, 'results.csv')}")
+        raise RuntimeError(f"every trial failed; see {sweep.join('results.csv').uri}")
     best = grid.get_best_result(metric=metric, mode="max", scope="all")
     best_cfg = trial_config(loop_config["train"], best.config)
     best_id = best.metrics.get("trial_id") or os.path.basename(best.path)
-    bundle_dir = os.path.join(sweep_dir, BUNDLE_FOLDER)
-    metrics = export_bundle(ray.train.Result.from_path(os.path.join(shared["trials_path"], best_id)), best_cfg,
+    bundle_dir = sweep.join(BUNDLE_FOLDER).uri
+    best_run = f"{storage_args(shared['trials_path'])['storage_path']}/{best_id}"
+    metrics = export_bundle(ray.train.Result.from_path(best_run, storage_filesystem=fs), best_cfg,
                             bundle_dir, extra_metrics={"sweep": base.name, "trial": best_id},
                             weights_source=loop_config["weights_source"], split=loop_config["split"])
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.to_dict(),
@@ -201,6 +232,5 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                    f"best_{HEADLINE_METRIC}": float(best.metrics_dataframe[HEADLINE_METRIC].max()),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
                    "wall_seconds": time.time() - t0}
-    with open(os.path.join(sweep_dir, "best_config.json"), "w") as f:
-        json.dump(best_config, f, indent=2)
+    sweep.join("best_config.json").write_text(json.dumps(best_config, indent=2, default=float))
     return {"results": table, "best_config": best_config, "bundle_dir": bundle_dir, "sweep_dir": sweep_dir}

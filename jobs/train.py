@@ -5,8 +5,9 @@ On a cluster:
 On a laptop (starts a local Ray; no --data-dir trains on generated demo data):
     python jobs/train.py
 
-Writes <storage-path>/<name>/model/ (the bundle jobs/score.py reads). Rerunning the
-same command resumes the run.
+Writes <storage-path>/<name>/model/ (the bundle jobs/score.py reads); --data-dir and
+--storage-path may be URIs (s3://...). Rerunning the same command resumes the run with its
+stored split; a rerun with other training flags or data is refused (new --name, or --overwrite).
 """
 
 from __future__ import annotations

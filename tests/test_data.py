@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from artifact_core.data import (ARTIFACT, CLEAN, ImageFileDataset, class_weights, find_unreadable, list_images,
-                                parse_label, scan_labeled_folder, stratified_split)
+from artifact_core.data import (ARTIFACT, CLEAN, ImageFileDataset, Unreadable, class_weights, collate_readable,
+                                list_images, parse_label, scan_labeled_folder, stratified_split)
 from artifact_core.transforms import eval_transform
 from conftest import write_image
 
@@ -94,13 +94,25 @@ def test_class_weights_balanced():
         class_weights([1, 1])
 
 
-def test_dataset_and_unreadable(tmp_path):
+def test_dataset_marks_unreadable_and_collate_drops_them(tmp_path):
     good = write_image(tmp_path / "image_0_1.png")
-    bad = tmp_path / "image_1_0.png"
-    bad.write_bytes(b"garbage")
-    ds = ImageFileDataset([str(good)], [1], eval_transform(image_size=32))
+    text = tmp_path / "image_1_0.png"
+    text.write_text("not an image")
+    truncated = tmp_path / "image_2_0.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    gone = tmp_path / "image_3_1.png"  # listed, then removed
+    ds = ImageFileDataset([str(good), str(text), str(truncated), str(gone)], [1, 0, 0, 1],
+                          eval_transform(image_size=32))
     x, y = ds[0]
     assert tuple(x.shape) == (3, 32, 32) and y == 1
-    assert [p for p, _ in find_unreadable([str(good), str(bad)])] == [str(bad)]
+    marks = [ds[i] for i in (1, 2, 3)]
+    assert all(isinstance(m, Unreadable) for m in marks)
+    assert [m.path for m in marks] == [str(text), str(truncated), str(gone)]
+    assert "vanished" in marks[2].reason and marks[0].reason and marks[1].reason
+    xb, yb, bad = collate_readable([ds[i] for i in range(4)], image_size=32)
+    assert tuple(xb.shape) == (1, 3, 32, 32) and yb.tolist() == [1] and len(bad) == 3
+    # a batch of only unreadable files stays a (empty) batch: every DDP rank steps alike
+    xb, yb, bad = collate_readable(marks, image_size=32)
+    assert tuple(xb.shape) == (0, 3, 32, 32) and yb.numel() == 0 and len(bad) == 3
     with pytest.raises(ValueError, match="paths but"):
         ImageFileDataset([str(good)], [], eval_transform())

@@ -6,29 +6,27 @@ import pytest
 
 from artifact_core.config import TrainConfig, add_training_args, config_from_args
 from artifact_core.trainer import demo_data_dir, prepare_run
-from conftest import make_easy_folder, write_image
+from conftest import make_easy_folder
 
 
-def test_unreadable_images_are_skipped_and_listed(tmp_path):
+def test_prepare_decodes_no_image_and_keeps_unreadable_for_the_workers(tmp_path, monkeypatch):
     data = make_easy_folder(tmp_path / "train", n=20)
     (data / "image_99_1.png").write_bytes(b"broken")
     (data / "image_98_0.png").write_bytes(b"")
+
+    def no_decode(*a, **k):
+        raise AssertionError("prepare_run decoded an image")
+
+    monkeypatch.setattr("artifact_core.images.decode_image", no_decode)
+    monkeypatch.setattr("artifact_core.data.decode_image", no_decode)
     loop = prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path), name="x", weights="none"))
-    assert sorted(p.split("/")[-1] for p in loop["unreadable"]) == ["image_98_0.png", "image_99_1.png"]
     split = loop["split"]
-    assert len(split["train_paths"]) + len(split["val_paths"]) == 20
+    # the broken files stay in the split: the workers skip them when they load them
+    assert len(split["train_paths"]) + len(split["val_paths"]) == 22
     assert not set(split["train_paths"]) & set(split["val_paths"])
     assert loop["counts"]["val"] == {"artifact": 1, "artifact-free": 3}
     assert len(loop["class_weights"]) == 2 and loop["class_weights"][0] > loop["class_weights"][1]
-    assert "features.0.0.weight" in loop["initial_state"]
-
-
-def test_only_unreadable_minority_is_an_error(tmp_path):
-    for i in range(3):
-        write_image(tmp_path / f"image_{i}_1.png")
-    (tmp_path / "image_9_0.png").write_bytes(b"broken")
-    with pytest.raises(ValueError, match="no longer has both classes"):
-        prepare_run(TrainConfig(data_dir=str(tmp_path), storage_path=str(tmp_path / "s"), weights="none"))
+    assert "features.0.0.weight" in loop["initial_state"] and loop["data_fs"] is None
 
 
 def test_config_from_args_absolute_paths_and_names(tmp_path, monkeypatch):

@@ -97,3 +97,23 @@ def test_selection_keeps_the_one_epoch_with_skill(ray_session, easy_folder, tmp_
     assert summary.metrics["best_epoch"] == 3 and summary.metrics["select_value"] == 1.0
     assert summary.metrics["validation"]["recall_artifact"] == 1.0 and summary.metrics["validation"]["micro_f1"] == 1.0
     assert 0.3 < summary.metrics["threshold"] < 0.4
+
+
+def test_unreadable_images_are_skipped_by_the_workers(ray_session, tmp_path, backbone_weights):
+    from conftest import make_easy_folder
+
+    data = make_easy_folder(tmp_path / "train", n=32)
+    good = (data / "image_1_1.png").read_bytes()
+    (data / "image_90_1.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    (data / "image_91_0.png").write_text("this is a text file, not a picture")
+    # batch 16 >= a rank's share of the training files: no batch is dropped, every epoch meets every file
+    cfg = small_config(data, tmp_path / "runs", "bad", weights=backbone_weights, head_epochs=1, finetune_epochs=1,
+                       batch_size=16)
+    summary = run_training(cfg)
+    hist = summary.metrics["history"]
+    # every epoch meets both files again (summed across the two ranks, train + val)
+    assert [h["unreadable_skipped"] for h in hist] == [2, 2]
+    saved = json.loads(open(os.path.join(summary.bundle_dir, "metrics.json")).read())
+    assert sorted(os.path.basename(p) for p in saved["unreadable_skipped"]) == ["image_90_1.png", "image_91_0.png"]
+    assert all(saved["unreadable_reasons"].values())
+    assert saved["counts"]["train"]["artifact"] + saved["counts"]["val"]["artifact"] == 9

@@ -1,0 +1,280 @@
+"""A run folder that knows which run it holds, so a rerun never mixes two experiments.
+
+The first start of a run writes :data:`RUN_FILE` into ``<storage>/<name>/``: the config,
+the fields that define the run, where the data was; and the exact split (file names and
+labels of both parts) in :data:`SPLIT_JSON`, or :data:`SPLIT_PARQUET` for large folders.
+A rerun resumes with the stored split: files added to the data folder since are ignored
+(one log line), so training images never move into validation. A rerun whose identity
+fields or data differ is refused with the differences named. ``--overwrite`` deletes only
+the entries runs write (:func:`is_owned`), and only in a folder that holds a run record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from artifact_core.storage import Location
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run_config.json"
+SPLIT_JSON = "split.json"
+SPLIT_PARQUET = "split.parquet"
+#: Above this many files the split is stored as Parquet (a JSON list of a million names is
+#: slow to parse and large to keep).
+SPLIT_JSON_MAX_FILES = 50_000
+WRITER = "artifact-core training"
+RECORD_VERSION = 1
+
+#: Training flags that change what a run learns: a rerun with another value is another experiment.
+IDENTITY_FIELDS = ("data_dir", "image_size", "batch_size", "lr", "finetune_lr", "unfreeze_depth",
+                   "weight_decay", "dropout", "val_fraction", "seed", "weights", "patience", "skip_unlabeled")
+#: May be raised on a rerun (the run continues training from where it stopped), never lowered.
+GROWABLE_FIELDS = ("head_epochs", "finetune_epochs")
+#: A sweep samples these per trial, so they are not part of the sweep's identity.
+SWEEP_SAMPLED_FIELDS = ("lr", "finetune_lr", "unfreeze_depth")
+# Everything else (num_workers, cpus_per_worker, use_gpu, loader_workers, max_failures,
+# storage_path, name, overwrite, demo_train_images) says how a run executes, not what it is.
+
+#: Entries of a run folder that training or a sweep writes; ``--overwrite`` deletes only these.
+OWNED_NAMES = frozenset({RUN_FILE, SPLIT_JSON, SPLIT_PARQUET, "model", "trials", "tune", "results.csv",
+                         "best_config.json", "tune_results.png", "checkpoint_manager_snapshot.json",
+                         ".validate_storage_marker"})
+#: Ray Train's checkpoint folders (``checkpoint_<timestamp>``).
+OWNED_PREFIXES = ("checkpoint_",)
+
+
+class RunConflictError(ValueError):
+    """The run folder holds another run (or no run); the message names why and what to do."""
+
+
+@dataclass
+class Split:
+    """The exact train/validation split of a run, as names relative to the data folder."""
+
+    root: str
+    train_files: list[str]
+    train_labels: list[int]
+    val_files: list[str]
+    val_labels: list[int]
+
+    def files(self) -> set[str]:
+        """Every file of the split (relative names)."""
+        return set(self.train_files) | set(self.val_files)
+
+    def absolute(self, base: str) -> dict[str, list]:
+        """The split as the training loop takes it, with paths below ``base`` (a path on the data's filesystem)."""
+        join = (lambda rel: f"{base.rstrip('/')}/{rel}")
+        return {"train_paths": [join(f) for f in self.train_files], "train_labels": list(self.train_labels),
+                "val_paths": [join(f) for f in self.val_files], "val_labels": list(self.val_labels)}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_owned(name: str) -> bool:
+    """True for a run-folder entry that training or a sweep writes."""
+    return name in OWNED_NAMES or name.startswith(OWNED_PREFIXES)
+
+
+def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fields of ``config`` that define a run of ``kind`` ("train" or "sweep"), plus ``extra``."""
+    fields = [f for f in IDENTITY_FIELDS if not (kind == "sweep" and f in SWEEP_SAMPLED_FIELDS)]
+    return {**{f: config.get(f) for f in fields}, **(extra or {})}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two stored records' identity and epoch counts."""
+    diffs = []
+    old_id, new_id = old.get("identity", {}), new.get("identity", {})
+    for key in sorted(set(old_id) | set(new_id)):
+        if not _same(old_id.get(key), new_id.get(key)):
+            diffs.append(f"{key}: {old_id.get(key)!r} before, {new_id.get(key)!r} now")
+    if old.get("kind") != new.get("kind"):
+        diffs.append(f"kind: {old.get('kind')!r} before, {new.get('kind')!r} now")
+    for key in GROWABLE_FIELDS:
+        a, b = old.get("config", {}).get(key), new.get("config", {}).get(key)
+        if a is not None and b is not None and b < a:
+            diffs.append(f"{key}: {a} before, {b} now (epochs may be raised to continue a run, not lowered)")
+    return diffs
+
+
+def read_record(run: Location) -> dict[str, Any] | None:
+    """The run record of ``run``, or None when the folder has none.
+
+    Raises:
+        RunConflictError: the file exists but is not a record this version can read.
+    """
+    loc = run.join(RUN_FILE)
+    if not loc.exists():
+        return None
+    try:
+        raw = json.loads(loc.read_text())
+    except ValueError as exc:
+        raise RunConflictError(f"{loc.uri} is not readable JSON ({exc}); choose a new --name") from exc
+    if not isinstance(raw, dict):
+        raise RunConflictError(f"{loc.uri} is not a run record; choose a new --name")
+    return raw
+
+
+def _is_legacy(record: dict[str, Any]) -> bool:
+    # Runs written before runs recorded their split saved the bare training config here.
+    return record.get("writer") != WRITER and "image_size" in record and "storage_path" in record
+
+
+def write_record(run: Location, record: dict[str, Any]) -> None:
+    """Write the run record atomically."""
+    record["updated"] = _now()
+    run.join(RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+
+def write_split(run: Location, split: Split) -> str:
+    """Store the split in the run folder; returns the file name used."""
+    n = len(split.train_files) + len(split.val_files)
+    if n <= SPLIT_JSON_MAX_FILES:
+        body = {"root": split.root,
+                "train": {"files": split.train_files, "labels": [int(y) for y in split.train_labels]},
+                "val": {"files": split.val_files, "labels": [int(y) for y in split.val_labels]}}
+        run.join(SPLIT_JSON).write_text(json.dumps(body))
+        return SPLIT_JSON
+    table = pa.table({"part": ["train"] * len(split.train_files) + ["val"] * len(split.val_files),
+                      "file": split.train_files + split.val_files,
+                      "label": pa.array([*split.train_labels, *split.val_labels], pa.int8())})
+    table = table.replace_schema_metadata({"root": split.root})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    run.join(SPLIT_PARQUET).write_bytes(buf.getvalue())
+    return SPLIT_PARQUET
+
+
+def read_split(run: Location, name: str) -> Split:
+    """Read the split stored as ``name`` (:data:`SPLIT_JSON` or :data:`SPLIT_PARQUET`)."""
+    loc = run.join(name)
+    if not loc.exists():
+        raise RunConflictError(f"run folder {run.uri} lists its split as {name} but the file is missing; "
+                               f"pass --overwrite to restart the run or choose a new --name")
+    if name == SPLIT_PARQUET:
+        with loc.fs.open_input_file(loc.path) as f:
+            table = pq.read_table(f)
+        root = (table.schema.metadata or {}).get(b"root", b"").decode()
+        d = table.to_pydict()
+        parts = {p: ([f for f, q in zip(d["file"], d["part"]) if q == p],
+                     [int(y) for y, q in zip(d["label"], d["part"]) if q == p]) for p in ("train", "val")}
+        return Split(root, *parts["train"], *parts["val"])
+    body = json.loads(loc.read_text())
+    return Split(body["root"], body["train"]["files"], body["train"]["labels"],
+                 body["val"]["files"], body["val"]["labels"])
+
+
+def clear_run(run: Location) -> list[str]:
+    """``--overwrite``: delete the entries a run wrote in ``run``; anything else stays.
+
+    Raises:
+        RunConflictError: the folder is not empty and holds no run record (nothing is deleted).
+    """
+    names = run.children()
+    if not names:
+        return []
+    if RUN_FILE not in names:
+        raise RunConflictError(
+            f"--overwrite refused: {run.uri} holds no {RUN_FILE}, so it is not a run folder; "
+            f"nothing was deleted (found e.g. {names[:3]}); choose another --name or --storage-path")
+    removed = [n for n in names if is_owned(n)]
+    for name in removed:
+        log.info("--overwrite: removing %s", run.join(name).uri)
+        run.join(name).remove()
+    kept = [n for n in names if not is_owned(n)]
+    if kept:
+        log.info("--overwrite: kept %d entr(y/ies) not written by runs in %s, e.g. %s", len(kept), run.uri, kept[:3])
+    return removed
+
+
+def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[str], data_root: str,
+              make_split: Callable[[], Split], overwrite: bool = False,
+              extra_identity: dict[str, Any] | None = None) -> Split:
+    """Start or resume the run in ``run`` and return the split it trains on.
+
+    Args:
+        run: the run folder ``<storage>/<name>``.
+        config: this start's training config (data folder resolved).
+        kind: "train" or "sweep" (their identities differ: a sweep samples the learning rates).
+        listed: files now in the data folder, relative to it.
+        data_root: the data folder as the user sees it (path or URI).
+        make_split: computes a fresh split (first start or ``--overwrite``).
+        overwrite: delete what an earlier run wrote here first.
+        extra_identity: more fields that define the run (a sweep's search space).
+
+    Raises:
+        RunConflictError: naming the differences, with ``--name``/``--overwrite`` offered.
+    """
+    new = {"writer": WRITER, "version": RECORD_VERSION, "kind": kind,
+           "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config}
+    if overwrite:
+        clear_run(run)
+    old = read_record(run)
+    if old is None:
+        names = run.children()
+        if names and not overwrite:  # after --overwrite only entries runs do not write are left
+            raise RunConflictError(
+                f"run folder {run.uri} is not empty and holds no {RUN_FILE}, so it is not a run of this "
+                f"project (found e.g. {names[:3]}); choose a new --name or --storage-path")
+        return _start(run, new, make_split())
+    if _is_legacy(old):
+        raise RunConflictError(
+            f"run folder {run.uri} was written before runs stored their split, so resuming it could mix "
+            f"data; pass --overwrite to restart it, or choose a new --name")
+    if old.get("writer") != WRITER:
+        raise RunConflictError(f"{run.join(RUN_FILE).uri} is not a run record of this project; choose a new --name")
+    diffs = differences(old, new)
+    if diffs:
+        raise RunConflictError(
+            f"run {run.uri} was started with other settings ({'; '.join(diffs)}); resuming would mix two "
+            f"experiments. Choose a new --name, or pass --overwrite to delete that run and start again")
+    split = read_split(run, old.get("data", {}).get("split_file", SPLIT_JSON))
+    now = set(listed)
+    gone = sorted(split.files() - now)
+    if gone:
+        raise RunConflictError(
+            f"{len(gone)} file(s) of run {run.uri}'s split are no longer in {data_root}, e.g. {gone[:3]}; "
+            f"the data changed. Choose a new --name, or pass --overwrite to start the run again")
+    added = sorted(now - split.files())
+    if added:
+        log.info("%d file(s) were added to %s since run %s started, e.g. %s; they are ignored: the run keeps "
+                 "its stored split (start a new --name to train on them)", len(added), data_root, run.uri, added[:3])
+    changed = {k: (old["config"].get(k), v) for k, v in config.items() if not _same(old["config"].get(k), v)}
+    old.update(config=config)
+    old.setdefault("history", []).append({"resumed": _now(), **({"changed": changed} if changed else {})})
+    write_record(run, old)
+    log.info("resuming run %s with its stored split (%d train, %d val)", run.uri,
+             len(split.train_files), len(split.val_files))
+    return split
+
+
+def _start(run: Location, record: dict[str, Any], split: Split) -> Split:
+    run.makedirs()
+    split_file = write_split(run, split)
+    now = _now()
+    record.update(created=now, history=[{"started": now}],
+                  data={"root": split.root, "files": len(split.train_files) + len(split.val_files),
+                        "split_file": split_file})
+    # Split first, record last: a record always points at a complete split.
+    write_record(run, record)
+    return split

@@ -1,0 +1,124 @@
+"""Run identity (no Ray needed): the first start stores config and split, reruns resume or are refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from artifact_core import run_identity
+from artifact_core.config import TrainConfig
+from artifact_core.run_identity import RUN_FILE, SPLIT_JSON, SPLIT_PARQUET, RunConflictError
+from artifact_core.trainer import prepare_run
+from conftest import make_easy_folder, write_image
+
+
+def cfg(data: Path, storage: Path, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data), storage_path=str(storage), name="r", weights="none", image_size=32,
+                head_epochs=1, finetune_epochs=1, val_fraction=0.25)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def names(split: dict, part: str) -> list[str]:
+    return [Path(p).name for p in split[f"{part}_paths"]]
+
+
+def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_path, caplog):
+    data = make_easy_folder(tmp_path / "train", n=24)
+    first = prepare_run(cfg(data, tmp_path / "runs"))
+    run = tmp_path / "runs" / "r"
+    record = json.loads((run / RUN_FILE).read_text())
+    assert record["identity"]["image_size"] == 32 and record["data"]["files"] == 24
+    stored = json.loads((run / SPLIT_JSON).read_text())
+    assert sorted(stored["train"]["files"]) == sorted(names(first["split"], "train"))
+
+    for i in range(100, 112):  # new files would change a recomputed split
+        write_image(data / f"image_{i}_{i % 2}.png")
+    with caplog.at_level(logging.INFO, logger="artifact_core.run_identity"):
+        again = prepare_run(cfg(data, tmp_path / "runs", num_workers=1, max_failures=3, finetune_epochs=2))
+    assert again["split"] == first["split"], "a rerun must train on the stored split"
+    assert "12 file(s) were added" in caplog.text and "ignored" in caplog.text
+    record = json.loads((run / RUN_FILE).read_text())
+    assert record["config"]["finetune_epochs"] == 2 and "changed" in record["history"][-1]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"image_size": 64}, "image_size: 32 before, 64 now"),
+    ({"lr": 1e-2}, "lr: "),
+    ({"head_epochs": 0, "finetune_epochs": 2}, "head_epochs: 1 before, 0 now"),
+])
+def test_rerun_with_other_training_flags_is_refused_naming_them(tmp_path, change, named):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    prepare_run(cfg(data, tmp_path / "runs"))
+    with pytest.raises(RunConflictError) as err:
+        prepare_run(cfg(data, tmp_path / "runs", **change))
+    msg = str(err.value)
+    assert named in msg and "--name" in msg and "--overwrite" in msg and "\n" not in msg
+
+
+def test_rerun_with_other_data_is_refused(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    prepare_run(cfg(data, tmp_path / "runs"))
+    other = make_easy_folder(tmp_path / "other", n=16)
+    with pytest.raises(RunConflictError, match="data_dir: .*train.* before, .*other.* now"):
+        prepare_run(cfg(other, tmp_path / "runs"))
+    (data / "image_3_1.png").unlink()
+    with pytest.raises(RunConflictError, match=r"1 file\(s\) of run .* are no longer in .*image_3_1.png"):
+        prepare_run(cfg(data, tmp_path / "runs"))
+
+
+def test_overwrite_deletes_only_what_runs_wrote(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    prepare_run(cfg(data, tmp_path / "runs"))
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoint_2026-11-29_10-00-00.000000").mkdir()
+    (run / "checkpoint_2026-11-29_10-00-00.000000" / "model.pt").write_bytes(b"w")
+    (run / "model").mkdir()
+    (run / "notes.txt").write_text("mine")
+    loop = prepare_run(cfg(data, tmp_path / "runs", image_size=64, overwrite=True))
+    assert sorted(p.name for p in run.iterdir()) == sorted([RUN_FILE, "notes.txt", SPLIT_JSON])
+    assert json.loads((run / RUN_FILE).read_text())["identity"]["image_size"] == 64
+    assert loop["train"]["overwrite"] is False  # the workers and the bundle never see it
+
+
+def test_folders_that_are_not_runs_are_left_alone(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    foreign = tmp_path / "runs" / "r"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("keep")
+    with pytest.raises(RunConflictError, match="not a run of this project"):
+        prepare_run(cfg(data, tmp_path / "runs"))
+    with pytest.raises(RunConflictError, match="--overwrite refused.*nothing was deleted"):
+        prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    # a run folder from before runs stored their split: resuming could mix data
+    legacy = tmp_path / "old" / "r"
+    legacy.mkdir(parents=True)
+    TrainConfig(data_dir=str(data)).save(str(legacy / RUN_FILE))
+    with pytest.raises(RunConflictError, match="before runs stored their split"):
+        prepare_run(cfg(data, tmp_path / "old"))
+    prepare_run(cfg(data, tmp_path / "old", overwrite=True))
+    assert (legacy / SPLIT_JSON).exists()
+
+
+def test_large_split_goes_to_parquet_and_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_identity, "SPLIT_JSON_MAX_FILES", 10)
+    data = make_easy_folder(tmp_path / "train", n=16)
+    first = prepare_run(cfg(data, tmp_path / "runs"))
+    run = tmp_path / "runs" / "r"
+    assert (run / SPLIT_PARQUET).exists() and not (run / SPLIT_JSON).exists()
+    assert prepare_run(cfg(data, tmp_path / "runs"))["split"] == first["split"]
+
+
+def test_sweep_identity_ignores_sampled_rates_but_not_the_space(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    space = {"search_space": {"lrs": [1e-2]}}
+    prepare_run(cfg(data, tmp_path / "runs"), kind="sweep", extra_identity=space)
+    prepare_run(cfg(data, tmp_path / "runs", lr=5e-2), kind="sweep", extra_identity=space)
+    with pytest.raises(RunConflictError, match="search_space"):
+        prepare_run(cfg(data, tmp_path / "runs"), kind="sweep", extra_identity={"search_space": {"lrs": [2e-2]}})
+    with pytest.raises(RunConflictError, match="kind: 'sweep' before, 'train' now"):
+        prepare_run(cfg(data, tmp_path / "runs"), extra_identity=space)
