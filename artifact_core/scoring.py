@@ -216,11 +216,16 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
     if cfg.pipeline not in SCORE_PIPELINES:
         raise ValueError(f"--pipeline must be one of {', '.join(SCORE_PIPELINES)}; got {cfg.pipeline!r}")
     node_cpus = _node_cpus() or [1]
-    cpus = min(node_cpus)  # a fused actor per node, sized to fit the smallest node
+    # A fused actor per node with 2+ CPUs (it leaves one to the write tasks), sized to fit the
+    # smallest such node; 1-CPU nodes alone (test clusters) host one 1-CPU actor each but one.
+    big = [c for c in node_cpus if c >= 2]
+    cpus = min(big) if big else 1
     mode, reason = cfg.pipeline, "asked for"
     costs: dict[str, Any] = {}
     if mode == "auto" and cfg.use_gpu:
         mode, reason = "split", "auto with --use-gpu"
+    elif mode == "auto" and not big:
+        mode, reason = "split", "no node has 2 or more CPUs"
     elif mode == "auto":
         decode_ms, inference_ms = measure_stage_costs(cfg, paths, fs, image_size)
         costs = {"decode_ms": decode_ms, "inference_ms": inference_ms}
@@ -228,7 +233,7 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
             mode, reason = "fused", "no probe file decoded"
         else:
             fused, split, _ = _estimates(cpus, decode_ms, inference_ms)
-            costs.update(estimate_fused=fused * len(node_cpus), estimate_split=split * len(node_cpus))
+            costs.update(estimate_fused=fused * len(big), estimate_split=split * len(big))
             mode = "split" if split >= SPLIT_MIN_SHARE * fused else "fused"
             reason = f"split would reach {split / fused:.0%} of fused (split needs {SPLIT_MIN_SHARE:.0%})"
     if mode == "fused":
@@ -238,7 +243,7 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
             n = max(1, int(ray.cluster_resources().get("GPU", 0)))
             plan = PipelinePlan("fused", n, cfg.cpus_per_actor, max(1, cpus - 1), max(1, cpus - 1), reason=reason)
         else:
-            n = len(node_cpus)
+            n = len(big) or max(1, len(node_cpus) - 1)
             plan = PipelinePlan("fused", n, float(max(1, cpus - 1)), cpus, cpus, reason=reason)
         if cfg.num_actors:
             plan.num_actors = min(plan.num_actors, cfg.num_actors)
