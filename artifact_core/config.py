@@ -56,6 +56,8 @@ class TrainConfig:
     # > 0: draw training images with replacement so that this share are artifacts (the loss
     # weights then balance the drawn mix); 0: every image once per epoch, class-weighted loss.
     oversample: float = 0.0
+    #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
+    wait_for_resources: float | None = None
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
@@ -76,6 +78,7 @@ class TrainConfig:
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
+            ("--wait-for-resources", self.wait_for_resources is None or self.wait_for_resources >= 0, "0 or more seconds"),
         ]
         for flag, ok, expected in checks:
             if not ok:
@@ -100,6 +103,10 @@ class TrainConfig:
             json.dump(self.to_dict(), f, indent=2)
 
 
+WAIT_HELP = ("when the cluster is too small, how long to wait for its autoscaler to add nodes "
+             "(asking it for what the job needs); 0 = fail at once (default: 600 with an autoscaler, 0 without)")
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every training flag (shared by jobs/train.py and jobs/tune.py)."""
     d = TrainConfig()
@@ -118,6 +125,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, mixed precision")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker (default: %(default)s)")
     g.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker (default: %(default)s)")
+    g.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS",
+                   help=WAIT_HELP)
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="split and init seed (default: %(default)s)")
     g = parser.add_argument_group("model and optimisation")
@@ -271,3 +280,5 @@ class ScoreConfig:
     report: bool | None = None  # the review page: None = when at most report_top images are flagged
     report_top: int = 500
     report_uncertain: int = 50
+    #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
+    wait_for_resources: float | None = None

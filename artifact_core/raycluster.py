@@ -1,16 +1,73 @@
-"""Connecting to Ray and checking, before any work is scheduled, that the work fits."""
+"""Connecting to Ray and making sure, before any work is scheduled, that the work fits.
+
+On a fixed cluster the jobs stop at once with one line when the workers cannot fit (Ray
+would wait for them forever). On a cluster with an autoscaler (KubeRay, ``ray up``, a
+0-CPU head that grows on demand) they ask the autoscaler for what they need
+(``ray.autoscaler.sdk.request_resources``), wait for it up to ``--wait-for-resources``
+seconds and log what is still pending; the same one-line error comes only when the
+cluster cannot grow enough or the wait runs out.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import ray
 
 log = logging.getLogger(__name__)
 
+#: How long the jobs wait for an autoscaler by default (``--wait-for-resources``); node
+#: start-up on a cloud (VM boot, image pull) takes minutes.
+AUTOSCALER_WAIT_S = 600.0
+#: Seconds between two "still waiting" log lines.
+LOG_EVERY_S = 15.0
+_POLL_S = 1.0
+# Node types the autoscaler monitor makes up for nodes of a cluster without an autoscaler.
+_READONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]+")
+
 
 class ClusterTooSmallError(RuntimeError):
     """The cluster cannot host the requested workers; Ray would wait for them forever."""
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """One node type an autoscaler can launch: resources per node and how many at most (-1: no limit)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int
+
+
+@dataclass(frozen=True)
+class Autoscaler:
+    """What the driver can learn about the cluster's autoscaler.
+
+    ``groups`` is None when the node types are not published to the driver (Ray's v1
+    autoscaler keeps its config to itself); every request then counts as feasible and
+    only the wait limits it.
+    """
+
+    source: str
+    groups: tuple[NodeGroup, ...] | None = None
+
+    def infeasible(self, bundle: dict[str, float]) -> bool:
+        """True when no node type the autoscaler can launch holds ``bundle``."""
+        if self.groups is None:
+            return False
+        return not any(g.max_count != 0 and all(g.resources.get(k, 0.0) >= v for k, v in bundle.items() if v)
+                       for g in self.groups)
+
+    def max_resources(self) -> dict[str, float] | None:
+        """CPU and GPU of the largest cluster the autoscaler may build (None if unknown or unbounded)."""
+        if self.groups is None or any(g.max_count == -1 for g in self.groups):
+            return None
+        return {k: sum(g.resources.get(k, 0.0) * g.max_count for g in self.groups) for k in ("CPU", "GPU")}
 
 
 def ensure_ray() -> None:
@@ -19,23 +76,79 @@ def ensure_ray() -> None:
         ray.init()
 
 
-def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
-               reserved_cpus: float = 0.0, what: str = "training") -> None:
-    """Raise :class:`ClusterTooSmallError` unless ``num_workers`` bundles fit on the live nodes.
+def detect_autoscaler() -> Autoscaler | None:
+    """The cluster's autoscaler, or None when the cluster cannot grow.
+
+    Asks, in order: the cluster config the autoscaler publishes in the GCS (node groups
+    with their resources and maximum counts; KubeRay and autoscaler v2), the GCS flag of
+    autoscaler v2, and the status the v1 autoscaler monitor writes (a cluster started
+    without ``--autoscaling-config`` only has made-up ``node_<id>`` types there).
+    """
+    groups = _published_groups()
+    if groups is not None:
+        growable = [g for g in groups if g.max_count != 0]
+        return Autoscaler("cluster config", tuple(groups)) if growable else None
+    if _autoscaler_v2_enabled():
+        return Autoscaler("autoscaler v2")
+    if _v1_monitor_has_node_types():
+        return Autoscaler("autoscaler")
+    return None
+
+
+def _published_groups() -> list[NodeGroup] | None:
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or unusual GCS: fall back to the other signals
+        log.debug("no cluster config in the GCS", exc_info=True)
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    groups = []
+    for g in config.node_group_configs:
+        # only groups that can add nodes beyond their minimum grow the cluster
+        grows = g.max_count == -1 or g.max_count > g.min_count
+        groups.append(NodeGroup(g.name, dict(g.resources), g.max_count if grows else 0))
+    return groups
+
+
+def _autoscaler_v2_enabled() -> bool:
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2(fetch_from_server=True))
+    except Exception:  # noqa: BLE001
+        log.debug("cannot read the autoscaler v2 flag", exc_info=True)
+        return False
+
+
+def _v1_monitor_has_node_types() -> bool:
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # noqa: BLE001
+        log.debug("cannot read the autoscaler status", exc_info=True)
+        return False
+    if not raw:
+        return False
+    report = json.loads(raw).get("autoscaler_report") or {}
+    types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
+    types |= set((report.get("node_type_mapping") or {}).values())
+    return any(not _READONLY_NODE_TYPE.fullmatch(t) for t in types)
+
+
+def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, reserved_cpus: float,
+               nodes: list[dict[str, float]]) -> tuple[int, str | None]:
+    """How many workers fit on ``nodes`` (total resources per node) and what is missing, if anything.
 
     Packs workers node by node the way a placement group can, so "8 CPUs in total"
     does not pass for eight 1-CPU nodes asked to host two 4-CPU workers.
     """
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    free = [[n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)] for n in nodes]
+    free = [[n.get("CPU", 0.0), n.get("GPU", 0.0)] for n in nodes]
     total_cpu = sum(c for c, _ in free)
     total_gpu = sum(g for _, g in free)
-    need = (f"{num_workers} worker(s) x {cpus_per_worker:g} CPU"
-            + (f" + {gpus_per_worker:g} GPU" if gpus_per_worker else "")
-            + (f", plus {reserved_cpus:g} CPU for other tasks" if reserved_cpus else ""))
     have = f"the cluster has {len(nodes)} node(s) with {total_cpu:g} CPU and {total_gpu:g} GPU"
-    if gpus_per_worker and total_gpu == 0:
-        raise ClusterTooSmallError(f"{what} asked for GPUs but {have}; drop --use-gpu or add GPU nodes")
     placed = 0
     for res in sorted(free, key=lambda r: -r[0]):
         while placed < num_workers and res[0] >= cpus_per_worker and res[1] >= gpus_per_worker:
@@ -44,7 +157,88 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
             placed += 1
     left = sum(c for c, _ in free)
     if placed < num_workers or left + 1e-9 < reserved_cpus:
+        return placed, have
+    return placed, None
+
+
+def _live_nodes() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _request(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
+               reserved_cpus: float = 0.0, what: str = "training", wait_s: float | None = None,
+               autoscaler: Autoscaler | None | Callable[[], Autoscaler | None] = detect_autoscaler,
+               nodes: Callable[[], list[dict[str, float]]] = _live_nodes,
+               request: Callable[[list[dict[str, float]]], None] = _request,
+               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Return once ``num_workers`` bundles (plus ``reserved_cpus``) fit the cluster, else raise.
+
+    Args:
+        wait_s: how long to wait for nodes to join; None = :data:`AUTOSCALER_WAIT_S` when the
+            cluster has an autoscaler, 0 when it has none. 0 never waits; an explicit wait also
+            waits on a cluster without autoscaler (nodes started by hand).
+        autoscaler, nodes, request, clock, sleep: seams for tests; the defaults ask the live cluster.
+
+    Raises:
+        ClusterTooSmallError: the work does not fit and there is nothing to wait for (no autoscaler
+            and no explicit wait, or no node type the autoscaler can launch holds one worker), or
+            the wait ran out.
+    """
+    need = (f"{num_workers} worker(s) x {cpus_per_worker:g} CPU"
+            + (f" + {gpus_per_worker:g} GPU" if gpus_per_worker else "")
+            + (f", plus {reserved_cpus:g} CPU for other tasks" if reserved_cpus else ""))
+    live = nodes()
+    placed, have = _shortfall(num_workers, cpus_per_worker, gpus_per_worker, reserved_cpus, live)
+    if have is None:
+        return
+    scaler = autoscaler() if callable(autoscaler) else autoscaler
+    wait = (AUTOSCALER_WAIT_S if scaler else 0.0) if wait_s is None else float(wait_s)
+    bundle = {"CPU": float(cpus_per_worker), **({"GPU": float(gpus_per_worker)} if gpus_per_worker else {})}
+    if wait <= 0:
+        if gpus_per_worker and not any(n.get("GPU", 0.0) for n in live):
+            raise ClusterTooSmallError(f"{what} asked for GPUs but {have}; drop --use-gpu or add GPU nodes")
+        why = ("it has no autoscaler (--wait-for-resources SECONDS waits for nodes to join)" if scaler is None
+               else "--wait-for-resources is 0")
+        raise ClusterTooSmallError(f"{what} needs {need}, but {have} (room for {placed} worker(s)) and {why}; "
+                                   f"lower --num-workers or --cpus-per-worker, or add nodes")
+    if scaler is not None and scaler.infeasible(bundle):
         raise ClusterTooSmallError(
-            f"{what} needs {need}, but {have} (room for {placed} worker(s)); "
-            f"lower --num-workers or --cpus-per-worker, or add nodes"
-        )
+            f"{what} needs {need}, but {have} (room for {placed} worker(s)) and no node type its autoscaler "
+            f"({scaler.source}) can launch holds one worker; lower --cpus-per-worker or add a node type")
+    bundles = [dict(bundle) for _ in range(num_workers)] + ([{"CPU": float(reserved_cpus)}] if reserved_cpus else [])
+    # Without a detected autoscaler the request is harmless (nobody reads it) and an explicit
+    # --wait-for-resources still waits for nodes started by hand or by an outside scaler.
+    log.info("%s needs %s, but %s; %s, waiting up to %gs (--wait-for-resources)", what, need, have,
+             f"asked the {scaler.source} for it" if scaler else "no autoscaler found, waiting for nodes to join", wait)
+    request(bundles)
+    start = last_log = clock()
+    try:
+        while True:
+            sleep(_POLL_S)
+            placed, have = _shortfall(num_workers, cpus_per_worker, gpus_per_worker, reserved_cpus, nodes())
+            now = clock()
+            if have is None:
+                log.info("%s: resources arrived after %.0fs", what, now - start)
+                return
+            if now - start >= wait:
+                raise ClusterTooSmallError(
+                    f"{what} waited {wait:g}s for more nodes, still pending: {need} "
+                    f"({have}, room for {placed} worker(s)); raise --wait-for-resources, check the "
+                    f"autoscaler's node limits and logs (`ray status`), or lower --num-workers")
+            if now - last_log >= LOG_EVERY_S:
+                last_log = now
+                log.info("%s: waiting for resources (%.0fs of %gs): pending %s, %s, room for %d worker(s)",
+                         what, now - start, wait, need, have, placed)
+    finally:
+        # The request is a floor the autoscaler keeps until it is replaced: clear it so the
+        # cluster can scale down once the job is done (the job's own tasks keep their nodes).
+        try:
+            request([])
+        except Exception:  # noqa: BLE001 - never hide the job's own outcome
+            log.warning("could not clear the resource request", exc_info=True)

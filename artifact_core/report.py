@@ -34,7 +34,7 @@ from PIL import Image
 
 from artifact_core.explain import Explainer, overlay
 from artifact_core.images import ImageDecodeError, decode_image
-from artifact_core.storage import resolve
+from artifact_core.storage import FileReadError, read_file_bytes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,16 @@ _HIST_FILE = "confidence_hist.png"
 class HeatmapActor:
     """Callable class for ``Dataset.map_batches``: loads the bundle once per actor.
 
-    Input batch (numpy format, from ``read_binary_files(..., include_paths=True)``):
-    ``bytes``, ``path``. Output per row: ``path``, ``thumb`` and ``overlay`` (JPEG bytes of
+    Input batch (numpy format): ``path``; the actor reads each file itself, so a file that
+    vanished or cannot be opened since scoring becomes that image's error. Output per row: ``path``, ``thumb`` and ``overlay`` (JPEG bytes of
     the image at most ``thumb_size`` px on its long side, aspect kept, and of the same with
     the artifact heatmap blended in), ``prob_artifact_free`` and ``error`` ("" when fine; a
     file that cannot be decoded gets its reason and empty images instead of failing the job).
     """
 
     def __init__(self, bundle_dir: str, *, thumb_size: int = 192, use_gpu: bool = False,
-                 num_threads: int | None = None, jpeg_quality: int = 85) -> None:
+                 num_threads: int | None = None, jpeg_quality: int = 85, fs: pafs.FileSystem | None = None) -> None:
+        self.fs = fs
         if num_threads:
             torch.set_num_threads(num_threads)
         self.explainer = Explainer(bundle_dir, device="cuda" if use_gpu else "cpu")
@@ -79,10 +80,11 @@ class HeatmapActor:
         errors = np.full(n, "", dtype=object)
         prob = np.full(n, np.nan)
         decoded: list[tuple[int, Image.Image]] = []
-        for i, (data, path) in enumerate(zip(batch["bytes"], batch["path"])):
+        for i, path in enumerate(batch["path"]):
             try:
-                decoded.append((i, decode_image(bytes(data), name=str(path))))
-            except ImageDecodeError as exc:
+                data = read_file_bytes(str(path), self.fs)
+                decoded.append((i, decode_image(data, name=str(path))))
+            except (FileReadError, ImageDecodeError) as exc:
                 errors[i] = exc.reason
             except Exception as exc:  # noqa: BLE001 - one odd file must never stop the report
                 errors[i] = f"{type(exc).__name__}: {exc}"
@@ -150,34 +152,26 @@ def _heatmaps_ray(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | None,
                   num_actors: int, cpus_per_actor: float, use_gpu: bool, batch_size: int) -> Iterable[dict[str, np.ndarray]]:
     import ray.data
 
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
+    # From the path list, not read_binary_files: the actor reads each file and turns a failure
+    # into that image's error, and names Ray's path handling would trip on (newlines) pass.
+    blocks = [pa.table({"path": pa.array(paths[i:i + batch_size], pa.string())})
+              for i in range(0, len(paths), batch_size)]
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         HeatmapActor, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"bundle_dir": bundle_dir, "thumb_size": thumb_size, "use_gpu": use_gpu,
-                               "num_threads": max(1, int(cpus_per_actor))},
+                               "num_threads": max(1, int(cpus_per_actor)), "fs": fs},
     )
     yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
 def _heatmaps_local(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | None, *, thumb_size: int,
                     batch_size: int) -> Iterable[dict[str, np.ndarray]]:
-    actor = HeatmapActor(bundle_dir, thumb_size=thumb_size)
+    actor = HeatmapActor(bundle_dir, thumb_size=thumb_size, fs=fs)
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        data = []
-        for p in chunk:
-            try:
-                if fs is None:
-                    with open(p, "rb") as f:
-                        data.append(f.read())
-                else:
-                    with fs.open_input_file(p) as f:
-                        data.append(f.read())
-            except OSError:
-                data.append(b"")  # becomes an error row ("file is empty"), as a vanished file should
-        yield actor({"bytes": np.array(data, dtype=object), "path": np.array(chunk, dtype=object)})
+        yield actor({"path": np.array(paths[start:start + batch_size], dtype=object)})
 
 
 def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle_dir: str | None = None,

@@ -144,7 +144,11 @@ class PipelinePlan:
 
 def default_num_actors(cfg: ScoreConfig) -> int:
     """Split pipeline: one actor per GPU, else half the CPUs: the other half decodes (an actor
-    pool that takes every CPU starves the decode tasks and hangs)."""
+    pool that takes every CPU starves the decode tasks and hangs).
+
+    Counted on the nodes alive now, at least 1: on an autoscaling cluster that has no
+    worker nodes yet (a 0-CPU head) that is one actor, which the autoscaler is then asked
+    for; ``--num-actors`` scales out to nodes that do not exist yet."""
     res = ray.cluster_resources()
     if cfg.use_gpu:
         return max(1, int(res.get("GPU", 0)))
@@ -387,7 +391,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     if todo:
         plan = plan_pipeline(cfg, todo, fs, bundle.config.image_size)
         check_fits(num_workers=plan.num_actors, cpus_per_worker=plan.actor_cpus,
-                   gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring")
+                   gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring",
+                   wait_s=cfg.wait_for_resources)
         ds = build_dataset(cfg, todo, fs, display_path(root), bundle.config.image_size, plan)
         ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
     summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo),

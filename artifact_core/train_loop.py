@@ -117,11 +117,22 @@ def _setup_logging(rank: int) -> None:
         log.propagate = False
 
 
-def _amp(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
-    """Autocast context factory and grad scaler: bf16 where supported, else fp16 + scaling."""
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on ``device``: None on CPU, bf16 on GPUs of compute capability
+    8.0+ (Ampere and later), else fp16 (which needs grad scaling)."""
     if device.type != "cuda":
+        return None
+    # Not torch.cuda.is_bf16_supported(): it also says yes where bf16 is only emulated
+    # (e.g. Turing, 7.5), which is slow and skips the fp16 tensor cores.
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def _amp(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
+    """Autocast context factory and grad scaler: bf16 on 8.0+ GPUs, else fp16 + scaling."""
+    dtype = amp_dtype(device)
+    if dtype is None:
         return nullcontext, torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
@@ -319,7 +330,9 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
             total += float(s)
             count += len(y)
         train_loss = _mean_across_ranks(total, count, device)
-        probs, labels, vloss, vn = evaluate(ddp_model, val_loader, weights, device, autocast)
+        # The plain model, not DDP: DDP's forward may sync buffers (a collective), and a rank
+        # whose validation shard is empty would never join it.
+        probs, labels, vloss, vn = evaluate(unwrap(ddp_model), val_loader, weights, device, autocast)
         val_loss = _mean_across_ranks(vloss, vn, device)
         probs, labels = _gather(probs), _gather(labels)
         probs = _maybe_override_val_probs(loop_config, state.global_epoch + 1, probs, labels)

@@ -107,11 +107,11 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
                   callbacks: Sequence[Any] | None = None) -> TorchTrainer:
     """The one TorchTrainer set-up, shared by the train job and every tune trial.
 
-    Checks first that the workers fit the cluster: Ray Train would otherwise wait
-    for them forever.
+    Checks first that the workers fit the cluster, waiting for an autoscaler to add
+    nodes (``--wait-for-resources``): Ray Train would otherwise wait for them forever.
     """
     check_fits(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-               gpus_per_worker=1.0 if cfg.use_gpu else 0.0)
+               gpus_per_worker=1.0 if cfg.use_gpu else 0.0, wait_s=cfg.wait_for_resources)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,

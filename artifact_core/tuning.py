@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
-from artifact_core.raycluster import ClusterTooSmallError
+from artifact_core.raycluster import check_fits, detect_autoscaler
 from artifact_core.trainer import BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, export_bundle, prepare_run
 
 log = logging.getLogger(__name__)
@@ -56,21 +56,29 @@ def tune_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
 
 
 def _concurrency(cfg: SweepConfig) -> int:
-    per_trial = cfg.base.num_workers * cfg.base.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 0.0)
-    fits = int(total // per_trial) if per_trial else 0
-    if cfg.base.use_gpu:
-        fits = min(fits, int(ray.cluster_resources().get("GPU", 0) // cfg.base.num_workers))
-    if fits < 1:
-        raise ClusterTooSmallError(
-            f"one trial needs {cfg.base.num_workers} worker(s) x {cfg.base.cpus_per_worker:g} CPU"
-            f"{' + 1 GPU' if cfg.base.use_gpu else ''}, but the cluster has {total:g} CPU; "
-            f"lower --num-workers or --cpus-per-worker")
+    """Trials run at once: as many as fit the cluster, or, with an autoscaler, the largest
+    cluster it may build (at least 1). Waits (``--wait-for-resources``) until one trial fits."""
+    b = cfg.base
+    gpus = 1.0 if b.use_gpu else 0.0
+    check_fits(num_workers=b.num_workers, cpus_per_worker=b.cpus_per_worker, gpus_per_worker=gpus,
+               what="one sweep trial", wait_s=b.wait_for_resources)
+
+    def trials_in(res: dict[str, float]) -> int:
+        n = int(res.get("CPU", 0.0) // (b.num_workers * b.cpus_per_worker))
+        return min(n, int(res.get("GPU", 0.0) // b.num_workers)) if b.use_gpu else n
+
+    fits = max(1, trials_in(ray.cluster_resources()))
+    scaler = detect_autoscaler()
+    if scaler is not None:
+        most = scaler.max_resources()
+        fits = max(fits, trials_in(most)) if most else fits
     if cfg.max_concurrent_trials:
-        if cfg.max_concurrent_trials > fits:
+        # with an autoscaler the user's number stands: trials beyond the nodes alive wait for new ones
+        if scaler is None and cfg.max_concurrent_trials > fits:
             log.warning("--max-concurrent-trials %d > %d that fit at once; using %d",
                         cfg.max_concurrent_trials, fits, fits)
-        return min(cfg.max_concurrent_trials, fits)
+            return fits
+        return cfg.max_concurrent_trials
     return fits
 
 

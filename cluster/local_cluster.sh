@@ -3,6 +3,7 @@
 # each with its own temp dir and ports, bound to 127.0.0.1 only.
 #
 #   cluster/local_cluster.sh up      # start head (+ worker); prints RAY_ADDRESS and the dashboard URL
+#   cluster/local_cluster.sh add-worker  # start the worker node now (after `up` with LC_WORKER_CPUS=0)
 #   cluster/local_cluster.sh down    # stop exactly these nodes (other Ray clusters keep running)
 #   cluster/local_cluster.sh status
 #
@@ -11,6 +12,9 @@
 #   LC_PORT_BASE  first of the ports it uses     (default 6500; it uses BASE..BASE+299)
 #   LC_HEAD_CPUS  CPUs of the head node          (default 1)
 #   LC_WORKER_CPUS CPUs of the worker node, 0 = no worker node (default 1)
+#   LC_AUTOSCALING_CONFIG  an autoscaler config for the head (`ray start --autoscaling-config`);
+#                 with Ray's fake multi-node provider (RAY_FAKE_CLUSTER=1) the autoscaler starts
+#                 worker nodes on this machine, under the head's temp dir (stopped by `down`)
 # Token authentication is on (RAY_AUTH_MODE=token); the token is ~/.ray/auth_token.
 set -euo pipefail
 
@@ -22,12 +26,14 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 RAY=${RAY:-$(command -v ray || echo ray)}
 IP=127.0.0.1
 
-node_ports() {  # $1 = offset of this node's port block
-  local o=$(( BASE + $1 ))
+node_ports() {  # $1 = offset of this node's fixed ports, $2 = offset of its 100 worker ports
+  # (the blocks of the two nodes must not overlap: a worker process of one node holding a
+  # port the other node's agent needs kills that node's raylet)
+  local o=$(( BASE + $1 )) w=$(( BASE + $2 ))
   echo --node-manager-port=$((o + 0)) --object-manager-port=$((o + 1)) \
        --dashboard-agent-listen-port=$((o + 2)) --dashboard-agent-grpc-port=$((o + 3)) \
        --runtime-env-agent-port=$((o + 4)) --metrics-export-port=$((o + 5)) \
-       --min-worker-port=$((o + 100)) --max-worker-port=$((o + 199))
+       --min-worker-port=$w --max-worker-port=$((w + 99))
 }
 
 up() {
@@ -38,24 +44,40 @@ up() {
   fi
   "$RAY" start --head --node-ip-address=$IP --port=$BASE --num-cpus="$HEAD_CPUS" --num-gpus=0 \
     --include-dashboard=true --dashboard-host=$IP --dashboard-port=$((BASE + 1)) \
-    --ray-client-server-port=$((BASE + 2)) $(node_ports 10) \
-    --temp-dir="$LC_DIR/head" --disable-usage-stats >"$LC_DIR/head.log" 2>&1 \
+    --ray-client-server-port=$((BASE + 2)) $(node_ports 10 100) \
+    --temp-dir="$LC_DIR/head" --disable-usage-stats \
+    ${LC_AUTOSCALING_CONFIG:+--autoscaling-config="$LC_AUTOSCALING_CONFIG"} >"$LC_DIR/head.log" 2>&1 \
     || { cat "$LC_DIR/head.log" >&2; exit 1; }
   if [ "$WORKER_CPUS" != "0" ]; then
-    "$RAY" start --address=$IP:$BASE --node-ip-address=$IP --num-cpus="$WORKER_CPUS" --num-gpus=0 \
-      $(node_ports 110) --temp-dir="$LC_DIR/worker" --disable-usage-stats >"$LC_DIR/worker.log" 2>&1 \
-      || { cat "$LC_DIR/worker.log" >&2; down; exit 1; }
+    start_worker && wait_nodes 2 || { down; exit 1; }
   fi
-  # `ray start` returns before the worker node has registered: wait until every node is up.
-  local want=1; [ "$WORKER_CPUS" != "0" ] && want=2
-  for _ in $(seq 1 120); do
-    [ "$("$RAY" status --address=$IP:$BASE 2>/dev/null | grep -c ' node_')" -ge "$want" ] && break
-    sleep 0.5
-  done
-  [ "$("$RAY" status --address=$IP:$BASE 2>/dev/null | grep -c ' node_')" -ge "$want" ] \
-    || { echo "only some of the $want node(s) came up; see $LC_DIR/*.log" >&2; down; exit 1; }
   echo "RAY_ADDRESS=$IP:$BASE"
   echo "DASHBOARD=http://$IP:$((BASE + 1))"
+}
+
+start_worker() {  # the worker node (LC_WORKER_CPUS CPUs, at least 1), joining the running head
+  local cpus=$WORKER_CPUS; [ "$cpus" = "0" ] && cpus=1
+  "$RAY" start --address=$IP:$BASE --node-ip-address=$IP --num-cpus="$cpus" --num-gpus=0 \
+    $(node_ports 20 200) --temp-dir="$LC_DIR/worker" --disable-usage-stats >"$LC_DIR/worker.log" 2>&1 \
+    || { cat "$LC_DIR/worker.log" >&2; return 1; }
+}
+
+node_count() {  # (`ray status` names nodes node_<id> on a cluster without an autoscaler)
+  "$RAY" status --address=$IP:$BASE 2>/dev/null | grep -c ' node_' || true
+}
+
+wait_nodes() {  # `ray start` returns before a worker node has registered: wait for $1 nodes
+  for _ in $(seq 1 120); do
+    [ "$(node_count)" -ge "$1" ] && return 0
+    sleep 0.5
+  done
+  echo "only some of the $1 node(s) came up; see $LC_DIR/*.log" >&2
+  return 1
+}
+
+add_worker() {  # a node joining later, e.g. while a job waits for resources (--wait-for-resources)
+  local before; before=$(node_count)
+  start_worker && wait_nodes $((before + 1)) && echo "worker node joined $IP:$BASE"
 }
 
 pids() {  # the nodes' daemons name their temp dir (or, the client server, the GCS port) on
@@ -89,7 +111,8 @@ status() {
 
 case "${1:-}" in
   up) up ;;
+  add-worker) add_worker ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|add-worker|down|status" >&2; exit 2 ;;
 esac

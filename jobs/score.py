@@ -17,7 +17,7 @@ import os
 import sys
 
 from artifact_core.config import (DEMO_DATA_FOLDER, DEMO_RUN_NAME, SCORE_ENGINES, SCORE_PIPELINES, SCORE_PRECISIONS,
-                                  ScoreConfig, TrainConfig)
+                                  WAIT_HELP, ScoreConfig, TrainConfig)
 from artifact_core.jobs_common import run_job
 
 # the demo's train run writes here when started without arguments
@@ -52,6 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "cost on a few files and picks (see README) (default: %(default)s)")
     p.add_argument("--object-store-budget-mb", type=int, default=d.object_store_budget_mb,
                    help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
+    p.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS", help=WAIT_HELP)
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
     g = p.add_argument_group("review page (<output>/report/index.html)")
     r = g.add_mutually_exclusive_group()
@@ -90,6 +91,7 @@ def main(args: argparse.Namespace) -> None:
         object_store_budget_mb=args.object_store_budget_mb,
         resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
         report=args.report, report_top=args.report_top, report_uncertain=args.report_uncertain,
+        wait_for_resources=args.wait_for_resources,
     )
     ensure_ray()
     s = run_scoring(cfg)

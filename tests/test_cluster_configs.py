@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import tomllib
 
@@ -58,9 +59,73 @@ def test_kuberay_manifests(name):
     assert "/mnt/runs" in mounts  # shared --storage-path
 
 
+# The ray.io/v1 CRD fields (KubeRay v1.5/v1.6: ray-operator/apis/ray/v1/*_types.go and the
+# generated API reference). The API server drops unknown fields of a CRD without an error,
+# so a misspelt key (maxReplica, autoscalerOption) would silently do nothing.
+RAY_V1_FIELDS = {
+    "RayClusterSpec": {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations",
+                       "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion",
+                       "workerGroupSpecs", "authOptions", "upgradeStrategy"},
+    "HeadGroupSpec": {"template", "headService", "enableIngress", "rayStartParams", "serviceType",
+                      "labels", "resources"},
+    "WorkerGroupSpec": {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+                        "rayStartParams", "template", "scaleStrategy", "numOfHosts", "labels", "resources"},
+    "AutoscalerOptions": {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
+                          "upscalingMode", "version", "env", "envFrom", "volumeMounts"},
+    "AuthOptions": {"mode", "secretName", "enableK8sTokenAuth"},
+    "RayJobSpec": {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+                   "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "deletionStrategy",
+                   "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources",
+                   "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
+                   "shutdownAfterJobFinishes", "suspend"},
+}
+REQUIRED = {"HeadGroupSpec": {"template"}, "WorkerGroupSpec": {"groupName", "template"}}
+
+
+def unknown_ray_fields(spec: dict, kind: str) -> list[str]:
+    """Paths of keys in a RayCluster/RayJob spec that the ray.io/v1 CRD does not define (or required ones missing)."""
+    bad = [f"{kind}.{k}" for k in spec if k not in RAY_V1_FIELDS[kind]]
+    cluster = spec.get("rayClusterSpec") if kind == "RayJobSpec" else spec
+    if kind == "RayJobSpec":
+        return bad + (unknown_ray_fields(cluster, "RayClusterSpec") if cluster else [])
+    groups = [("HeadGroupSpec", cluster.get("headGroupSpec", {}))]
+    groups += [("WorkerGroupSpec", g) for g in cluster.get("workerGroupSpecs", [])]
+    for sub, group in groups:
+        bad += [f"{sub}.{k}" for k in group if k not in RAY_V1_FIELDS[sub]]
+        bad += [f"{sub}.{k} (missing)" for k in REQUIRED[sub] - group.keys()]
+    for sub, key in (("AutoscalerOptions", "autoscalerOptions"), ("AuthOptions", "authOptions")):
+        bad += [f"{sub}.{k}" for k in cluster.get(key) or {} if k not in RAY_V1_FIELDS[sub]]
+    return bad
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-train.yaml"])
+def test_kuberay_manifests_use_only_crd_fields(name):
+    obj = next(o for o in docs(CLUSTER / "kuberay" / name) if o["apiVersion"] == "ray.io/v1")
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
+    assert unknown_ray_fields(obj["spec"], f"{obj['kind']}Spec") == []
+    spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+    # autoscaling: the operator adds the autoscaler only with enableInTreeAutoscaling
+    assert spec["enableInTreeAutoscaling"] is True
+    for g in spec["workerGroupSpecs"]:
+        assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
+
+
+def test_kuberay_field_check_catches_a_misspelt_key():
+    obj = next(o for o in docs(CLUSTER / "kuberay" / "rayjob-train.yaml") if o["apiVersion"] == "ray.io/v1")
+    spec = copy.deepcopy(obj["spec"])
+    spec["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 8
+    spec["shutdownAfterJobFinish"] = True
+    assert unknown_ray_fields(spec, "RayJobSpec") == ["RayJobSpec.shutdownAfterJobFinish", "WorkerGroupSpec.maxReplica"]
+
+
 @pytest.mark.parametrize("name", ["aws-gpu.yaml", "local-onprem.yaml"])
 def test_cluster_launcher(name):
-    cfg = docs(CLUSTER / "launcher" / name)[0]
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = docs(CLUSTER / "launcher" / name)[0]
+    # What `ray up` does before anything else: fill in defaults, then check against Ray's schema.
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
     for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "head_start_ray_commands",
                 "worker_start_ray_commands"):
         assert key in cfg, key
@@ -68,6 +133,24 @@ def test_cluster_launcher(name):
     assert cfg["docker"]["image"].startswith(f"rayproject/ray:{ray_version()}-")
     assert cfg["provider"]["type"] == ("aws" if name.startswith("aws") else "local")
     assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] if "ray start" in c)
+    workers = [t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]]
+    if name.startswith("aws"):
+        # autoscaling from zero: a 0-CPU head and a worker type that can grow
+        assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
+        assert any(t["min_workers"] == 0 and t["max_workers"] > 0 for t in workers)
+    else:
+        node = cfg["available_node_types"][cfg["head_node_type"]]
+        assert node["min_workers"] == node["max_workers"] == len(raw["provider"]["worker_ips"])
+
+
+def test_launcher_validation_catches_a_bad_key():
+    """The check above has teeth: a key Ray does not know fails validation."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = docs(CLUSTER / "launcher" / "aws-gpu.yaml")[0]
+    cfg["available_node_types"]["gpu_worker"]["max_worker"] = 8
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(cfg))
 
 
 def test_dockerfile_pins_ray():

@@ -96,12 +96,14 @@ def test_page_escapes_file_names():
     assert "<" not in _json_for_script({"s": "</script><!--"})
 
 
-def test_heatmap_actor_turns_bad_bytes_into_error_rows(bundle64, tmp_path):
-    good = write_image(tmp_path / "g.png", size=300).read_bytes()
-    out = HeatmapActor(bundle64, thumb_size=100)({"bytes": np.array([good, b"junk", b""], dtype=object),
-                                                 "path": np.array(["g.png", "junk.png", "empty.png"], dtype=object)})
-    assert list(out["error"][1:]) != ["", ""] and out["error"][0] == ""
-    assert "empty" in out["error"][2]
+def test_heatmap_actor_turns_bad_files_into_error_rows(bundle64, tmp_path):
+    good = write_image(tmp_path / "g.png", size=300)
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    (tmp_path / "empty.png").write_bytes(b"")
+    names = ["g.png", "junk.png", "empty.png", "gone.png"]
+    out = HeatmapActor(bundle64, thumb_size=100)({"path": np.array([str(tmp_path / n) for n in names], dtype=object)})
+    assert out["error"][0] == "" and all(out["error"][1:])
+    assert "empty" in out["error"][2] and "vanished" in out["error"][3]
     from PIL import Image
     import io
     thumb, cam = Image.open(io.BytesIO(out["thumb"][0])), Image.open(io.BytesIO(out["overlay"][0]))

@@ -1,0 +1,130 @@
+"""The fit-or-wait decision of the jobs, without a cluster: fixed nodes, an autoscaler, a wait that runs out."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from artifact_core.raycluster import Autoscaler, ClusterTooSmallError, NodeGroup, check_fits
+
+HEAD_ONLY = [{"CPU": 0.0}]
+CPU_GROUP = (NodeGroup("cpu", {"CPU": 2.0}, 1),)
+
+
+class FakeCluster:
+    """Nodes that appear after ``grow_after`` polls; records requests and a fake clock."""
+
+    def __init__(self, nodes, *, grow_to=None, grow_after=None):
+        self.current, self.grow_to, self.grow_after = list(nodes), grow_to, grow_after
+        self.requests: list[list[dict]] = []
+        self.now = 0.0
+        self.polls = 0
+
+    def nodes(self):
+        return list(self.current)
+
+    def request(self, bundles):
+        self.requests.append(bundles)
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+        self.polls += 1
+        if self.grow_after is not None and self.polls >= self.grow_after:
+            self.current = list(self.grow_to)
+
+    def fits(self, **kw):
+        return check_fits(nodes=self.nodes, request=self.request, clock=self.clock, sleep=self.sleep, **kw)
+
+
+def test_fits_now_asks_nothing():
+    c = FakeCluster([{"CPU": 2.0}])
+    c.fits(num_workers=2, cpus_per_worker=1, autoscaler=Autoscaler("autoscaler"), wait_s=60)
+    assert c.requests == [] and c.polls == 0
+
+
+def test_no_autoscaler_fails_at_once():
+    c = FakeCluster([{"CPU": 1.0}])
+    with pytest.raises(ClusterTooSmallError, match=r"needs 2 worker\(s\) x 1 CPU.*room for 1 worker.*no autoscaler"):
+        c.fits(num_workers=2, cpus_per_worker=1, autoscaler=None)  # default wait: 0 without an autoscaler
+    assert c.requests == [] and c.polls == 0
+
+
+def test_explicit_wait_without_autoscaler_waits_for_nodes_started_by_hand():
+    c = FakeCluster(HEAD_ONLY, grow_to=[{"CPU": 0.0}, {"CPU": 2.0}], grow_after=5)
+    c.fits(num_workers=2, cpus_per_worker=1, autoscaler=None, wait_s=120)
+    assert c.polls == 5 and c.requests[-1] == []
+
+
+def test_gpu_on_a_fixed_cpu_cluster_names_the_flag():
+    c = FakeCluster([{"CPU": 4.0}])
+    with pytest.raises(ClusterTooSmallError, match="asked for GPUs.*drop --use-gpu"):
+        c.fits(num_workers=1, cpus_per_worker=1, gpus_per_worker=1, autoscaler=None)
+
+
+def test_wait_zero_fails_at_once_even_with_an_autoscaler():
+    c = FakeCluster(HEAD_ONLY)
+    with pytest.raises(ClusterTooSmallError, match="--wait-for-resources is 0"):
+        c.fits(num_workers=1, cpus_per_worker=1, autoscaler=Autoscaler("autoscaler"), wait_s=0)
+    assert c.requests == []
+
+
+def test_infeasible_for_every_node_type_fails_at_once():
+    c = FakeCluster(HEAD_ONLY)
+    with pytest.raises(ClusterTooSmallError, match="no node type its autoscaler .* can launch holds one worker"):
+        c.fits(num_workers=2, cpus_per_worker=4, autoscaler=Autoscaler("cluster config", CPU_GROUP), wait_s=600)
+    with pytest.raises(ClusterTooSmallError, match="no node type"):  # a GPU nobody can launch
+        c.fits(num_workers=1, cpus_per_worker=1, gpus_per_worker=1, autoscaler=Autoscaler("cluster config", CPU_GROUP))
+    assert c.requests == [] and c.polls == 0
+
+
+def test_waits_asks_and_clears_when_nodes_join(caplog):
+    c = FakeCluster(HEAD_ONLY, grow_to=[{"CPU": 0.0}, {"CPU": 2.0}], grow_after=40)
+    with caplog.at_level(logging.INFO, logger="artifact_core.raycluster"):
+        c.fits(num_workers=1, cpus_per_worker=1, reserved_cpus=1, what="scoring",
+               autoscaler=Autoscaler("cluster config", CPU_GROUP))  # default wait with an autoscaler
+    # one bundle per worker plus the reserved CPUs, then the request is cleared for scale-down
+    assert c.requests == [[{"CPU": 1.0}, {"CPU": 1.0}], []]
+    assert c.polls == 40
+    waiting = [r.getMessage() for r in caplog.records if "waiting for resources" in r.getMessage()]
+    assert len(waiting) == 2 and "pending 1 worker(s) x 1 CPU, plus 1 CPU" in waiting[0]  # every 15 s of 40
+
+
+def test_wait_runs_out_names_what_is_pending():
+    c = FakeCluster(HEAD_ONLY)
+    with pytest.raises(ClusterTooSmallError, match=r"waited 30s for more nodes, still pending: 2 worker\(s\) x 1 CPU \+ 1 GPU"):
+        c.fits(num_workers=2, cpus_per_worker=1, gpus_per_worker=1, autoscaler=Autoscaler("autoscaler v2"), wait_s=30)
+    assert c.requests == [[{"CPU": 1.0, "GPU": 1.0}] * 2, []]  # cleared on failure too
+    assert 30 <= c.now <= 32
+
+
+def test_autoscaler_limits():
+    a = Autoscaler("cluster config", (NodeGroup("head", {"CPU": 0.0}, 0), NodeGroup("gpu", {"CPU": 8.0, "GPU": 1.0}, 4)))
+    assert a.max_resources() == {"CPU": 32.0, "GPU": 4.0}
+    assert not a.infeasible({"CPU": 8.0, "GPU": 1.0}) and a.infeasible({"CPU": 1.0, "GPU": 2.0})
+    assert Autoscaler("autoscaler").max_resources() is None and not Autoscaler("autoscaler").infeasible({"GPU": 64})
+    assert Autoscaler("cluster config", (NodeGroup("cpu", {"CPU": 2.0}, -1),)).max_resources() is None
+
+
+def test_sweep_concurrency_counts_what_the_autoscaler_may_build(monkeypatch):
+    from artifact_core import tuning
+    from artifact_core.config import SweepConfig, TrainConfig
+
+    checked = []
+    monkeypatch.setattr(tuning, "check_fits", lambda **kw: checked.append(kw))
+    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 0.0})  # a 0-CPU head, nothing else yet
+    cfg = SweepConfig(base=TrainConfig(num_workers=2, cpus_per_worker=1))
+    limits = Autoscaler("cluster config", (NodeGroup("head", {"CPU": 0.0}, 0), NodeGroup("cpu", {"CPU": 4.0}, 3)))
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: limits)
+    assert tuning._concurrency(cfg) == 6  # 12 CPUs at most, 2 per trial
+    assert checked[0]["num_workers"] == 2 and checked[0]["what"] == "one sweep trial"  # waits for one trial
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: Autoscaler("autoscaler"))  # limits unknown
+    assert tuning._concurrency(cfg) == 1
+    cfg.max_concurrent_trials = 4
+    assert tuning._concurrency(cfg) == 4  # the user's number stands: extra trials wait for nodes
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
+    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert tuning._concurrency(cfg) == 2  # fixed cluster: capped at what fits
