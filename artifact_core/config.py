@@ -265,6 +265,7 @@ def sweep_from_args(args: argparse.Namespace, base: TrainConfig) -> SweepConfig:
 
 SCORE_ENGINES = ("auto", "torch", "onnx")
 SCORE_PRECISIONS = ("fp32", "int8")
+SCORE_PIPELINES = ("auto", "fused", "split")
 
 
 @dataclass
@@ -285,6 +286,7 @@ class ScoreConfig:
     actor_memory_mb: int = 1024
     engine: str = "auto"  # auto: ONNX Runtime on CPU when the bundle has model.onnx, torch on GPU
     precision: str = "fp32"  # int8: the bundle's model.int8.onnx (ONNX Runtime, CPU)
+    pipeline: str = "auto"  # fused: decode+infer in one actor; split: decode tasks -> actors; auto: measured
     report: bool | None = None  # the review page: None = when at most report_top images are flagged
     report_top: int = 500
     report_uncertain: int = 50

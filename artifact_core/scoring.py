@@ -1,8 +1,13 @@
 """Batch scoring of image folders with Ray Data, streaming into Parquet, then one CSV.
 
-Pipeline: list files -> read + decode + resize in parallel torch-free
-tasks (:func:`artifact_core.decode.decode_batch`; a broken file becomes an error row)
--> :class:`ArtifactPredictor` actors (torch or ONNX Runtime) -> Parquet.
+Two pipeline shapes (``--pipeline``, chosen by :func:`plan_pipeline`):
+
+- split: list files -> read + decode + resize in parallel torch-free tasks
+  (:func:`artifact_core.decode.decode_batch`; a broken file becomes an error row)
+  -> :class:`ArtifactPredictor` actors (torch or ONNX Runtime) -> Parquet;
+- fused: list files -> :class:`DecodingPredictor`, one actor per node that decodes in threads
+  while its engine runs (no object-store hop for the pixels) -> Parquet.
+
 The CSV and ``summary.json`` are derived from the Parquet files once every file has a row,
 so a CSV only exists when it is complete.
 """
@@ -16,7 +21,8 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,14 +35,14 @@ import ray.data
 
 from artifact_core import plots
 from artifact_core.bundle import WEIGHTS_FILE, load_bundle
-from artifact_core.config import ScoreConfig
+from artifact_core.config import SCORE_PIPELINES, ScoreConfig
 from artifact_core.data import list_image_files
-from artifact_core.decode import decode_batch
+from artifact_core.decode import decode_array, decode_batch
 from artifact_core.metrics import classification_metrics
-from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, resolve_engine
+from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, DecodingPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
 from artifact_core.score_output import ScoringIdentity, mark_complete, prepare_output
-from artifact_core.storage import Location, check_apart, display_path, resolve
+from artifact_core.storage import Location, check_apart, display_path, read_file_bytes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +110,33 @@ def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Loca
     return parquet_dir
 
 
+#: auto picks split only when a CPU split of decode tasks and actors would reach this share of
+#: the fused estimate: split decodes in separate processes (no shared GIL, no threads competing
+#: with the engine), but pays an object-store hop per image and leaves cores idle when unbalanced.
+SPLIT_MIN_SHARE = 0.9
+#: files decoded and images inferred by the probe of ``--pipeline auto``
+PROBE_FILES = 8
+
+
+@dataclass
+class PipelinePlan:
+    """How the scoring pipeline is laid out; recorded in ``summary.json``."""
+
+    mode: str  # "fused" or "split"
+    num_actors: int
+    actor_cpus: float  # CPUs each actor reserves in Ray
+    engine_threads: int  # the engine's intra-op threads per actor
+    decode_threads: int = 0  # fused: decode threads per actor
+    decode_ms: float | None = None  # probe: per image on one core (read + decode + resize)
+    inference_ms: float | None = None  # probe: per image on one core
+    estimate_fused: float | None = None  # images/s by the probe's costs
+    estimate_split: float | None = None
+    reason: str = ""
+
+
 def default_num_actors(cfg: ScoreConfig) -> int:
-    """One actor per GPU, else half the CPUs: the other half decodes (an actor pool that
-    takes every CPU starves the decode tasks and hangs).
+    """Split pipeline: one actor per GPU, else half the CPUs: the other half decodes (an actor
+    pool that takes every CPU starves the decode tasks and hangs).
 
     Counted on the nodes alive now, at least 1: on an autoscaling cluster that has no
     worker nodes yet (a 0-CPU head) that is one actor, which the autoscaler is then asked
@@ -117,9 +147,132 @@ def default_num_actors(cfg: ScoreConfig) -> int:
     return max(1, int(res.get("CPU", 1) // (2 * cfg.cpus_per_actor)))
 
 
+def _node_cpus() -> list[int]:
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+
+
+def measure_stage_costs(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | None,
+                        image_size: int) -> tuple[float | None, float]:
+    """Per-image cost on one core of read + decode and of inference, in ms, on a small probe.
+
+    Decodes up to :data:`PROBE_FILES` files spread over ``paths`` (the ones that fail are
+    skipped: None when none decodes), then times the engine scoring ``--engine`` on a batch of
+    them with one thread.
+    """
+    pick = list(paths[:: max(1, len(paths) // PROBE_FILES)][:PROBE_FILES])
+    images, times = [], []
+    for p in pick:
+        t = time.perf_counter()
+        try:
+            images.append(decode_array(read_file_bytes(p, fs), image_size, name=p))
+        except Exception:  # noqa: BLE001 - a broken file says nothing about the cost
+            continue
+        times.append(time.perf_counter() - t)
+    decode_ms = 1000 * float(np.median(times)) if times else None
+    batch = np.stack(images) if images else np.zeros((1, 3, image_size, image_size), np.uint8)
+    batch = np.resize(batch, (PROBE_FILES, *batch.shape[1:]))  # repeat up to a full probe batch
+    torch_threads = None
+    engine = resolve_engine(cfg.model, cfg.engine, cfg.precision)
+    if engine == "torch":
+        import torch  # the driver has it already (load_bundle); restore its thread count after
+        torch_threads = torch.get_num_threads()
+    try:
+        predictor = ArtifactPredictor(cfg.model, engine=engine, precision=cfg.precision, num_threads=1)
+        predictor.engine.predict(batch)  # warm-up: first-call allocations and kernel choice
+        t = time.perf_counter()
+        predictor.engine.predict(batch)
+        inference_ms = 1000 * (time.perf_counter() - t) / len(batch)
+    finally:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+    return decode_ms, inference_ms
+
+
+def _estimates(cpus: int, decode_ms: float, inference_ms: float) -> tuple[float, float, int]:
+    """Images/s per node of fused (every core decodes and infers) and of the best split into
+    decode cores and actor cores; returns (fused, split, actor cores of that split)."""
+    fused = 1000 * cpus / (decode_ms + inference_ms)
+    best = (0.0, 1)
+    for a in range(1, cpus):
+        best = max(best, (1000 * min((cpus - a) / decode_ms, a / inference_ms), a))
+    return fused, best[0], best[1]
+
+
+def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | None,
+                  image_size: int) -> PipelinePlan:
+    """Lay out the pipeline: ``--pipeline fused|split`` as asked; ``auto`` measures the stage
+    costs (:func:`measure_stage_costs`) and picks split only when its best CPU split reaches
+    :data:`SPLIT_MIN_SHARE` of the fused estimate. With ``--use-gpu`` auto is split (one GPU
+    actor each, decode spread over the CPUs).
+
+    Raises:
+        ValueError: an unknown ``--pipeline``.
+    """
+    if cfg.pipeline not in SCORE_PIPELINES:
+        raise ValueError(f"--pipeline must be one of {', '.join(SCORE_PIPELINES)}; got {cfg.pipeline!r}")
+    node_cpus = _node_cpus() or [1]
+    # A fused actor per node with 2+ CPUs (it leaves one to the write tasks), sized to fit the
+    # smallest such node; 1-CPU nodes alone (test clusters) host one 1-CPU actor each but one.
+    big = [c for c in node_cpus if c >= 2]
+    cpus = min(big) if big else 1
+    mode, reason = cfg.pipeline, "asked for"
+    costs: dict[str, Any] = {}
+    if mode == "auto" and cfg.use_gpu:
+        mode, reason = "split", "auto with --use-gpu"
+    elif mode == "auto" and not big:
+        mode, reason = "split", "no node has 2 or more CPUs"
+    elif mode == "auto":
+        decode_ms, inference_ms = measure_stage_costs(cfg, paths, fs, image_size)
+        costs = {"decode_ms": decode_ms, "inference_ms": inference_ms}
+        if decode_ms is None:
+            mode, reason = "fused", "no probe file decoded"
+        else:
+            fused, split, _ = _estimates(cpus, decode_ms, inference_ms)
+            costs.update(estimate_fused=fused * len(big), estimate_split=split * len(big))
+            mode = "split" if split >= SPLIT_MIN_SHARE * fused else "fused"
+            reason = f"split would reach {split / fused:.0%} of fused (split needs {SPLIT_MIN_SHARE:.0%})"
+    if mode == "fused":
+        # One actor per node using all its cores, reserving one CPU less: Ray Data's write
+        # tasks need a free CPU (an actor pool that reserves every CPU hangs, #44687).
+        if cfg.use_gpu:
+            n = max(1, int(ray.cluster_resources().get("GPU", 0)))
+            plan = PipelinePlan("fused", n, cfg.cpus_per_actor, max(1, cpus - 1), max(1, cpus - 1), reason=reason)
+        else:
+            n = len(big) or max(1, len(node_cpus) - 1)
+            plan = PipelinePlan("fused", n, float(max(1, cpus - 1)), cpus, cpus, reason=reason)
+        if cfg.num_actors:
+            plan.num_actors = min(plan.num_actors, cfg.num_actors)
+    else:
+        n = cfg.num_actors or default_num_actors(cfg)
+        if not cfg.num_actors and not cfg.use_gpu and costs.get("decode_ms"):
+            # actors get the share of the CPUs that inference takes; at least one CPU decodes
+            total = sum(node_cpus)
+            share = total * costs["inference_ms"] / (costs["decode_ms"] + costs["inference_ms"])
+            n = int(min(max(1, round(share / cfg.cpus_per_actor)), max(1, (total - 1) // cfg.cpus_per_actor)))
+        plan = PipelinePlan("split", n, cfg.cpus_per_actor, max(1, int(cfg.cpus_per_actor)), reason=reason)
+    for k, v in costs.items():
+        setattr(plan, k, v)
+    if costs.get("decode_ms") is not None:
+        log.info("pipeline: decode %.1f ms/img, inference %.1f ms/img (one core each); estimates fused "
+                 "%.0f img/s, split %.0f img/s -> %s (%s)", plan.decode_ms, plan.inference_ms,
+                 plan.estimate_fused, plan.estimate_split, plan.mode, reason)
+    log.info("pipeline %s: %d actor(s) x %g CPU, %d engine thread(s)%s", plan.mode, plan.num_actors,
+             plan.actor_cpus, plan.engine_threads,
+             f", {plan.decode_threads} decode thread(s)" if plan.mode == "fused" else "")
+    return plan
+
+
 def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None, root: str,
-                  image_size: int, num_actors: int) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline from files to prediction rows."""
+                  image_size: int, plan: PipelinePlan | int) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline from files to prediction rows.
+
+    Args:
+        plan: the layout (:func:`plan_pipeline`); a bare int means the split pipeline with
+            that many actors.
+    """
+    if isinstance(plan, int):
+        plan = PipelinePlan("split", plan, cfg.cpus_per_actor, max(1, int(cfg.cpus_per_actor)))
     # A fixed object-store budget for this job's blocks keeps memory flat whatever the folder
     # size; Ray Data's default budget is a share of the whole store, filled more the longer a
     # job runs. It must be set before the dataset is created (datasets copy the context).
@@ -134,25 +287,28 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
     step = max(1, cfg.batch_size)
     blocks = [pa.table({"raw_path": pa.array(raw[i:i + step], pa.binary())}) for i in range(0, len(raw), step)]
     ds = ray.data.from_arrow(blocks)
+    predictor_kwargs = {"bundle_dir": cfg.model, "use_gpu": cfg.use_gpu, "threshold": cfg.threshold,
+                        "num_threads": plan.engine_threads,
+                        "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
+                        "precision": cfg.precision}
+    common = {"batch_size": cfg.batch_size, "batch_format": "numpy",
+              "compute": ray.data.ActorPoolStrategy(size=plan.num_actors), "num_cpus": plan.actor_cpus,
+              "num_gpus": 1 if cfg.use_gpu else 0, "memory": cfg.actor_memory_mb * 2**20}
+    if plan.mode == "fused":
+        return ds.map_batches(DecodingPredictor, **common, fn_constructor_kwargs={
+            **predictor_kwargs, "image_size": image_size, "root": root, "fs": fs,
+            "decode_threads": plan.decode_threads})
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
                         fn_kwargs={"image_size": image_size, "root": root, "fs": fs})
     # The actors reserve memory for the model and their batches. That also keeps Ray Data
-    # from fusing decode into them (it fuses ops with equal resource requests): fused, decode
-    # and inference run one after the other in the actor; apart, decode tasks on the free
-    # CPUs overlap inference.
-    return ds.map_batches(
-        ArtifactPredictor, batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, memory=cfg.actor_memory_mb * 2**20,
-        fn_constructor_kwargs={"bundle_dir": cfg.model, "use_gpu": cfg.use_gpu, "threshold": cfg.threshold,
-                               "num_threads": max(1, int(cfg.cpus_per_actor)),
-                               "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
-                               "precision": cfg.precision},
-    )
+    # from fusing decode into them (it fuses ops with equal resource requests): fused that
+    # way, decode and inference would run one after the other in the actor; apart, decode
+    # tasks on the free CPUs overlap inference.
+    return ds.map_batches(ArtifactPredictor, **common, fn_constructor_kwargs=predictor_kwargs)
 
 
 def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_seconds: float,
-             scored_now: int) -> dict[str, Any]:
+             scored_now: int, pipeline: PipelinePlan | None = None) -> dict[str, Any]:
     """Check one row per file, then write the CSV, summary and histogram atomically.
 
     Args:
@@ -185,6 +341,7 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "model": resolve(cfg.model).uri, "threshold": threshold, "input": cfg.input,
         "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
         "precision": cfg.precision,
+        "pipeline": asdict(pipeline) if pipeline else None,  # None: nothing was left to score
         "wall_seconds": wall_seconds, "scored_this_run": scored_now,
         "images_per_second": scored_now / wall_seconds if wall_seconds > 0 else None,
         "error_examples": failed.select(["filename", "error"]).to_pylist(),
@@ -210,6 +367,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     cfg.output = resolve(cfg.output).uri
     bundle = load_bundle(cfg.model)  # fail fast here, not in every actor
     resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu)  # a bad --engine too
+    if cfg.pipeline not in SCORE_PIPELINES:
+        raise ValueError(f"--pipeline must be one of {', '.join(SCORE_PIPELINES)}; got {cfg.pipeline!r}")
     threshold = float(bundle.config.threshold if cfg.threshold is None else cfg.threshold)
     paths, fs, root = list_input(cfg.input)
     if not paths:
@@ -220,14 +379,16 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     todo = [p for p, d in zip(paths, shown) if d not in done]
     log.info("%d image file(s) under %s; %d already scored, %d to score", len(paths), cfg.input,
              len(paths) - len(todo), len(todo))
+    plan = None
     if todo:
-        num_actors = cfg.num_actors or default_num_actors(cfg)
-        check_fits(num_workers=num_actors, cpus_per_worker=cfg.cpus_per_actor,
+        plan = plan_pipeline(cfg, todo, fs, bundle.config.image_size)
+        check_fits(num_workers=plan.num_actors, cpus_per_worker=plan.actor_cpus,
                    gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring",
                    wait_s=cfg.wait_for_resources)
-        ds = build_dataset(cfg, todo, fs, display_path(root), bundle.config.image_size, num_actors)
+        ds = build_dataset(cfg, todo, fs, display_path(root), bundle.config.image_size, plan)
         ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
-    summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo))
+    summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo),
+                       pipeline=plan)
     from artifact_core.report import report_after_scoring  # the page reads the finished outputs
     return report_after_scoring(cfg, summary)
 

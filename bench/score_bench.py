@@ -1,15 +1,27 @@
-"""Scoring throughput and memory: one-at-a-time loop vs batched DataLoader vs the Ray Data job.
+"""Scoring throughput and memory: one image at a time vs the best plain PyTorch loop vs the Ray job.
 
-    python bench/score_bench.py --out /tmp/bench [--n 1000] [--rss-n 10000]
+    python bench/score_bench.py --out /tmp/bench                      # full size, see README
+    python bench/score_bench.py --out /tmp/bench_small --n-png 40 --n-jpeg 60 --n-large 0
 
-Generates folders of 1024x1024 PNG and 512x512 JPEG faces (cached in --out), builds one
-bundle (ImageNet-free: calibrated random MobileNetV2, 224 px; speed does not depend on the
-weights), then in one run measures images/s of
-  (a) a seed-style loop: open, transform and predict one image at a time,
-  (b) a plain batched torch DataLoader loop (num_workers=0, and =1 for reference),
-  (c) the Ray Data job (artifact_core.scoring.run_scoring, default actors),
-and the peak memory (PSS summed over the driver and every Ray worker process) of (c) on
---n and on --rss-n images. Prints a Markdown table. Not a test: figures vary with the machine.
+Generates (once, cached in --out) folders of 1024² PNG and 512² JPEG demo faces rendered at
+that size (smooth shapes with sensor-like noise: they compress and decode like photos), and
+one bundle (random calibrated MobileNetV2 at --image-size px, with model.onnx and
+model.int8.onnx calibrated on the first images: speed does not depend on the weights). Then,
+in one run, per folder:
+
+- the per-image costs on one core: decode (read + decode + resize, the job's decoder) and
+  inference per engine (chunks of 8, one thread), and the **ceiling** =
+  cores / (decode ms + inference ms);
+- (a) one image at a time: open, decode, predict (torch, as a notebook would);
+- (b) the best plain PyTorch loop: a DataLoader with 1 decode worker
+  (``decode_image(p, target_size=S)``), channels-last, chunks of 8, torch threads = cores;
+- (c) the whole Ray job (:func:`run_scoring`, start-up included) per engine/precision
+  (torch fp32, onnx fp32, onnx int8) and per pipeline mode, and the defaults (all auto);
+
+columns: img/s, (c)/(b), peak PSS (summed over the driver and every Ray worker process) and
+the share of the ceiling. With --n-large, the default job also runs on a --n-large JPEG folder
+and on its first --n-jpeg files: throughput against the ceiling and peak memory 1k vs 10k.
+Prints Markdown tables. Not a test: figures vary with the machine; run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -23,28 +35,31 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from artifact_core.bundle import BundleConfig, save_bundle
-from artifact_core.demo_data import render_face
+from artifact_core.decode import decode_array
+from artifact_core.demo_data import DEFECTS, render_face
+from artifact_core.export_onnx import export_onnx
 from artifact_core.images import decode_image
 from artifact_core.model import build_model
 from artifact_core.predict import ArtifactPredictor
-from artifact_core.transforms import eval_transform
+from artifact_core.storage import read_file_bytes
+
+ENGINES = (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"))
+CHUNK = 8
 
 
 def _write_one(args: tuple[int, str, int, str]) -> None:
     seed, folder, size, fmt = args
-    img = render_face(seed, size=256).resize((size, size), Image.Resampling.BICUBIC)
-    # per-pixel noise so files cost what real photos cost to decode
-    arr = np.asarray(img, dtype=np.int16) + np.random.default_rng(seed).integers(-12, 13, (size, size, 3))
-    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    defect = DEFECTS[seed % len(DEFECTS)] if seed % 10 == 0 else None  # about 1:9, as the task
+    img = render_face(seed, size=size, defect=defect)
     ext = "png" if fmt == "PNG" else "jpg"
-    img.save(os.path.join(folder, f"image_{seed}.{ext}"), format=fmt, quality=90)
+    img.save(os.path.join(folder, f"image_{seed:05d}.{ext}"), format=fmt, quality=90)
 
 
 def make_folder(folder: Path, n: int, size: int, fmt: str) -> Path:
@@ -57,7 +72,19 @@ def make_folder(folder: Path, n: int, size: int, fmt: str) -> Path:
     return folder
 
 
-def make_bundle(path: Path) -> str:
+def first_n(folder: Path, n: int, dest: Path) -> Path:
+    """A folder of hard links to the first n files of ``folder`` (the same bytes on disk)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted(folder.iterdir())[:n]:
+        if not (dest / p.name).exists():
+            os.link(p, dest / p.name)
+    return dest
+
+
+def make_bundle(path: Path, image_size: int, calibration: list[str]) -> str:
+    """Random MobileNetV2 with calibrated BatchNorm, plus model.onnx and model.int8.onnx."""
+    if (path / "model.int8.onnx").is_file():
+        return str(path)
     torch.manual_seed(0)
     model = build_model(weights="none")
     for m in model.modules():
@@ -65,39 +92,69 @@ def make_bundle(path: Path) -> str:
             m.momentum = None
     model.train()
     with torch.no_grad():
-        model(torch.rand(16, 3, 224, 224))
-    return save_bundle(str(path), model.eval(), BundleConfig(image_size=224))
+        model(torch.rand(16, 3, image_size, image_size))
+    bundle = save_bundle(str(path), model.eval(), BundleConfig(image_size=image_size))
+    export_onnx(bundle, calibration, int8=True)
+    return bundle
+
+
+def stage_costs(bundle: str, paths: list[str], n: int = 100) -> dict[str, float]:
+    """ms per image on one core: decode (read + decode + resize) and each engine's inference."""
+    torch.set_num_threads(1)
+    size = ArtifactPredictor(bundle, engine="torch").config.image_size
+    pick = paths[:: max(1, len(paths) // n)][:n]
+    t = time.perf_counter()
+    images = np.stack([decode_array(read_file_bytes(p), size) for p in pick])
+    costs = {"decode_ms": 1000 * (time.perf_counter() - t) / len(pick)}
+    batch = np.resize(images, (max(64, len(images)), *images.shape[1:]))
+    for engine, precision in ENGINES:
+        p = ArtifactPredictor(bundle, engine=engine, precision=precision, num_threads=1, cpu_micro_batch=CHUNK)
+        p.predict_tensor(batch[:CHUNK])  # warm-up
+        t = time.perf_counter()
+        p.predict_tensor(batch)
+        costs[f"{engine}_{precision}_ms"] = 1000 * (time.perf_counter() - t) / len(batch)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return costs
 
 
 class _Files(Dataset):
-    def __init__(self, paths, tf):
-        self.paths, self.tf = paths, tf
+    def __init__(self, paths: list[str], size: int) -> None:
+        self.paths, self.size = paths, size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i):
-        return self.tf(decode_image(self.paths[i]))
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = decode_image(self.paths[i], target_size=self.size)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 def seed_loop(bundle: str, paths: list[str]) -> float:
-    """(a) one image at a time, as a notebook would."""
-    p = ArtifactPredictor(bundle)
-    tf = eval_transform(image_size=p.config.image_size)
+    """(a) one image at a time, as a notebook would (torch, all cores)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    p = ArtifactPredictor(bundle, engine="torch")
+    size = p.config.image_size
     t = time.perf_counter()
     for path in paths:
-        p.predict_tensor(tf(Image.open(path).convert("RGB"))[None])
+        img = decode_image(path, target_size=size)
+        p.predict_tensor(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)[None])
     return len(paths) / (time.perf_counter() - t)
 
 
-def dataloader_loop(bundle: str, paths: list[str], workers: int) -> float:
-    """(b) batched DataLoader, same decoder and transform as the job."""
-    p = ArtifactPredictor(bundle)
-    loader = DataLoader(_Files(paths, eval_transform(image_size=p.config.image_size)), batch_size=64,
-                        num_workers=workers)
+def dataloader_loop(bundle: str, paths: list[str]) -> float:
+    """(b) the best plain PyTorch loop found: 1 decode worker feeding uint8 chunks of 8 to the
+    channels-last model, torch threads = cores (start-up of the worker included)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    bundle_ = ArtifactPredictor(bundle, engine="torch")
+    model = bundle_.engine.model  # channels-last, eval
+    mean, std = bundle_.engine.mean, bundle_.engine.std
     t = time.perf_counter()
-    for x in loader:
-        p.predict_tensor(x)
+    loader = DataLoader(_Files(paths, bundle_.config.image_size), batch_size=CHUNK, num_workers=1,
+                        prefetch_factor=8, persistent_workers=False)
+    with torch.inference_mode():
+        for x in loader:
+            x = ((x.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
+            torch.sigmoid(model(x))
     return len(paths) / (time.perf_counter() - t)
 
 
@@ -129,78 +186,110 @@ def _ray_pids() -> list[int]:
 class PeakMemory:
     """Samples PSS of this process plus all Ray worker processes every 0.25 s."""
 
-    def __enter__(self):
+    def __enter__(self) -> "PeakMemory":
         self.peak, self._stop = 0, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
 
-    def _run(self):
+    def _run(self) -> None:
         while not self._stop.is_set():
             total = _pss_kb(os.getpid()) + sum(_pss_kb(p) for p in _ray_pids())
             self.peak = max(self.peak, total)
             time.sleep(0.25)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._t.join()
 
 
-def ray_job(bundle: str, folder: Path, out: Path) -> tuple[float, float]:
-    """(c) the Ray Data job; returns (images/s, peak PSS in MiB)."""
+def ray_job(bundle: str, folder: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    """(c) the whole Ray job (a fresh local Ray instance: its start-up counts)."""
+    import ray
+
     from artifact_core.scoring import ScoreConfig, run_scoring
 
     shutil.rmtree(out, ignore_errors=True)
     with PeakMemory() as mem:
         t = time.perf_counter()
-        s = run_scoring(ScoreConfig(model=bundle, input=str(folder), output=str(out)))
+        ray.init()  # as jobs/score.py does (ensure_ray)
+        s = run_scoring(ScoreConfig(model=bundle, input=str(folder), output=str(out), report=False, **kw))
         dt = time.perf_counter() - t
-    return s["files"] / dt, mem.peak / 1024
+    ray.shutdown()
+    return {"img_s": s["files"] / dt, "peak_mib": mem.peak / 1024, "pipeline": (s.get("pipeline") or {}).get("mode"),
+            "engine": s["engine"], "precision": s["precision"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="work folder (images are cached here)")
-    ap.add_argument("--n", type=int, default=1000, help="images per format (default: %(default)s)")
-    ap.add_argument("--rss-n", type=int, default=10000, help="images for the memory comparison, 0 = skip (default: %(default)s)")
+    ap.add_argument("--out", required=True, help="work folder (images and bundle are cached here)")
+    ap.add_argument("--n-png", type=int, default=1000, help="1024² PNG images, 0 = skip (default: %(default)s)")
+    ap.add_argument("--n-jpeg", type=int, default=2000, help="512² JPEG images, 0 = skip (default: %(default)s)")
+    ap.add_argument("--n-large", type=int, default=0,
+                    help="also a JPEG folder of this many (e.g. 10000): default job vs the ceiling, and peak "
+                         "memory against its first --n-jpeg files (default: %(default)s = skip)")
+    ap.add_argument("--image-size", type=int, default=224, help="the bundle's input size (default: %(default)s)")
+    ap.add_argument("--pipelines", default="fused,split", help="pipeline modes for (c) (default: %(default)s)")
     a = ap.parse_args()
-    import ray
-
     out = Path(a.out)
-    bundle = make_bundle(out / "bundle")
-    sets = {"1024² PNG": make_folder(out / "png1024", a.n, 1024, "PNG"),
-            "512² JPEG": make_folder(out / "jpg512", a.n, 512, "JPEG")}
-    ray.init()
-    rows = {}
+    cores = os.cpu_count() or 1
+    sets = {}
+    if a.n_png:
+        sets[f"{a.n_png} x 1024² PNG"] = make_folder(out / "png1024", a.n_png, 1024, "PNG")
+    if a.n_jpeg:
+        sets[f"{a.n_jpeg} x 512² JPEG"] = make_folder(out / "jpg512", a.n_jpeg, 512, "JPEG")
+    calib = sorted(str(p) for folder in sets.values() for p in sorted(folder.iterdir())[:32])
+    bundle = make_bundle(out / "bundle", a.image_size, calib)
+    pipelines = [m for m in a.pipelines.split(",") if m]
+    results: dict[str, Any] = {}
     for name, folder in sets.items():
-        paths = sorted(str(p) for p in folder.iterdir())[: a.n]
-        r = {"a_seed_loop": seed_loop(bundle, paths),
-             "b_dataloader_w0": dataloader_loop(bundle, paths, 0),
-             "b_dataloader_w1": dataloader_loop(bundle, paths, 1)}
-        r["c_ray_data"], r["c_peak_mib"] = ray_job(bundle, folder, out / f"pred_{folder.name}")
-        rows[name] = r
-        print(name, json.dumps(r), flush=True)
-    mem = {}
-    if a.rss_n:
-        small = make_folder(out / f"jpg512_{a.rss_n}", a.rss_n, 512, "JPEG")
-        sub = out / f"jpg512_first{a.n}"  # the same files: hard links to the first n
-        sub.mkdir(exist_ok=True)
-        for p in sorted(small.iterdir())[: a.n]:
-            if not (sub / p.name).exists():
-                os.link(p, sub / p.name)
-        mem[a.n] = ray_job(bundle, sub, out / "pred_mem_small")
-        mem[a.rss_n] = ray_job(bundle, small, out / "pred_mem_large")
-    print()
-    print("| images | (a) one at a time | (b) DataLoader, 0 workers | (b) DataLoader, 1 worker | (c) Ray Data job | (c)/(b, 0 w.) | (c)/(a) | (c) peak PSS |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {a.n} x {name} | {r['a_seed_loop']:.1f}/s | {r['b_dataloader_w0']:.1f}/s | {r['b_dataloader_w1']:.1f}/s | "
-              f"{r['c_ray_data']:.1f}/s | {r['c_ray_data'] / r['b_dataloader_w0']:.2f}x | "
-              f"{r['c_ray_data'] / r['a_seed_loop']:.2f}x | {r['c_peak_mib']:.0f} MiB |")
-    if mem:
-        (n1, (s1, m1)), (n2, (s2, m2)) = sorted(mem.items())
-        print(f"\nRay Data job, 512² JPEG: {n1} images {s1:.1f}/s peak {m1:.0f} MiB; "
-              f"{n2} images {s2:.1f}/s peak {m2:.0f} MiB; ratio {m2 / m1:.2f}")
+        n = int(name.split(" x ")[0])
+        paths = sorted(str(p) for p in folder.iterdir())[:n]
+        folder = first_n(folder, n, out / f"{folder.name}_first{n}") if len(list(folder.iterdir())) > n else folder
+        costs = stage_costs(bundle, paths)
+        r: dict[str, Any] = {"costs": costs, "a": seed_loop(bundle, paths), "b": dataloader_loop(bundle, paths), "c": []}
+        for engine, precision in ENGINES:
+            for mode in pipelines:
+                job = ray_job(bundle, folder, out / "pred", engine=engine, precision=precision, pipeline=mode)
+                r["c"].append({**job, "label": f"{engine} {precision}, {mode}"})
+                print(name, json.dumps(r["c"][-1]), flush=True)
+        job = ray_job(bundle, folder, out / "pred")
+        r["c"].append({**job, "label": f"defaults (auto: {job['engine']} {job['precision']}, {job['pipeline']})"})
+        results[name] = r
+        print(name, json.dumps({k: v for k, v in r.items() if k != "c"}), flush=True)
+
+    print(f"\n{cores} cores, bundle {a.image_size} px; ceiling = cores / (decode ms + inference ms per image "
+          f"on one core); (c) is the whole job, Ray start-up included")
+    for name, r in results.items():
+        c = r["costs"]
+        ceiling = {f"{e} {p}": 1000 * cores / (c["decode_ms"] + c[f"{e}_{p}_ms"]) for e, p in ENGINES}
+        print(f"\n### {name}\n\nper image on one core: decode {c['decode_ms']:.1f} ms; inference "
+              + ", ".join(f"{e} {p} {c[f'{e}_{p}_ms']:.1f} ms" for e, p in ENGINES) + "\n")
+        print("| row | img/s | vs (b) | peak PSS | ceiling | share of ceiling |")
+        print("|---|---|---|---|---|---|")
+        print(f"| (a) one at a time, torch | {r['a']:.1f} | {r['a'] / r['b']:.2f}x | – | "
+              f"{ceiling['torch fp32']:.0f} | {r['a'] / ceiling['torch fp32']:.0%} |")
+        print(f"| (b) DataLoader, 1 worker, torch | {r['b']:.1f} | 1.00x | – | "
+              f"{ceiling['torch fp32']:.0f} | {r['b'] / ceiling['torch fp32']:.0%} |")
+        for job in r["c"]:
+            ceil = ceiling[f"{job['engine']} {job['precision']}"]
+            print(f"| (c) Ray job, {job['label']} | {job['img_s']:.1f} | {job['img_s'] / r['b']:.2f}x | "
+                  f"{job['peak_mib']:.0f} MiB | {ceil:.0f} | {job['img_s'] / ceil:.0%} |")
+    if a.n_large:
+        if not a.n_jpeg:
+            sys.exit("--n-large needs --n-jpeg (the small folder of the memory check)")
+        large = make_folder(out / f"jpg512_{a.n_large}", a.n_large, 512, "JPEG")
+        small = first_n(large, a.n_jpeg, out / f"jpg512_{a.n_large}_first{a.n_jpeg}")
+        paths = sorted(str(p) for p in large.iterdir())[:a.n_large]
+        costs = stage_costs(bundle, paths)
+        j_small, j_large = ray_job(bundle, small, out / "pred"), ray_job(bundle, large, out / "pred")
+        ceil = 1000 * cores / (costs["decode_ms"] + costs[f"{j_large['engine']}_{j_large['precision']}_ms"])
+        print(f"\n### defaults (auto: {j_large['engine']} {j_large['precision']}, {j_large['pipeline']}), 512² JPEG\n")
+        print("| images | img/s | ceiling | share of ceiling | peak PSS |")
+        print("|---|---|---|---|---|")
+        for n, j in ((a.n_jpeg, j_small), (a.n_large, j_large)):
+            print(f"| {n} | {j['img_s']:.1f} | {ceil:.0f} | {j['img_s'] / ceil:.0%} | {j['peak_mib']:.0f} MiB |")
+        print(f"\npeak memory {a.n_large} vs {a.n_jpeg} images: {j_large['peak_mib'] / j_small['peak_mib']:.2f}x")
     sys.stdout.flush()
 
 

@@ -16,8 +16,8 @@ import logging
 import os
 import sys
 
-from artifact_core.config import (DEMO_DATA_FOLDER, DEMO_RUN_NAME, SCORE_ENGINES, SCORE_PRECISIONS, WAIT_HELP,
-                                  ScoreConfig, TrainConfig)
+from artifact_core.config import (DEMO_DATA_FOLDER, DEMO_RUN_NAME, SCORE_ENGINES, SCORE_PIPELINES, SCORE_PRECISIONS,
+                                  WAIT_HELP, ScoreConfig, TrainConfig)
 from artifact_core.jobs_common import run_job
 
 # the demo's train run writes here when started without arguments
@@ -37,14 +37,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="optional CSV filename,label to report micro F1 against (default for the demo: its test_labels.csv)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call (default: %(default)s)")
     p.add_argument("--num-actors", type=int, default=None,
-                   help="predictor actors (default: one per GPU, or half the cluster's CPUs)")
-    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs per predictor actor (default: %(default)s)")
+                   help="predictor actors (default: fused, one per node; split, one per GPU or the "
+                        "CPUs' share that inference takes)")
+    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs per predictor actor in the split pipeline (default: %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
     p.add_argument("--engine", choices=SCORE_ENGINES, default=d.engine,
                    help="inference engine; auto: ONNX Runtime on CPU when the bundle has model.onnx, "
                         "else PyTorch; PyTorch on GPU (default: %(default)s)")
     p.add_argument("--precision", choices=SCORE_PRECISIONS, default=d.precision,
                    help="int8: the bundle's model.int8.onnx in ONNX Runtime (CPU); see README (default: %(default)s)")
+    p.add_argument("--pipeline", choices=SCORE_PIPELINES, default=d.pipeline,
+                   help="fused: each actor decodes in threads while its engine runs, using its node's CPUs; "
+                        "split: decode tasks feed predictor actors; auto: measures decode and inference "
+                        "cost on a few files and picks (see README) (default: %(default)s)")
     p.add_argument("--object-store-budget-mb", type=int, default=d.object_store_budget_mb,
                    help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
     p.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS", help=WAIT_HELP)
@@ -82,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
         input=args.input or os.path.join(demo, DEMO_DATA_FOLDER, "test"),
         output=args.output or os.path.join(demo, DEMO_RUN_NAME, "predictions"),
         batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-        use_gpu=args.use_gpu, engine=args.engine, precision=args.precision, threshold=args.threshold,
+        use_gpu=args.use_gpu, engine=args.engine, precision=args.precision, pipeline=args.pipeline, threshold=args.threshold,
         object_store_budget_mb=args.object_store_budget_mb,
         resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
         report=args.report, report_top=args.report_top, report_uncertain=args.report_uncertain,

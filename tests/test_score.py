@@ -56,12 +56,14 @@ def hostile_folder(root) -> set[str]:
     return set(names)
 
 
-def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path):
+@pytest.mark.parametrize("pipeline", ["split", "fused"])
+def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path, pipeline):
     src = tmp_path / "in"
     expected = hostile_folder(src)
     out = tmp_path / "out"
-    cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1)
+    cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1, pipeline=pipeline)
     summary = run_scoring(cfg)
+    assert summary["pipeline"]["mode"] == pipeline
 
     csv = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     assert list(csv.columns) == ["filename", "path", "predicted_class", "confidence", "prob_artifact_free", "error"]
@@ -102,7 +104,8 @@ def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path):
     # a crash left a corrupt part and new files arrived: --resume scores only what is missing
     (out / "predictions.parquet" / "zz_partial.parquet").write_bytes(b"PAR1 truncated")
     new = {write_image(src / f"new_{i}.png", color=(10 * i, 90, 90)).name for i in range(3)}
-    cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1, resume=True)
+    cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1, resume=True,
+                      pipeline=pipeline)
     resumed = run_scoring(cfg)
     assert resumed["scored_this_run"] == 3
     csv2 = pd.read_csv(out / "predictions.csv", keep_default_na=False)
@@ -157,9 +160,23 @@ def test_onnx_engine_through_the_actor_equals_torch(ray_session, bundle_dir, tmp
     out = tmp_path / "out"
     s = run_scoring(ScoreConfig(model=onnx_bundle, input=str(src), output=str(out), batch_size=4, num_actors=1))
     assert s["engine"] == "onnx" and s["precision"] == "fp32" and s["errors"] == 1  # auto on CPU
+    plan = s["pipeline"]  # auto: chosen from the costs measured on the driver, recorded
+    assert plan["mode"] in ("fused", "split") and plan["decode_ms"] > 0 and plan["inference_ms"] > 0
+    assert plan["estimate_fused"] >= plan["estimate_split"] > 0
     csv = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     good = csv[csv["error"] == ""]
     prob = good["prob_artifact_free"].astype(float).to_numpy()
     assert prob.std() > 1e-3
     torch_prob = predict_paths(ArtifactPredictor(onnx_bundle, engine="torch"), list(good["path"]))
     np.testing.assert_allclose(prob, torch_prob, atol=1e-4, rtol=0)
+
+
+def test_pipeline_estimates():
+    from artifact_core.scoring import _estimates
+    # inference-bound (ONNX at 224 px, 512² JPEG): one decode core would idle half the time
+    fused, split, actors = _estimates(2, 2.0, 10.0)
+    assert (round(fused), round(split), actors) == (167, 100, 1)
+    # 16 cores, decode-heavy: a 13/3 split is balanced, within 2 % of fused
+    fused, split, actors = _estimates(16, 23.0, 5.0)
+    assert actors == 3 and split / fused > 0.98
+    assert _estimates(1, 5.0, 5.0)[1] == 0.0  # one core cannot be split
