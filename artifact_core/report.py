@@ -136,9 +136,9 @@ def _read_predictions(output_dir: str) -> pa.Table:
 
 
 def _filesystem(input_uri: str | None) -> pafs.FileSystem | None:
-    if input_uri and "://" in input_uri:
-        return pafs.FileSystem.from_uri(input_uri)[0]
-    return None
+    """The scored input's filesystem (None for local files), through the one storage layer."""
+    loc = resolve(input_uri) if input_uri else None
+    return None if loc is None or loc.is_local else loc.fs
 
 
 def _missing(paths: Sequence[str], fs: pafs.FileSystem | None) -> set[str]:
