@@ -17,15 +17,15 @@ import os
 import platform
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where weights are written or read: reading a config
+    import torch   # (ONNX scoring actors) must not cost torch's import
+    from torch import nn
 
-from artifact_core.data import LABEL_NAMES
-from artifact_core.model import ARCHITECTURE, build_model, unwrap
+from artifact_core.config import ARCHITECTURE, HEADS, IMAGENET_MEAN, IMAGENET_STD
+from artifact_core.labels import LABEL_NAMES
 from artifact_core.storage import is_uri, resolve
-from artifact_core.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.pt"
@@ -45,6 +45,8 @@ class BundleConfig:
     dropout: float = 0.2
     num_outputs: int = 1
     architecture: str = ARCHITECTURE
+    #: model.HEADS; bundles written before the local head existed have the global one
+    head: str = "global"
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     labels: dict[str, str] = field(default_factory=lambda: {str(k): v for k, v in LABEL_NAMES.items()})
@@ -68,6 +70,7 @@ class Bundle:
 
 
 def _versions() -> dict[str, str]:
+    import torch
     import torchvision
 
     from artifact_core import __version__
@@ -96,6 +99,9 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
     Returns:
         ``out_dir``.
     """
+    import torch
+
+    from artifact_core.model import unwrap
     if config.architecture != ARCHITECTURE:
         raise ValueError(f"unsupported architecture {config.architecture!r}; expected {ARCHITECTURE!r}")
     os.makedirs(out_dir, exist_ok=True)
@@ -125,9 +131,10 @@ def read_bundle_config(path: str) -> BundleConfig:
         raw = json.load(f)
     known = set(BundleConfig.__dataclass_fields__)
     config = BundleConfig(**{k: v for k, v in raw.items() if k in known})
-    if config.format > BUNDLE_FORMAT or config.architecture != ARCHITECTURE:
+    if config.format > BUNDLE_FORMAT or config.architecture != ARCHITECTURE or config.head not in HEADS:
         raise ValueError(f"{path!r}: bundle format {config.format} / architecture {config.architecture!r} "
-                         f"is not readable here (expected format <= {BUNDLE_FORMAT}, {ARCHITECTURE!r})")
+                         f"/ head {config.head!r} is not readable here "
+                         f"(expected format <= {BUNDLE_FORMAT}, {ARCHITECTURE!r}, a head in {HEADS})")
     return config
 
 
@@ -168,9 +175,12 @@ def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
             bundle = load_bundle(tmp, device=device)
         bundle.path = path
         return bundle
+    import torch
+
+    from artifact_core.model import build_model
     path = resolve(path).path  # file:// URIs become local paths
     config = read_bundle_config(path)
-    model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs)
+    model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs, head=config.head)
     state = torch.load(os.path.join(path, WEIGHTS_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     metrics = {}

@@ -17,6 +17,51 @@ from typing import Any
 SELECT_METRICS = ("val_ap_artifact", "val_roc_auc", "val_micro_f1", "val_macro_f1",
                   "val_f1_artifact", "val_recall_artifact")
 
+#: The network every bundle holds (torchvision's MobileNetV2) and the normalization it expects.
+ARCHITECTURE = "mobilenet_v2"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``--head`` choices. ``local``: MobileNetV2 up to the end of its stride-16 stage, a small
+#: per-location classifier and top-k pooling (small defects); ``global``: the whole network,
+#: global average pooling and a linear layer (torchvision's classifier layout).
+HEADS = ("local", "global")
+#: Blocks the local head keeps: 0..13 end the 96-channel stage at stride 16. The deeper
+#: stride-32 blocks see a 1024 px face through 32 px cells and average a small defect away:
+#: a linear probe on them finds none of the subtle demo defects, one on blocks 7..13 does.
+LOCAL_TRUNK_BLOCKS = 14
+
+
+def feature_blocks(head: str) -> int:
+    """Blocks in ``model.features`` for a head: the most ``--unfreeze-depth`` can unfreeze."""
+    return LOCAL_TRUNK_BLOCKS if head == "local" else 19
+
+
+#: ``--image-size auto``: the training images' own short side (median of a sample), rounded
+#: down to a multiple of 32 and kept within these bounds. Never upsampling saves compute on
+#: small images; the cap keeps a 1024 px folder affordable on CPUs. At 224 px a 1024 px
+#: face loses the few-pixel defects of the subtle demo data, at 448 px it keeps them.
+AUTO_IMAGE_SIZE_MIN = 224
+AUTO_IMAGE_SIZE_MAX = 448
+
+
+def auto_image_size(native_side: int | None) -> int:
+    """The input size ``--image-size auto`` picks for images whose short side is ``native_side``
+    (None: unknown, the lower bound)."""
+    if not native_side:
+        return AUTO_IMAGE_SIZE_MIN
+    return max(AUTO_IMAGE_SIZE_MIN, min(AUTO_IMAGE_SIZE_MAX, native_side // 32 * 32))
+
+
+def parse_image_size(value: str) -> int | str:
+    """``--image-size`` values: ``auto`` or a whole number of pixels."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of pixels, got {value!r}") from None
+
+
 #: Where the demo lives when no data folder is given: <storage>/demo_data, run <storage>/demo.
 DEMO_DATA_FOLDER = "demo_data"
 DEMO_RUN_NAME = "demo"
@@ -32,11 +77,16 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    #: "local" (per-location evidence, top-k pooled; finds small defects) or "global" (see model.HEADS)
+    head: str = "local"
     batch_size: int = 16
-    image_size: int = 224
-    head_epochs: int = 4
+    #: pixels, or "auto" (resolved by prepare_run from the data: see auto_image_size)
+    image_size: int | str = "auto"
+    # Phase 1 trains on cached trunk features (head_cache_views), so its epochs are cheap; the
+    # local head needs many of them to find a subtle defect among ~100 positives.
+    head_epochs: int = 30
     finetune_epochs: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-3
     finetune_lr: float = 3e-4
     unfreeze_depth: int = 6
     weight_decay: float = 1e-4
@@ -45,7 +95,10 @@ class TrainConfig:
     seed: int = 42
     weights: str = "imagenet"
     max_failures: int = 1
-    patience: int = 3
+    patience: int = 5
+    #: phase 1 computes the frozen trunk's features for this many augmented views of each
+    #: image once and trains the head on them; 0 = decode and run the trunk every epoch
+    head_cache_views: int = 2
     loader_workers: int = 0
     skip_unlabeled: bool = False
     demo_train_images: int = 600
@@ -69,16 +122,20 @@ class TrainConfig:
             ("--num-workers", self.num_workers >= 1, "at least 1"),
             ("--cpus-per-worker", self.cpus_per_worker > 0, "above 0"),
             ("--batch-size", self.batch_size >= 1, "at least 1"),
-            ("--image-size", self.image_size >= 32, "at least 32"),
+            ("--image-size", self.image_size == "auto" or (isinstance(self.image_size, int) and self.image_size >= 32),
+             "'auto' or at least 32"),
             ("--head-epochs", self.head_epochs >= 0, "0 or more"),
             ("--finetune-epochs", self.finetune_epochs >= 0, "0 or more"),
             ("--head-epochs/--finetune-epochs", self.head_epochs + self.finetune_epochs >= 1, "at least 1 epoch in total"),
             ("--lr", self.lr > 0, "above 0"),
             ("--finetune-lr", self.finetune_lr > 0, "above 0"),
-            ("--unfreeze-depth", 0 <= self.unfreeze_depth <= 19, "in 0..19"),
+            ("--head", self.head in HEADS, f"one of {', '.join(HEADS)}"),
+            ("--unfreeze-depth", 0 <= self.unfreeze_depth <= feature_blocks(self.head),
+             f"in 0..{feature_blocks(self.head)} for the {self.head} head"),
             ("--val-fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
             ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
             ("--patience", self.patience >= 0, "0 (off) or more"),
+            ("--head-cache-views", self.head_cache_views >= 0, "0 (off) or more"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
@@ -143,16 +200,26 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--weights", default=d.weights, help="imagenet (torchvision's cached file, else download, else the copy shipped in the package) | "
                         "torchvision (cache or download only) | bundled (shipped copy only) | none | "
                         "PATH to a state dict (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=d.image_size, help="square input size (default: %(default)s)")
+    g.add_argument("--image-size", type=parse_image_size, default=d.image_size,
+                   help=f"square input size in pixels, or auto: the images' short side, kept within "
+                        f"{AUTO_IMAGE_SIZE_MIN}..{AUTO_IMAGE_SIZE_MAX} (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker (default: %(default)s)")
     g.add_argument("--head-epochs", type=int, default=d.head_epochs, help="phase 1 epochs, backbone frozen (default: %(default)s)")
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs, help="phase 2 epochs (default: %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="phase 1 learning rate (default: %(default)s)")
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="phase 2 learning rate (default: %(default)s)")
-    g.add_argument("--unfreeze-depth", type=int, default=d.unfreeze_depth, help="feature blocks unfrozen in phase 2, 0..19 (default: %(default)s)")
+    g.add_argument("--head", choices=HEADS, default=d.head,
+                   help="local: MobileNetV2 to stride 16, a classifier per 16 px cell, top-k pooled (small defects, "
+                        "and a map of where they are); global: the whole network, average pooled (default: %(default)s)")
+    g.add_argument("--unfreeze-depth", type=int, default=d.unfreeze_depth,
+                   help="feature blocks unfrozen in phase 2, 0..14 (local head) or 0..19 (global) (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head (default: %(default)s)")
     g.add_argument("--patience", type=int, default=d.patience, help="epochs without a gain of --select-metric before a phase stops early, 0 = off (default: %(default)s)")
+    g.add_argument("--head-cache-views", type=int, default=d.head_cache_views,
+                   help="phase 1: run the frozen trunk over this many augmented views of each image once and "
+                        "train the head on the cached features (in memory, up to 2 GiB per worker); "
+                        "0 = every epoch from images (default: %(default)s)")
     g.add_argument("--oversample", type=float, default=d.oversample,
                    help="share of artifact images among each epoch's draws, e.g. 0.3 (drawn with replacement; "
                         "the loss weights balance the drawn mix); 0 = off (default: %(default)s)")
@@ -221,8 +288,10 @@ class SweepConfig:
             raise ValueError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}")
         if not 0 < self.finetune_lr_ratio_min <= self.finetune_lr_ratio_max:
             raise ValueError("need 0 < --finetune-lr-ratio-min <= --finetune-lr-ratio-max")
-        if not self.unfreeze_depths or any(not 0 <= d <= 19 for d in self.unfreeze_depths):
-            raise ValueError(f"--unfreeze-depths must be values in 0..19, got {self.unfreeze_depths}")
+        blocks = feature_blocks(self.base.head)
+        if not self.unfreeze_depths or any(not 0 <= d <= blocks for d in self.unfreeze_depths):
+            raise ValueError(f"--unfreeze-depths must be values in 0..{blocks} for the {self.base.head} head, "
+                             f"got {self.unfreeze_depths}")
         if self.scheduler not in ("asha", "none"):
             raise ValueError(f"--scheduler must be 'asha' or 'none', got {self.scheduler!r}")
         if self.grace_period is not None and self.grace_period < 1:

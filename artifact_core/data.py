@@ -15,14 +15,11 @@ import torch
 from torch.utils.data import Dataset
 
 from artifact_core.images import ImageDecodeError, decode_image
+from artifact_core.labels import ARTIFACT, CLEAN, LABEL_NAMES  # noqa: F401 (re-exported)
 from artifact_core.storage import FileReadError, read_file_bytes, resolve
 
 log = logging.getLogger(__name__)
 
-#: Label meaning, the one place it is defined. File names carry these digits.
-ARTIFACT = 0
-CLEAN = 1
-LABEL_NAMES = {ARTIFACT: "artifact", CLEAN: "artifact-free"}
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LABEL_PATTERN = "'<name>_<0|1>.<ext>' (0 = artifact, 1 = artifact-free)"
@@ -76,6 +73,28 @@ def list_image_files(folder: str) -> tuple[list[str], pafs.FileSystem | None, st
     paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name)
                    and not any(part.startswith(".") for part in i.path[len(prefix):].split("/")))
     return paths, loc.fs, loc.path
+
+
+def native_short_side(paths: Sequence[str], fs: pafs.FileSystem | None = None, *, sample: int = 32) -> int | None:
+    """Median short side of up to ``sample`` images spread over ``paths``, from their headers.
+
+    PIL reads only the header to know the size, so this decodes no pixels; files that cannot
+    be read are left out (the workers count them). None when none could be read.
+    """
+    from PIL import Image
+
+    if not paths:
+        return None
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in list(paths)[::step][:sample]:
+        try:
+            stream = open(path, "rb") if fs is None else fs.open_input_file(path)
+            with stream, Image.open(stream) as img:
+                sides.append(min(img.size))
+        except Exception:  # noqa: BLE001 - any unreadable file just leaves the sample
+            continue
+    return int(np.median(sides)) if sides else None
 
 
 def parse_label(path: str | os.PathLike) -> int:

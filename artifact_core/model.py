@@ -16,9 +16,13 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
+from artifact_core.config import ARCHITECTURE, HEADS, LOCAL_TRUNK_BLOCKS  # noqa: F401 (ARCHITECTURE re-exported)
+
 #: torchvision's MobileNetV2 has 19 blocks in ``model.features``.
 NUM_FEATURE_BLOCKS = 19
-ARCHITECTURE = "mobilenet_v2"
+#: Share of the evidence map's cells averaged into the image score (at least one): about
+#: four cells of a 28 x 28 map at 448 px, the size of the defects the head is built for.
+LOCAL_TOP_FRACTION = 0.005
 IMAGENET_WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V2
 
 log = logging.getLogger(__name__)
@@ -161,25 +165,87 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
 
 
+class LocalEvidenceNet(nn.Module):
+    """MobileNetV2's first :data:`LOCAL_TRUNK_BLOCKS` blocks, a per-location classifier and top-k pooling.
+
+    Each cell of the stride-16 feature map (16 x 16 input pixels, seen in a larger context)
+    gets an artifact logit; the image's artifact logit is the mean of the highest
+    ``top_fraction`` of them. An average over the whole image would let a defect of a few
+    cells vanish among hundreds of clean ones; the top-k mean keeps it, and the map shows
+    where it is. ``forward`` returns the same (N, 1) "artifact-free" logit as the global head.
+    """
+
+    def __init__(self, features: nn.Sequential, *, dropout: float = 0.2, hidden: int = 64,
+                 top_fraction: float = LOCAL_TOP_FRACTION) -> None:
+        super().__init__()
+        self.features = features
+        channels = features[-1].out_channels
+        # Normalized input (the trunk's channels differ in scale by orders of magnitude), then two
+        # 1x1 convolutions: a linear one per cell finds too little in 96 channels.
+        self.classifier = nn.Sequential(nn.BatchNorm2d(channels), nn.Dropout(p=dropout),
+                                        nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1))
+        self.top_fraction = top_fraction
+
+    def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H/16, W/16) artifact logits, one per cell."""
+        return self.classifier(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The (N, 1) "artifact-free" logit from the trunk's feature map."""
+        cells = self.classifier(features).flatten(1)
+        # int(): under ONNX tracing the size is a tensor; the exported graph keeps k for the
+        # bundle's fixed image size.
+        k = max(1, int(self.top_fraction * int(cells.shape[1]) + 0.5))
+        return -cells.topk(k, dim=1).values.mean(dim=1, keepdim=True)
+
+
+def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """What ``model(x)`` computes after ``model.features(x)``: the head alone, for either head."""
+    if isinstance(model, LocalEvidenceNet):
+        return model.head(features)
+    # torchvision's MobileNetV2.forward after its features
+    return model.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(features, (1, 1)), 1))
+
+
+def _block_index(key: str) -> int | None:
+    match = re.match(r"features\.(\d+)\.", key)
+    return int(match.group(1)) if match else None
+
+
 def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet", dropout: float = 0.2,
-                num_outputs: int = 1) -> nn.Module:
-    """MobileNetV2 whose ImageNet classifier is replaced by a fresh ``num_outputs`` head.
+                num_outputs: int = 1, head: str = "global") -> nn.Module:
+    """MobileNetV2 whose ImageNet classifier is replaced by a fresh binary head.
 
     Args:
         weights: a ``--weights`` value as :func:`resolve_weights` reads it (``"imagenet"``,
             ``"torchvision"``, ``"bundled"``, ``"none"``, a state-dict path), or a state dict
             already loaded (1000-class ImageNet layout, or this project's own head layout).
-        dropout: dropout before the final linear layer.
-        num_outputs: 1 (a logit for "artifact-free") or 2 (two-class logits).
+        dropout: dropout before the head's first layer.
+        num_outputs: 1 (a logit for "artifact-free") or 2 (two-class logits; global head only).
+        head: ``"global"`` (the whole network, average pooling, a linear layer) or ``"local"``
+            (:class:`LocalEvidenceNet`); see :data:`HEADS`.
 
     Raises:
         WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
+        ValueError: an unknown head, or two outputs asked of the local head.
     """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "local" and num_outputs != 1:
+        raise ValueError("the local head gives one logit (artifact-free); num_outputs must be 1")
     model = mobilenet_v2(weights=None)
+    if head == "local":
+        model = LocalEvidenceNet(model.features[:LOCAL_TRUNK_BLOCKS], dropout=dropout)
     state, source = (weights, "state dict") if isinstance(weights, Mapping) else resolve_weights(weights)
     if state is not None:
         # A 1000-class ImageNet file: keep its head out; our own head layout: load all.
         backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        if head == "local":  # the trunk ends before the stride-32 blocks
+            backbone = {k: v for k, v in backbone.items()
+                        if _block_index(k) is None or _block_index(k) < LOCAL_TRUNK_BLOCKS}
         missing, unexpected = model.load_state_dict(backbone, strict=False)
         missing = [k for k in missing if not k.startswith("classifier.")]
         if missing or unexpected:
@@ -188,25 +254,27 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
-    in_features = model.classifier[-1].in_features
-    model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(in_features, num_outputs))
+    if head == "global":
+        in_features = model.classifier[-1].in_features
+        model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(in_features, num_outputs))
     return model
 
 
 def set_trainable(model: nn.Module, *, unfreeze_depth: int) -> int:
     """Freeze the backbone except its last ``unfreeze_depth`` feature blocks.
 
-    K = 0 trains only the classifier head; K = 19 trains everything.
-    Use :func:`train_mode` instead of ``model.train()`` so frozen BatchNorm stays in eval.
+    K = 0 trains only the classifier head; K = ``len(model.features)`` (19 for the global
+    head, 14 for the local one) trains everything. Use :func:`train_mode` instead of ``model.train()`` so frozen BatchNorm stays in eval.
 
     Returns:
         The number of trainable parameters (elements).
     """
-    if not 0 <= unfreeze_depth <= NUM_FEATURE_BLOCKS:
-        raise ValueError(f"unfreeze_depth must be in 0..{NUM_FEATURE_BLOCKS}, got {unfreeze_depth}")
+    blocks = len(model.features)
+    if not 0 <= unfreeze_depth <= blocks:
+        raise ValueError(f"unfreeze_depth must be in 0..{blocks}, got {unfreeze_depth}")
     for p in model.features.parameters():
         p.requires_grad = False
-    for block in model.features[NUM_FEATURE_BLOCKS - unfreeze_depth:]:
+    for block in model.features[blocks - unfreeze_depth:]:
         for p in block.parameters():
             p.requires_grad = True
     for p in model.classifier.parameters():

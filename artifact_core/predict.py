@@ -8,21 +8,27 @@ batch that is either uint8 pixels (normalized by the engine) or already normaliz
 
 :func:`resolve_engine` turns ``--engine auto|torch|onnx`` and ``--precision fp32|int8``
 into one of them.
+
+Torch is imported only by the torch engine: an ONNX Runtime actor starts without it
+(about 0.9 GB and seconds less per actor; ``tests/test_predict.py`` checks that in a fresh
+interpreter).
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from artifact_core.bundle import ONNX_FILE, ONNX_INT8_FILE, BundleConfig, load_bundle, read_bundle_config
 from artifact_core.config import SCORE_ENGINES as ENGINES
 from artifact_core.config import SCORE_PRECISIONS as PRECISIONS
 from artifact_core.decode import decode_batch, decode_paths
+
+if TYPE_CHECKING:
+    import torch
 
 OUTPUT_COLUMNS = ("filename", "path", "predicted_class", "confidence", "prob_artifact_free", "error")
 
@@ -67,6 +73,8 @@ def onnx_path(bundle_dir: str, precision: str = "fp32") -> str:
 def amp_dtype() -> torch.dtype:
     """Autocast dtype on the current GPU: bf16 from compute capability 8.0 (Ampere) on, else fp16
     (older GPUs emulate bf16 slowly or not at all)."""
+    import torch
+
     major, _ = torch.cuda.get_device_capability()
     return torch.bfloat16 if major >= 8 else torch.float16
 
@@ -81,7 +89,10 @@ class TorchEngine:
     name = "torch"
     precision = "fp32"
 
-    def __init__(self, bundle_dir: str, *, device: torch.device, micro_batch: int | None = None) -> None:
+    def __init__(self, bundle_dir: str, *, device: torch.device | str = "cpu", micro_batch: int | None = None) -> None:
+        import torch
+
+        device = torch.device(device)
         bundle = load_bundle(bundle_dir, device=device)
         self.config: BundleConfig = bundle.config
         self.device = device
@@ -92,16 +103,21 @@ class TorchEngine:
         self.autocast_dtype = amp_dtype() if device.type == "cuda" else None
 
     def _to_device(self, chunk: torch.Tensor) -> torch.Tensor:
+        # (torch is already imported: only predict() calls this)
         if self.device.type == "cuda" and chunk.device.type == "cpu":
             chunk = chunk.pin_memory()
         return chunk.to(self.device, non_blocking=True)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels -> [0, 1] -> mean/std normalized float32 (on ``x``'s device)."""
+        import torch
+
         return (x.to(torch.float32) / 255.0 - self.mean) / self.std
 
     def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """P(artifact-free) for a (N, 3, S, S) uint8 or normalized float batch."""
+        import torch
+
         x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
         chunks = x.split(self.micro_batch) if self.micro_batch else (x,)
         out = []
@@ -155,7 +171,8 @@ class OnnxEngine:
 
     def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Raw logits (float32) for a (N, 3, S, S) uint8 or normalized float batch."""
-        x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        # A torch tensor (in-process callers) becomes a view; never imports torch here.
+        x = np.asarray(batch) if isinstance(batch, np.ndarray) else np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch)
         step = self.micro_batch or max(len(x), 1)
         out = []
         for i in range(0, len(x), step):
@@ -183,16 +200,18 @@ class ArtifactPredictor:
                  num_threads: int | None = None, cpu_micro_batch: int = 8, engine: str = "auto",
                  precision: str = "fp32", spin: bool = True) -> None:
         self.engine_name = resolve_engine(bundle_dir, engine, precision, use_gpu=use_gpu)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.device = "cuda" if use_gpu else "cpu"
         # On CPU MobileNetV2 runs ~2x faster per image in chunks of 4-8 than of 64 (its
         # activations then stay in cache; measured with bench/score_bench.py). GPUs take it whole.
-        micro_batch = cpu_micro_batch if self.device.type == "cpu" else None
+        micro_batch = cpu_micro_batch if self.device == "cpu" else None
         self.engine: Any
         if self.engine_name == "onnx":
             self.engine = OnnxEngine(bundle_dir, precision=precision, num_threads=num_threads, micro_batch=micro_batch,
                                      spin=spin)
         else:
             if num_threads:
+                import torch
+
                 torch.set_num_threads(num_threads)
             self.engine = TorchEngine(bundle_dir, device=self.device, micro_batch=micro_batch)
         self.precision = self.engine.precision

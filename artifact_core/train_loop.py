@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from artifact_core.config import TrainConfig
 from artifact_core.data import ARTIFACT, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
-from artifact_core.model import build_model, set_trainable, train_mode, unwrap
+from artifact_core.model import build_model, head_logits, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
 
 log = logging.getLogger("artifact_core.train")
@@ -39,6 +39,9 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 VAL_SCORES_FILE = "val_scores.json"
+#: A worker keeps phase 1's features in memory only below this size (train views + validation);
+#: above it phase 1 streams images like phase 2.
+HEAD_CACHE_MAX_BYTES = 2 << 30
 
 
 @dataclass
@@ -346,6 +349,121 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
     return train, SkippingLoader(val_loader)
 
 
+@dataclass
+class FeatureCache:
+    """Trunk features of one worker's images (float16) and their labels, on its device."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocast: Any, *,
+                    passes: int = 1, first_epoch: int = 0) -> FeatureCache:
+    """Run the frozen trunk over ``loader`` ``passes`` times (each a fresh augmented view)."""
+    feats, labels = [], []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(passes):
+            if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(first_epoch + i)
+            for x, y in loader:
+                x, y = _to_device(x, y, device)
+                with autocast():
+                    feats.append(model.features(x).to(torch.float16))
+                labels.append(y)
+    if not feats:
+        return FeatureCache(torch.zeros(0, device=device, dtype=torch.float16), torch.zeros(0, dtype=torch.int64, device=device))
+    return FeatureCache(torch.cat(feats), torch.cat(labels))
+
+
+def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: torch.device,
+                 autocast: Any, state: LoopState, world: int) -> tuple[FeatureCache, FeatureCache] | None:
+    """Phase 1's training views and validation features, or None to stream (off, ray-data
+    ingest, or more than :data:`HEAD_CACHE_MAX_BYTES`). The decision is the same on every rank."""
+    train_loader, val_loader = loaders
+    if cfg.head_cache_views <= 0 or cfg.ingest != "dataloader":
+        return None
+    model.eval()  # (a dry run of one image: BatchNorm must neither need a batch nor learn from it)
+    with torch.inference_mode():
+        per_image = model.features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).numel() * 2
+    n_train = len(train_loader.sampler) * cfg.head_cache_views
+    n_val = len(val_loader.loader.dataset.dataset) // max(world, 1) + 1  # the largest shard: every rank decides alike
+    need = (n_train + n_val) * per_image
+    if need > HEAD_CACHE_MAX_BYTES:
+        log.info("phase 1 streams images: caching its features would take %.1f GiB per worker (limit %.1f GiB)",
+                 need / 2**30, HEAD_CACHE_MAX_BYTES / 2**30)
+        return None
+    t0 = time.time()
+    train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
+                            first_epoch=state.global_epoch)
+    val = _cache_features(model, val_loader, device, autocast)
+    log.info("phase 1: trunk features of %d training views and %d validation images cached (%.0f MiB) in %.1fs",
+             len(train), len(val), (train.features.numel() + val.features.numel()) * 2 / 2**20, time.time() - t0)
+    return train, val
+
+
+def _allreduce_mean_grads(params: list[nn.Parameter], world: int) -> None:
+    """Average gradients over the ranks in one collective (what DDP does for the head)."""
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, batch_size: int,
+                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, weights: torch.Tensor,
+                        autocast: Any, world: int, seed: int) -> tuple[float, int]:
+    """One epoch of the head on cached features: ``steps`` batches (the same count on every
+    rank, so the gradient collectives match), drawn from a fresh shuffle of the views."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(cache), generator=generator).to(cache.labels.device) if len(cache) else None
+    total, count = 0.0, 0
+    train_mode(model)
+    for step in range(steps):
+        if order is None:  # this rank read no image: a zero loss keeps it in step with the others
+            loss = sum(p.sum() for p in params) * 0.0
+            s = torch.zeros(())
+        else:
+            idx = order[torch.arange(step * batch_size, (step + 1) * batch_size, device=order.device) % len(order)]
+            with autocast():
+                logits = head_logits(model, cache.features[idx].float())
+            loss, s = _weighted_bce(logits, cache.labels[idx], weights)
+            count += len(idx)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        _allreduce_mean_grads(params, world)
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(s)
+    return total, count
+
+
+def _evaluate_cached(model: nn.Module, cache: FeatureCache, weights: torch.Tensor,
+                     autocast: Any, batch_size: int = 256) -> tuple[list[float], list[int], float, int]:
+    """:func:`evaluate` on cached validation features."""
+    model.eval()
+    probs: list[float] = []
+    loss_sum = 0.0
+    with torch.inference_mode():
+        for i in range(0, len(cache), batch_size):
+            with autocast():
+                logits = head_logits(model, cache.features[i:i + batch_size].float())
+            y = cache.labels[i:i + batch_size]
+            loss_sum += float(_weighted_bce(logits, y, weights)[1])
+            probs.extend(torch.sigmoid(logits.squeeze(1).float()).cpu().tolist())
+    return probs, cache.labels.cpu().tolist(), loss_sum, len(cache)
+
+
 def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_state: dict | None,
               cfg: TrainConfig, loop_config: dict, loaders: tuple[DataLoader, DataLoader],
               weights: torch.Tensor, device: torch.device, context: dict) -> nn.Module:
@@ -353,12 +471,18 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     rank, world = context["rank"], context["world"]
     base = unwrap(model)
     trainable = set_trainable(base, unfreeze_depth=spec.unfreeze_depth)
+    autocast, scaler = _amp(device)
+    # Phase 1 with a frozen trunk: its features are the same every epoch but for the
+    # augmentation, so they are computed for a few augmented views once and the head trains
+    # on them for as many epochs as it needs, at the cost of a pass of the head.
+    caches = _head_caches(base, cfg, loaders, device, autocast, state, world) if spec.unfreeze_depth == 0 else None
+    unreadable_cached = _collect_unreadable(loaders, state, device) if caches is not None else 0
     # DDP registers gradient hooks only for parameters that require grad when it wraps the
-    # model, so each phase wraps anew after changing what is frozen.
-    ddp_model = ray.train.torch.prepare_model(base)
+    # model, so each phase wraps anew after changing what is frozen. On cached features the
+    # head runs outside DDP and its gradients are averaged by hand.
+    ddp_model = base if caches is not None else ray.train.torch.prepare_model(base)
     params = [p for p in ddp_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=cfg.weight_decay)
-    autocast, scaler = _amp(device)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scaler.load_state_dict(optimizer_state["scaler"])
@@ -366,36 +490,48 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     while state.phase_epoch < spec.epochs and not state.stopped_early:
         _maybe_inject_failure(loop_config, state, rank, world)
         t0 = time.time()
-        train_loader.sampler.set_epoch(state.global_epoch)
-        train_mode(ddp_model)
-        total, count = 0.0, 0
-        for x, y in train_loader:
-            x, y = _to_device(x, y, device)
-            with autocast():
-                logits = ddp_model(x)
-            loss, s = _weighted_bce(logits, y, weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += float(s)
-            count += len(y)
+        if caches is not None:
+            total, count = _train_epoch_cached(ddp_model, caches[0], steps=len(train_loader), batch_size=cfg.batch_size,
+                                               optimizer=optimizer, scaler=scaler, weights=weights, autocast=autocast,
+                                               world=world, seed=cfg.seed * 100_003 + state.global_epoch * 101 + rank)
+        else:
+            train_loader.sampler.set_epoch(state.global_epoch)
+            train_mode(ddp_model)
+            total, count = 0.0, 0
+            for x, y in train_loader:
+                x, y = _to_device(x, y, device)
+                with autocast():
+                    logits = ddp_model(x)
+                loss, s = _weighted_bce(logits, y, weights)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += float(s)
+                count += len(y)
         train_loss = _mean_across_ranks(total, count, device)
         # The plain model, not DDP: DDP's forward may sync buffers (a collective), and a rank
         # whose validation shard is empty would never join it.
-        probs, labels, vloss, vn = evaluate(unwrap(ddp_model), val_loader, weights, device, autocast)
+        if caches is not None:
+            probs, labels, vloss, vn = _evaluate_cached(ddp_model, caches[1], weights, autocast)
+        else:
+            probs, labels, vloss, vn = evaluate(unwrap(ddp_model), val_loader, weights, device, autocast)
         val_loss = _mean_across_ranks(vloss, vn, device)
         probs, labels = _gather(probs), _gather(labels)
         probs = _maybe_override_val_probs(loop_config, state.global_epoch + 1, probs, labels)
         # Threshold-free AP and ROC AUC of the artifact class beside micro F1 at 0.5: they
         # drive selection (--select-metric), since a one-class model cannot win them.
         m = {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking_metrics(labels, probs)}
-        unreadable = _collect_unreadable(loaders, state, device)
+        unreadable = unreadable_cached if caches is not None else _collect_unreadable(loaders, state, device)
 
         state.phase_epoch += 1
         state.global_epoch += 1
         update_patience(state, {f"val_{k}": v for k, v in m.items()}, cfg.select_metric)
-        stop_early = cfg.patience > 0 and state.bad_epochs >= cfg.patience and state.phase_epoch < spec.epochs
+        # Not on cached features: their epochs take seconds, and a head that learns a subtle
+        # defect from ~100 positives often shows nothing for its first ten epochs; the best
+        # epoch is kept by selection anyway.
+        stop_early = (cfg.patience > 0 and caches is None and state.bad_epochs >= cfg.patience
+                      and state.phase_epoch < spec.epochs)
         state.stopped_early = stop_early
         metrics = {
             "epoch": state.global_epoch, "phase": spec.name, "phase_epoch": state.phase_epoch,
@@ -403,7 +539,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
             **{f"val_{k}": v for k, v in m.items()},
             "lr": spec.lr, "trainable_params": trainable, "epoch_seconds": time.time() - t0,
             "world_size": world, "node_ids": context["node_ids"], "early_stopped": stop_early,
-            "unreadable_skipped": unreadable,
+            "unreadable_skipped": unreadable, "features_cached": caches is not None,
         }
         state.history.append(metrics)
         with tempfile.TemporaryDirectory() as tmpdir:
@@ -439,7 +575,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = {"rank": rank, "world": world,
                "node_ids": sorted(set(_gather([ray.get_runtime_context().get_node_id()])))}
 
-    model = build_model(weights="none", dropout=cfg.dropout)
+    model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head)
     model.load_state_dict(loop_config["initial_state"])
     model = model.to(memory_format=torch.channels_last)
     state, optimizer_state = LoopState(), None

@@ -23,8 +23,8 @@ from ray.train.torch import TorchTrainer
 
 from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle
-from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig
-from artifact_core.data import LABEL_NAMES, class_weights, scan_labeled_folder, stratified_split
+from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig, auto_image_size
+from artifact_core.data import LABEL_NAMES, class_weights, native_short_side, scan_labeled_folder, stratified_split
 from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import (best_report, best_threshold, classification_metrics, precision_recall_curve,
                                    predict_labels, ranking_metrics, thin_curve)
@@ -92,6 +92,11 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     folder = scan_labeled_folder(data.uri, skip_unlabeled=cfg.skip_unlabeled)
     prefix = folder.root.rstrip("/") + "/"
     relative = [p[len(prefix):] for p in folder.paths]
+    if cfg.image_size == "auto":
+        side = native_short_side(folder.paths, folder.fs)
+        cfg.image_size = auto_image_size(side)
+        log.info("image size: auto -> %d px (the images' short side is %s)", cfg.image_size,
+                 f"{side} px" if side else "unknown: no sampled header could be read")
     train_dict = {**cfg.to_dict(), "data_dir": data.uri}
 
     def fresh_split() -> Split:
@@ -102,7 +107,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     # Loading here makes a bad --weights fail before any worker starts, and workers need
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
-    initial_state = build_model(weights=weights_state, dropout=cfg.dropout).state_dict()
+    initial_state = build_model(weights=weights_state, dropout=cfg.dropout, head=cfg.head).state_dict()
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
     if run is None:
         stored = fresh_split()
@@ -200,7 +205,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
     best, best_metrics = _best_checkpoint(result, cfg.select_metric)
     with best.as_directory() as d:
         labels, probs = read_val_scores(d)
-        model = build_model(weights="none", dropout=cfg.dropout)
+        model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head)
         model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
     latest = result.checkpoint or best
     with latest.as_directory() as d:
@@ -224,7 +229,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
         "resumed_after_epochs": state.get("resumed_after", []),
         **(extra_metrics or {}),
     }
-    config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout,
+    config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout, head=cfg.head,
                           train_config=cfg.to_dict(), weights_source=weights_source)
     with tempfile.TemporaryDirectory() as tmp:
         local = out_dir if "://" not in out_dir else tmp

@@ -10,10 +10,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from artifact_core.config import IMAGENET_MEAN, IMAGENET_STD
 from artifact_core.images import resize_image
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ResizePIL:

@@ -81,19 +81,20 @@ def first_n(folder: Path, n: int, dest: Path) -> Path:
     return dest
 
 
-def make_bundle(path: Path, image_size: int, calibration: list[str]) -> str:
+def make_bundle(path: Path, image_size: int, calibration: list[str], head: str = "local") -> str:
     """Random MobileNetV2 with calibrated BatchNorm, plus model.onnx and model.int8.onnx."""
+    path = path.with_name(f"{path.name}-{head}-{image_size}")
     if (path / "model.int8.onnx").is_file():
         return str(path)
     torch.manual_seed(0)
-    model = build_model(weights="none")
+    model = build_model(weights="none", head=head)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
     model.train()
     with torch.no_grad():
         model(torch.rand(16, 3, image_size, image_size))
-    bundle = save_bundle(str(path), model.eval(), BundleConfig(image_size=image_size))
+    bundle = save_bundle(str(path), model.eval(), BundleConfig(image_size=image_size, head=head))
     export_onnx(bundle, calibration, int8=True)
     return bundle
 
@@ -229,6 +230,8 @@ def main() -> None:
                     help="also a JPEG folder of this many (e.g. 10000): default job vs the ceiling, and peak "
                          "memory against its first --n-jpeg files (default: %(default)s = skip)")
     ap.add_argument("--image-size", type=int, default=224, help="the bundle's input size (default: %(default)s)")
+    ap.add_argument("--head", choices=["local", "global"], default="local",
+                    help="the bundle's head (default: %(default)s, training's default)")
     ap.add_argument("--pipelines", default="fused,split", help="pipeline modes for (c) (default: %(default)s)")
     a = ap.parse_args()
     out = Path(a.out)
@@ -239,7 +242,7 @@ def main() -> None:
     if a.n_jpeg:
         sets[f"{a.n_jpeg} x 512² JPEG"] = make_folder(out / "jpg512", a.n_jpeg, 512, "JPEG")
     calib = sorted(str(p) for folder in sets.values() for p in sorted(folder.iterdir())[:32])
-    bundle = make_bundle(out / "bundle", a.image_size, calib)
+    bundle = make_bundle(out / "bundle", a.image_size, calib, a.head)
     pipelines = [m for m in a.pipelines.split(",") if m]
     results: dict[str, Any] = {}
     for name, folder in sets.items():
@@ -258,7 +261,7 @@ def main() -> None:
         results[name] = r
         print(name, json.dumps({k: v for k, v in r.items() if k != "c"}), flush=True)
 
-    print(f"\n{cores} cores, bundle {a.image_size} px; ceiling = cores / (decode ms + inference ms per image "
+    print(f"\n{cores} cores, bundle {a.head} head, {a.image_size} px; ceiling = cores / (decode ms + inference ms per image "
           f"on one core); (c) is the whole job, Ray start-up included")
     for name, r in results.items():
         c = r["costs"]

@@ -44,3 +44,23 @@ def test_bundle_errors(tmp_path):
         load_bundle(str(tmp_path / "c"))
     with pytest.raises(ValueError, match="unsupported architecture"):
         save_bundle(str(tmp_path / "d"), build_model(weights="none"), BundleConfig(architecture="resnet50"))
+
+
+def test_bundle_round_trip_local_head_and_older_bundles(tmp_path):
+    m = build_model(weights="none", head="local").eval()
+    out = save_bundle(str(tmp_path / "l"), m, BundleConfig(image_size=64, head="local"))
+    b = load_bundle(out)
+    assert b.config.head == "local" and len(b.model.features) == 14
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(b.model(x), m(x))
+    # bundles written before the head was recorded hold the global head
+    save_bundle(str(tmp_path / "g"), build_model(weights="none"), BundleConfig())
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    del cfg["head"]
+    (tmp_path / "g" / "config.json").write_text(json.dumps(cfg))
+    assert load_bundle(str(tmp_path / "g")).config.head == "global"
+    cfg["head"] = "patch"
+    (tmp_path / "g" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="head 'patch'"):
+        load_bundle(str(tmp_path / "g"))

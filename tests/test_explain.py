@@ -149,3 +149,13 @@ def test_cli_user_errors(bundle64, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "artifact_core.explain", bundle64, str(tmp_path / "nope.png"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "nope.png" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_heatmaps_of_the_local_head_follow_its_evidence():
+    from artifact_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(weights="none", head="local", dropout=0.0).eval()
+    x = torch.randn(2, 3, 128, 128)
+    heat = gradcam_heatmaps(model, x)
+    assert heat.shape == (2, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0

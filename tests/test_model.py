@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 
 from artifact_core import model as model_mod
+from artifact_core.config import LOCAL_TRUNK_BLOCKS
 from artifact_core.model import (IMAGENET_WEIGHTS, NUM_FEATURE_BLOCKS, WeightsUnavailableError, build_model,
                                  count_trainable, set_trainable, train_mode, unwrap)
 
@@ -104,3 +105,44 @@ def test_torchvision_weights_offline_says_how_to_fix(tmp_path, monkeypatch):
 def test_unwrap():
     m = build_model(weights="none")
     assert unwrap(nn.DataParallel(m)) is m and unwrap(m) is m
+
+
+def test_local_head_scores_the_top_cells_of_its_evidence_map():
+    m = build_model(weights="none", head="local", dropout=0.0).eval()
+    assert len(m.features) == LOCAL_TRUNK_BLOCKS and m.features[-1].out_channels == 96
+    x = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        cells = m.evidence_map(x)
+        logit = m(x)
+    assert cells.shape == (2, 1, 28, 28) and logit.shape == (2, 1)
+    # 0.5 % of 784 cells -> the 4 strongest artifact logits, negated into the "artifact-free" logit
+    expected = -cells.flatten(1).topk(4, dim=1).values.mean(dim=1, keepdim=True)
+    assert torch.allclose(logit, expected)
+    # a small image still has at least one cell
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 1)
+
+
+def test_local_head_keeps_only_the_stride16_trunk_of_imagenet_weights(tmp_path):
+    ref = mobilenet_v2(weights=None)
+    path = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), path)  # 19 blocks and a 1000-class classifier
+    m = build_model(weights=str(path), head="local")
+    assert torch.equal(m.features[13].conv[0][0].weight, ref.features[13].conv[0][0].weight)
+    assert not any(k.startswith("features.14.") for k in m.state_dict())
+    # its own layout (a local-head state dict) loads back whole, head included
+    own = build_model(weights=m.state_dict(), head="local")
+    assert torch.equal(own.features[5].conv[0][0].weight, m.features[5].conv[0][0].weight)
+
+
+def test_local_head_freezing_and_errors():
+    m = build_model(weights="none", head="local")
+    n = set_trainable(m, unfreeze_depth=2)
+    assert n == _head_params(m) + sum(p.numel() for b in list(m.features)[12:] for p in b.parameters())
+    set_trainable(m, unfreeze_depth=LOCAL_TRUNK_BLOCKS)
+    assert all(p.requires_grad for p in m.parameters())
+    with pytest.raises(ValueError, match="0..14"):
+        set_trainable(m, unfreeze_depth=15)
+    with pytest.raises(ValueError, match="num_outputs"):
+        build_model(weights="none", head="local", num_outputs=2)
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_model(weights="none", head="patch")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,8 +16,11 @@ from PIL import Image
 from artifact_core import export_onnx as export_mod
 from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.data import list_images, parse_label
+from artifact_core.model import build_model
 from artifact_core.predict import ArtifactPredictor, amp_dtype, predict_paths, resolve_engine
 from conftest import calibrated_model, make_easy_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,37 @@ def test_onnx_fp32_equals_torch_on_decoded_images(onnx_bundle, images):
     out = onnx_pred(batch)
     assert out["predicted_class"][1] == -1 and np.isnan(out["prob_artifact_free"][1])
     assert out["predicted_class"][0] in (0, 1)
+
+
+def test_onnx_actor_starts_without_torch(onnx_bundle, images):
+    """The fused ONNX actor (decode + ONNX Runtime) never imports torch: ~0.9 GB and seconds per actor."""
+    root = os.path.dirname(images[0])
+    code = ("import os, sys, numpy as np\n"
+            "from artifact_core.predict import DecodingPredictor\n"
+            f"p = DecodingPredictor({onnx_bundle!r}, image_size=32, root={root!r}, engine='auto', num_threads=1)\n"
+            f"raw = np.array([os.fsencode(x) for x in {images[:6]!r}] + [b'{root}/gone.png'], dtype=object)\n"
+            "out = p({'raw_path': raw})\n"
+            "assert p.predictor.engine_name == 'onnx'\n"
+            "assert (out['predicted_class'][:6] >= 0).all() and out['predicted_class'][6] == -1, out\n"
+            "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]\n"
+            "assert not bad, bad\n"
+            "print(' '.join(f'{x:.6f}' for x in out['prob_artifact_free'][:6]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = predict_paths(ArtifactPredictor(onnx_bundle, engine="torch"), images[:6])
+    np.testing.assert_allclose([float(v) for v in out.stdout.split()], expected, atol=1e-4)
+
+
+def test_local_head_onnx_equals_torch(images, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(weights="bundled", head="local").eval()  # ImageNet trunk: varied features
+    torch.nn.init.normal_(model.classifier[-1].weight, std=0.5)
+    path = save_bundle(str(tmp_path / "local"), model, BundleConfig(image_size=64, head="local"))
+    export_mod.export_onnx(path, images, [parse_label(p) for p in images])
+    torch_p = predict_paths(ArtifactPredictor(path, engine="torch"), images)
+    onnx_p = predict_paths(ArtifactPredictor(path, engine="onnx", num_threads=1), images, batch_size=5)
+    assert torch_p.std() > 1e-4, "scores do not vary: the comparison would prove nothing"
+    np.testing.assert_allclose(onnx_p, torch_p, atol=1e-4, rtol=0)
 
 
 def test_int8_export_reports_metrics_and_scores(onnx_bundle, images):

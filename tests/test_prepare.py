@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from artifact_core.config import TrainConfig, add_training_args, config_from_args
@@ -40,6 +42,12 @@ def test_config_from_args_absolute_paths_and_names(tmp_path, monkeypatch):
     assert cfg.data_dir == str(tmp_path / "faces") and cfg.name == "faces" and cfg.storage_path == "s3://bucket/runs"
     with pytest.raises(ValueError, match="--lr must be above 0"):
         TrainConfig(lr=0).validate()
+    # the local head's trunk has 14 blocks, the global network 19
+    with pytest.raises(ValueError, match=r"--unfreeze-depth must be in 0\.\.14 for the local head, got 15"):
+        TrainConfig(unfreeze_depth=15).validate()
+    TrainConfig(head="global", unfreeze_depth=19).validate()
+    with pytest.raises(ValueError, match="--head must be one of local, global"):
+        TrainConfig(head="patch").validate()
 
 
 def test_demo_data_dir_generated_once(tmp_path):
@@ -51,3 +59,39 @@ def test_demo_data_dir_generated_once(tmp_path):
     assert len(list((tmp_path / "demo_data" / "train").iterdir())) == 9
     with pytest.raises(ValueError, match="local --storage-path"):
         demo_data_dir("s3://bucket/runs")
+
+
+def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from artifact_core.config import auto_image_size, parse_image_size
+    from artifact_core.data import native_short_side
+
+    assert [auto_image_size(s) for s in (None, 64, 256, 300, 1024, 4000)] == [224, 224, 256, 288, 448, 448]
+    assert parse_image_size("auto") == "auto" and parse_image_size("320") == 320
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 'auto' or a number"):
+        parse_image_size("big")
+    with pytest.raises(ValueError, match="--image-size must be 'auto' or at least 32"):
+        TrainConfig(image_size=16).validate()
+
+    data = tmp_path / "train"
+    data.mkdir()
+    for i in range(6):  # 900 x 700 photos (short side 700 -> 448), one unreadable file
+        Image.new("RGB", (900, 700), (i * 30, 90, 120)).save(data / f"image_{i}_{int(i > 0)}.png")
+    (data / "image_9_1.png").write_bytes(b"not an image")
+    assert native_short_side(sorted(str(p) for p in data.iterdir())) == 700
+
+    def no_decode(*a, **k):
+        raise AssertionError("prepare_run decoded an image")
+
+    monkeypatch.setattr("artifact_core.data.decode_image", no_decode)
+    cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
+                      val_fraction=0.3)
+    loop = prepare_run(cfg)
+    assert cfg.image_size == loop["train"]["image_size"] == 448
+    # the resolved size is the run's identity: a rerun with auto resumes, 320 is another run
+    prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
+                            val_fraction=0.3))
+    with pytest.raises(ValueError, match="image_size: 448 before, 320 now"):
+        prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
+                                val_fraction=0.3, image_size=320))

@@ -24,17 +24,20 @@ def small_config(data_dir, storage, name, weights="none", **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weights, tmp_path):
-    cfg = small_config(easy_folder, tmp_path / "runs", "basic", weights=backbone_weights)
+@pytest.mark.parametrize("head", ["local", "global"])
+def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weights, tmp_path, head):
+    cfg = small_config(easy_folder, tmp_path / "runs", "basic", weights=backbone_weights, head=head)
     summary = run_training(cfg)
     hist = summary.metrics["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
     assert [h["phase"] for h in hist] == ["head", "head", "finetune", "finetune"]
     assert all(h["world_size"] == 2 for h in hist)
     # trainable parameters follow K: head only, then head + last 2 blocks
-    m = build_model(weights="none")
-    assert hist[0]["trainable_params"] == set_trainable(m, unfreeze_depth=0) == 1281
+    m = build_model(weights="none", head=head)
+    assert hist[0]["trainable_params"] == set_trainable(m, unfreeze_depth=0) == (1281 if head == "global" else 6465)
     assert hist[2]["trainable_params"] == set_trainable(m, unfreeze_depth=2)
+    # phase 1 trained the head on cached trunk features, phase 2 on images
+    assert [h["features_cached"] for h in hist] == [True, True, False, False]
     # something was learned on the easy set: loss falls, validation beats the majority class
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     majority = 9 / 12  # validation: 3 artifact, 9 clean
@@ -42,7 +45,7 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     assert max(h["val_micro_f1"] for h in hist) > majority
     # the bundle reloads and reproduces the validation scores it was tuned on
     bundle = load_bundle(summary.bundle_dir)
-    assert bundle.config.image_size == 32 and 0.0 <= bundle.config.threshold <= 1.0
+    assert bundle.config.image_size == 32 and 0.0 <= bundle.config.threshold <= 1.0 and bundle.config.head == head
     assert bundle.config.train_config["unfreeze_depth"] == 2
     saved = json.loads(open(os.path.join(summary.bundle_dir, "metrics.json")).read())
     assert saved["best_epoch"] in (1, 2, 3, 4) and saved["validation"]["support"] == 12

@@ -104,3 +104,56 @@ def test_uneven_validation_shards_do_not_hang():
         for p in procs:
             if p.is_alive():
                 p.kill()
+
+
+def test_cached_head_epochs_learn_a_local_defect_from_features():
+    """Phase 1 on cached trunk features: the local head finds the one cell that differs."""
+    from artifact_core.metrics import ranking_metrics
+    from artifact_core.model import build_model, set_trainable
+
+    torch.manual_seed(0)
+    model = build_model(weights="none", head="local", dropout=0.0)
+    set_trainable(model, unfreeze_depth=0)
+    n, c = 96, model.features[-1].out_channels
+    feats = torch.randn(n, c, 8, 8).abs()
+    feats[:, :8] *= 0.2   # normally weak channels
+    feats[:, 8:16] *= 3.0  # normally strong ones
+    labels = torch.ones(n, dtype=torch.int64)
+    labels[::6] = 0  # artifacts: in one cell somewhere the two groups swap (same energy, odd pattern)
+    for i in range(0, n, 6):
+        y, x = torch.randint(0, 8, (2,))
+        feats[i, :16, y, x] = feats[i, :16, y, x].roll(8).clone()
+    cache = train_loop.FeatureCache(feats.half(), labels)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    weights = torch.tensor([3.0, 0.6])
+    from contextlib import nullcontext
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = ranking_metrics(*reversed(train_loop._evaluate_cached(model, cache, weights, nullcontext)[:2]))
+    for epoch in range(15):
+        total, count = train_loop._train_epoch_cached(model, cache, steps=6, batch_size=16, optimizer=opt,
+                                                      scaler=scaler, weights=weights, autocast=nullcontext,
+                                                      world=1, seed=epoch)
+        assert count == 96
+    probs, ys, _, m = train_loop._evaluate_cached(model, cache, weights, nullcontext)
+    after = ranking_metrics(ys, probs)
+    assert m == n and after["ap_artifact"] > 0.9 > before["ap_artifact"]
+    # the trunk stayed frozen: only the head has gradients
+    assert all(p.grad is None for p in model.features.parameters())
+
+
+def test_cached_epoch_on_an_empty_shard_still_steps():
+    """A rank that read no image takes the same number of steps (zero loss) as the others."""
+    from contextlib import nullcontext
+
+    from artifact_core.model import build_model, set_trainable
+
+    model = build_model(weights="none", head="local")
+    set_trainable(model, unfreeze_depth=0)
+    empty = train_loop.FeatureCache(torch.zeros(0, 96, 2, 2).half(), torch.zeros(0, dtype=torch.int64))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    steps = []
+    opt.step = lambda *a, **k: steps.append(1)  # count optimizer steps
+    total, count = train_loop._train_epoch_cached(model, empty, steps=3, batch_size=4, optimizer=opt,
+                                                  scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                                  weights=torch.ones(2), autocast=nullcontext, world=1, seed=0)
+    assert (total, count, len(steps)) == (0.0, 0, 3)
