@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = 42
     weights: str = "imagenet"
     max_failures: int = 1
-    patience: int = 5
+    patience: int = 3
     #: phase 1 computes the frozen trunk's features for this many augmented views of each
     #: image once and trains the head on them; 0 = decode and run the trunk every epoch
     head_cache_views: int = 2

@@ -38,6 +38,8 @@ RECORD_VERSION = 1
 IDENTITY_FIELDS = ("data_dir", "head", "image_size", "batch_size", "lr", "finetune_lr", "unfreeze_depth",
                    "weight_decay", "dropout", "val_fraction", "seed", "weights", "patience", "skip_unlabeled",
                    "head_cache_views", "oversample")
+#: What runs recorded before a field existed trained with (their identity lacks the key).
+LEGACY_IDENTITY = {"head": "global", "head_cache_views": 0, "oversample": 0.0}
 #: May be raised on a rerun (the run continues training from where it stopped), never lowered.
 GROWABLE_FIELDS = ("head_epochs", "finetune_epochs")
 #: A sweep samples these per trial, so they are not part of the sweep's identity.
@@ -105,7 +107,9 @@ def _same(a: Any, b: Any) -> bool:
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two stored records' identity and epoch counts."""
     diffs = []
-    old_id, new_id = old.get("identity", {}), new.get("identity", {})
+    old_id, new_id = dict(old.get("identity", {})), new.get("identity", {})
+    for key in set(new_id) - set(old_id):  # recorded before the field existed
+        old_id[key] = old.get("config", {}).get(key, LEGACY_IDENTITY.get(key))
     for key in sorted(set(old_id) | set(new_id)):
         if not _same(old_id.get(key), new_id.get(key)):
             diffs.append(f"{key}: {old_id.get(key)!r} before, {new_id.get(key)!r} now")

@@ -39,9 +39,9 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 VAL_SCORES_FILE = "val_scores.json"
-#: A worker keeps phase 1's features in memory only below this size (train views + validation);
-#: above it phase 1 streams images like phase 2.
-HEAD_CACHE_MAX_BYTES = 2 << 30
+#: A worker keeps phase 1's features in memory only below this size (train views + validation;
+#: building it briefly takes twice that); above it phase 1 streams images like phase 2.
+HEAD_CACHE_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -419,6 +419,26 @@ def _allreduce_mean_grads(params: list[nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
+def _average_buffers(module: nn.Module, world: int) -> None:
+    """Average floating-point buffers (the head's BatchNorm statistics) over the ranks.
+
+    Outside DDP nothing keeps them equal, and each rank would judge its validation shard
+    with statistics of its own training shard while rank 0's model is the one saved.
+    """
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, batch_size: int,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, weights: torch.Tensor,
                         autocast: Any, world: int, seed: int) -> tuple[float, int]:
@@ -445,6 +465,7 @@ def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, ba
         scaler.step(optimizer)
         scaler.update()
         total += float(s)
+    _average_buffers(model.classifier, world)
     return total, count
 
 
@@ -475,8 +496,10 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     # Phase 1 with a frozen trunk: its features are the same every epoch but for the
     # augmentation, so they are computed for a few augmented views once and the head trains
     # on them for as many epochs as it needs, at the cost of a pass of the head.
+    t_setup = time.time()
     caches = _head_caches(base, cfg, loaders, device, autocast, state, world) if spec.unfreeze_depth == 0 else None
     unreadable_cached = _collect_unreadable(loaders, state, device) if caches is not None else 0
+    setup_seconds = time.time() - t_setup  # caching: counted in the phase's first epoch
     # DDP registers gradient hooks only for parameters that require grad when it wraps the
     # model, so each phase wraps anew after changing what is frozen. On cached features the
     # head runs outside DDP and its gradients are averaged by hand.
@@ -489,7 +512,8 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     train_loader, val_loader = loaders
     while state.phase_epoch < spec.epochs and not state.stopped_early:
         _maybe_inject_failure(loop_config, state, rank, world)
-        t0 = time.time()
+        t0 = time.time() - setup_seconds
+        setup_seconds = 0.0
         if caches is not None:
             total, count = _train_epoch_cached(ddp_model, caches[0], steps=len(train_loader), batch_size=cfg.batch_size,
                                                optimizer=optimizer, scaler=scaler, weights=weights, autocast=autocast,
@@ -585,6 +609,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.resumed_after.append(state.global_epoch)
         log.info("resumed from checkpoint after epoch %d (phase %d, epoch %d in phase)",
                  state.global_epoch, state.phase_index + 1, state.phase_epoch)
+    # On the device now: phase 1 on cached features never goes through prepare_model, which
+    # would otherwise be what moves it.
+    model = model.to(device)
 
     weights = torch.tensor(loss_weights(cfg, loop_config["class_weights"]), dtype=torch.float32, device=device)
     loaders = _loaders(loop_config, cfg, rank, world)

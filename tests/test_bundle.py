@@ -64,3 +64,8 @@ def test_bundle_round_trip_local_head_and_older_bundles(tmp_path):
     (tmp_path / "g" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="head 'patch'"):
         load_bundle(str(tmp_path / "g"))
+
+
+def test_save_bundle_refuses_a_config_of_the_other_head(tmp_path):
+    with pytest.raises(ValueError, match="the model has the local head but the bundle config says 'global'"):
+        save_bundle(str(tmp_path / "x"), build_model(weights="none", head="local"), BundleConfig())

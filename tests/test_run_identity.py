@@ -122,3 +122,18 @@ def test_sweep_identity_ignores_sampled_rates_but_not_the_space(tmp_path):
         prepare_run(cfg(data, tmp_path / "runs"), kind="sweep", extra_identity={"search_space": {"lrs": [2e-2]}})
     with pytest.raises(RunConflictError, match="kind: 'sweep' before, 'train' now"):
         prepare_run(cfg(data, tmp_path / "runs"), extra_identity=space)
+
+
+def test_runs_recorded_before_a_field_existed_compare_with_its_old_meaning():
+    from artifact_core.run_identity import differences, identity_of
+
+    base = {"data_dir": "/d", "image_size": 224, "lr": 3e-3, "oversample": 0.0}
+    old_identity = identity_of(base)
+    for key in ("head", "head_cache_views", "oversample"):
+        old_identity.pop(key, None)
+    old = {"identity": old_identity, "kind": "train", "config": dict(base)}
+    same_as_then = {**base, "head": "global", "head_cache_views": 0}
+    assert differences(old, {"identity": identity_of(same_as_then), "kind": "train", "config": same_as_then}) == []
+    now = {**base, "head": "local", "head_cache_views": 2}
+    assert differences(old, {"identity": identity_of(now), "kind": "train", "config": now}) == [
+        "head: 'global' before, 'local' now", "head_cache_views: 0 before, 2 now"]

@@ -157,3 +157,38 @@ def test_cached_epoch_on_an_empty_shard_still_steps():
                                                   scaler=torch.amp.GradScaler("cpu", enabled=False),
                                                   weights=torch.ones(2), autocast=nullcontext, world=1, seed=0)
     assert (total, count, len(steps)) == (0.0, 0, 3)
+
+
+def _buffers_rank(rank: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        bn = nn.BatchNorm2d(3)
+        bn.running_mean.fill_(float(rank))  # each rank saw other data
+        bn.running_var.fill_(1.0 + 2 * rank)
+        train_loop._average_buffers(bn, 2)
+        out.put((rank, bn.running_mean.tolist(), bn.running_var.tolist(), int(bn.num_batches_tracked)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_head_batchnorm_statistics_are_averaged_over_ranks():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_buffers_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=60)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        got = sorted(out.get(timeout=5) for _ in procs)
+        assert got == [(0, [0.5] * 3, [2.0] * 3, 0), (1, [0.5] * 3, [2.0] * 3, 0)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
