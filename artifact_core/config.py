@@ -84,7 +84,7 @@ class TrainConfig:
     image_size: int | str = "auto"
     # Phase 1 trains on cached trunk features (head_cache_views), so its epochs are cheap; the
     # local head needs many of them to find a subtle defect among ~100 positives.
-    head_epochs: int = 30
+    head_epochs: int = 60
     finetune_epochs: int = 4
     lr: float = 1e-3
     finetune_lr: float = 3e-4
