@@ -86,24 +86,29 @@ def _uneven_rank(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
-def test_uneven_validation_shards_do_not_hang():
+def _two_ranks(target) -> list:
+    """Run ``target(rank, port, queue)`` in two forked gloo ranks; returns what they put, sorted."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_uneven_rank, args=(r, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, out)) for r in range(2)]
     for p in procs:
         p.start()
     try:
         for p in procs:
             p.join(timeout=60)
         assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        assert sorted(out.get(timeout=5) for _ in procs) == [(0, 4, 4), (1, 0, 4)]
+        return sorted(out.get(timeout=5) for _ in procs)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
+
+
+def test_uneven_validation_shards_do_not_hang():
+    assert _two_ranks(_uneven_rank) == [(0, 4, 4), (1, 0, 4)]
 
 
 def test_cached_head_epochs_learn_a_local_defect_from_features():
@@ -174,21 +179,4 @@ def _buffers_rank(rank: int, port: int, out) -> None:
 
 
 def test_head_batchnorm_statistics_are_averaged_over_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_buffers_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=60)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        got = sorted(out.get(timeout=5) for _ in procs)
-        assert got == [(0, [0.5] * 3, [2.0] * 3, 0), (1, [0.5] * 3, [2.0] * 3, 0)]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    assert _two_ranks(_buffers_rank) == [(0, [0.5] * 3, [2.0] * 3, 0), (1, [0.5] * 3, [2.0] * 3, 0)]
