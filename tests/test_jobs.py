@@ -79,12 +79,14 @@ def test_ray_job_submit_train_then_score(ray_session, tmp_path):
     submit = [RAY_BIN, "job", "submit", "--address", ray_session["dashboard"], "--working-dir", str(REPO),
               "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--"]
     train = subprocess.run(submit + ["python", "jobs/train.py", "--data-dir", str(data), "--storage-path", str(runs),
-                                     "--name", "submitted", "--num-workers", "2", *TINY],
+                                     "--name", "submitted", "--num-workers", "2", *TINY,
+                                     "--head", "global"],  # the previous model, end to end through the CLI
                            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "model bundle:" in train.stdout and "succeeded" in train.stdout
     bundle = runs / "submitted" / "model"
-    assert json.loads((bundle / "config.json").read_text())["image_size"] == 32
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["image_size"] == 32 and config["head"] == "global"
 
     score = subprocess.run(submit + ["python", "jobs/score.py", "--model", str(bundle), "--input", str(test),
                                      "--output", str(preds), "--batch-size", "4", "--num-actors", "1"],
