@@ -405,18 +405,25 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
     return train, val
 
 
-def _allreduce_mean_grads(params: list[nn.Parameter], world: int) -> None:
-    """Average gradients over the ranks in one collective (what DDP does for the head)."""
-    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+def _allreduce_mean_(tensors: list[torch.Tensor], world: int) -> None:
+    """Average tensors over the ranks, in place, in one collective."""
+    if world <= 1 or not tensors or not (dist.is_available() and dist.is_initialized()):
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world
     offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _allreduce_mean_grads(params: list[nn.Parameter], world: int) -> None:
+    """Average gradients over the ranks (what DDP does for the head); a missing one counts as zero."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    _allreduce_mean_([p.grad for p in params], world)
 
 
 def _average_buffers(module: nn.Module, world: int) -> None:
@@ -425,18 +432,7 @@ def _average_buffers(module: nn.Module, world: int) -> None:
     Outside DDP nothing keeps them equal, and each rank would judge its validation shard
     with statistics of its own training shard while rank 0's model is the one saved.
     """
-    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.reshape(-1) for b in buffers])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for b in buffers:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
+    _allreduce_mean_([b for b in module.buffers() if b.is_floating_point()], world)
 
 
 def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, batch_size: int,
