@@ -101,10 +101,10 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
     """
     import torch
 
-    from artifact_core.model import LocalEvidenceNet, unwrap
+    from artifact_core.model import head_name, unwrap
     if config.architecture != ARCHITECTURE:
         raise ValueError(f"unsupported architecture {config.architecture!r}; expected {ARCHITECTURE!r}")
-    head = "local" if isinstance(unwrap(model), LocalEvidenceNet) else "global"
+    head = head_name(unwrap(model))
     if config.head != head:
         raise ValueError(f"the model has the {head} head but the bundle config says {config.head!r}")
     os.makedirs(out_dir, exist_ok=True)

@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -457,6 +458,38 @@ def _render_and_save(job: tuple) -> None:
     img.save(path, **({"compress_level": 1} if difficulty == "subtle" else {}))
 
 
+def _plan(n_train: int, n_test: int, artifact_fraction: float, seed: int,
+          kinds: Sequence[str]) -> list[tuple[str, str, int, int, str | None]]:
+    """Every file of a data set: (split, file name, label, face seed, defect kind or None).
+
+    The draws from one seeded generator (labels, then one face seed per image) depend on
+    nothing else (not on the number of rendering processes), so neither do the files.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for idx, label in enumerate(_labels(n, artifact_fraction, rng)):
+            face_seed = rng.randrange(2**31)
+            name = f"image_{idx}_{label}.png" if split == "train" else f"image_{idx}.png"
+            rows.append((split, name, label, face_seed, kinds[face_seed % len(kinds)] if label == ARTIFACT else None))
+    return rows
+
+
+def defect_kinds(*, n_train: int, n_test: int, artifact_fraction: float = 0.1, seed: int = 0,
+                 difficulty: str = "easy") -> dict[str, dict[str, str]]:
+    """The defect drawn into each artifact image of the set :func:`generate` writes with the same
+    arguments: ``{"train": {file name: kind}, "test": {...}}`` (clean images are absent).
+
+    For per-kind figures (which defects a model finds) without storing anything beside the images.
+    """
+    kinds = SUBTLE_DEFECTS if difficulty == "subtle" else DEFECTS
+    out: dict[str, dict[str, str]] = {"train": {}, "test": {}}
+    for split, name, _, _, defect in _plan(n_train, n_test, artifact_fraction, seed, kinds):
+        if defect is not None:
+            out[split][name] = defect
+    return out
+
+
 def generate(out_dir: str, *, n_train: int = 400, n_test: int = 100, size: int | None = None,
              artifact_fraction: float = 0.1, seed: int = 0, grid: bool = True, difficulty: str = "easy",
              workers: int = 1) -> dict:
@@ -479,7 +512,6 @@ def generate(out_dir: str, *, n_train: int = 400, n_test: int = 100, size: int |
         raise ValueError(f"workers must be at least 1, got {workers}")
     size = size or (1024 if difficulty == "subtle" else 256)
     kinds = SUBTLE_DEFECTS if difficulty == "subtle" else DEFECTS
-    rng = random.Random(seed)
     train_dir, test_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "test")
     os.makedirs(train_dir, exist_ok=True)
     os.makedirs(test_dir, exist_ok=True)
@@ -487,22 +519,13 @@ def generate(out_dir: str, *, n_train: int = 400, n_test: int = 100, size: int |
     test_rows = []
     jobs: list[tuple] = []
     sample_jobs: list[tuple] = []
-    # The draws from ``rng`` (labels, then one face seed per image) do not depend on
-    # ``workers``, so neither do the files.
-    for split, n in (("train", n_train), ("test", n_test)):
-        for idx, label in enumerate(_labels(n, artifact_fraction, rng)):
-            face_seed = rng.randrange(2**31)
-            defect = kinds[face_seed % len(kinds)] if label == ARTIFACT else None
-            if split == "train":
-                path = os.path.join(train_dir, f"image_{idx}_{label}.png")
-            else:
-                name = f"image_{idx}.png"
-                path = os.path.join(test_dir, name)
-                test_rows.append((name, label))
-            counts[split][label] += 1
-            jobs.append((difficulty, face_seed, size, defect, path))
-            if grid and len(sample_jobs) < 16 and (label == ARTIFACT or sum(1 for j in sample_jobs if j[3] is None) < 8):
-                sample_jobs.append(jobs[-1])
+    for split, name, label, face_seed, defect in _plan(n_train, n_test, artifact_fraction, seed, kinds):
+        if split == "test":
+            test_rows.append((name, label))
+        counts[split][label] += 1
+        jobs.append((difficulty, face_seed, size, defect, os.path.join(train_dir if split == "train" else test_dir, name)))
+        if grid and len(sample_jobs) < 16 and (label == ARTIFACT or sum(1 for j in sample_jobs if j[3] is None) < 8):
+            sample_jobs.append(jobs[-1])
     if workers == 1:
         for job in jobs:
             _render_and_save(job)

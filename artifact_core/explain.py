@@ -77,7 +77,8 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
     Args:
         model: the bundle's MobileNetV2 (one logit for "artifact-free").
         x: normalized images, (N, 3, H, W) float.
-        layer: the layer to explain (default: the last feature block, ``model.features[-1]``).
+        layer: the layer to explain (default: ``model.features``, the map the head reads: the
+            last feature block's output, joined with the stride-8 one for the multiscale head).
         micro_batch: images per backward pass (bounds memory on large batches).
 
     Returns:
@@ -87,7 +88,7 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
 
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected a normalized (N, 3, H, W) batch, got shape {tuple(x.shape)}")
-    layer = model.features[-1] if layer is None else layer
+    layer = model.features if layer is None else layer
     device = next(model.parameters()).device
     height, width = int(x.shape[2]), int(x.shape[3])
     out = []

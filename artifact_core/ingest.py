@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from artifact_core.data import Unreadable
+from artifact_core.dataset import Unreadable
 from artifact_core.images import ImageDecodeError, decode_image
 from artifact_core.storage import FileReadError, read_file_bytes
 from artifact_core.transforms import train_transform

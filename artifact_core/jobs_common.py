@@ -7,8 +7,9 @@ import logging
 import sys
 from typing import Callable
 
+# Torch-free imports only: the scoring job's driver never needs torch (ONNX engine).
+from artifact_core.errors import WeightsUnavailableError
 from artifact_core.images import ImageDecodeError
-from artifact_core.model import WeightsUnavailableError
 from artifact_core.raycluster import ClusterTooSmallError
 
 # Errors that are the user's input, not a bug: one clear line, no stack dump.

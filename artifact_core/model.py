@@ -11,25 +11,26 @@ import os
 import re
 import urllib.request
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from artifact_core.config import ARCHITECTURE, HEADS, LOCAL_TRUNK_BLOCKS  # noqa: F401 (ARCHITECTURE re-exported)
+from artifact_core.errors import WeightsUnavailableError  # noqa: F401 (re-exported)
+from artifact_core.config import (  # noqa: F401 (ARCHITECTURE re-exported)
+    ARCHITECTURE, HEADS, LOCAL_TRUNK_BLOCKS, MULTISCALE_TAP_BLOCK, TRUNK_HEADS)
 
 #: torchvision's MobileNetV2 has 19 blocks in ``model.features``.
 NUM_FEATURE_BLOCKS = 19
 #: Share of the evidence map's cells averaged into the image score (at least one): about
-#: four cells of a 28 x 28 map at 448 px, the size of the defects the head is built for.
+#: four cells of a 28 x 28 map at 448 px, eight of a 40 x 40 map at 640 px, the size of the
+#: defects the head is built for.
 LOCAL_TOP_FRACTION = 0.005
 IMAGENET_WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V2
 
 log = logging.getLogger(__name__)
 
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be loaded (offline, or a bad file)."""
 
 
 #: ``--weights`` keywords; anything else but ``none`` is a state-dict path.
@@ -165,6 +166,39 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
 
 
+class MultiScaleTrunk(nn.Sequential):
+    """MobileNetV2 blocks that return the last block's map with block ``tap``'s map beside it,
+    average-pooled onto the same grid (channels: the tap's, then the last block's).
+
+    A plain ``nn.Sequential`` in every other way: the blocks keep their indices (and state-dict
+    keys), so freezing the last K blocks works as for the other heads.
+    """
+
+    def __init__(self, *blocks: Any, tap: int = MULTISCALE_TAP_BLOCK) -> None:
+        super().__init__(*blocks)
+        self.tap = tap
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the joined map."""
+        return self[self.tap].out_channels + self[-1].out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = None
+        for i, block in enumerate(self):
+            x = block(x)
+            if i == self.tap:
+                skip = x
+        if skip is None or skip is x:  # a slice without the tap (only ever used for its parameters)
+            return x
+        # ceil_mode: an odd-sized map gets the same grid as the strided convolutions give
+        # int(): under ONNX tracing sizes are tensors; the graph keeps the bundle's fixed size
+        big, small = int(skip.shape[-1]), int(x.shape[-1])
+        factor = (big + small - 1) // small
+        skip = nn.functional.avg_pool2d(skip, factor, ceil_mode=True) if factor > 1 else skip
+        return torch.cat([skip, x], dim=1)
+
+
 class LocalEvidenceNet(nn.Module):
     """MobileNetV2's first :data:`LOCAL_TRUNK_BLOCKS` blocks, a per-location classifier and top-k pooling.
 
@@ -179,7 +213,7 @@ class LocalEvidenceNet(nn.Module):
                  top_fraction: float = LOCAL_TOP_FRACTION) -> None:
         super().__init__()
         self.features = features
-        channels = features[-1].out_channels
+        channels = features.out_channels if isinstance(features, MultiScaleTrunk) else features[-1].out_channels
         # Normalized input (the trunk's channels differ in scale by orders of magnitude), then two
         # 1x1 convolutions: a linear one per cell finds too little in 96 channels.
         self.classifier = nn.Sequential(nn.BatchNorm2d(channels), nn.Dropout(p=dropout),
@@ -210,6 +244,13 @@ def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return model.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(features, (1, 1)), 1))
 
 
+def head_name(model: nn.Module) -> str:
+    """The :data:`HEADS` name of a model that :func:`build_model` made."""
+    if isinstance(model, LocalEvidenceNet):
+        return "multiscale" if isinstance(model.features, MultiScaleTrunk) else "local"
+    return "global"
+
+
 def _block_index(key: str) -> int | None:
     match = re.match(r"features\.(\d+)\.", key)
     return int(match.group(1)) if match else None
@@ -225,8 +266,9 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
             already loaded (1000-class ImageNet layout, or this project's own head layout).
         dropout: dropout before the head's first layer.
         num_outputs: 1 (a logit for "artifact-free") or 2 (two-class logits; global head only).
-        head: ``"global"`` (the whole network, average pooling, a linear layer) or ``"local"``
-            (:class:`LocalEvidenceNet`); see :data:`HEADS`.
+        head: ``"global"`` (the whole network, average pooling, a linear layer), ``"local"``
+            (:class:`LocalEvidenceNet` on the stride-16 trunk) or ``"multiscale"`` (the same on
+            a :class:`MultiScaleTrunk`); see :data:`HEADS`.
 
     Raises:
         WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
@@ -234,16 +276,18 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if head == "local" and num_outputs != 1:
-        raise ValueError("the local head gives one logit (artifact-free); num_outputs must be 1")
+    if head in TRUNK_HEADS and num_outputs != 1:
+        raise ValueError(f"the {head} head gives one logit (artifact-free); num_outputs must be 1")
     model = mobilenet_v2(weights=None)
     if head == "local":
         model = LocalEvidenceNet(model.features[:LOCAL_TRUNK_BLOCKS], dropout=dropout)
+    elif head == "multiscale":
+        model = LocalEvidenceNet(MultiScaleTrunk(*model.features[:LOCAL_TRUNK_BLOCKS]), dropout=dropout)
     state, source = (weights, "state dict") if isinstance(weights, Mapping) else resolve_weights(weights)
     if state is not None:
         # A 1000-class ImageNet file: keep its head out; our own head layout: load all.
         backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        if head == "local":  # the trunk ends before the stride-32 blocks
+        if head in TRUNK_HEADS:  # the trunk ends before the stride-32 blocks
             backbone = {k: v for k, v in backbone.items()
                         if _block_index(k) is None or _block_index(k) < LOCAL_TRUNK_BLOCKS}
         missing, unexpected = model.load_state_dict(backbone, strict=False)
@@ -264,7 +308,7 @@ def set_trainable(model: nn.Module, *, unfreeze_depth: int) -> int:
     """Freeze the backbone except its last ``unfreeze_depth`` feature blocks.
 
     K = 0 trains only the classifier head; K = ``len(model.features)`` (19 for the global
-    head, 14 for the local one) trains everything. Use :func:`train_mode` instead of ``model.train()`` so frozen BatchNorm stays in eval.
+    head, 14 for the local and multiscale ones) trains everything. Use :func:`train_mode` instead of ``model.train()`` so frozen BatchNorm stays in eval.
 
     Returns:
         The number of trainable parameters (elements).
@@ -287,16 +331,19 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_mode(model: nn.Module) -> nn.Module:
+def train_mode(model: nn.Module, *, trunk_bn_frozen: bool = False) -> nn.Module:
     """``model.train()``, but BatchNorm layers whose parameters are frozen stay in eval.
 
     Frozen blocks must keep their ImageNet running statistics; updating them from
-    small, skewed batches silently shifts features the head was trained on.
+    small, skewed batches silently shifts features the head was trained on. With
+    ``trunk_bn_frozen`` every BatchNorm of the trunk (``model.features``) stays in eval,
+    unfrozen blocks included: their scale and shift still train, their statistics do not.
     """
     model.train()
+    trunk = {id(m) for m in unwrap(model).features.modules()} if trunk_bn_frozen else set()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            if id(m) in trunk or not any(p.requires_grad for p in m.parameters(recurse=False)):
                 m.eval()
     return model
 

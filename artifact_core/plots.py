@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from artifact_core.data import LABEL_NAMES
+from artifact_core.labels import LABEL_NAMES
 
 
 def learning_curves(history: Sequence[dict[str, Any]], path: str) -> str:

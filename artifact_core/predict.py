@@ -17,6 +17,7 @@ interpreter).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -251,14 +252,22 @@ class DecodingPredictor:
         self.decode_kwargs = {"image_size": image_size, "root": root, "fs": fs}
         self.chunk = max(1, chunk)
         self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+        # One chunk in the engine at a time: with two calls in flight (the scoring job lets Ray
+        # Data run CONCURRENT_CALLS per actor) the next batch decodes while this one infers,
+        # but the engine's threads are never shared by two chunks.
+        self._engine_lock = threading.Lock()
+
+    def _predict(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._engine_lock:
+            return self.predictor(decoded)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raw = batch["raw_path"]
         futures = [self.pool.submit(decode_batch, {"raw_path": raw[i:i + self.chunk]}, **self.decode_kwargs)
                    for i in range(0, len(raw), self.chunk)]
-        parts = [self.predictor(f.result()) for f in futures]  # in order: chunk k runs while k+1.. decode
+        parts = [self._predict(f.result()) for f in futures]  # in order: chunk k runs while k+1.. decode
         if not parts:
-            return self.predictor(decode_batch({"raw_path": raw}, **self.decode_kwargs))
+            return self._predict(decode_batch({"raw_path": raw}, **self.decode_kwargs))
         return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_COLUMNS}
 
 

@@ -37,9 +37,10 @@ RECORD_VERSION = 1
 #: Training flags that change what a run learns: a rerun with another value is another experiment.
 IDENTITY_FIELDS = ("data_dir", "head", "image_size", "batch_size", "lr", "finetune_lr", "unfreeze_depth",
                    "weight_decay", "dropout", "val_fraction", "seed", "weights", "patience", "skip_unlabeled",
-                   "head_cache_views", "oversample")
+                   "head_cache_views", "oversample", "finetune_schedule", "finetune_bn")
 #: What runs recorded before a field existed trained with (their identity lacks the key).
-LEGACY_IDENTITY = {"head": "global", "head_cache_views": 0, "oversample": 0.0}
+LEGACY_IDENTITY = {"head": "global", "head_cache_views": 0, "oversample": 0.0, "finetune_schedule": "constant",
+                   "finetune_bn": "batch"}
 #: May be raised on a rerun (the run continues training from where it stopped), never lowered.
 GROWABLE_FIELDS = ("head_epochs", "finetune_epochs")
 #: A sweep samples these per trial, so they are not part of the sweep's identity.

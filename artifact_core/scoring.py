@@ -34,7 +34,7 @@ import ray
 import ray.data
 
 from artifact_core import plots
-from artifact_core.bundle import WEIGHTS_FILE, load_bundle
+from artifact_core.bundle import WEIGHTS_FILE, load_bundle, read_bundle_config
 from artifact_core.config import SCORE_PIPELINES, ScoreConfig
 from artifact_core.data import list_image_files
 from artifact_core.decode import decode_array, decode_batch
@@ -116,6 +116,8 @@ def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Loca
 SPLIT_MIN_SHARE = 0.9
 #: files decoded and images inferred by the probe of ``--pipeline auto``
 PROBE_FILES = 8
+#: batches a fused actor works on at once (see :class:`DecodingPredictor`)
+FUSED_CONCURRENT_CALLS = 2
 
 
 @dataclass
@@ -295,6 +297,12 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
               "compute": ray.data.ActorPoolStrategy(size=plan.num_actors), "num_cpus": plan.actor_cpus,
               "num_gpus": 1 if cfg.use_gpu else 0, "memory": cfg.actor_memory_mb * 2**20}
     if plan.mode == "fused":
+        # Two calls per actor in flight, run concurrently: the next batch decodes (and Ray Data
+        # batches it) while this one is in the engine; DecodingPredictor lets one chunk at a
+        # time into the engine. One call at a time left the engine idle at every batch's start.
+        common["compute"] = ray.data.ActorPoolStrategy(size=plan.num_actors,
+                                                       max_concurrent_calls_per_actor=FUSED_CONCURRENT_CALLS,
+                                                       enable_true_multi_threading=FUSED_CONCURRENT_CALLS > 1)
         return ds.map_batches(DecodingPredictor, **common, fn_constructor_kwargs={
             **predictor_kwargs, "image_size": image_size, "root": root, "fs": fs,
             "decode_threads": plan.decode_threads})
@@ -308,12 +316,16 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
 
 
 def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_seconds: float,
-             scored_now: int, pipeline: PipelinePlan | None = None) -> dict[str, Any]:
+             scored_now: int, pipeline: PipelinePlan | None = None,
+             stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """Check one row per file, then write the CSV, summary and histogram atomically.
 
     Args:
         expected: the display paths (:func:`display_path`) of every listed file.
+        wall_seconds: the run's time so far; the CSV written here is added to it.
+        stage_seconds: where that time went (recorded in the summary; ``finalize`` is added).
     """
+    t_final = time.time()
     output = resolve(cfg.output)
     parquet_dir = output.join(PARQUET_DIR)
     table = pq.read_table(parquet_dir.path, columns=list(OUTPUT_COLUMNS), filesystem=parquet_dir.fs)
@@ -330,6 +342,9 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
     pacsv.write_csv(table, buf)
     output.join(CSV_FILE).write_bytes(buf.getvalue())
 
+    finalize_seconds = time.time() - t_final
+    wall_seconds += finalize_seconds
+    stage_seconds = {**(stage_seconds or {}), "finalize": finalize_seconds}
     pred = table.column("predicted_class").to_numpy()
     conf = table.column("confidence").to_numpy(zero_copy_only=False)
     ok = pred >= 0
@@ -343,6 +358,9 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "precision": cfg.precision,
         "pipeline": asdict(pipeline) if pipeline else None,  # None: nothing was left to score
         "wall_seconds": wall_seconds, "scored_this_run": scored_now,
+        # setup: bundle, listing, output claim; plan: the stage-cost probe; score: Ray Data
+        # (actor start-up included); finalize: one row per file checked, CSV written
+        "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
         "images_per_second": scored_now / wall_seconds if wall_seconds > 0 else None,
         "error_examples": failed.select(["filename", "error"]).to_pylist(),
     }
@@ -365,30 +383,38 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     """
     t0 = time.time()
     cfg.output = resolve(cfg.output).uri
-    bundle = load_bundle(cfg.model)  # fail fast here, not in every actor
-    resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu)  # a bad --engine too
+    # Fail fast here, not in every actor: a bad --engine, a missing ONNX file, a bundle that
+    # does not load. Only the torch engine needs torch; with ONNX the driver reads the config
+    # alone and never imports torch (seconds of start-up).
+    engine = resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu)
+    bundle_config = load_bundle(cfg.model).config if engine == "torch" else read_bundle_config(resolve(cfg.model).path)
     if cfg.pipeline not in SCORE_PIPELINES:
         raise ValueError(f"--pipeline must be one of {', '.join(SCORE_PIPELINES)}; got {cfg.pipeline!r}")
-    threshold = float(bundle.config.threshold if cfg.threshold is None else cfg.threshold)
+    threshold = float(bundle_config.threshold if cfg.threshold is None else cfg.threshold)
     paths, fs, root = list_input(cfg.input)
     if not paths:
         raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) found under {cfg.input!r}")
-    parquet_dir = _prepare_output(cfg, threshold, bundle.config.image_size)
+    parquet_dir = _prepare_output(cfg, threshold, bundle_config.image_size)
     done = _existing_rows(parquet_dir) if cfg.resume else set()
     shown = [display_path(p) for p in paths]
     todo = [p for p, d in zip(paths, shown) if d not in done]
     log.info("%d image file(s) under %s; %d already scored, %d to score", len(paths), cfg.input,
              len(paths) - len(todo), len(todo))
     plan = None
+    stages = {"setup": time.time() - t0}
     if todo:
-        plan = plan_pipeline(cfg, todo, fs, bundle.config.image_size)
+        t = time.time()
+        plan = plan_pipeline(cfg, todo, fs, bundle_config.image_size)
+        stages["plan"] = time.time() - t
         check_fits(num_workers=plan.num_actors, cpus_per_worker=plan.actor_cpus,
                    gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring",
                    wait_s=cfg.wait_for_resources)
-        ds = build_dataset(cfg, todo, fs, display_path(root), bundle.config.image_size, plan)
+        t = time.time()
+        ds = build_dataset(cfg, todo, fs, display_path(root), bundle_config.image_size, plan)
         ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
+        stages["score"] = time.time() - t
     summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo),
-                       pipeline=plan)
+                       pipeline=plan, stage_seconds=stages)
     from artifact_core.report import report_after_scoring  # the page reads the finished outputs
     return report_after_scoring(cfg, summary)
 

@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from artifact_core.config import TrainConfig
-from artifact_core.data import ARTIFACT, ImageFileDataset, Unreadable, collate_readable
+from artifact_core.data import ARTIFACT
+from artifact_core.dataset import ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
 from artifact_core.model import build_model, head_logits, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
@@ -52,6 +53,30 @@ class PhaseSpec:
     epochs: int
     lr: float
     unfreeze_depth: int
+    #: "constant", or "cosine": a linear warm-up over the first epoch, then a cosine decay to
+    #: :data:`COSINE_FLOOR` of ``lr`` at the phase's last step (see :func:`scheduled_lr`)
+    schedule: str = "constant"
+
+
+#: The cosine schedule ends at this share of the phase's learning rate.
+COSINE_FLOOR = 0.05
+
+
+def scheduled_lr(spec: PhaseSpec, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of a phase's ``step`` (0-based, counted over the whole phase).
+
+    A pure function of the position, so a run resumed from a checkpoint continues the
+    schedule exactly without saving a scheduler. The warm-up matters when the trunk is
+    unfrozen: a full rate at once moves every feature the phase-1 head was fitted to.
+    """
+    if spec.schedule == "constant":
+        return spec.lr
+    total = max(1, spec.epochs * steps_per_epoch)
+    warmup = max(1, steps_per_epoch)
+    if step < warmup:
+        return spec.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return spec.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -102,7 +127,7 @@ def update_patience(state: LoopState, metrics: dict[str, Any], metric: str) -> N
 def phases(cfg: TrainConfig) -> list[PhaseSpec]:
     """The two phases as data, so one function runs both."""
     return [PhaseSpec("head", cfg.head_epochs, cfg.lr, 0),
-            PhaseSpec("finetune", cfg.finetune_epochs, cfg.finetune_lr, cfg.unfreeze_depth)]
+            PhaseSpec("finetune", cfg.finetune_epochs, cfg.finetune_lr, cfg.unfreeze_depth, cfg.finetune_schedule)]
 
 
 def _setup_logging(rank: int) -> None:
@@ -516,9 +541,14 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
                                                world=world, seed=cfg.seed * 100_003 + state.global_epoch * 101 + rank)
         else:
             train_loader.sampler.set_epoch(state.global_epoch)
-            train_mode(ddp_model)
+            train_mode(ddp_model, trunk_bn_frozen=cfg.finetune_bn == "frozen")
             total, count = 0.0, 0
-            for x, y in train_loader:
+            # From the split, not the loader: a Ray Data shard has no length, and the schedule
+            # must be the same on every rank.
+            steps = max(1, math.ceil(len(loop_config["split"]["train_paths"]) / world / cfg.batch_size))
+            for i, (x, y) in enumerate(train_loader):
+                for group in optimizer.param_groups:
+                    group["lr"] = scheduled_lr(spec, state.phase_epoch * steps + i, steps)
                 x, y = _to_device(x, y, device)
                 with autocast():
                     logits = ddp_model(x)
@@ -557,7 +587,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
             "epoch": state.global_epoch, "phase": spec.name, "phase_epoch": state.phase_epoch,
             "train_loss": train_loss, "val_loss": val_loss,
             **{f"val_{k}": v for k, v in m.items()},
-            "lr": spec.lr, "trainable_params": trainable, "epoch_seconds": time.time() - t0,
+            "lr": optimizer.param_groups[0]["lr"], "trainable_params": trainable, "epoch_seconds": time.time() - t0,
             "world_size": world, "node_ids": context["node_ids"], "early_stopped": stop_early,
             "unreadable_skipped": unreadable, "features_cached": caches is not None,
         }

@@ -112,6 +112,22 @@ def held_out_metrics(predictions_csv: str, labels_csv: str) -> dict[str, Any]:
     return {**m, **ranking_metrics(y, prob), "errors": errors}
 
 
+def recall_by_defect(predictions_csv: str, seed: int, n: int) -> dict[str, list[int]]:
+    """Per subtle defect kind of the test folder: [artifacts found, artifacts], at the bundle's threshold."""
+    from artifact_core.demo_data import defect_kinds
+
+    kinds = defect_kinds(n_train=n, n_test=0, seed=seed, difficulty="subtle")["train"]  # see _data
+    out: dict[str, list[int]] = {}
+    with open(predictions_csv) as f:
+        for r in csv.DictReader(f):
+            kind = kinds.get(r["filename"])
+            if kind is not None:
+                hit_n = out.setdefault(kind, [0, 0])
+                hit_n[0] += int(r["predicted_class"]) == 0
+                hit_n[1] += 1
+    return dict(sorted(out.items()))
+
+
 def main(args: argparse.Namespace, train_args: list[str]) -> dict[str, Any]:
     """Generate (once), train, score, measure; returns the result row."""
     args.out = os.path.abspath(args.out)
@@ -131,6 +147,7 @@ def main(args: argparse.Namespace, train_args: list[str]) -> dict[str, Any]:
                  "--overwrite", "--batch-size", str(args.score_batch_size)]
     score_s = _run(score_cmd, os.path.join(args.out, f"score-{args.name}.log"))
     m = held_out_metrics(os.path.join(preds, "predictions.csv"), labels)
+    by_kind = recall_by_defect(os.path.join(preds, "predictions.csv"), args.test_seed, args.n_test)
     with open(os.path.join(bundle, "metrics.json")) as f:
         bundle_metrics = json.load(f)
     with open(os.path.join(bundle, "config.json")) as f:
@@ -142,6 +159,7 @@ def main(args: argparse.Namespace, train_args: list[str]) -> dict[str, Any]:
         "test_micro_f1": m["micro_f1"], "test_recall_artifact": m["recall_artifact"],
         "test_precision_artifact": m["precision_artifact"], "test_ap_artifact": m["ap_artifact"],
         "test_roc_auc": m["roc_auc"], "test_confusion_matrix": m["confusion_matrix"], "test_errors": m["errors"],
+        "test_found_by_defect": by_kind,
         "val_ap_artifact": bundle_metrics.get("ap_artifact"), "train_seconds": round(train_s, 1),
         "train_job_seconds": round(bundle_metrics.get("wall_seconds", float("nan")), 1), "score_seconds": round(score_s, 1),
     }
@@ -150,6 +168,7 @@ def main(args: argparse.Namespace, train_args: list[str]) -> dict[str, Any]:
     print(f"{args.name}: test micro F1 {m['micro_f1']:.4f}, artifact recall {m['recall_artifact']:.3f} "
           f"(precision {m['precision_artifact']:.3f}), artifact AP {m['ap_artifact']:.3f}, ROC AUC {m['roc_auc']:.3f}, "
           f"confusion matrix {m['confusion_matrix']}; training {train_s:.0f} s, scoring {score_s:.0f} s", flush=True)
+    print("artifacts found per defect kind: " + ", ".join(f"{k} {hit}/{n}" for k, (hit, n) in by_kind.items()), flush=True)
     return row
 
 

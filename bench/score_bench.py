@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.config import HEADS, TrainConfig
 from artifact_core.decode import decode_array
 from artifact_core.demo_data import DEFECTS, render_face
 from artifact_core.export_onnx import export_onnx
@@ -81,7 +82,7 @@ def first_n(folder: Path, n: int, dest: Path) -> Path:
     return dest
 
 
-def make_bundle(path: Path, image_size: int, calibration: list[str], head: str = "local") -> str:
+def make_bundle(path: Path, image_size: int, calibration: list[str], head: str) -> str:
     """Random MobileNetV2 with calibrated BatchNorm, plus model.onnx and model.int8.onnx."""
     path = path.with_name(f"{path.name}-{head}-{image_size}")
     if (path / "model.int8.onnx").is_file():
@@ -214,11 +215,17 @@ def ray_job(bundle: str, folder: Path, out: Path, **kw: Any) -> dict[str, Any]:
     with PeakMemory() as mem:
         t = time.perf_counter()
         ray.init()  # as jobs/score.py does (ensure_ray)
+        t_init = time.perf_counter() - t
         s = run_scoring(ScoreConfig(model=bundle, input=str(folder), output=str(out), report=False, **kw))
         dt = time.perf_counter() - t
     ray.shutdown()
+    # Where the time went: Ray's start, then the job's own stages (summary.json's stage_seconds);
+    # "other" is what run_scoring did after its CSV (histogram, manifest).
+    stages = {"ray_init": t_init, **s.get("stage_seconds", {})}
+    stages["other"] = max(0.0, dt - sum(stages.values()))
     return {"img_s": s["files"] / dt, "peak_mib": mem.peak / 1024, "pipeline": (s.get("pipeline") or {}).get("mode"),
-            "engine": s["engine"], "precision": s["precision"]}
+            "engine": s["engine"], "precision": s["precision"], "seconds": dt,
+            "stages": {k: round(v, 2) for k, v in stages.items()}}
 
 
 def main() -> None:
@@ -230,7 +237,7 @@ def main() -> None:
                     help="also a JPEG folder of this many (e.g. 10000): default job vs the ceiling, and peak "
                          "memory against its first --n-jpeg files (default: %(default)s = skip)")
     ap.add_argument("--image-size", type=int, default=224, help="the bundle's input size (default: %(default)s)")
-    ap.add_argument("--head", choices=["local", "global"], default="local",
+    ap.add_argument("--head", choices=HEADS, default=TrainConfig().head,
                     help="the bundle's head (default: %(default)s, training's default)")
     ap.add_argument("--pipelines", default="fused,split", help="pipeline modes for (c) (default: %(default)s)")
     a = ap.parse_args()
@@ -268,16 +275,23 @@ def main() -> None:
         ceiling = {f"{e} {p}": 1000 * cores / (c["decode_ms"] + c[f"{e}_{p}_ms"]) for e, p in ENGINES}
         print(f"\n### {name}\n\nper image on one core: decode {c['decode_ms']:.1f} ms; inference "
               + ", ".join(f"{e} {p} {c[f'{e}_{p}_ms']:.1f} ms" for e, p in ENGINES) + "\n")
-        print("| row | img/s | vs (b) | peak PSS | ceiling | share of ceiling |")
-        print("|---|---|---|---|---|---|")
+        print("| row | img/s | vs (b) | peak PSS | ceiling | share of ceiling | fixed s | scoring stage img/s |")
+        print("|---|---|---|---|---|---|---|---|")
         print(f"| (a) one at a time, torch | {r['a']:.1f} | {r['a'] / r['b']:.2f}x | – | "
-              f"{ceiling['torch fp32']:.0f} | {r['a'] / ceiling['torch fp32']:.0%} |")
+              f"{ceiling['torch fp32']:.0f} | {r['a'] / ceiling['torch fp32']:.0%} | – | – |")
         print(f"| (b) DataLoader, 1 worker, torch | {r['b']:.1f} | 1.00x | – | "
-              f"{ceiling['torch fp32']:.0f} | {r['b'] / ceiling['torch fp32']:.0%} |")
+              f"{ceiling['torch fp32']:.0f} | {r['b'] / ceiling['torch fp32']:.0%} | – | – |")
         for job in r["c"]:
             ceil = ceiling[f"{job['engine']} {job['precision']}"]
+            # fixed: everything but the Ray Data stage (Ray start, setup, probe, CSV, ...);
+            # the stage itself still holds the actors' start-up
+            score_s = job["stages"].get("score", 0.0)
+            fixed = job["seconds"] - score_s
+            n = int(name.split(" x ")[0])
             print(f"| (c) Ray job, {job['label']} | {job['img_s']:.1f} | {job['img_s'] / r['b']:.2f}x | "
-                  f"{job['peak_mib']:.0f} MiB | {ceil:.0f} | {job['img_s'] / ceil:.0%} |")
+                  f"{job['peak_mib']:.0f} MiB | {ceil:.0f} | {job['img_s'] / ceil:.0%} | {fixed:.1f} | "
+                  f"{n / score_s if score_s else 0:.0f} |")
+        print("\nstages of the defaults row (s): " + json.dumps(r["c"][-1]["stages"]))
     if a.n_large:
         if not a.n_jpeg:
             sys.exit("--n-large needs --n-jpeg (the small folder of the memory check)")
@@ -293,6 +307,8 @@ def main() -> None:
         for n, j in ((a.n_jpeg, j_small), (a.n_large, j_large)):
             print(f"| {n} | {j['img_s']:.1f} | {ceil:.0f} | {j['img_s'] / ceil:.0%} | {j['peak_mib']:.0f} MiB |")
         print(f"\npeak memory {a.n_large} vs {a.n_jpeg} images: {j_large['peak_mib'] / j_small['peak_mib']:.2f}x")
+        for n, j in ((a.n_jpeg, j_small), (a.n_large, j_large)):
+            print(f"stages of {n} images (s): {json.dumps(j['stages'])}")
     sys.stdout.flush()
 
 

@@ -69,3 +69,15 @@ def test_bundle_round_trip_local_head_and_older_bundles(tmp_path):
 def test_save_bundle_refuses_a_config_of_the_other_head(tmp_path):
     with pytest.raises(ValueError, match="the model has the local head but the bundle config says 'global'"):
         save_bundle(str(tmp_path / "x"), build_model(weights="none", head="local"), BundleConfig())
+
+
+def test_bundle_round_trip_multiscale_head(tmp_path):
+    m = build_model(weights="none", head="multiscale").eval()
+    out = save_bundle(str(tmp_path / "m"), m, BundleConfig(image_size=64, head="multiscale"))
+    b = load_bundle(out)
+    assert b.config.head == "multiscale" and b.model.classifier[0].num_features == 128
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(b.model(x), m(x))
+    with pytest.raises(ValueError, match="the model has the multiscale head but the bundle config says 'local'"):
+        save_bundle(str(tmp_path / "x"), m, BundleConfig(head="local"))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from artifact_core.data import (ARTIFACT, CLEAN, ImageFileDataset, Unreadable, class_weights, collate_readable,
-                                list_images, parse_label, scan_labeled_folder, stratified_split)
+from artifact_core.data import (ARTIFACT, CLEAN, class_weights, list_images, parse_label, scan_labeled_folder,
+                                stratified_split)
+from artifact_core.dataset import ImageFileDataset, Unreadable, collate_readable
 from artifact_core.transforms import eval_transform
 from conftest import write_image
 

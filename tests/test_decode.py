@@ -85,7 +85,7 @@ def _batch(paths):
 def test_decode_batch_equals_what_validation_sees(tmp_path):
     import torch
 
-    from artifact_core.data import ImageFileDataset
+    from artifact_core.dataset import ImageFileDataset
     from artifact_core.predict import TorchEngine
     from artifact_core.transforms import eval_resize, eval_transform, normalize
 

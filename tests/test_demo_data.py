@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -11,7 +13,9 @@ import pytest
 from PIL import Image
 
 from artifact_core.data import scan_labeled_folder
-from artifact_core.demo_data import DEFECTS, SUBTLE_DEFECTS, generate, render_face, render_subtle_face, save_defect_gallery
+from artifact_core import demo_data
+from artifact_core.demo_data import (DEFECTS, SUBTLE_DEFECTS, defect_kinds, generate, render_face, render_subtle_face,
+                                     save_defect_gallery)
 
 
 def _digest(folder):
@@ -95,6 +99,16 @@ def test_generate_subtle(tmp_path):
     assert _digest(tmp_path / "s" / "test") == _digest(tmp_path / "p" / "test")
     with pytest.raises(ValueError, match="difficulty"):
         generate(str(tmp_path / "x"), difficulty="hard")
+    # the defect of every artifact image is known from the same arguments, and it is the one drawn:
+    # the image equals the same face rendered with that defect
+    kinds = defect_kinds(n_train=30, n_test=6, seed=4, difficulty="subtle")
+    artifacts = sorted(os.path.basename(p) for p, y in zip(folder.paths, folder.labels) if y == 0)
+    assert sorted(kinds["train"]) == artifacts and set(kinds["train"].values()) <= set(SUBTLE_DEFECTS)
+    test_labels = dict(csv.reader(open(info["test_labels"])))
+    assert sorted(kinds["test"]) == sorted(n for n, y in test_labels.items() if y == "0")
+    face_seed = next(f for _, name, _, f, _ in demo_data._plan(30, 6, 0.1, 4, SUBTLE_DEFECTS) if name == artifacts[0])
+    drawn = render_subtle_face(face_seed, size=96, defect=kinds["train"][artifacts[0]])
+    assert np.array_equal(np.asarray(drawn), np.asarray(Image.open(tmp_path / "s" / "train" / artifacts[0])))
 
 
 def test_defect_gallery(tmp_path):

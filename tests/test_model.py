@@ -8,9 +8,9 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 
 from artifact_core import model as model_mod
-from artifact_core.config import LOCAL_TRUNK_BLOCKS
+from artifact_core.config import LOCAL_TRUNK_BLOCKS, MULTISCALE_TAP_BLOCK
 from artifact_core.model import (IMAGENET_WEIGHTS, NUM_FEATURE_BLOCKS, WeightsUnavailableError, build_model,
-                                 count_trainable, set_trainable, train_mode, unwrap)
+                                 count_trainable, head_name, set_trainable, train_mode, unwrap)
 
 
 def _head_params(model: nn.Module) -> int:
@@ -53,6 +53,22 @@ def test_train_mode_keeps_frozen_batchnorm_in_eval():
     before = frozen_bn.running_mean.clone()
     m(torch.randn(4, 3, 64, 64) * 5 + 3)
     assert torch.equal(frozen_bn.running_mean, before)  # ImageNet statistics untouched
+
+
+def test_train_mode_can_keep_every_trunk_batchnorm_in_eval_but_not_the_heads():
+    m = build_model(weights="none", head="multiscale")
+    set_trainable(m, unfreeze_depth=2)
+    train_mode(m, trunk_bn_frozen=True)
+    trunk_bns = [mod for mod in m.features.modules() if isinstance(mod, nn.BatchNorm2d)]
+    assert trunk_bns and not any(mod.training for mod in trunk_bns)
+    assert m.classifier[0].training  # the head's BatchNorm follows its features
+    unfrozen = m.features[13].conv[1][1]
+    assert unfrozen.weight.requires_grad  # its scale and shift still train
+    before = unfrozen.running_mean.clone()
+    m(torch.randn(4, 3, 64, 64) * 5 + 3).sum().backward()
+    assert torch.equal(unfrozen.running_mean, before) and unfrozen.weight.grad is not None
+    train_mode(m)  # default: the unfrozen blocks' statistics follow the batches
+    assert m.features[13].conv[1][1].training and not m.features[0][1].training
 
 
 def test_weights_from_file_imagenet_layout(tmp_path):
@@ -120,6 +136,28 @@ def test_local_head_scores_the_top_cells_of_its_evidence_map():
     assert torch.allclose(logit, expected)
     # a small image still has at least one cell
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 1)
+
+
+def test_multiscale_head_reads_the_stride8_map_beside_the_stride16_one():
+    m = build_model(weights="none", head="multiscale", dropout=0.0).eval()
+    assert len(m.features) == LOCAL_TRUNK_BLOCKS and m.classifier[0].num_features == 32 + 96
+    x = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        joined = m.features(x)
+        stride8 = nn.Sequential(*list(m.features)[:MULTISCALE_TAP_BLOCK + 1])(x)
+        stride16 = nn.Sequential(*m.features)(x)  # the plain chain: the local head's map
+        logit = m(x)
+    assert joined.shape == (2, 128, 28, 28) and logit.shape == (2, 1)
+    assert torch.allclose(joined[:, 32:], stride16)
+    assert torch.allclose(joined[:, :32], nn.functional.avg_pool2d(stride8, 2))
+    # odd sizes: the pooled stride-8 map lands on the stride-16 grid
+    with torch.no_grad():
+        assert m.features(torch.randn(1, 3, 302, 310)).shape == (1, 128, 19, 20)
+    # freezing counts blocks as for the local head; the slice of the trunk is only its blocks
+    n = set_trainable(m, unfreeze_depth=2)
+    assert n == _head_params(m) + sum(p.numel() for b in list(m.features)[12:] for p in b.parameters())
+    assert head_name(m) == "multiscale" and head_name(build_model(weights="none", head="local")) == "local"
+    assert head_name(build_model(weights="none")) == "global"
 
 
 def test_local_head_keeps_only_the_stride16_trunk_of_imagenet_weights(tmp_path):

@@ -67,10 +67,18 @@ def test_onnx_fp32_equals_torch_on_decoded_images(onnx_bundle, images):
     assert out["predicted_class"][0] in (0, 1)
 
 
-def test_onnx_actor_starts_without_torch(onnx_bundle, images):
-    """The fused ONNX actor (decode + ONNX Runtime) never imports torch: ~0.9 GB and seconds per actor."""
+def test_onnx_actor_and_scoring_driver_start_without_torch(onnx_bundle, images):
+    """The fused ONNX actor (decode + ONNX Runtime) never imports torch (~0.9 GB and seconds per
+    actor), nor does the scoring job's driver: its entry script, the library and the stage-cost probe."""
     root = os.path.dirname(images[0])
-    code = ("import os, sys, numpy as np\n"
+    code = ("import importlib.util, os, sys, numpy as np\n"
+            "spec = importlib.util.spec_from_file_location('score_job', 'jobs/score.py')\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "from artifact_core.config import ScoreConfig\n"
+            "from artifact_core.scoring import measure_stage_costs\n"
+            f"decode_ms, infer_ms = measure_stage_costs(ScoreConfig(model={onnx_bundle!r}, input={root!r}, output='o'), "
+            f"{images!r}, None, 32)\n"
+            "assert decode_ms > 0 and infer_ms > 0, (decode_ms, infer_ms)\n"
             "from artifact_core.predict import DecodingPredictor\n"
             f"p = DecodingPredictor({onnx_bundle!r}, image_size=32, root={root!r}, engine='auto', num_threads=1)\n"
             f"raw = np.array([os.fsencode(x) for x in {images[:6]!r}] + [b'{root}/gone.png'], dtype=object)\n"
@@ -86,9 +94,10 @@ def test_onnx_actor_starts_without_torch(onnx_bundle, images):
     np.testing.assert_allclose([float(v) for v in out.stdout.split()], expected, atol=1e-4)
 
 
-def test_local_head_onnx_equals_torch(images, tmp_path):
+@pytest.mark.parametrize("head", ["local", "multiscale"])
+def test_trunk_head_onnx_equals_torch(images, tmp_path, head):
     torch.manual_seed(0)
-    model = build_model(weights="bundled", head="local")  # ImageNet trunk: varied features
+    model = build_model(weights="bundled", head=head)  # ImageNet trunk: varied features
     # Head BatchNorm statistics from these images, so the logits are neither all huge nor
     # all alike (saturated probabilities would make the comparison prove nothing).
     model.classifier[0].momentum = None
@@ -97,7 +106,7 @@ def test_local_head_onnx_equals_torch(images, tmp_path):
         x = torch.from_numpy(decode_paths(images, 64)).float() / 255
         model(((x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)))
     model.eval()
-    path = save_bundle(str(tmp_path / "local"), model, BundleConfig(image_size=64, head="local"))
+    path = save_bundle(str(tmp_path / head), model, BundleConfig(image_size=64, head=head))
     export_mod.export_onnx(path, images, [parse_label(p) for p in images])
     torch_p = predict_paths(ArtifactPredictor(path, engine="torch"), images)
     onnx_p = predict_paths(ArtifactPredictor(path, engine="onnx", num_threads=1), images, batch_size=5)

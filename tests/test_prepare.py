@@ -20,7 +20,8 @@ def test_prepare_decodes_no_image_and_keeps_unreadable_for_the_workers(tmp_path,
         raise AssertionError("prepare_run decoded an image")
 
     monkeypatch.setattr("artifact_core.images.decode_image", no_decode)
-    monkeypatch.setattr("artifact_core.data.decode_image", no_decode)
+    monkeypatch.setattr("artifact_core.images.decode_image", no_decode)
+    monkeypatch.setattr("artifact_core.dataset.decode_image", no_decode)
     loop = prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path), name="x", weights="none"))
     split = loop["split"]
     # the broken files stay in the split: the workers skip them when they load them
@@ -42,11 +43,11 @@ def test_config_from_args_absolute_paths_and_names(tmp_path, monkeypatch):
     assert cfg.data_dir == str(tmp_path / "faces") and cfg.name == "faces" and cfg.storage_path == "s3://bucket/runs"
     with pytest.raises(ValueError, match="--lr must be above 0"):
         TrainConfig(lr=0).validate()
-    # the local head's trunk has 14 blocks, the global network 19
-    with pytest.raises(ValueError, match=r"--unfreeze-depth must be in 0\.\.14 for the local head, got 15"):
+    # the multiscale (default) and local heads' trunk has 14 blocks, the global network 19
+    with pytest.raises(ValueError, match=r"--unfreeze-depth must be in 0\.\.14 for the multiscale head, got 15"):
         TrainConfig(unfreeze_depth=15).validate()
     TrainConfig(head="global", unfreeze_depth=19).validate()
-    with pytest.raises(ValueError, match="--head must be one of local, global"):
+    with pytest.raises(ValueError, match="--head must be one of multiscale, local, global"):
         TrainConfig(head="patch").validate()
 
 
@@ -84,7 +85,8 @@ def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypat
     def no_decode(*a, **k):
         raise AssertionError("prepare_run decoded an image")
 
-    monkeypatch.setattr("artifact_core.data.decode_image", no_decode)
+    monkeypatch.setattr("artifact_core.images.decode_image", no_decode)
+    monkeypatch.setattr("artifact_core.dataset.decode_image", no_decode)
     cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
                       val_fraction=0.3)
     loop = prepare_run(cfg)

@@ -129,11 +129,13 @@ def test_runs_recorded_before_a_field_existed_compare_with_its_old_meaning():
 
     base = {"data_dir": "/d", "image_size": 224, "lr": 3e-3, "oversample": 0.0}
     old_identity = identity_of(base)
-    for key in ("head", "head_cache_views", "oversample"):
+    for key in ("head", "head_cache_views", "oversample", "finetune_schedule", "finetune_bn"):
         old_identity.pop(key, None)
     old = {"identity": old_identity, "kind": "train", "config": dict(base)}
-    same_as_then = {**base, "head": "global", "head_cache_views": 0}
+    same_as_then = {**base, "head": "global", "head_cache_views": 0, "finetune_schedule": "constant",
+                    "finetune_bn": "batch"}
     assert differences(old, {"identity": identity_of(same_as_then), "kind": "train", "config": same_as_then}) == []
-    now = {**base, "head": "local", "head_cache_views": 2}
+    now = {**base, "head": "multiscale", "head_cache_views": 2, "finetune_schedule": "cosine", "finetune_bn": "frozen"}
     assert differences(old, {"identity": identity_of(now), "kind": "train", "config": now}) == [
-        "head: 'global' before, 'local' now", "head_cache_views: 0 before, 2 now"]
+        "finetune_bn: 'batch' before, 'frozen' now", "finetune_schedule: 'constant' before, 'cosine' now", "head: 'global' before, 'multiscale' now",
+        "head_cache_views: 0 before, 2 now"]

@@ -25,8 +25,8 @@ def small_config(data_dir, storage, name, weights="none", **kw) -> TrainConfig:
 
 
 def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weights, tmp_path):
-    # the default (local) head; the global one runs end to end in tests/test_jobs.py
-    head = "local"
+    # the default (multiscale) head; the global one runs end to end in tests/test_jobs.py
+    head = "multiscale"
     cfg = small_config(easy_folder, tmp_path / "runs", "basic", weights=backbone_weights, head=head)
     summary = run_training(cfg)
     hist = summary.metrics["history"]
@@ -35,7 +35,7 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     assert all(h["world_size"] == 2 for h in hist)
     # trainable parameters follow K: head only, then head + last 2 blocks
     m = build_model(weights="none", head=head)
-    assert hist[0]["trainable_params"] == set_trainable(m, unfreeze_depth=0) == (1281 if head == "global" else 6465)
+    assert hist[0]["trainable_params"] == set_trainable(m, unfreeze_depth=0) == {"global": 1281, "local": 6465, "multiscale": 8577}[head]
     assert hist[2]["trainable_params"] == set_trainable(m, unfreeze_depth=2)
     # phase 1 trained the head on cached trunk features, phase 2 on images
     assert [h["features_cached"] for h in hist] == [True, True, False, False]

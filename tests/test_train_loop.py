@@ -180,3 +180,24 @@ def _buffers_rank(rank: int, port: int, out) -> None:
 
 def test_head_batchnorm_statistics_are_averaged_over_ranks():
     assert _two_ranks(_buffers_rank) == [(0, [0.5] * 3, [2.0] * 3, 0), (1, [0.5] * 3, [2.0] * 3, 0)]
+
+
+def test_finetune_schedule_warms_up_then_decays_and_resumes_exactly():
+    from artifact_core.config import TrainConfig
+
+    spec = train_loop.phases(TrainConfig(finetune_epochs=4, finetune_lr=1e-3))[1]
+    assert spec.schedule == "cosine"  # the default
+    steps = 10
+    lrs = [train_loop.scheduled_lr(spec, i, steps) for i in range(4 * steps)]
+    # a linear warm-up over the first epoch up to the phase's rate ...
+    assert lrs[0] == pytest.approx(1e-4) and lrs[steps - 1] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:steps - 1], lrs[1:steps]))
+    # ... then a monotone decay that ends at the floor on the last step
+    assert all(a >= b for a, b in zip(lrs[steps:], lrs[steps + 1:]))
+    assert lrs[-1] == pytest.approx(train_loop.COSINE_FLOOR * 1e-3)
+    # a pure function of the step: a resumed run picks up the same rate
+    assert train_loop.scheduled_lr(spec, 23, steps) == lrs[23]
+    constant = train_loop.phases(TrainConfig(finetune_lr=1e-3, finetune_schedule="constant"))[1]
+    assert {train_loop.scheduled_lr(constant, i, steps) for i in range(40)} == {1e-3}
+    with pytest.raises(ValueError, match="--finetune-schedule"):
+        TrainConfig(finetune_schedule="step").validate()
