@@ -253,8 +253,8 @@ class DecodingPredictor:
         self.chunk = max(1, chunk)
         self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
         # One chunk in the engine at a time: with two calls in flight (the scoring job lets Ray
-        # Data run CONCURRENT_CALLS per actor) the next batch decodes while this one infers,
-        # but the engine's threads are never shared by two chunks.
+        # Data run scoring.FUSED_CONCURRENT_CALLS per actor) the next batch decodes while this
+        # one infers, but the engine's threads are never shared by two chunks.
         self._engine_lock = threading.Lock()
 
     def _predict(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
