@@ -5,8 +5,9 @@ Two pipeline shapes (``--pipeline``, chosen by :func:`plan_pipeline`):
 - split: list files -> read + decode + resize in parallel torch-free tasks
   (:func:`artifact_core.decode.decode_batch`; a broken file becomes an error row)
   -> :class:`ArtifactPredictor` actors (torch or ONNX Runtime) -> Parquet;
-- fused: list files -> :class:`DecodingPredictor`, one actor per node that decodes in threads
-  while its engine runs (no object-store hop for the pixels) -> Parquet.
+- fused: list files -> :class:`DecodingPredictor`, one actor per node whose threads decode
+  and infer (no object-store hop for the pixels): with ONNX Runtime one lane per core, each
+  decoding a chunk and running it through its own single-threaded session -> Parquet.
 
 The CSV and ``summary.json`` are derived from the Parquet files once every file has a row,
 so a CSV only exists when it is complete.
@@ -127,8 +128,9 @@ class PipelinePlan:
     mode: str  # "fused" or "split"
     num_actors: int
     actor_cpus: float  # CPUs each actor reserves in Ray
-    engine_threads: int  # the engine's intra-op threads per actor
-    decode_threads: int = 0  # fused: decode threads per actor
+    engine_threads: int  # the engine's intra-op threads (per lane)
+    decode_threads: int = 0  # fused: decode threads per actor (with lanes: the lanes decode)
+    lanes: int = 1  # fused with ONNX Runtime on CPU: threads that each decode and infer, one session each
     decode_ms: float | None = None  # probe: per image on one core (read + decode + resize)
     inference_ms: float | None = None  # probe: per image on one core
     estimate_fused: float | None = None  # images/s by the probe's costs
@@ -243,6 +245,9 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
         else:
             n = len(big) or max(1, len(node_cpus) - 1)
             plan = PipelinePlan("fused", n, float(max(1, cpus - 1)), cpus, cpus, reason=reason)
+            if resolve_engine(cfg.model, cfg.engine, cfg.precision) == "onnx":
+                # one lane per core: a single-threaded session each (see DecodingPredictor)
+                plan.engine_threads, plan.lanes = 1, cpus
         if cfg.num_actors:
             plan.num_actors = min(plan.num_actors, cfg.num_actors)
     else:
@@ -259,9 +264,13 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
         log.info("pipeline: decode %.1f ms/img, inference %.1f ms/img (one core each); estimates fused "
                  "%.0f img/s, split %.0f img/s -> %s (%s)", plan.decode_ms, plan.inference_ms,
                  plan.estimate_fused, plan.estimate_split, plan.mode, reason)
-    log.info("pipeline %s: %d actor(s) x %g CPU, %d engine thread(s)%s", plan.mode, plan.num_actors,
-             plan.actor_cpus, plan.engine_threads,
-             f", {plan.decode_threads} decode thread(s)" if plan.mode == "fused" else "")
+    if plan.lanes > 1:
+        log.info("pipeline fused: %d actor(s) x %g CPU, %d lanes each (decode + a single-threaded engine)",
+                 plan.num_actors, plan.actor_cpus, plan.lanes)
+    else:
+        log.info("pipeline %s: %d actor(s) x %g CPU, %d engine thread(s)%s", plan.mode, plan.num_actors,
+                 plan.actor_cpus, plan.engine_threads,
+                 f", {plan.decode_threads} decode thread(s)" if plan.mode == "fused" else "")
     return plan
 
 
@@ -298,14 +307,14 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
               "num_gpus": 1 if cfg.use_gpu else 0, "memory": cfg.actor_memory_mb * 2**20}
     if plan.mode == "fused":
         # Two calls per actor in flight, run concurrently: the next batch decodes (and Ray Data
-        # batches it) while this one is in the engine; DecodingPredictor lets one chunk at a
-        # time into the engine. One call at a time left the engine idle at every batch's start.
+        # batches it) while this one is in the engine; an engine takes one chunk at a time
+        # (DecodingPredictor). One call at a time left the engine idle at every batch's start.
         common["compute"] = ray.data.ActorPoolStrategy(size=plan.num_actors,
                                                        max_concurrent_calls_per_actor=FUSED_CONCURRENT_CALLS,
                                                        enable_true_multi_threading=FUSED_CONCURRENT_CALLS > 1)
         return ds.map_batches(DecodingPredictor, **common, fn_constructor_kwargs={
             **predictor_kwargs, "image_size": image_size, "root": root, "fs": fs,
-            "decode_threads": plan.decode_threads})
+            "decode_threads": plan.decode_threads, "lanes": plan.lanes})
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
                         fn_kwargs={"image_size": image_size, "root": root, "fs": fs})
     # The actors reserve memory for the model and their batches. That also keeps Ray Data

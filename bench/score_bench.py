@@ -15,8 +15,12 @@ in one run, per folder:
 - (a) one image at a time: open, decode, predict (torch, as a notebook would);
 - (b) the best plain PyTorch loop: a DataLoader with 1 decode worker
   (``decode_image(p, target_size=S)``), channels-last, chunks of 8, torch threads = cores;
-- (c) the whole Ray job (:func:`run_scoring`, start-up included) per engine/precision
-  (torch fp32, onnx fp32, onnx int8) and per pipeline mode, and the defaults (all auto);
+- (c) the whole job as a user runs it, ``python jobs/score.py`` in its own process (Python,
+  imports and Ray's start included; review page off), per engine/precision (torch fp32, onnx
+  fp32, onnx int8) and per pipeline mode, and the defaults (all auto), each on a fresh local
+  Ray as the script starts it on a laptop; then the defaults once more on a running
+  single-node Ray cluster (``cluster/local_cluster.sh``, all cores), as under
+  ``ray job submit``, where the job only connects;
 
 columns: img/s, (c)/(b), peak PSS (summed over the driver and every Ray worker process) and
 the share of the ceiling. With --n-large, the default job also runs on a --n-large JPEG folder
@@ -30,7 +34,9 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -53,6 +59,7 @@ from artifact_core.storage import read_file_bytes
 
 ENGINES = (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"))
 CHUNK = 8
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_one(args: tuple[int, str, int, str]) -> None:
@@ -186,7 +193,11 @@ def _ray_pids() -> list[int]:
 
 
 class PeakMemory:
-    """Samples PSS of this process plus all Ray worker processes every 0.25 s."""
+    """Samples PSS of this process, of ``pids`` (the job's driver) and of all Ray worker
+    processes every 0.25 s."""
+
+    def __init__(self, pids: tuple[int, ...] = ()) -> None:
+        self.pids = pids
 
     def __enter__(self) -> "PeakMemory":
         self.peak, self._stop = 0, threading.Event()
@@ -196,7 +207,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = _pss_kb(os.getpid()) + sum(_pss_kb(p) for p in _ray_pids())
+            total = sum(_pss_kb(p) for p in (os.getpid(), *self.pids, *_ray_pids()))
             self.peak = max(self.peak, total)
             time.sleep(0.25)
 
@@ -205,27 +216,59 @@ class PeakMemory:
         self._t.join()
 
 
-def ray_job(bundle: str, folder: Path, out: Path, **kw: Any) -> dict[str, Any]:
-    """(c) the whole Ray job (a fresh local Ray instance: its start-up counts)."""
-    import ray
+class RunningCluster:
+    """A single-node Ray cluster with every core (``cluster/local_cluster.sh``, its own temp dir
+    and ports), started before the jobs that attach to it and stopped after them."""
 
-    from artifact_core.scoring import ScoreConfig, run_scoring
+    def __init__(self, cores: int) -> None:
+        self.state = tempfile.mkdtemp(prefix="sb", dir="/tmp")  # short: Ray's socket paths are limited
+        ray_bin = Path(sys.executable).with_name("ray")
+        self.env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"), "LC_DIR": self.state,
+                    "LC_PORT_BASE": "6700", "LC_HEAD_CPUS": str(cores), "LC_WORKER_CPUS": "0",
+                    **({"RAY": str(ray_bin)} if ray_bin.exists() else {})}
 
+    def __enter__(self) -> str:
+        out = subprocess.run(["bash", str(REPO / "cluster" / "local_cluster.sh"), "up"], env=self.env,
+                             capture_output=True, text=True, timeout=180, check=True)
+        os.environ["RAY_AUTH_MODE"] = self.env["RAY_AUTH_MODE"]
+        time.sleep(5)  # let the node settle (idle workers, dashboard) as a cluster waiting for jobs would
+        return dict(line.split("=", 1) for line in out.stdout.split() if "=" in line)["RAY_ADDRESS"]
+
+    def __exit__(self, *exc: Any) -> None:
+        subprocess.run(["bash", str(REPO / "cluster" / "local_cluster.sh"), "down"], env=self.env,
+                       capture_output=True, timeout=120)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def ray_job(bundle: str, folder: Path, out: Path, address: str | None = None, **kw: Any) -> dict[str, Any]:
+    """(c) the whole job as a user runs it: ``python jobs/score.py`` in its own process, on a fresh
+    local Ray instance (its start counts) or attached to the running cluster at ``address``
+    (as under ``ray job submit``: connecting counts). The review page is off (``--no-report``):
+    its Grad-CAM actors would time something else."""
     shutil.rmtree(out, ignore_errors=True)
-    with PeakMemory() as mem:
-        t = time.perf_counter()
-        ray.init()  # as jobs/score.py does (ensure_ray)
-        t_init = time.perf_counter() - t
-        s = run_scoring(ScoreConfig(model=bundle, input=str(folder), output=str(out), report=False, **kw))
-        dt = time.perf_counter() - t
-    ray.shutdown()
-    # Where the time went: Ray's start, then the job's own stages (summary.json's stage_seconds);
-    # "other" is what run_scoring did after its CSV (histogram, manifest).
-    stages = {"ray_init": t_init, **s.get("stage_seconds", {})}
+    args = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", bundle, "--input", str(folder),
+            "--output", str(out), "--no-report"]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_ADDRESS": address} if address else {})
+    t = time.perf_counter()
+    with open(out.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with PeakMemory((proc.pid,)) as mem:
+            rc = proc.wait()
+    dt = time.perf_counter() - t
+    if rc != 0:
+        sys.exit(f"jobs/score.py failed ({rc}); see {out.with_suffix('.log')}")
+    s = json.loads((out / "summary.json").read_text())
+    # Where the time went: the process's start (Python, imports, Ray's start or connect), then
+    # the job's own stages (summary.json's stage_seconds); "other" is what it did after its
+    # CSV (histogram, manifest) and its exit.
+    stages = {"start": dt - s["wall_seconds"], **s.get("stage_seconds", {})}
     stages["other"] = max(0.0, dt - sum(stages.values()))
     return {"img_s": s["files"] / dt, "peak_mib": mem.peak / 1024, "pipeline": (s.get("pipeline") or {}).get("mode"),
             "engine": s["engine"], "precision": s["precision"], "seconds": dt,
-            "stages": {k: round(v, 2) for k, v in stages.items()}}
+            "lanes": (s.get("pipeline") or {}).get("lanes"), "stages": {k: round(v, 2) for k, v in stages.items()}}
 
 
 def main() -> None:
@@ -265,11 +308,15 @@ def main() -> None:
                 print(name, json.dumps(r["c"][-1]), flush=True)
         job = ray_job(bundle, folder, out / "pred")
         r["c"].append({**job, "label": f"defaults (auto: {job['engine']} {job['precision']}, {job['pipeline']})"})
+        with RunningCluster(cores) as address:
+            job = ray_job(bundle, folder, out / "pred", address=address)
+        r["c"].append({**job, "label": "defaults, on a running Ray node (ray job submit)"})
+        print(name, json.dumps(r["c"][-1]), flush=True)
         results[name] = r
         print(name, json.dumps({k: v for k, v in r.items() if k != "c"}), flush=True)
 
     print(f"\n{cores} cores, bundle {a.head} head, {a.image_size} px; ceiling = cores / (decode ms + inference ms per image "
-          f"on one core); (c) is the whole job, Ray start-up included")
+          f"on one core); (c) is the whole job: Ray's start on a fresh local instance, or connecting to a running node")
     for name, r in results.items():
         c = r["costs"]
         ceiling = {f"{e} {p}": 1000 * cores / (c["decode_ms"] + c[f"{e}_{p}_ms"]) for e, p in ENGINES}
@@ -291,7 +338,8 @@ def main() -> None:
             print(f"| (c) Ray job, {job['label']} | {job['img_s']:.1f} | {job['img_s'] / r['b']:.2f}x | "
                   f"{job['peak_mib']:.0f} MiB | {ceil:.0f} | {job['img_s'] / ceil:.0%} | {fixed:.1f} | "
                   f"{n / score_s if score_s else 0:.0f} |")
-        print("\nstages of the defaults row (s): " + json.dumps(r["c"][-1]["stages"]))
+        print("\nstages of the defaults rows (s): fresh local Ray " + json.dumps(r["c"][-2]["stages"])
+              + "; running node " + json.dumps(r["c"][-1]["stages"]))
     if a.n_large:
         if not a.n_jpeg:
             sys.exit("--n-large needs --n-jpeg (the small folder of the memory check)")

@@ -18,7 +18,7 @@ from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_paths
 from artifact_core.model import build_model
-from artifact_core.predict import ArtifactPredictor, amp_dtype, predict_paths, resolve_engine
+from artifact_core.predict import ArtifactPredictor, DecodingPredictor, amp_dtype, predict_paths, resolve_engine
 from conftest import calibrated_model, make_easy_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,10 +80,10 @@ def test_onnx_actor_and_scoring_driver_start_without_torch(onnx_bundle, images):
             f"{images!r}, None, 32)\n"
             "assert decode_ms > 0 and infer_ms > 0, (decode_ms, infer_ms)\n"
             "from artifact_core.predict import DecodingPredictor\n"
-            f"p = DecodingPredictor({onnx_bundle!r}, image_size=32, root={root!r}, engine='auto', num_threads=1)\n"
+            f"p = DecodingPredictor({onnx_bundle!r}, image_size=32, root={root!r}, engine='auto', lanes=2, chunk=2)\n"
             f"raw = np.array([os.fsencode(x) for x in {images[:6]!r}] + [b'{root}/gone.png'], dtype=object)\n"
             "out = p({'raw_path': raw})\n"
-            "assert p.predictor.engine_name == 'onnx'\n"
+            "assert p.predictor.engine_name == 'onnx' and p.predictor.engine.session.get_session_options().intra_op_num_threads == 1\n"
             "assert (out['predicted_class'][:6] >= 0).all() and out['predicted_class'][6] == -1, out\n"
             "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]\n"
             "assert not bad, bad\n"
@@ -92,6 +92,9 @@ def test_onnx_actor_and_scoring_driver_start_without_torch(onnx_bundle, images):
     assert out.returncode == 0, out.stderr[-2000:]
     expected = predict_paths(ArtifactPredictor(onnx_bundle, engine="torch"), images[:6])
     np.testing.assert_allclose([float(v) for v in out.stdout.split()], expected, atol=1e-4)
+    # lanes are single-threaded ONNX sessions; torch's thread pool is per process
+    with pytest.raises(ValueError, match="lanes > 1 needs the ONNX engine"):
+        DecodingPredictor(onnx_bundle, image_size=32, root=root, engine="torch", lanes=2)
 
 
 @pytest.mark.parametrize("head", ["local", "multiscale"])

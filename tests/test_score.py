@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,7 @@ from artifact_core.export_onnx import export_onnx
 from artifact_core.predict import ArtifactPredictor, predict_paths
 from artifact_core.score_output import OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
-from conftest import calibrated_model, write_image
+from conftest import REPO, calibrated_model, write_image
 
 pytestmark = pytest.mark.ray
 
@@ -146,7 +148,9 @@ def test_bad_inputs(ray_session, bundle_dir, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
-def test_onnx_engine_through_the_actor_equals_torch(ray_session, bundle_dir, tmp_path):
+def test_onnx_scoring_job_equals_torch_and_its_driver_never_imports_torch(ray_session, bundle_dir, tmp_path):
+    """jobs/score.py as a user runs it (a fresh driver on the cluster, review page on): the fused
+    ONNX lanes score what the torch model scores, and the driver never imports torch."""
     onnx_bundle = str(tmp_path / "bundle")
     shutil.copytree(bundle_dir, onnx_bundle)
     export_onnx(onnx_bundle)
@@ -158,11 +162,26 @@ def test_onnx_engine_through_the_actor_equals_torch(ray_session, bundle_dir, tmp
         Image.fromarray(rng.normal(120, 50, (200 + 30 * i, 180, 3)).clip(0, 255).astype(np.uint8)).save(src / f"j{i}.jpg")
     (src / "broken.jpg").write_bytes(b"nope")
     out = tmp_path / "out"
-    s = run_scoring(ScoreConfig(model=onnx_bundle, input=str(src), output=str(out), batch_size=4, num_actors=1))
+    args = ["--model", onnx_bundle, "--input", str(src), "--output", str(out), "--batch-size", "4", "--report"]
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['jobs/score.py', *{args!r}]\n"
+            "try:\n"
+            "    runpy.run_path('jobs/score.py', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('TORCH_IMPORTED', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+    env = {**ray_session["env"], "RAY_ADDRESS": ray_session["address"]}
+    job = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "TORCH_IMPORTED []" in job.stdout, job.stdout[-2000:]
+    s = json.loads((out / "summary.json").read_text())
     assert s["engine"] == "onnx" and s["precision"] == "fp32" and s["errors"] == 1  # auto on CPU
     plan = s["pipeline"]  # auto: chosen from the costs measured on the driver, recorded
     assert plan["mode"] in ("fused", "split") and plan["decode_ms"] > 0 and plan["inference_ms"] > 0
     assert plan["estimate_fused"] >= plan["estimate_split"] > 0
+    if plan["mode"] == "fused":  # the session cluster's node has 2 CPUs: a lane per core
+        assert plan["lanes"] == 2 and plan["engine_threads"] == 1
+    assert s["report"]["path"] and (out / "report" / "index.html").exists()  # Grad-CAM ran in its actors
     csv = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     good = csv[csv["error"] == ""]
     prob = good["prob_artifact_free"].astype(float).to_numpy()
