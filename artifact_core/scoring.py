@@ -119,6 +119,18 @@ SPLIT_MIN_SHARE = 0.9
 PROBE_FILES = 8
 #: batches a fused actor works on at once (see :class:`DecodingPredictor`)
 FUSED_CONCURRENT_CALLS = 2
+#: most lanes per fused actor; on larger nodes each lane's session gets several threads. Each
+#: lane holds its own ONNX Runtime session and arena (see LANE_MIB_AT_448), and only 2-lane
+#: actors were measured.
+MAX_LANES = 4
+#: memory one lane's session holds beyond the first, for a chunk of 8 at 448 px (ONNX Runtime's
+#: arena after one chunk, measured 250 MiB with the multiscale head); scaled by the input's pixels
+LANE_MIB_AT_448 = 256
+
+
+def lane_memory_mb(image_size: int) -> int:
+    """Memory one more lane of a fused actor needs at ``image_size`` (reserved in Ray)."""
+    return int(LANE_MIB_AT_448 * (image_size / 448) ** 2) + 1
 
 
 @dataclass
@@ -246,8 +258,10 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
             n = len(big) or max(1, len(node_cpus) - 1)
             plan = PipelinePlan("fused", n, float(max(1, cpus - 1)), cpus, cpus, reason=reason)
             if resolve_engine(cfg.model, cfg.engine, cfg.precision) == "onnx":
-                # one lane per core: a single-threaded session each (see DecodingPredictor)
-                plan.engine_threads, plan.lanes = 1, cpus
+                # a lane per core, each a single-threaded session (see DecodingPredictor); past
+                # MAX_LANES cores the lanes' sessions share them
+                plan.lanes = min(cpus, MAX_LANES)
+                plan.engine_threads = max(1, cpus // plan.lanes)
         if cfg.num_actors:
             plan.num_actors = min(plan.num_actors, cfg.num_actors)
     else:
@@ -265,8 +279,8 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
                  "%.0f img/s, split %.0f img/s -> %s (%s)", plan.decode_ms, plan.inference_ms,
                  plan.estimate_fused, plan.estimate_split, plan.mode, reason)
     if plan.lanes > 1:
-        log.info("pipeline fused: %d actor(s) x %g CPU, %d lanes each (decode + a single-threaded engine)",
-                 plan.num_actors, plan.actor_cpus, plan.lanes)
+        log.info("pipeline fused: %d actor(s) x %g CPU, %d lanes each (decode + an engine of %d thread(s))",
+                 plan.num_actors, plan.actor_cpus, plan.lanes, plan.engine_threads)
     else:
         log.info("pipeline %s: %d actor(s) x %g CPU, %d engine thread(s)%s", plan.mode, plan.num_actors,
                  plan.actor_cpus, plan.engine_threads,
@@ -312,6 +326,8 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
         common["compute"] = ray.data.ActorPoolStrategy(size=plan.num_actors,
                                                        max_concurrent_calls_per_actor=FUSED_CONCURRENT_CALLS,
                                                        enable_true_multi_threading=FUSED_CONCURRENT_CALLS > 1)
+        # every lane beyond the first holds a session of its own
+        common["memory"] += (plan.lanes - 1) * lane_memory_mb(image_size) * 2**20
         return ds.map_batches(DecodingPredictor, **common, fn_constructor_kwargs={
             **predictor_kwargs, "image_size": image_size, "root": root, "fs": fs,
             "decode_threads": plan.decode_threads, "lanes": plan.lanes})

@@ -80,7 +80,7 @@ def test_onnx_actor_and_scoring_driver_start_without_torch(onnx_bundle, images):
             f"{images!r}, None, 32)\n"
             "assert decode_ms > 0 and infer_ms > 0, (decode_ms, infer_ms)\n"
             "from artifact_core.predict import DecodingPredictor\n"
-            f"p = DecodingPredictor({onnx_bundle!r}, image_size=32, root={root!r}, engine='auto', lanes=2, chunk=2)\n"
+            f"p = DecodingPredictor({onnx_bundle!r}, image_size=32, root={root!r}, engine='auto', lanes=2, chunk=2, num_threads=1)\n"
             f"raw = np.array([os.fsencode(x) for x in {images[:6]!r}] + [b'{root}/gone.png'], dtype=object)\n"
             "out = p({'raw_path': raw})\n"
             "assert p.predictor.engine_name == 'onnx' and p.predictor.engine.session.get_session_options().intra_op_num_threads == 1\n"

@@ -190,6 +190,23 @@ def test_onnx_scoring_job_equals_torch_and_its_driver_never_imports_torch(ray_se
     np.testing.assert_allclose(prob, torch_prob, atol=1e-4, rtol=0)
 
 
+def test_fused_plan_gives_onnx_a_lane_per_core_up_to_a_cap(monkeypatch):
+    import artifact_core.scoring as scoring
+
+    monkeypatch.setattr(scoring, "resolve_engine", lambda *a, **k: "onnx")
+    cfg = ScoreConfig(model="m", input="i", output="o", pipeline="fused")
+    for cpus, lanes, threads in ((2, 2, 1), (3, 3, 1), (16, scoring.MAX_LANES, 16 // scoring.MAX_LANES)):
+        monkeypatch.setattr(scoring, "_node_cpus", lambda cpus=cpus: [cpus])
+        plan = scoring.plan_pipeline(cfg, ["a.png"], None, 224)
+        assert (plan.mode, plan.num_actors, plan.actor_cpus) == ("fused", 1, cpus - 1)
+        assert (plan.lanes, plan.engine_threads) == (lanes, threads)
+    monkeypatch.setattr(scoring, "resolve_engine", lambda *a, **k: "torch")  # one engine, every core
+    plan = scoring.plan_pipeline(cfg, ["a.png"], None, 224)
+    assert (plan.lanes, plan.engine_threads) == (1, 16)
+    # each lane beyond the first reserves its session's memory, by the input's pixels
+    assert scoring.lane_memory_mb(448) > scoring.LANE_MIB_AT_448 >= 4 * (scoring.lane_memory_mb(224) - 1)
+
+
 def test_pipeline_estimates():
     from artifact_core.scoring import _estimates
     # inference-bound (ONNX at 224 px, 512² JPEG): one decode core would idle half the time
