@@ -27,7 +27,9 @@ from artifact_core.config import ARCHITECTURE, HEADS, IMAGENET_MEAN, IMAGENET_ST
 from artifact_core.labels import LABEL_NAMES
 from artifact_core.storage import is_uri, resolve
 
-BUNDLE_FORMAT = 1
+#: the newest format this version reads; 2 = the model also scores the mirrored image
+#: (``test_time_flip``), which a reader of format 1 would silently skip
+BUNDLE_FORMAT = 2
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -56,7 +58,10 @@ class BundleConfig:
     #: None in bundles written before it was recorded.
     weights_source: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
-    format: int = BUNDLE_FORMAT
+    #: local and multiscale heads: the model also scores the mirrored image and keeps the
+    #: lower "artifact-free" logit (the threshold was tuned on those scores)
+    test_time_flip: bool = False
+    format: int = 1
 
 
 @dataclass
@@ -107,8 +112,11 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
     head = head_name(unwrap(model))
     if config.head != head:
         raise ValueError(f"the model has the {head} head but the bundle config says {config.head!r}")
+    if config.test_time_flip != bool(getattr(unwrap(model), "test_time_flip", False)):
+        raise ValueError(f"the bundle config says test_time_flip={config.test_time_flip}, the model does not")
     os.makedirs(out_dir, exist_ok=True)
     config.versions = config.versions or _versions()
+    config.format = 2 if config.test_time_flip else 1
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
     torch.save(state, tmp)
@@ -183,7 +191,8 @@ def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
     from artifact_core.model import build_model
     path = resolve(path).path  # file:// URIs become local paths
     config = read_bundle_config(path)
-    model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs, head=config.head)
+    model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs, head=config.head,
+                        test_time_flip=config.test_time_flip)
     state = torch.load(os.path.join(path, WEIGHTS_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     metrics = {}

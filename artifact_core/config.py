@@ -137,6 +137,14 @@ class TrainConfig:
     overwrite: bool = False
     #: training ingest: "dataloader" (decode in the worker) or "ray-data" (Ray Data streaming_split)
     ingest: str = "dataloader"
+    #: local and multiscale heads: validation, the bundle and scoring also score each image's
+    #: mirror and keep the stronger artifact evidence (twice the inference)
+    test_time_flip: bool = True
+
+    @property
+    def flips_at_test_time(self) -> bool:
+        """Whether the model this config builds scores the mirrored image too (not the global head)."""
+        return self.test_time_flip and self.head in TRUNK_HEADS
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
@@ -255,6 +263,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--oversample", type=float, default=d.oversample,
                    help="share of artifact images among each epoch's draws, e.g. 0.3 (drawn with replacement; "
                         "the loss weights balance the drawn mix); 0 = off (default: %(default)s)")
+    g.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=d.test_time_flip,
+                   help="local and multiscale heads: validation, the bundle and scoring also score each image's mirror "
+                        "and keep the stronger artifact evidence, at twice the inference (default: on)")
     g.add_argument("--select-metric", choices=SELECT_METRICS, default=d.select_metric,
                    help="validation metric that picks the checkpoint, drives patience, ASHA and the best sweep "
                         "trial (default: %(default)s, average precision of the artifact class)")

@@ -51,13 +51,18 @@ class _ArtifactLogit(nn.Module):
 
 @contextmanager
 def _explaining(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; both restored afterwards.
+    """Eval mode, frozen parameters and no test-time flip for the duration; all restored afterwards.
 
     Grad-CAM needs gradients with respect to a layer's activations only; parameter
     gradients would cost time and memory and leave ``.grad`` tensors behind.
     """
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    # The map explains the image as shown: with a test-time flip the layer would see the
+    # image and its mirror in one batch, which Grad-CAM cannot attribute to one image.
+    flip = getattr(model, "test_time_flip", None)
+    if flip:
+        model.test_time_flip = False
     model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
@@ -67,6 +72,8 @@ def _explaining(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        if flip:
+            model.test_time_flip = flip
         model.train(was_training)
 
 

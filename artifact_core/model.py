@@ -210,8 +210,10 @@ class LocalEvidenceNet(nn.Module):
     """
 
     def __init__(self, features: nn.Sequential, *, dropout: float = 0.2, hidden: int = 64,
-                 top_fraction: float = LOCAL_TOP_FRACTION) -> None:
+                 top_fraction: float = LOCAL_TOP_FRACTION, test_time_flip: bool = False) -> None:
         super().__init__()
+        #: in eval mode, also score the mirrored image and keep the stronger artifact evidence
+        self.test_time_flip = test_time_flip
         self.features = features
         channels = features.out_channels if isinstance(features, MultiScaleTrunk) else features[-1].out_channels
         # Normalized input (the trunk's channels differ in scale by orders of magnitude), then two
@@ -225,6 +227,12 @@ class LocalEvidenceNet(nn.Module):
         return self.classifier(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.test_time_flip and not self.training:
+            # One pass over the image and its mirror; the lower "artifact-free" logit wins, so a
+            # defect the cells see better from one side is not averaged away by the other.
+            n = x.shape[0]
+            z = self.head(self.features(torch.cat([x, x.flip(-1)])))
+            return torch.minimum(z[:n], z[n:])
         return self.head(self.features(x))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
@@ -257,7 +265,7 @@ def _block_index(key: str) -> int | None:
 
 
 def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet", dropout: float = 0.2,
-                num_outputs: int = 1, head: str = "global") -> nn.Module:
+                num_outputs: int = 1, head: str = "global", test_time_flip: bool = False) -> nn.Module:
     """MobileNetV2 whose ImageNet classifier is replaced by a fresh binary head.
 
     Args:
@@ -269,20 +277,25 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
         head: ``"global"`` (the whole network, average pooling, a linear layer), ``"local"``
             (:class:`LocalEvidenceNet` on the stride-16 trunk) or ``"multiscale"`` (the same on
             a :class:`MultiScaleTrunk`); see :data:`HEADS`.
+        test_time_flip: (local and multiscale heads) in eval mode the model also scores the
+            mirrored image and returns the lower "artifact-free" logit of the two.
 
     Raises:
         WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
-        ValueError: an unknown head, or two outputs asked of the local head.
+        ValueError: an unknown head, two outputs or a test-time flip asked of a head without them.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if head in TRUNK_HEADS and num_outputs != 1:
         raise ValueError(f"the {head} head gives one logit (artifact-free); num_outputs must be 1")
+    if test_time_flip and head not in TRUNK_HEADS:
+        raise ValueError(f"test-time flip needs one of the heads {TRUNK_HEADS}, got {head!r}")
     model = mobilenet_v2(weights=None)
     if head == "local":
-        model = LocalEvidenceNet(model.features[:LOCAL_TRUNK_BLOCKS], dropout=dropout)
+        model = LocalEvidenceNet(model.features[:LOCAL_TRUNK_BLOCKS], dropout=dropout, test_time_flip=test_time_flip)
     elif head == "multiscale":
-        model = LocalEvidenceNet(MultiScaleTrunk(*model.features[:LOCAL_TRUNK_BLOCKS]), dropout=dropout)
+        model = LocalEvidenceNet(MultiScaleTrunk(*model.features[:LOCAL_TRUNK_BLOCKS]), dropout=dropout,
+                                 test_time_flip=test_time_flip)
     state, source = (weights, "state dict") if isinstance(weights, Mapping) else resolve_weights(weights)
     if state is not None:
         # A 1000-class ImageNet file: keep its head out; our own head layout: load all.

@@ -128,9 +128,10 @@ MAX_LANES = 4
 LANE_MIB_AT_448 = 256
 
 
-def lane_memory_mb(image_size: int) -> int:
-    """Memory one more lane of a fused actor needs at ``image_size`` (reserved in Ray)."""
-    return int(LANE_MIB_AT_448 * (image_size / 448) ** 2) + 1
+def lane_memory_mb(image_size: int, views: int = 1) -> int:
+    """Memory one more lane of a fused actor needs at ``image_size`` (reserved in Ray), for a
+    model that runs ``views`` images per input (2 with a test-time flip)."""
+    return int(LANE_MIB_AT_448 * views * (image_size / 448) ** 2) + 1
 
 
 @dataclass
@@ -289,12 +290,14 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
 
 
 def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None, root: str,
-                  image_size: int, plan: PipelinePlan | int) -> ray.data.Dataset:
+                  image_size: int, plan: PipelinePlan | int, *, views: int = 1) -> ray.data.Dataset:
     """The lazy Ray Data pipeline from files to prediction rows.
 
     Args:
         plan: the layout (:func:`plan_pipeline`); a bare int means the split pipeline with
             that many actors.
+        views: images the model runs per input (2 for a bundle with a test-time flip): sizes
+            the memory each extra lane reserves.
     """
     if isinstance(plan, int):
         plan = PipelinePlan("split", plan, cfg.cpus_per_actor, max(1, int(cfg.cpus_per_actor)))
@@ -327,7 +330,7 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
                                                        max_concurrent_calls_per_actor=FUSED_CONCURRENT_CALLS,
                                                        enable_true_multi_threading=FUSED_CONCURRENT_CALLS > 1)
         # every lane beyond the first holds a session of its own
-        common["memory"] += (plan.lanes - 1) * lane_memory_mb(image_size) * 2**20
+        common["memory"] += (plan.lanes - 1) * lane_memory_mb(image_size, views) * 2**20
         return ds.map_batches(DecodingPredictor, **common, fn_constructor_kwargs={
             **predictor_kwargs, "image_size": image_size, "root": root, "fs": fs,
             "decode_threads": plan.decode_threads, "lanes": plan.lanes})
@@ -435,7 +438,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
                    gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring",
                    wait_s=cfg.wait_for_resources)
         t = time.time()
-        ds = build_dataset(cfg, todo, fs, display_path(root), bundle_config.image_size, plan)
+        ds = build_dataset(cfg, todo, fs, display_path(root), bundle_config.image_size, plan,
+                           views=2 if bundle_config.test_time_flip else 1)
         ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
         stages["score"] = time.time() - t
     summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo),

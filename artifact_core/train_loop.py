@@ -380,15 +380,18 @@ class FeatureCache:
 
     features: torch.Tensor
     labels: torch.Tensor
+    #: the mirrored images' features, for a model that flips at test time (validation only)
+    mirrored: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
 def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocast: Any, *,
-                    passes: int = 1, first_epoch: int = 0) -> FeatureCache:
-    """Run the frozen trunk over ``loader`` ``passes`` times (each a fresh augmented view)."""
-    feats, labels = [], []
+                    passes: int = 1, first_epoch: int = 0, mirrored: bool = False) -> FeatureCache:
+    """Run the frozen trunk over ``loader`` ``passes`` times (each a fresh augmented view);
+    with ``mirrored``, over each image's mirror too."""
+    feats, flipped, labels = [], [], []
     model.eval()
     with torch.inference_mode():
         for i in range(passes):
@@ -398,10 +401,13 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
                 x, y = _to_device(x, y, device)
                 with autocast():
                     feats.append(model.features(x).to(torch.float16))
+                    if mirrored:
+                        flipped.append(model.features(x.flip(-1)).to(torch.float16))
                 labels.append(y)
     if not feats:
-        return FeatureCache(torch.zeros(0, device=device, dtype=torch.float16), torch.zeros(0, dtype=torch.int64, device=device))
-    return FeatureCache(torch.cat(feats), torch.cat(labels))
+        empty = torch.zeros(0, device=device, dtype=torch.float16)
+        return FeatureCache(empty, torch.zeros(0, dtype=torch.int64, device=device), empty if mirrored else None)
+    return FeatureCache(torch.cat(feats), torch.cat(labels), torch.cat(flipped) if mirrored else None)
 
 
 def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: torch.device,
@@ -416,7 +422,7 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
         per_image = model.features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).numel() * 2
     n_train = len(train_loader.sampler) * cfg.head_cache_views
     n_val = len(val_loader.loader.dataset.dataset) // max(world, 1) + 1  # the largest shard: every rank decides alike
-    need = (n_train + n_val) * per_image
+    need = (n_train + n_val * (2 if getattr(model, "test_time_flip", False) else 1)) * per_image
     if need > HEAD_CACHE_MAX_BYTES:
         log.info("phase 1 streams images: caching its features would take %.1f GiB per worker (limit %.1f GiB)",
                  need / 2**30, HEAD_CACHE_MAX_BYTES / 2**30)
@@ -424,9 +430,12 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
     t0 = time.time()
     train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
                             first_epoch=state.global_epoch)
-    val = _cache_features(model, val_loader, device, autocast)
-    log.info("phase 1: trunk features of %d training views and %d validation images cached (%.0f MiB) in %.1fs",
-             len(train), len(val), (train.features.numel() + val.features.numel()) * 2 / 2**20, time.time() - t0)
+    # Validation scores what the bundle will: with the mirror too when the model flips at test time.
+    val = _cache_features(model, val_loader, device, autocast, mirrored=getattr(model, "test_time_flip", False))
+    cached = train.features.numel() + val.features.numel() + (val.mirrored.numel() if val.mirrored is not None else 0)
+    log.info("phase 1: trunk features of %d training views and %d validation images%s cached (%.0f MiB) in %.1fs",
+             len(train), len(val), " and their mirrors" if val.mirrored is not None else "", cached * 2 / 2**20,
+             time.time() - t0)
     return train, val
 
 
@@ -500,6 +509,8 @@ def _evaluate_cached(model: nn.Module, cache: FeatureCache, weights: torch.Tenso
         for i in range(0, len(cache), batch_size):
             with autocast():
                 logits = head_logits(model, cache.features[i:i + batch_size].float())
+                if cache.mirrored is not None:  # as LocalEvidenceNet.forward with test_time_flip
+                    logits = torch.minimum(logits, head_logits(model, cache.mirrored[i:i + batch_size].float()))
             y = cache.labels[i:i + batch_size]
             loss_sum += float(_weighted_bce(logits, y, weights)[1])
             probs.extend(torch.sigmoid(logits.squeeze(1).float()).cpu().tolist())
@@ -625,7 +636,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = {"rank": rank, "world": world,
                "node_ids": sorted(set(_gather([ray.get_runtime_context().get_node_id()])))}
 
-    model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head)
+    model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time)
     model.load_state_dict(loop_config["initial_state"])
     model = model.to(memory_format=torch.channels_last)
     state, optimizer_state = LoopState(), None

@@ -205,7 +205,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
     best, best_metrics = _best_checkpoint(result, cfg.select_metric)
     with best.as_directory() as d:
         labels, probs = read_val_scores(d)
-        model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head)
+        model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time)
         model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
     latest = result.checkpoint or best
     with latest.as_directory() as d:
@@ -230,7 +230,8 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
         **(extra_metrics or {}),
     }
     config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout, head=cfg.head,
-                          train_config=cfg.to_dict(), weights_source=weights_source)
+                          train_config=cfg.to_dict(), weights_source=weights_source,
+                          test_time_flip=cfg.flips_at_test_time)
     with tempfile.TemporaryDirectory() as tmp:
         local = out_dir if "://" not in out_dir else tmp
         save_bundle(local, model, config, metrics)

@@ -81,3 +81,23 @@ def test_bundle_round_trip_multiscale_head(tmp_path):
         assert torch.allclose(b.model(x), m(x))
     with pytest.raises(ValueError, match="the model has the multiscale head but the bundle config says 'local'"):
         save_bundle(str(tmp_path / "x"), m, BundleConfig(head="local"))
+
+
+def test_bundle_with_test_time_flip_round_trips_and_older_readers_refuse_it(tmp_path):
+    m = build_model(weights="none", head="multiscale", test_time_flip=True).eval()
+    out = save_bundle(str(tmp_path / "m"), m, BundleConfig(image_size=64, head="multiscale", test_time_flip=True))
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    # format 2: a reader of format 1 refuses it instead of scoring without the mirror
+    assert raw["test_time_flip"] is True and raw["format"] == 2
+    b = load_bundle(out)
+    assert b.model.test_time_flip
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(b.model(x), m(x))
+    # a bundle without the flip stays format 1 and loads without it
+    plain = build_model(weights="none", head="multiscale").eval()
+    save_bundle(str(tmp_path / "p"), plain, BundleConfig(image_size=64, head="multiscale"))
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["format"] == 1
+    assert not load_bundle(str(tmp_path / "p")).model.test_time_flip
+    with pytest.raises(ValueError, match="test_time_flip=True, the model does not"):
+        save_bundle(str(tmp_path / "x"), plain, BundleConfig(image_size=64, head="multiscale", test_time_flip=True))

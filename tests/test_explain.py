@@ -159,3 +159,15 @@ def test_heatmaps_of_the_local_head_follow_its_evidence():
     x = torch.randn(2, 3, 128, 128)
     heat = gradcam_heatmaps(model, x)
     assert heat.shape == (2, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0
+
+
+def test_heatmaps_of_a_flipping_model_explain_the_image_as_shown_and_restore_the_flip():
+    from artifact_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(weights="none", head="multiscale", dropout=0.0, test_time_flip=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    heat = gradcam_heatmaps(model, x)
+    assert heat.shape == (2, 64, 64) and model.test_time_flip
+    model.test_time_flip = False
+    assert np.allclose(heat, gradcam_heatmaps(model, x))  # the map of the image itself

@@ -184,3 +184,27 @@ def test_local_head_freezing_and_errors():
         build_model(weights="none", head="local", num_outputs=2)
     with pytest.raises(ValueError, match="head must be one of"):
         build_model(weights="none", head="patch")
+
+
+def test_test_time_flip_keeps_the_stronger_artifact_evidence_in_eval_only():
+    """With ``test_time_flip`` the model scores the image and its mirror in eval mode and
+    returns the lower artifact-free logit; training sees the image alone."""
+    torch.manual_seed(0)
+    model = build_model(weights="none", head="multiscale", test_time_flip=True)
+    x = torch.randn(3, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        both = model(x)
+        model.test_time_flip = False
+        plain, mirrored = model(x), model(x.flip(-1))
+        model.test_time_flip = True
+    assert both.shape == (3, 1)
+    assert torch.equal(both, torch.minimum(plain, mirrored)) and not torch.equal(both, plain)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)
+    model.test_time_flip = False
+    torch.manual_seed(1)
+    assert torch.equal(a, model(x))  # same dropout draws: no mirror while training
+    with pytest.raises(ValueError, match="test-time flip needs one of the heads"):
+        build_model(weights="none", head="global", test_time_flip=True)

@@ -97,3 +97,11 @@ def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypat
     with pytest.raises(ValueError, match="image_size: 448 before, 320 now"):
         prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
                                 val_fraction=0.3, image_size=320))
+
+
+def test_test_time_flip_is_on_for_the_trunk_heads_and_can_be_turned_off():
+    p = add_training_args(argparse.ArgumentParser())
+    assert config_from_args(p.parse_args([])).flips_at_test_time
+    assert not config_from_args(p.parse_args(["--no-test-time-flip"])).flips_at_test_time
+    # the global head has no mirror pass: the default leaves it as it was
+    assert not config_from_args(p.parse_args(["--head", "global"])).flips_at_test_time

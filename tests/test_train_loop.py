@@ -201,3 +201,34 @@ def test_finetune_schedule_warms_up_then_decays_and_resumes_exactly():
     assert {train_loop.scheduled_lr(constant, i, steps) for i in range(40)} == {1e-3}
     with pytest.raises(ValueError, match="--finetune-schedule"):
         TrainConfig(finetune_schedule="step").validate()
+
+
+def test_cached_validation_of_a_flipping_model_scores_what_the_bundle_will():
+    """Phase 1 validates on cached features; with a test-time flip it caches the mirrors too,
+    so its scores equal the model's own (image and mirror) in eval mode."""
+    from contextlib import nullcontext
+
+    from artifact_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(weights="bundled", head="multiscale", test_time_flip=True, dropout=0.0)
+    x, y = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 1, 0, 1, 1])
+    # head BatchNorm statistics from these inputs, so that the scores differ from image to image
+    model.classifier[0].momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    cache = train_loop._cache_features(model, loader, torch.device("cpu"), nullcontext, mirrored=True)
+    assert cache.mirrored is not None and cache.mirrored.shape == cache.features.shape
+    probs, labels, _, n = train_loop._evaluate_cached(model, cache, torch.tensor([1.0, 1.0]), nullcontext)
+    model.eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x)).squeeze(1)
+        model.test_time_flip = False
+        plain = torch.sigmoid(model(x)).squeeze(1)
+    assert n == 6 and labels == y.tolist()
+    # the cache is float16: equal to that precision, and not the image alone
+    assert torch.allclose(torch.tensor(probs), expected, atol=2e-3)
+    assert float(expected.std()) > 1e-3, "scores do not vary: the comparison would prove nothing"
+    assert not torch.allclose(torch.tensor(probs), plain, atol=1e-3)
