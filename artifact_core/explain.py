@@ -58,8 +58,8 @@ def _explaining(model: nn.Module) -> Iterator[None]:
     """
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    # The map explains the image as shown: with a test-time flip the layer would see the
-    # image and its mirror in one batch, which Grad-CAM cannot attribute to one image.
+    # One view per pass: with a test-time flip the layer would see the image and its mirror
+    # in one batch, which Grad-CAM cannot attribute to one image (gradcam_heatmaps picks the view).
     flip = getattr(model, "test_time_flip", None)
     if flip:
         model.test_time_flip = False
@@ -82,7 +82,9 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
     """Grad-CAM of the artifact class for a normalized batch.
 
     Args:
-        model: the bundle's MobileNetV2 (one logit for "artifact-free").
+        model: the bundle's MobileNetV2 (one logit for "artifact-free"). With a test-time flip,
+            each image's map is of the view (the image or its mirror) that gave its score,
+            mirrored back where it was the mirror.
         x: normalized images, (N, 3, H, W) float.
         layer: the layer to explain (default: ``model.features``, the map the head reads: the
             last feature block's output, joined with the stride-8 one for the multiscale head).
@@ -99,14 +101,23 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
     device = next(model.parameters()).device
     height, width = int(x.shape[2]), int(x.shape[3])
     out = []
+    flips = bool(getattr(model, "test_time_flip", False))
     with _explaining(model):
         cam = LayerGradCam(_ArtifactLogit(model), layer)
         for chunk in x.split(max(1, micro_batch)):
             # A fresh tensor outside inference mode: tensors made under inference_mode cannot
             # take part in autograd.
             chunk = chunk.detach().clone().to(device).float()
+            mirrored = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            if flips:
+                # Explain the view whose evidence gave the score (the model keeps the lower
+                # artifact-free logit of the image and its mirror), its map mirrored back.
+                with torch.no_grad():
+                    mirrored = (model(chunk.flip(-1)) < model(chunk))[:, 0]
+                chunk = torch.where(mirrored[:, None, None, None], chunk.flip(-1), chunk)
             attr = cam.attribute(chunk, target=0, relu_attributions=True)
             attr = LayerAttribution.interpolate(attr, (height, width), interpolate_mode="bilinear")
+            attr = torch.where(mirrored[:, None, None, None], attr.flip(-1), attr)
             out.append(attr[:, 0].detach().float().cpu())
     maps = torch.cat(out).clamp_(min=0)
     peak = maps.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]

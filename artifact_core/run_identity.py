@@ -21,6 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from artifact_core.config import TRUNK_HEADS
 from artifact_core.storage import Location
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ RECORD_VERSION = 1
 #: Training flags that change what a run learns: a rerun with another value is another experiment.
 IDENTITY_FIELDS = ("data_dir", "head", "image_size", "batch_size", "lr", "finetune_lr", "unfreeze_depth",
                    "weight_decay", "dropout", "val_fraction", "seed", "weights", "patience", "skip_unlabeled",
-                   "head_cache_views", "oversample", "finetune_schedule", "finetune_bn")
+                   "head_cache_views", "oversample", "finetune_schedule", "finetune_bn", "test_time_flip")
 #: What runs recorded before a field existed trained with (their identity lacks the key).
 LEGACY_IDENTITY = {"head": "global", "head_cache_views": 0, "oversample": 0.0, "finetune_schedule": "constant",
-                   "finetune_bn": "batch"}
+                   "finetune_bn": "batch", "test_time_flip": False}
 #: May be raised on a rerun (the run continues training from where it stopped), never lowered.
 GROWABLE_FIELDS = ("head_epochs", "finetune_epochs")
 #: A sweep samples these per trial, so they are not part of the sweep's identity.
@@ -93,7 +94,11 @@ def is_owned(name: str) -> bool:
 def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fields of ``config`` that define a run of ``kind`` ("train" or "sweep"), plus ``extra``."""
     fields = [f for f in IDENTITY_FIELDS if not (kind == "sweep" and f in SWEEP_SAMPLED_FIELDS)]
-    return {**{f: config.get(f) for f in fields}, **(extra or {})}
+    identity = {f: config.get(f) for f in fields}
+    # Whether validation (so checkpoint choice and the threshold) scored the mirror too: the
+    # flag only acts on the trunk heads, so a global-head run is the same run either way.
+    identity["test_time_flip"] = bool(config.get("test_time_flip")) and config.get("head") in TRUNK_HEADS
+    return {**identity, **(extra or {})}
 
 
 def _same(a: Any, b: Any) -> bool:

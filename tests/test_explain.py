@@ -161,13 +161,20 @@ def test_heatmaps_of_the_local_head_follow_its_evidence():
     assert heat.shape == (2, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0
 
 
-def test_heatmaps_of_a_flipping_model_explain_the_image_as_shown_and_restore_the_flip():
+def test_heatmaps_of_a_flipping_model_explain_the_view_that_scored_and_restore_the_flip():
     from artifact_core.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(weights="none", head="multiscale", dropout=0.0, test_time_flip=True).eval()
-    x = torch.randn(2, 3, 64, 64)
+    model = build_model(weights="bundled", head="multiscale", dropout=0.0, test_time_flip=True).eval()
+    a = torch.randn(1, 3, 64, 64)
+    x = torch.cat([a, a.flip(-1)])  # one image and its mirror: exactly one scores by its mirror view
     heat = gradcam_heatmaps(model, x)
     assert heat.shape == (2, 64, 64) and model.test_time_flip
     model.test_time_flip = False
-    assert np.allclose(heat, gradcam_heatmaps(model, x))  # the map of the image itself
+    with torch.no_grad():
+        use_mirror = (model(x.flip(-1)) < model(x))[:, 0].tolist()
+    assert sorted(use_mirror) == [False, True]
+    plain, mirror = gradcam_heatmaps(model, x), gradcam_heatmaps(model, x.flip(-1))[..., ::-1]
+    for i, m in enumerate(use_mirror):
+        assert np.allclose(heat[i], mirror[i] if m else plain[i], atol=1e-5)
+    assert np.allclose(heat[0], heat[1][..., ::-1], atol=1e-5)  # both maps point at the same place
