@@ -67,6 +67,11 @@ def auto_image_size(native_side: int | None) -> int:
     return max(AUTO_IMAGE_SIZE_MIN, min(AUTO_IMAGE_SIZE_MAX, native_side // 32 * 32))
 
 
+def mirror_pass_acts(flag: Any, head: Any) -> bool:
+    """Whether ``--test-time-flip`` changes the model of ``head``: only the trunk heads flip."""
+    return bool(flag) and head in TRUNK_HEADS
+
+
 def parse_image_size(value: str) -> int | str:
     """``--image-size`` values: ``auto`` or a whole number of pixels."""
     if value == "auto":
@@ -144,7 +149,7 @@ class TrainConfig:
     @property
     def flips_at_test_time(self) -> bool:
         """Whether the model this config builds scores the mirrored image too (not the global head)."""
-        return self.test_time_flip and self.head in TRUNK_HEADS
+        return mirror_pass_acts(self.test_time_flip, self.head)
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""

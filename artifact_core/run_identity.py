@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifact_core.config import TRUNK_HEADS
+from artifact_core.config import mirror_pass_acts
 from artifact_core.storage import Location
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str,
     identity = {f: config.get(f) for f in fields}
     # Whether validation (so checkpoint choice and the threshold) scored the mirror too: the
     # flag only acts on the trunk heads, so a global-head run is the same run either way.
-    identity["test_time_flip"] = bool(config.get("test_time_flip")) and config.get("head") in TRUNK_HEADS
+    identity["test_time_flip"] = mirror_pass_acts(config.get("test_time_flip"), config.get("head"))
     return {**identity, **(extra or {})}
 
 

@@ -422,7 +422,9 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
         per_image = model.features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).numel() * 2
     n_train = len(train_loader.sampler) * cfg.head_cache_views
     n_val = len(val_loader.loader.dataset.dataset) // max(world, 1) + 1  # the largest shard: every rank decides alike
-    need = (n_train + n_val * (2 if getattr(model, "test_time_flip", False) else 1)) * per_image
+    # Validation scores what the bundle will: with the mirror too when the model flips at test time.
+    mirrored = bool(getattr(model, "test_time_flip", False))
+    need = (n_train + n_val * (2 if mirrored else 1)) * per_image
     if need > HEAD_CACHE_MAX_BYTES:
         log.info("phase 1 streams images: caching its features would take %.1f GiB per worker (limit %.1f GiB)",
                  need / 2**30, HEAD_CACHE_MAX_BYTES / 2**30)
@@ -430,8 +432,7 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
     t0 = time.time()
     train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
                             first_epoch=state.global_epoch)
-    # Validation scores what the bundle will: with the mirror too when the model flips at test time.
-    val = _cache_features(model, val_loader, device, autocast, mirrored=getattr(model, "test_time_flip", False))
+    val = _cache_features(model, val_loader, device, autocast, mirrored=mirrored)
     cached = train.features.numel() + val.features.numel() + (val.mirrored.numel() if val.mirrored is not None else 0)
     log.info("phase 1: trunk features of %d training views and %d validation images%s cached (%.0f MiB) in %.1fs",
              len(train), len(val), " and their mirrors" if val.mirrored is not None else "", cached * 2 / 2**20,
