@@ -28,8 +28,9 @@ from artifact_core.labels import LABEL_NAMES
 from artifact_core.storage import is_uri, resolve
 
 #: the newest format this version reads; 2 = the model also scores the mirrored image
-#: (``test_time_flip``), which a reader of format 1 would silently skip
-BUNDLE_FORMAT = 2
+#: (``test_time_flip``), which a reader of format 1 would silently skip; 3 = several per-cell
+#: classifiers (``head_members``), which an older reader cannot build
+BUNDLE_FORMAT = 3
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -61,6 +62,8 @@ class BundleConfig:
     #: local and multiscale heads: the model also scores the mirrored image and keeps the
     #: lower "artifact-free" logit (the threshold was tuned on those scores)
     test_time_flip: bool = False
+    #: local and multiscale heads: independent per-cell classifiers whose image logits are averaged
+    head_members: int = 1
     format: int = 1
 
 
@@ -116,7 +119,10 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
         raise ValueError(f"the bundle config says test_time_flip={config.test_time_flip}, the model does not")
     os.makedirs(out_dir, exist_ok=True)
     config.versions = config.versions or _versions()
-    config.format = 2 if config.test_time_flip else 1
+    if config.head_members != int(getattr(unwrap(model), "members", 1)):
+        raise ValueError(f"the bundle config says head_members={config.head_members}, "
+                         f"the model has {getattr(unwrap(model), 'members', 1)}")
+    config.format = 3 if config.head_members > 1 else 2 if config.test_time_flip else 1
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
     torch.save(state, tmp)
@@ -192,7 +198,7 @@ def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
     path = resolve(path).path  # file:// URIs become local paths
     config = read_bundle_config(path)
     model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs, head=config.head,
-                        test_time_flip=config.test_time_flip)
+                        test_time_flip=config.test_time_flip, members=config.head_members)
     state = torch.load(os.path.join(path, WEIGHTS_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     metrics = {}

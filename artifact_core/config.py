@@ -67,6 +67,12 @@ def auto_image_size(native_side: int | None) -> int:
     return max(AUTO_IMAGE_SIZE_MIN, min(AUTO_IMAGE_SIZE_MAX, native_side // 32 * 32))
 
 
+def effective_members(members: Any, head: Any) -> int:
+    """How many per-cell classifiers ``--head-members`` gives the model of ``head``: the global
+    head has one."""
+    return int(members) if head in TRUNK_HEADS and members is not None else 1
+
+
 def mirror_pass_acts(flag: Any, head: Any) -> bool:
     """Whether ``--test-time-flip`` changes the model of ``head``: only the trunk heads flip."""
     return bool(flag) and head in TRUNK_HEADS
@@ -145,6 +151,15 @@ class TrainConfig:
     #: local and multiscale heads: validation, the bundle and scoring also score each image's
     #: mirror and keep the stronger artifact evidence (twice the inference)
     test_time_flip: bool = True
+    #: local and multiscale heads: independent per-cell classifiers trained side by side on
+    #: the same features, their image logits averaged (seeds alone move a single head's test
+    #: AP by 0.1; the mean of several is steadier)
+    head_members: int = 5
+
+    @property
+    def ensemble_members(self) -> int:
+        """Per-cell classifiers in the model this config builds (1 for the global head)."""
+        return effective_members(self.head_members, self.head)
 
     @property
     def flips_at_test_time(self) -> bool:
@@ -173,6 +188,7 @@ class TrainConfig:
             ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--head-cache-views", self.head_cache_views >= 0, "0 (off) or more"),
+            ("--head-members", 1 <= self.head_members <= 64, "in 1..64"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
@@ -271,6 +287,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=d.test_time_flip,
                    help="local and multiscale heads: validation, the bundle and scoring also score each image's mirror "
                         "and keep the stronger artifact evidence, at twice the inference (default: on)")
+    g.add_argument("--head-members", type=int, default=d.head_members,
+                   help="local and multiscale heads: independent per-cell classifiers trained side by side, their "
+                        "image logits averaged; 1 = a single classifier (default: %(default)s)")
     g.add_argument("--select-metric", choices=SELECT_METRICS, default=d.select_metric,
                    help="validation metric that picks the checkpoint, drives patience, ASHA and the best sweep "
                         "trial (default: %(default)s, average precision of the artifact class)")

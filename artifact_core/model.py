@@ -207,24 +207,35 @@ class LocalEvidenceNet(nn.Module):
     ``top_fraction`` of them. An average over the whole image would let a defect of a few
     cells vanish among hundreds of clean ones; the top-k mean keeps it, and the map shows
     where it is. ``forward`` returns the same (N, 1) "artifact-free" logit as the global head.
+
+    With ``members`` > 1 the classifier is that many independent per-cell classifiers side by
+    side (one grouped layer): each is pooled on its own and the image's logit is their mean.
+    In training mode ``forward`` returns one logit per member, (N, members), so that each
+    learns from its own loss, as separately trained models would.
     """
 
     def __init__(self, features: nn.Sequential, *, dropout: float = 0.2, hidden: int = 64,
-                 top_fraction: float = LOCAL_TOP_FRACTION, test_time_flip: bool = False) -> None:
+                 top_fraction: float = LOCAL_TOP_FRACTION, test_time_flip: bool = False,
+                 members: int = 1) -> None:
         super().__init__()
+        if members < 1:
+            raise ValueError(f"members must be at least 1, got {members}")
         #: in eval mode, also score the mirrored image and keep the stronger artifact evidence
         self.test_time_flip = test_time_flip
+        self.members = members
         self.features = features
         channels = features.out_channels if isinstance(features, MultiScaleTrunk) else features[-1].out_channels
         # Normalized input (the trunk's channels differ in scale by orders of magnitude), then two
-        # 1x1 convolutions: a linear one per cell finds too little in 96 channels.
+        # 1x1 convolutions: a linear one per cell finds too little in 96 channels. With one
+        # member the layout (and state-dict shapes) are those of a plain two-layer classifier.
         self.classifier = nn.Sequential(nn.BatchNorm2d(channels), nn.Dropout(p=dropout),
-                                        nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1))
+                                        nn.Conv2d(channels, hidden * members, 1), nn.ReLU(inplace=True),
+                                        nn.Conv2d(hidden * members, members, 1, groups=members))
         self.top_fraction = top_fraction
 
     def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H/16, W/16) artifact logits, one per cell."""
-        return self.classifier(self.features(x))
+        """(N, 1, H/16, W/16) artifact logits, one per cell (the members' mean)."""
+        return self.classifier(self.features(x)).mean(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.test_time_flip and not self.training:
@@ -236,12 +247,16 @@ class LocalEvidenceNet(nn.Module):
         return self.head(self.features(x))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        """The (N, 1) "artifact-free" logit from the trunk's feature map."""
-        cells = self.classifier(features).flatten(1)
+        """The (N, 1) "artifact-free" logit from the trunk's feature map; (N, members) in
+        training mode."""
+        cells = self.classifier(features).flatten(2)
         # int(): under ONNX tracing the size is a tensor; the exported graph keeps k for the
         # bundle's fixed image size.
-        k = max(1, int(self.top_fraction * int(cells.shape[1]) + 0.5))
-        return -cells.topk(k, dim=1).values.mean(dim=1, keepdim=True)
+        k = max(1, int(self.top_fraction * int(cells.shape[2]) + 0.5))
+        logits = -cells.topk(k, dim=2).values.mean(dim=2)
+        if self.training:
+            return logits
+        return logits.mean(dim=1, keepdim=True)
 
 
 def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -265,7 +280,8 @@ def _block_index(key: str) -> int | None:
 
 
 def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet", dropout: float = 0.2,
-                num_outputs: int = 1, head: str = "global", test_time_flip: bool = False) -> nn.Module:
+                num_outputs: int = 1, head: str = "global", test_time_flip: bool = False,
+                members: int = 1) -> nn.Module:
     """MobileNetV2 whose ImageNet classifier is replaced by a fresh binary head.
 
     Args:
@@ -279,10 +295,13 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
             a :class:`MultiScaleTrunk`); see :data:`HEADS`.
         test_time_flip: (local and multiscale heads) in eval mode the model also scores the
             mirrored image and returns the lower "artifact-free" logit of the two.
+        members: (local and multiscale heads) independent per-cell classifiers whose image
+            logits are averaged (see :class:`LocalEvidenceNet`).
 
     Raises:
         WeightsUnavailableError: the weights cannot be loaded; says how to fix it.
-        ValueError: an unknown head, two outputs or a test-time flip asked of a head without them.
+        ValueError: an unknown head; two outputs, a test-time flip or several members asked of
+            a head without them.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -290,12 +309,15 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
         raise ValueError(f"the {head} head gives one logit (artifact-free); num_outputs must be 1")
     if test_time_flip and head not in TRUNK_HEADS:
         raise ValueError(f"test-time flip needs one of the heads {TRUNK_HEADS}, got {head!r}")
+    if members != 1 and head not in TRUNK_HEADS:
+        raise ValueError(f"a head ensemble needs one of the heads {TRUNK_HEADS}, got {head!r}")
     model = mobilenet_v2(weights=None)
     if head == "local":
-        model = LocalEvidenceNet(model.features[:LOCAL_TRUNK_BLOCKS], dropout=dropout, test_time_flip=test_time_flip)
+        model = LocalEvidenceNet(model.features[:LOCAL_TRUNK_BLOCKS], dropout=dropout, test_time_flip=test_time_flip,
+                                 members=members)
     elif head == "multiscale":
         model = LocalEvidenceNet(MultiScaleTrunk(*model.features[:LOCAL_TRUNK_BLOCKS]), dropout=dropout,
-                                 test_time_flip=test_time_flip)
+                                 test_time_flip=test_time_flip, members=members)
     state, source = (weights, "state dict") if isinstance(weights, Mapping) else resolve_weights(weights)
     if state is not None:
         # A 1000-class ImageNet file: keep its head out; our own head layout: load all.

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifact_core.config import mirror_pass_acts
+from artifact_core.config import effective_members, mirror_pass_acts
 from artifact_core.storage import Location
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,11 @@ RECORD_VERSION = 1
 #: Training flags that change what a run learns: a rerun with another value is another experiment.
 IDENTITY_FIELDS = ("data_dir", "head", "image_size", "batch_size", "lr", "finetune_lr", "unfreeze_depth",
                    "weight_decay", "dropout", "val_fraction", "seed", "weights", "patience", "skip_unlabeled",
-                   "head_cache_views", "oversample", "finetune_schedule", "finetune_bn", "test_time_flip")
+                   "head_cache_views", "oversample", "finetune_schedule", "finetune_bn", "test_time_flip",
+                   "head_members")
 #: What runs recorded before a field existed trained with (their identity lacks the key).
 LEGACY_IDENTITY = {"head": "global", "head_cache_views": 0, "oversample": 0.0, "finetune_schedule": "constant",
-                   "finetune_bn": "batch", "test_time_flip": False}
+                   "finetune_bn": "batch", "test_time_flip": False, "head_members": 1}
 #: May be raised on a rerun (the run continues training from where it stopped), never lowered.
 GROWABLE_FIELDS = ("head_epochs", "finetune_epochs")
 #: A sweep samples these per trial, so they are not part of the sweep's identity.
@@ -98,6 +99,8 @@ def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str,
     # Whether validation (so checkpoint choice and the threshold) scored the mirror too: the
     # flag only acts on the trunk heads, so a global-head run is the same run either way.
     identity["test_time_flip"] = mirror_pass_acts(config.get("test_time_flip"), config.get("head"))
+    # Likewise the global head has one classifier whatever --head-members says.
+    identity["head_members"] = effective_members(config.get("head_members"), config.get("head"))
     return {**identity, **(extra or {})}
 
 

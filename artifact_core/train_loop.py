@@ -184,8 +184,14 @@ def _mean_across_ranks(total: float, count: int, device: torch.device) -> float:
 
 
 def _weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-weighted BCE on the 'artifact-free' logit; returns (mean loss, summed loss)."""
-    per_sample = F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), y.float(), reduction="none")
+    """Class-weighted BCE on the 'artifact-free' logit; returns (mean loss, summed loss).
+
+    ``logits`` is (N, 1), or (N, members) for a head ensemble in training: each member's own
+    loss, averaged over the members, so that none learns from the others' errors.
+    """
+    logits = logits.float()
+    per_sample = F.binary_cross_entropy_with_logits(logits, y.float().unsqueeze(1).expand_as(logits),
+                                                    reduction="none").mean(dim=1)
     per_sample = per_sample * weights[y]
     # sum / n rather than mean(): a batch whose files were all unreadable is empty, and its
     # step must still run (DDP) with a zero loss, not NaN.
@@ -637,7 +643,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = {"rank": rank, "world": world,
                "node_ids": sorted(set(_gather([ray.get_runtime_context().get_node_id()])))}
 
-    model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time)
+    model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time,
+                        members=cfg.ensemble_members)
     model.load_state_dict(loop_config["initial_state"])
     model = model.to(memory_format=torch.channels_last)
     state, optimizer_state = LoopState(), None

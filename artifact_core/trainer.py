@@ -107,7 +107,8 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     # Loading here makes a bad --weights fail before any worker starts, and workers need
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
-    initial_state = build_model(weights=weights_state, dropout=cfg.dropout, head=cfg.head).state_dict()
+    initial_state = build_model(weights=weights_state, dropout=cfg.dropout, head=cfg.head,
+                                members=cfg.ensemble_members).state_dict()
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
     if run is None:
         stored = fresh_split()
@@ -205,7 +206,8 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
     best, best_metrics = _best_checkpoint(result, cfg.select_metric)
     with best.as_directory() as d:
         labels, probs = read_val_scores(d)
-        model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time)
+        model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time,
+                            members=cfg.ensemble_members)
         model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
     latest = result.checkpoint or best
     with latest.as_directory() as d:
@@ -231,7 +233,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
     }
     config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout, head=cfg.head,
                           train_config=cfg.to_dict(), weights_source=weights_source,
-                          test_time_flip=cfg.flips_at_test_time)
+                          test_time_flip=cfg.flips_at_test_time, head_members=cfg.ensemble_members)
     with tempfile.TemporaryDirectory() as tmp:
         local = out_dir if "://" not in out_dir else tmp
         save_bundle(local, model, config, metrics)

@@ -101,3 +101,18 @@ def test_bundle_with_test_time_flip_round_trips_and_older_readers_refuse_it(tmp_
     assert not load_bundle(str(tmp_path / "p")).model.test_time_flip
     with pytest.raises(ValueError, match="test_time_flip=True, the model does not"):
         save_bundle(str(tmp_path / "x"), plain, BundleConfig(image_size=64, head="multiscale", test_time_flip=True))
+
+
+def test_bundle_with_head_members_round_trips_and_states_them(tmp_path):
+    m = build_model(weights="none", head="multiscale", test_time_flip=True, members=3).eval()
+    out = save_bundle(str(tmp_path / "m"), m, BundleConfig(image_size=64, head="multiscale", test_time_flip=True,
+                                                           head_members=3))
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert raw["head_members"] == 3 and raw["format"] == 3  # a format-2 reader could not build it
+    b = load_bundle(out)
+    assert b.model.members == 3 and b.model.test_time_flip
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(b.model(x), m(x))
+    with pytest.raises(ValueError, match="head_members=1, the model has 3"):
+        save_bundle(str(tmp_path / "x"), m, BundleConfig(image_size=64, head="multiscale", test_time_flip=True))

@@ -208,3 +208,44 @@ def test_test_time_flip_keeps_the_stronger_artifact_evidence_in_eval_only():
     assert torch.equal(a, model(x))  # same dropout draws: no mirror while training
     with pytest.raises(ValueError, match="test-time flip needs one of the heads"):
         build_model(weights="none", head="global", test_time_flip=True)
+
+
+def test_head_members_learn_from_their_own_losses_and_are_averaged_in_eval():
+    """Several per-cell classifiers: one logit each in training (each member's gradient comes
+    from its own loss alone), their mean in eval; one member keeps the plain layout."""
+    from artifact_core.train_loop import _weighted_bce
+
+    torch.manual_seed(0)
+    model = build_model(weights="none", head="multiscale", members=3)
+    model.classifier[1].p = 0.0  # no dropout: the two backward passes below must see the same graph
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 1, 0])
+    model.train()
+    logits = model(x)
+    assert logits.shape == (4, 3)
+    # members differ (independent initialisation), so averaging them is not one model thrice
+    assert not torch.allclose(logits[:, 0], logits[:, 1])
+    weights = torch.tensor([2.0, 0.5])
+    loss, _ = _weighted_bce(logits, y, weights)
+    one, _ = _weighted_bce(logits[:, 1:2], y, weights)
+    last = model.classifier[-1].weight
+    g_all = torch.autograd.grad(loss, last, retain_graph=True)[0]
+    g_one = torch.autograd.grad(one, last)[0]
+    # the last (grouped) layer: member 1's weights see only member 1's loss, scaled by 1/3
+    assert torch.allclose(g_all[1], g_one[1] / 3, atol=1e-6)
+    assert torch.count_nonzero(g_one[0]) == 0 and torch.count_nonzero(g_one[2]) == 0
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        cells = model.classifier(model.features(x)).flatten(2)
+        k = max(1, int(model.top_fraction * cells.shape[2] + 0.5))
+        per_member = -cells.topk(k, dim=2).values.mean(dim=2)
+    assert out.shape == (4, 1) and torch.allclose(out, per_member.mean(dim=1, keepdim=True))
+    assert model.evidence_map(x).shape == (4, 1, 4, 4)
+    # one member: the state dict of the plain two-layer classifier (older bundles load)
+    single = build_model(weights="none", head="multiscale")
+    assert single.classifier[2].weight.shape == (64, 128, 1, 1) and single.classifier[4].weight.shape == (1, 64, 1, 1)
+    assert model.classifier[2].weight.shape == (192, 128, 1, 1) and model.classifier[4].weight.shape == (3, 64, 1, 1)
+    with pytest.raises(ValueError, match="a head ensemble needs one of the heads"):
+        build_model(weights="none", head="global", members=2)
+    with pytest.raises(ValueError, match="members must be at least 1"):
+        build_model(weights="none", head="local", members=0)

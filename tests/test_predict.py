@@ -97,11 +97,11 @@ def test_onnx_actor_and_scoring_driver_start_without_torch(onnx_bundle, images):
         DecodingPredictor(onnx_bundle, image_size=32, root=root, engine="torch", lanes=2)
 
 
-@pytest.mark.parametrize("head, flip", [("local", False), ("multiscale", False), ("multiscale", True)])
-def test_trunk_head_onnx_equals_torch(images, tmp_path, head, flip):
-    """ONNX equals torch, the test-time flip (image and mirror in one batch) included."""
+@pytest.mark.parametrize("head, flip, members", [("local", False, 1), ("multiscale", False, 1), ("multiscale", True, 3)])
+def test_trunk_head_onnx_equals_torch(images, tmp_path, head, flip, members):
+    """ONNX equals torch, the test-time flip (image and mirror in one batch) and head members included."""
     torch.manual_seed(0)
-    model = build_model(weights="bundled", head=head, test_time_flip=flip)  # ImageNet trunk: varied features
+    model = build_model(weights="bundled", head=head, test_time_flip=flip, members=members)  # ImageNet trunk: varied features
     # Head BatchNorm statistics from these images, so the logits are neither all huge nor
     # all alike (saturated probabilities would make the comparison prove nothing).
     model.classifier[0].momentum = None
@@ -110,7 +110,8 @@ def test_trunk_head_onnx_equals_torch(images, tmp_path, head, flip):
         x = torch.from_numpy(decode_paths(images, 64)).float() / 255
         model(((x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)))
     model.eval()
-    path = save_bundle(str(tmp_path / head), model, BundleConfig(image_size=64, head=head, test_time_flip=flip))
+    path = save_bundle(str(tmp_path / head), model, BundleConfig(image_size=64, head=head, test_time_flip=flip,
+                                                                  head_members=members))
     export_mod.export_onnx(path, images, [parse_label(p) for p in images])
     torch_p = predict_paths(ArtifactPredictor(path, engine="torch"), images)
     onnx_p = predict_paths(ArtifactPredictor(path, engine="onnx", num_threads=1), images, batch_size=5)

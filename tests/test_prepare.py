@@ -105,3 +105,12 @@ def test_test_time_flip_is_on_for_the_trunk_heads_and_can_be_turned_off():
     assert not config_from_args(p.parse_args(["--no-test-time-flip"])).flips_at_test_time
     # the global head has no mirror pass: the default leaves it as it was
     assert not config_from_args(p.parse_args(["--head", "global"])).flips_at_test_time
+
+
+def test_head_members_default_to_an_ensemble_for_the_trunk_heads_only():
+    p = add_training_args(argparse.ArgumentParser())
+    assert config_from_args(p.parse_args([])).ensemble_members == 5
+    assert config_from_args(p.parse_args(["--head-members", "1"])).ensemble_members == 1
+    assert config_from_args(p.parse_args(["--head", "global"])).ensemble_members == 1
+    with pytest.raises(ValueError, match="--head-members must be in 1..64, got 0"):
+        config_from_args(p.parse_args(["--head-members", "0"])).validate()

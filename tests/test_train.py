@@ -34,8 +34,10 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     assert [h["phase"] for h in hist] == ["head", "head", "finetune", "finetune"]
     assert all(h["world_size"] == 2 for h in hist)
     # trainable parameters follow K: head only, then head + last 2 blocks
-    m = build_model(weights="none", head=head)
-    assert hist[0]["trainable_params"] == set_trainable(m, unfreeze_depth=0) == {"global": 1281, "local": 6465, "multiscale": 8577}[head]
+    assert cfg.ensemble_members == 5  # the default: five per-cell classifiers side by side
+    m = build_model(weights="none", head=head, members=5)
+    # BatchNorm 2 x 128, then 128 -> 5 x 64 and 5 x (64 -> 1) with biases (one member: 8577)
+    assert hist[0]["trainable_params"] == set_trainable(m, unfreeze_depth=0) == 256 + 128 * 320 + 320 + 320 + 5 == 41861
     assert hist[2]["trainable_params"] == set_trainable(m, unfreeze_depth=2)
     # phase 1 trained the head on cached trunk features, phase 2 on images
     assert [h["features_cached"] for h in hist] == [True, True, False, False]
@@ -47,6 +49,7 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     # the bundle reloads and reproduces the validation scores it was tuned on
     bundle = load_bundle(summary.bundle_dir)
     assert bundle.config.image_size == 32 and 0.0 <= bundle.config.threshold <= 1.0 and bundle.config.head == head
+    assert bundle.config.head_members == 5 and bundle.model.members == 5 and bundle.config.format == 3
     assert bundle.config.train_config["unfreeze_depth"] == 2
     saved = json.loads(open(os.path.join(summary.bundle_dir, "metrics.json")).read())
     assert saved["best_epoch"] in (1, 2, 3, 4) and saved["validation"]["support"] == 12

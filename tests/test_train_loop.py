@@ -203,15 +203,16 @@ def test_finetune_schedule_warms_up_then_decays_and_resumes_exactly():
         TrainConfig(finetune_schedule="step").validate()
 
 
-def test_cached_validation_of_a_flipping_model_scores_what_the_bundle_will():
+@pytest.mark.parametrize("members", [1, 3])
+def test_cached_validation_of_a_flipping_model_scores_what_the_bundle_will(members):
     """Phase 1 validates on cached features; with a test-time flip it caches the mirrors too,
-    so its scores equal the model's own (image and mirror) in eval mode."""
+    so its scores equal the model's own (image and mirror, members averaged) in eval mode."""
     from contextlib import nullcontext
 
     from artifact_core.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(weights="bundled", head="multiscale", test_time_flip=True, dropout=0.0)
+    model = build_model(weights="bundled", head="multiscale", test_time_flip=True, dropout=0.0, members=members)
     x, y = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 1, 0, 1, 1])
     # head BatchNorm statistics from these inputs, so that the scores differ from image to image
     model.classifier[0].momentum = None
