@@ -208,10 +208,11 @@ class LocalEvidenceNet(nn.Module):
     cells vanish among hundreds of clean ones; the top-k mean keeps it, and the map shows
     where it is. ``forward`` returns the same (N, 1) "artifact-free" logit as the global head.
 
-    With ``members`` > 1 the classifier is that many independent per-cell classifiers side by
-    side (one grouped layer): each is pooled on its own and the image's logit is their mean.
-    In training mode ``forward`` returns one logit per member, (N, members), so that each
-    learns from its own loss, as separately trained models would.
+    With ``members`` > 1 the classifier is that many per-cell classifiers side by side, each
+    with its own hidden units and output (one grouped layer); each is top-k pooled on its own
+    and the image's logit is the mean of theirs. In training mode ``forward`` returns one logit
+    per member, (N, members), so that each member's weights learn from its own loss only. They
+    share the input BatchNorm and the dropout mask (and the trunk, once it is unfrozen).
     """
 
     def __init__(self, features: nn.Sequential, *, dropout: float = 0.2, hidden: int = 64,
@@ -234,7 +235,8 @@ class LocalEvidenceNet(nn.Module):
         self.top_fraction = top_fraction
 
     def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H/16, W/16) artifact logits, one per cell (the members' mean)."""
+        """(N, 1, H/16, W/16) artifact logits, one per cell: the members' mean, for display (the
+        image's logit pools each member's map on its own, so it is not the top-k of this map)."""
         return self.classifier(self.features(x)).mean(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
