@@ -117,11 +117,11 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
         raise ValueError(f"the model has the {head} head but the bundle config says {config.head!r}")
     if config.test_time_flip != bool(getattr(unwrap(model), "test_time_flip", False)):
         raise ValueError(f"the bundle config says test_time_flip={config.test_time_flip}, the model does not")
-    os.makedirs(out_dir, exist_ok=True)
-    config.versions = config.versions or _versions()
     if config.head_members != int(getattr(unwrap(model), "members", 1)):
         raise ValueError(f"the bundle config says head_members={config.head_members}, "
                          f"the model has {getattr(unwrap(model), 'members', 1)}")
+    os.makedirs(out_dir, exist_ok=True)
+    config.versions = config.versions or _versions()
     config.format = 3 if config.head_members > 1 else 2 if config.test_time_flip else 1
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")

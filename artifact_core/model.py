@@ -341,6 +341,13 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
     return model
 
 
+def model_for(cfg: Any, *, weights: str | Mapping[str, torch.Tensor] | None = "none") -> nn.Module:
+    """The model a :class:`~artifact_core.config.TrainConfig` trains: its head, dropout, test-time
+    flip and head members as they act (one place, so workers and the export build the same)."""
+    return build_model(weights=weights, dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time,
+                       members=cfg.ensemble_members)
+
+
 def set_trainable(model: nn.Module, *, unfreeze_depth: int) -> int:
     """Freeze the backbone except its last ``unfreeze_depth`` feature blocks.
 

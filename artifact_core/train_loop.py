@@ -31,7 +31,7 @@ from artifact_core.config import TrainConfig
 from artifact_core.data import ARTIFACT
 from artifact_core.dataset import ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
-from artifact_core.model import build_model, head_logits, set_trainable, train_mode, unwrap
+from artifact_core.model import head_logits, model_for, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
 
 log = logging.getLogger("artifact_core.train")
@@ -187,7 +187,7 @@ def _weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) 
     """Class-weighted BCE on the 'artifact-free' logit; returns (mean loss, summed loss).
 
     ``logits`` is (N, 1), or (N, members) for a head ensemble in training: each member's own
-    loss, averaged over the members, so that none learns from the others' errors.
+    loss, averaged over the members, so that a member's own weights learn only from its errors.
     """
     logits = logits.float()
     per_sample = F.binary_cross_entropy_with_logits(logits, y.float().unsqueeze(1).expand_as(logits),
@@ -643,8 +643,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = {"rank": rank, "world": world,
                "node_ids": sorted(set(_gather([ray.get_runtime_context().get_node_id()])))}
 
-    model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time,
-                        members=cfg.ensemble_members)
+    model = model_for(cfg)
     model.load_state_dict(loop_config["initial_state"])
     model = model.to(memory_format=torch.channels_last)
     state, optimizer_state = LoopState(), None

@@ -28,7 +28,7 @@ from artifact_core.data import LABEL_NAMES, class_weights, native_short_side, sc
 from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import (best_report, best_threshold, classification_metrics, precision_recall_curve,
                                    predict_labels, ranking_metrics, thin_curve)
-from artifact_core.model import build_model, resolve_weights
+from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.run_identity import Split, claim_run
 from artifact_core.storage import check_apart, resolve
@@ -107,8 +107,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     # Loading here makes a bad --weights fail before any worker starts, and workers need
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
-    initial_state = build_model(weights=weights_state, dropout=cfg.dropout, head=cfg.head,
-                                members=cfg.ensemble_members).state_dict()
+    initial_state = model_for(cfg, weights=weights_state).state_dict()
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
     if run is None:
         stored = fresh_split()
@@ -206,8 +205,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
     best, best_metrics = _best_checkpoint(result, cfg.select_metric)
     with best.as_directory() as d:
         labels, probs = read_val_scores(d)
-        model = build_model(weights="none", dropout=cfg.dropout, head=cfg.head, test_time_flip=cfg.flips_at_test_time,
-                            members=cfg.ensemble_members)
+        model = model_for(cfg)
         model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
     latest = result.checkpoint or best
     with latest.as_directory() as d:
