@@ -133,6 +133,8 @@ class TrainConfig:
     #: image once and trains the head on them; 0 = decode and run the trunk every epoch
     head_cache_views: int = 2
     loader_workers: int = 0
+    #: MiB of decoded, resized images each training worker keeps for later epochs (0 = off)
+    decode_cache_mb: int = 1024
     skip_unlabeled: bool = False
     demo_train_images: int = 600
     # Drives checkpoint choice, patience, ASHA and the best sweep trial. Average precision
@@ -189,6 +191,7 @@ class TrainConfig:
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--head-cache-views", self.head_cache_views >= 0, "0 (off) or more"),
             ("--head-members", 1 <= self.head_members <= 64, "in 1..64"),
+            ("--decode-cache-mb", self.decode_cache_mb >= 0, "0 (off) or more"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
@@ -245,6 +248,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="training ingest: a DataLoader per worker, or Ray Data streaming_split across "
                         "workers (decode in Ray Data tasks; leave CPUs free for them) (default: %(default)s)")
     g.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker (default: %(default)s)")
+    g.add_argument("--decode-cache-mb", type=int, default=d.decode_cache_mb,
+                   help="MiB of decoded, resized images each worker (each DataLoader process with --loader-workers) "
+                        "keeps so later epochs do not decode or read them again; 0 = off (default: %(default)s)")
     g.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS",
                    help=WAIT_HELP)
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint (default: %(default)s)")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import pyarrow.fs as pafs
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from artifact_core.images import ImageDecodeError, decode_image
@@ -19,6 +21,39 @@ class Unreadable(NamedTuple):
     reason: str
 
 
+class DecodeCache:
+    """Decoded, resized images kept in memory up to a byte budget, first come first kept.
+
+    Training reads every image once per epoch (and phase 1 several times to cache its views);
+    at 1024 px a PNG costs about 30 ms to decode and an object-storage read a round trip,
+    which is most of what a phase-2 epoch spends outside the model. Only the decoder's output
+    is kept (the resized image, before any augmentation), so a cached image gives exactly the
+    pixels a fresh decode would. One cache may serve several datasets (its keys are paths).
+    With DataLoader processes (``--loader-workers``) each process holds its own copy.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self.used = 0
+        self._images: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def get(self, key: str) -> Image.Image | None:
+        """The cached image (a fresh PIL image each time, so transforms cannot alter the copy kept)."""
+        arr = self._images.get(key)
+        return None if arr is None else Image.fromarray(arr)
+
+    def put(self, key: str, img: Image.Image) -> None:
+        """Keep ``img`` if the budget has room for it."""
+        need = img.width * img.height * len(img.getbands())
+        if key in self._images or self.used + need > self.max_bytes:
+            return
+        self._images[key] = np.asarray(img)
+        self.used += need
+
+
 class ImageFileDataset(Dataset):
     """(image tensor, label) pairs read from files with the shared decoder.
 
@@ -27,12 +62,14 @@ class ImageFileDataset(Dataset):
     gives an :class:`Unreadable` marker instead of an image; :func:`collate_readable`
     drops it from the batch and passes it on to be counted. With ``target_size`` the
     decoder also resizes (at reduced scale where it can), exactly as scoring's decode tasks
-    do, so validation and scoring see the same pixels.
+    do, so validation and scoring see the same pixels. With a :class:`DecodeCache`, decoded
+    images are kept for later epochs (files that fail are read again each time, so each
+    epoch counts them).
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
                  transform: Callable, fs: pafs.FileSystem | None = None, *,
-                 target_size: int | None = None) -> None:
+                 target_size: int | None = None, cache: DecodeCache | None = None) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
@@ -40,17 +77,22 @@ class ImageFileDataset(Dataset):
         self.transform = transform
         self.target_size = target_size
         self.fs = fs
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Unreadable:
         path = self.paths[i]
-        try:
-            return self.transform(decode_image(read_file_bytes(path, self.fs), name=path,
-                                               target_size=self.target_size)), self.labels[i]
-        except (FileReadError, ImageDecodeError) as exc:
-            return Unreadable(path, exc.reason)
+        img = self.cache.get(path) if self.cache is not None else None
+        if img is None:
+            try:
+                img = decode_image(read_file_bytes(path, self.fs), name=path, target_size=self.target_size)
+            except (FileReadError, ImageDecodeError) as exc:
+                return Unreadable(path, exc.reason)
+            if self.cache is not None:
+                self.cache.put(path, img)
+        return self.transform(img), self.labels[i]
 
 
 def collate_readable(items: list, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[Unreadable]]:

@@ -47,8 +47,9 @@ LEGACY_IDENTITY = {"head": "global", "head_cache_views": 0, "oversample": 0.0, "
 GROWABLE_FIELDS = ("head_epochs", "finetune_epochs")
 #: A sweep samples these per trial, so they are not part of the sweep's identity.
 SWEEP_SAMPLED_FIELDS = ("lr", "finetune_lr", "unfreeze_depth")
-# Everything else (num_workers, cpus_per_worker, use_gpu, loader_workers, max_failures,
-# storage_path, name, overwrite, demo_train_images) says how a run executes, not what it is.
+# Everything else (num_workers, cpus_per_worker, use_gpu, loader_workers, decode_cache_mb,
+# max_failures, storage_path, name, overwrite, demo_train_images) says how a run executes,
+# not what it is.
 
 #: Entries of a run folder that training or a sweep writes; ``--overwrite`` deletes only these.
 OWNED_NAMES = frozenset({RUN_FILE, SPLIT_JSON, SPLIT_PARQUET, "model", "trials", "tune", "results.csv",

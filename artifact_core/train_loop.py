@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from artifact_core.config import TrainConfig
 from artifact_core.data import ARTIFACT
-from artifact_core.dataset import ImageFileDataset, Unreadable, collate_readable
+from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
 from artifact_core.model import head_logits, model_for, set_trainable, train_mode, unwrap
 from artifact_core.transforms import eval_transform, train_transform
@@ -351,10 +351,13 @@ def _collect_unreadable(loaders: tuple, state: LoopState, device: torch.device) 
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[Any, SkippingLoader]:
     split = loop_config["split"]
     fs = loop_config.get("data_fs")  # a pyarrow filesystem for data in object storage, else None
+    # One budget for both: validation images are decoded every epoch just as often.
+    cache = DecodeCache(cfg.decode_cache_mb << 20) if cfg.decode_cache_mb > 0 else None
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
-                                train_transform(image_size=cfg.image_size), fs=fs, target_size=cfg.image_size)
+                                train_transform(image_size=cfg.image_size), fs=fs, target_size=cfg.image_size,
+                                cache=cache)
     val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size), fs=fs,
-                              target_size=cfg.image_size)
+                              target_size=cfg.image_size, cache=cache)
     collate = partial(collate_readable, image_size=cfg.image_size)
     sampler: DistributedSampler | OversamplingSampler
     if cfg.oversample > 0:
@@ -375,8 +378,9 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
     # Validation is sharded without padding (DistributedSampler would duplicate samples
     # and bias the metrics); the shards are gathered before computing F1.
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
+    # persistent: a decode cache in its processes lives as long as they do
     val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
-                            collate_fn=collate)
+                            persistent_workers=cfg.loader_workers > 0, collate_fn=collate)
     return train, SkippingLoader(val_loader)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from artifact_core.data import (ARTIFACT, CLEAN, class_weights, list_images, parse_label, scan_labeled_folder,
                                 stratified_split)
-from artifact_core.dataset import ImageFileDataset, Unreadable, collate_readable
+from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.transforms import eval_transform
 from conftest import write_image
 
@@ -117,3 +118,40 @@ def test_dataset_marks_unreadable_and_collate_drops_them(tmp_path):
     assert tuple(xb.shape) == (0, 3, 32, 32) and yb.numel() == 0 and len(bad) == 3
     with pytest.raises(ValueError, match="paths but"):
         ImageFileDataset([str(good)], [], eval_transform())
+
+
+def test_decode_cache_gives_the_same_pixels_without_decoding_again(tmp_path, monkeypatch):
+    import artifact_core.dataset as dataset_mod
+    from artifact_core.transforms import train_transform
+
+    paths = [str(write_image(tmp_path / f"image_{i}_1.png", size=96)) for i in range(3)]
+    bad = tmp_path / "image_9_0.png"
+    bad.write_text("not an image")
+    fresh = ImageFileDataset(paths, [1, 1, 1], eval_transform(image_size=32), target_size=32)
+    # a budget for exactly two 32 x 32 RGB images
+    cache = DecodeCache(2 * 32 * 32 * 3)
+    ds = ImageFileDataset(paths + [str(bad)], [1, 1, 1, 0], eval_transform(image_size=32), target_size=32, cache=cache)
+    first = [ds[i][0] for i in range(3)]
+    assert len(cache) == 2 and cache.used == 2 * 32 * 32 * 3  # the third did not fit
+    reads = []
+    real_read = dataset_mod.read_file_bytes
+    monkeypatch.setattr(dataset_mod, "read_file_bytes", lambda p, fs=None: reads.append(p) or real_read(p, fs))
+    again = [ds[i][0] for i in range(3)]
+    assert reads == [paths[2]]  # only the image over budget is read again
+    for i in range(3):
+        assert torch.equal(first[i], again[i]) and torch.equal(again[i], fresh[i][0])
+    # an unreadable file is never cached: it is reported (and counted) every epoch
+    assert isinstance(ds[3], Unreadable) and isinstance(ds[3], Unreadable) and len(cache) == 2
+    # augmentation works on a copy: the kept image stays the decoder's output
+    aug = ImageFileDataset(paths[:1], [1], train_transform(image_size=32), target_size=32, cache=cache)
+    for _ in range(3):
+        aug[0]
+    assert torch.equal(ds[0][0], fresh[0][0])
+
+
+def test_decode_cache_flag():
+    from artifact_core.config import TrainConfig
+
+    assert TrainConfig().decode_cache_mb == 1024
+    with pytest.raises(ValueError, match="--decode-cache-mb"):
+        TrainConfig(decode_cache_mb=-1).validate()
