@@ -249,8 +249,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "workers (decode in Ray Data tasks; leave CPUs free for them) (default: %(default)s)")
     g.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker (default: %(default)s)")
     g.add_argument("--decode-cache-mb", type=int, default=d.decode_cache_mb,
-                   help="MiB of decoded, resized images each worker (each DataLoader process with --loader-workers) "
-                        "keeps so later epochs do not decode or read them again; 0 = off (default: %(default)s)")
+                   help="MiB of decoded, resized images each training worker keeps so later epochs neither read "
+                        "nor decode them again (validation's shard first, then training images); not used with "
+                        "--loader-workers; 0 = off (default: %(default)s)")
     g.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS",
                    help=WAIT_HELP)
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint (default: %(default)s)")

@@ -25,33 +25,34 @@ class DecodeCache:
     """Decoded, resized images kept in memory up to a byte budget, first come first kept.
 
     Training reads every image once per epoch (and phase 1 several times to cache its views);
-    at 1024 px a PNG costs about 30 ms to decode and an object-storage read a round trip,
-    which is most of what a phase-2 epoch spends outside the model. Only the decoder's output
-    is kept (the resized image, before any augmentation), so a cached image gives exactly the
-    pixels a fresh decode would. One cache may serve several datasets (its keys are paths).
-    With DataLoader processes (``--loader-workers``) each process holds its own copy.
+    a 1024 px PNG costs about 16 ms to decode and resize, and an object-storage read a round
+    trip. Only the decoder's output is kept (the resized image, before any augmentation), so a
+    cached image gives exactly the pixels a fresh decode would. Keys are (path, target size),
+    so datasets decoding the same file at other sizes never get each other's pixels. A cache
+    lives in one process: DataLoader processes would each fill their own copy.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(0, int(max_bytes))
         self.used = 0
-        self._images: dict[str, np.ndarray] = {}
+        self._images: dict[tuple[str, int | None], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self._images)
 
-    def get(self, key: str) -> Image.Image | None:
+    def get(self, path: str, target_size: int | None) -> Image.Image | None:
         """The cached image (a fresh PIL image each time, so transforms cannot alter the copy kept)."""
-        arr = self._images.get(key)
+        arr = self._images.get((path, target_size))
         return None if arr is None else Image.fromarray(arr)
 
-    def put(self, key: str, img: Image.Image) -> None:
+    def put(self, path: str, target_size: int | None, img: Image.Image) -> None:
         """Keep ``img`` if the budget has room for it."""
-        need = img.width * img.height * len(img.getbands())
-        if key in self._images or self.used + need > self.max_bytes:
+        arr = np.asarray(img)
+        key = (path, target_size)
+        if key in self._images or self.used + arr.nbytes > self.max_bytes:
             return
-        self._images[key] = np.asarray(img)
-        self.used += need
+        self._images[key] = arr
+        self.used += arr.nbytes
 
 
 class ImageFileDataset(Dataset):
@@ -84,14 +85,14 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Unreadable:
         path = self.paths[i]
-        img = self.cache.get(path) if self.cache is not None else None
+        img = self.cache.get(path, self.target_size) if self.cache is not None else None
         if img is None:
             try:
                 img = decode_image(read_file_bytes(path, self.fs), name=path, target_size=self.target_size)
             except (FileReadError, ImageDecodeError) as exc:
                 return Unreadable(path, exc.reason)
             if self.cache is not None:
-                self.cache.put(path, img)
+                self.cache.put(path, self.target_size, img)
         return self.transform(img), self.labels[i]
 
 

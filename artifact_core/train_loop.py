@@ -348,16 +348,30 @@ def _collect_unreadable(loaders: tuple, state: LoopState, device: torch.device) 
     return len({p for p, _ in everyone})  # the sampler's padding may repeat a file
 
 
+def _decode_caches(cfg: TrainConfig, *, n_val: int) -> tuple[DecodeCache | None, DecodeCache | None]:
+    """This worker's decode caches (training, validation) for ``--decode-cache-mb``, or None.
+
+    Validation's shard is fixed and read whole every phase-2 epoch, so it is reserved room
+    first; training gets the rest. Training needs room for the whole training set, not this
+    rank's share: the DistributedSampler deals the images out anew every epoch. Off with
+    DataLoader processes, where each process would fill its own copy of the same budget.
+    """
+    if cfg.decode_cache_mb <= 0 or cfg.loader_workers > 0:
+        return None, None
+    budget = cfg.decode_cache_mb << 20
+    val_bytes = min(budget, n_val * 3 * cfg.image_size * cfg.image_size)
+    return DecodeCache(budget - val_bytes), DecodeCache(val_bytes)
+
+
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[Any, SkippingLoader]:
     split = loop_config["split"]
     fs = loop_config.get("data_fs")  # a pyarrow filesystem for data in object storage, else None
-    # One budget for both: validation images are decoded every epoch just as often.
-    cache = DecodeCache(cfg.decode_cache_mb << 20) if cfg.decode_cache_mb > 0 else None
+    train_cache, val_cache = _decode_caches(cfg, n_val=len(range(rank, len(split["val_paths"]), world)))
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
                                 train_transform(image_size=cfg.image_size), fs=fs, target_size=cfg.image_size,
-                                cache=cache)
+                                cache=train_cache)
     val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size), fs=fs,
-                              target_size=cfg.image_size, cache=cache)
+                              target_size=cfg.image_size, cache=val_cache)
     collate = partial(collate_readable, image_size=cfg.image_size)
     sampler: DistributedSampler | OversamplingSampler
     if cfg.oversample > 0:
@@ -378,9 +392,8 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
     # Validation is sharded without padding (DistributedSampler would duplicate samples
     # and bias the metrics); the shards are gathered before computing F1.
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
-    # persistent: a decode cache in its processes lives as long as they do
     val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
-                            persistent_workers=cfg.loader_workers > 0, collate_fn=collate)
+                            collate_fn=collate)
     return train, SkippingLoader(val_loader)
 
 

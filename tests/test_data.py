@@ -149,9 +149,27 @@ def test_decode_cache_gives_the_same_pixels_without_decoding_again(tmp_path, mon
     assert torch.equal(ds[0][0], fresh[0][0])
 
 
-def test_decode_cache_flag():
+def test_decode_cache_keys_include_the_size(tmp_path):
+    path = str(write_image(tmp_path / "image_0_1.png", size=96))
+    cache = DecodeCache(1 << 20)
+    small = ImageFileDataset([path], [1], eval_transform(image_size=32), target_size=32, cache=cache)
+    large = ImageFileDataset([path], [1], eval_transform(image_size=64), target_size=64, cache=cache)
+    fresh = ImageFileDataset([path], [1], eval_transform(image_size=64), target_size=64)
+    assert tuple(small[0][0].shape) == (3, 32, 32)
+    assert torch.equal(large[0][0], fresh[0][0]) and torch.equal(large[0][0], fresh[0][0]) and len(cache) == 2
+
+
+def test_decode_cache_budget_reserves_validation_first():
     from artifact_core.config import TrainConfig
+    from artifact_core.train_loop import _decode_caches
 
     assert TrainConfig().decode_cache_mb == 1024
     with pytest.raises(ValueError, match="--decode-cache-mb"):
         TrainConfig(decode_cache_mb=-1).validate()
+    train, val = _decode_caches(TrainConfig(image_size=64, decode_cache_mb=1), n_val=2)
+    assert val.max_bytes == 2 * 3 * 64 * 64 and train.max_bytes == (1 << 20) - val.max_bytes
+    train, val = _decode_caches(TrainConfig(image_size=448, decode_cache_mb=1), n_val=10)
+    assert val.max_bytes == 1 << 20 and train.max_bytes == 0  # validation alone fills it
+    assert _decode_caches(TrainConfig(image_size=448, decode_cache_mb=0), n_val=2) == (None, None)
+    # each DataLoader process would fill its own copy: off
+    assert _decode_caches(TrainConfig(image_size=448, loader_workers=2), n_val=2) == (None, None)
