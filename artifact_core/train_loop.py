@@ -366,7 +366,10 @@ def _decode_caches(cfg: TrainConfig, *, n_val: int) -> tuple[DecodeCache | None,
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[Any, SkippingLoader]:
     split = loop_config["split"]
     fs = loop_config.get("data_fs")  # a pyarrow filesystem for data in object storage, else None
-    train_cache, val_cache = _decode_caches(cfg, n_val=len(range(rank, len(split["val_paths"]), world)))
+    # Validation is sharded without padding (DistributedSampler would duplicate samples
+    # and bias the metrics); the shards are gathered before computing F1.
+    val_indices = list(range(rank, len(split["val_paths"]), world))
+    train_cache, val_cache = _decode_caches(cfg, n_val=len(val_indices))
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
                                 train_transform(image_size=cfg.image_size), fs=fs, target_size=cfg.image_size,
                                 cache=train_cache)
@@ -389,9 +392,7 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
         train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
                                           num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
                                           persistent_workers=cfg.loader_workers > 0, collate_fn=collate))
-    # Validation is sharded without padding (DistributedSampler would duplicate samples
-    # and bias the metrics); the shards are gathered before computing F1.
-    val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
+    val_shard = Subset(val_ds, val_indices)
     val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
                             collate_fn=collate)
     return train, SkippingLoader(val_loader)
