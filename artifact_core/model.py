@@ -184,19 +184,59 @@ class MultiScaleTrunk(nn.Sequential):
         return self[self.tap].out_channels + self[-1].out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = None
-        for i, block in enumerate(self):
-            x = block(x)
-            if i == self.tap:
-                skip = x
+        return trunk_suffix(self, 0, x)
+
+    def join(self, skip: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The last block's map ``x`` with the tap's map ``skip`` pooled onto its grid beside it
+        (a ``skip`` already on that grid is taken as it is)."""
         if skip is None or skip is x:  # a slice without the tap (only ever used for its parameters)
             return x
-        # ceil_mode: an odd-sized map gets the same grid as the strided convolutions give
-        # int(): under ONNX tracing sizes are tensors; the graph keeps the bundle's fixed size
-        big, small = int(skip.shape[-1]), int(x.shape[-1])
-        factor = (big + small - 1) // small
-        skip = nn.functional.avg_pool2d(skip, factor, ceil_mode=True) if factor > 1 else skip
-        return torch.cat([skip, x], dim=1)
+        return torch.cat([pool_to_grid(skip, x), x], dim=1)
+
+
+def pool_to_grid(skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``skip`` average-pooled onto ``x``'s coarser grid (unchanged when it is already on it)."""
+    # ceil_mode: an odd-sized map gets the same grid as the strided convolutions give
+    # int(): under ONNX tracing sizes are tensors; the graph keeps the bundle's fixed size
+    big, small = int(skip.shape[-1]), int(x.shape[-1])
+    factor = (big + small - 1) // small
+    return nn.functional.avg_pool2d(skip, factor, ceil_mode=True) if factor > 1 else skip
+
+
+def trunk_prefix(trunk: nn.Sequential, stop: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Blocks ``[0, stop)`` of a trunk: their output and, for a :class:`MultiScaleTrunk` whose tap
+    is among them, the tap's map (pooled onto the final grid when no later block changes the
+    grid, so a cache of it is a quarter the size). :func:`trunk_suffix` continues from there."""
+    skip = None
+    for i in range(stop):
+        x = trunk[i](x)
+        if isinstance(trunk, MultiScaleTrunk) and i == trunk.tap:
+            skip = x
+    if skip is not None and all(getattr(block, "stride", None) == 1 for block in trunk[stop:]):
+        skip = pool_to_grid(skip, x)
+    return x, skip
+
+
+def trunk_suffix(trunk: nn.Sequential, start: int, x: torch.Tensor,
+                 skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The trunk's output from block ``start`` on, given block ``start - 1``'s output ``x`` (and
+    the tap's map from :func:`trunk_prefix` when the tap came before ``start``)."""
+    for i in range(start, len(trunk)):
+        x = trunk[i](x)
+        if isinstance(trunk, MultiScaleTrunk) and i == trunk.tap:
+            skip = x
+    return trunk.join(skip, x) if isinstance(trunk, MultiScaleTrunk) else x
+
+
+def frozen_prefix(model: nn.Module) -> int:
+    """How many leading trunk blocks have no trainable parameter: with their BatchNorm in eval
+    (see :func:`train_mode`) their output is a fixed function of the input image."""
+    count = 0
+    for block in unwrap(model).features:
+        if any(p.requires_grad for p in block.parameters()):
+            break
+        count += 1
+    return count
 
 
 class LocalEvidenceNet(nn.Module):

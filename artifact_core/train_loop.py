@@ -31,7 +31,8 @@ from artifact_core.config import TrainConfig
 from artifact_core.data import ARTIFACT
 from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
-from artifact_core.model import head_logits, model_for, set_trainable, train_mode, unwrap
+from artifact_core.model import (frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
+                                 trunk_suffix, unwrap)
 from artifact_core.transforms import eval_transform, train_transform
 
 log = logging.getLogger("artifact_core.train")
@@ -40,8 +41,10 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 VAL_SCORES_FILE = "val_scores.json"
-#: A worker keeps phase 1's features in memory only below this size (train views + validation;
-#: building it briefly takes twice that); above it phase 1 streams images like phase 2.
+#: A worker keeps a phase's cached features in memory only below this size (phase 1: the
+#: trunk's features of its training views and validation images; phase 2: the frozen blocks'
+#: output for validation; building a cache briefly takes twice that); above it the phase
+#: streams those images.
 HEAD_CACHE_MAX_BYTES = 1 << 30
 
 
@@ -351,9 +354,11 @@ def _collect_unreadable(loaders: tuple, state: LoopState, device: torch.device) 
 def _decode_caches(cfg: TrainConfig, *, n_val: int) -> tuple[DecodeCache | None, DecodeCache | None]:
     """This worker's decode caches (training, validation) for ``--decode-cache-mb``, or None.
 
-    Validation's shard is fixed and read whole every phase-2 epoch, so it is reserved room
-    first; training gets the rest. Training needs room for the whole training set, not this
-    rank's share: the DistributedSampler deals the images out anew every epoch. Off with
+    Validation's shard is fixed and read whole to build each phase's cache (and every epoch
+    where a phase streams it), so it is reserved room first; training gets the rest, and
+    validation's room too once phase 2 has cached its validation features (see
+    :func:`_release_validation_decode_cache`). Training needs room for the whole training set,
+    not this rank's share: the DistributedSampler deals the images out anew every epoch. Off with
     DataLoader processes, where each process would fill its own copy of the same budget.
     """
     if cfg.decode_cache_mb <= 0 or cfg.loader_workers > 0:
@@ -361,6 +366,18 @@ def _decode_caches(cfg: TrainConfig, *, n_val: int) -> tuple[DecodeCache | None,
     budget = cfg.decode_cache_mb << 20
     val_bytes = min(budget, n_val * 3 * cfg.image_size * cfg.image_size)
     return DecodeCache(budget - val_bytes), DecodeCache(val_bytes)
+
+
+def _release_validation_decode_cache(loaders: tuple) -> None:
+    """Hand validation's decode-cache room to training's: phase 2 validates from cached
+    features and will not read those images again."""
+    val_ds = loaders[1].loader.dataset.dataset
+    train_cache = getattr(getattr(getattr(loaders[0], "loader", None), "dataset", None), "cache", None)
+    if val_ds.cache is None:
+        return
+    if train_cache is not None:
+        train_cache.max_bytes += val_ds.cache.max_bytes
+    val_ds.cache = None
 
 
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[Any, SkippingLoader]:
@@ -400,22 +417,63 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
 
 @dataclass
 class FeatureCache:
-    """Trunk features of one worker's images (float16) and their labels, on its device."""
+    """Features of one worker's images and their labels, on its device: the whole trunk's
+    output (phase 1, float16), or the frozen first ``start`` blocks' output (phase 2), which
+    the trainable blocks continue from."""
 
     features: torch.Tensor
     labels: torch.Tensor
     #: the mirrored images' features, for a model that flips at test time (validation only)
     mirrored: torch.Tensor | None = None
+    #: phase 2: the trunk continues from this block; None: ``features`` are the trunk's output
+    start: int | None = None
+    #: phase 2 with the multiscale head: the tap's map, when the tap is a frozen block
+    skip: torch.Tensor | None = None
+    mirrored_skip: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached tensors."""
+        held = (self.features, self.mirrored, self.skip, self.mirrored_skip)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    # Indexing a batch out of the cache drops the layout; MobileNetV2's blocks run about
+    # twice as slow on CPU without it.
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _cached_logits(model: nn.Module, cache: FeatureCache, index: Any, *, mirrored: bool = False) -> torch.Tensor:
+    """The model's logits for ``cache[index]`` (of the mirrored images with ``mirrored``)."""
+    features = (cache.mirrored if mirrored else cache.features)[index].float()
+    if cache.start is None:
+        return head_logits(model, features)
+    skip = cache.mirrored_skip if mirrored else cache.skip
+    skip = _channels_last(skip[index].float()) if skip is not None else None
+    return head_logits(model, trunk_suffix(model.features, cache.start, _channels_last(features), skip))
+
 
 def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocast: Any, *,
-                    passes: int = 1, first_epoch: int = 0, mirrored: bool = False) -> FeatureCache:
-    """Run the frozen trunk over ``loader`` ``passes`` times (each a fresh augmented view);
-    with ``mirrored``, over each image's mirror too."""
-    feats, flipped, labels = [], [], []
+                    passes: int = 1, first_epoch: int = 0, mirrored: bool = False, stop: int | None = None,
+                    dtype: torch.dtype = torch.float16) -> FeatureCache:
+    """Run the frozen trunk (or with ``stop``, its first ``stop`` blocks) over ``loader``
+    ``passes`` times (each a fresh augmented view); with ``mirrored``, over each image's mirror too."""
+    out: dict[str, list[torch.Tensor]] = {"features": [], "skip": [], "mirrored": [], "mirrored_skip": []}
+    labels = []
+
+    def keep(x: torch.Tensor, prefix: str) -> None:
+        if stop is None:
+            out[prefix or "features"].append(model.features(x).to(dtype))
+            return
+        h, skip = trunk_prefix(model.features, stop, x)
+        out[prefix or "features"].append(h.to(dtype))
+        if skip is not None:
+            out[f"{prefix}_skip" if prefix else "skip"].append(skip.to(dtype))
+
     model.eval()
     with torch.inference_mode():
         for i in range(passes):
@@ -424,14 +482,17 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
             for x, y in loader:
                 x, y = _to_device(x, y, device)
                 with autocast():
-                    feats.append(model.features(x).to(torch.float16))
+                    keep(x, "")
                     if mirrored:
-                        flipped.append(model.features(x.flip(-1)).to(torch.float16))
+                        keep(x.flip(-1), "mirrored")
                 labels.append(y)
-    if not feats:
-        empty = torch.zeros(0, device=device, dtype=torch.float16)
-        return FeatureCache(empty, torch.zeros(0, dtype=torch.int64, device=device), empty if mirrored else None)
-    return FeatureCache(torch.cat(feats), torch.cat(labels), torch.cat(flipped) if mirrored else None)
+    if not labels:
+        empty = torch.zeros(0, device=device, dtype=dtype)
+        return FeatureCache(empty, torch.zeros(0, dtype=torch.int64, device=device), empty if mirrored else None,
+                            start=stop)
+    joined = {k: torch.cat(v).contiguous(memory_format=torch.channels_last) if v else None for k, v in out.items()}
+    return FeatureCache(joined["features"], torch.cat(labels), joined["mirrored"], start=stop,
+                        skip=joined["skip"], mirrored_skip=joined["mirrored_skip"])
 
 
 def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: torch.device,
@@ -462,6 +523,40 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
              len(train), len(val), " and their mirrors" if val.mirrored is not None else "", cached * 2 / 2**20,
              time.time() - t0)
     return train, val
+
+
+def _prefix_val_cache(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: torch.device, autocast: Any,
+                      world: int) -> FeatureCache | None:
+    """Phase 2's validation images (and their mirrors) run through the frozen blocks once, or
+    None to stream them (ray-data ingest, nothing frozen, or more than
+    :data:`HEAD_CACHE_MAX_BYTES`). The decision is the same on every rank.
+
+    The frozen first blocks, BatchNorm in eval, give the same output for the same image every
+    epoch, and they are most of the cost of a forward pass (at 448 px blocks 0-7 take about
+    85 % of it: the high-resolution ones). Validation images are not augmented, so their
+    output is kept in float32 and each phase-2 epoch validates by running only the trainable
+    blocks: the scores the live model would give.
+    """
+    stop = frozen_prefix(model)
+    if cfg.ingest != "dataloader" or stop == 0:
+        return None
+    model.eval()  # (a dry run of one image: BatchNorm must neither need a batch nor learn from it)
+    with torch.inference_mode():
+        h, skip = trunk_prefix(model.features, stop, torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
+    per_image = h.numel() + (skip.numel() if skip is not None else 0)
+    mirrored = bool(getattr(model, "test_time_flip", False))
+    n_val = len(loaders[1].loader.dataset.dataset) // max(world, 1) + 1  # the largest shard: every rank decides alike
+    need = n_val * (2 if mirrored else 1) * per_image * 4
+    if need > HEAD_CACHE_MAX_BYTES:
+        log.info("phase 2 validates from images: caching the frozen blocks' output would take %.1f GiB per worker "
+                 "(limit %.1f GiB)", need / 2**30, HEAD_CACHE_MAX_BYTES / 2**30)
+        return None
+    t0 = time.time()
+    val = _cache_features(model, loaders[1], device, autocast, mirrored=mirrored, stop=stop, dtype=torch.float32)
+    log.info("phase 2: output of the %d frozen blocks for %d validation images%s cached (%.0f MiB) in %.1fs",
+             stop, len(val), " and their mirrors" if val.mirrored is not None else "", val.nbytes / 2**20,
+             time.time() - t0)
+    return val
 
 
 def _allreduce_mean_(tensors: list[torch.Tensor], world: int) -> None:
@@ -511,7 +606,7 @@ def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, ba
         else:
             idx = order[torch.arange(step * batch_size, (step + 1) * batch_size, device=order.device) % len(order)]
             with autocast():
-                logits = head_logits(model, cache.features[idx].float())
+                logits = _cached_logits(model, cache, idx)
             loss, s = _weighted_bce(logits, cache.labels[idx], weights)
             count += len(idx)
         optimizer.zero_grad(set_to_none=True)
@@ -525,7 +620,7 @@ def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, ba
 
 
 def _evaluate_cached(model: nn.Module, cache: FeatureCache, weights: torch.Tensor,
-                     autocast: Any, batch_size: int = 256) -> tuple[list[float], list[int], float, int]:
+                     autocast: Any, batch_size: int = 64) -> tuple[list[float], list[int], float, int]:
     """:func:`evaluate` on cached validation features."""
     model.eval()
     probs: list[float] = []
@@ -533,9 +628,9 @@ def _evaluate_cached(model: nn.Module, cache: FeatureCache, weights: torch.Tenso
     with torch.inference_mode():
         for i in range(0, len(cache), batch_size):
             with autocast():
-                logits = head_logits(model, cache.features[i:i + batch_size].float())
+                logits = _cached_logits(model, cache, slice(i, i + batch_size))
                 if cache.mirrored is not None:  # as LocalEvidenceNet.forward with test_time_flip
-                    logits = torch.minimum(logits, head_logits(model, cache.mirrored[i:i + batch_size].float()))
+                    logits = torch.minimum(logits, _cached_logits(model, cache, slice(i, i + batch_size), mirrored=True))
             y = cache.labels[i:i + batch_size]
             loss_sum += float(_weighted_bce(logits, y, weights)[1])
             probs.extend(torch.sigmoid(logits.squeeze(1).float()).cpu().tolist())
@@ -555,7 +650,13 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     # on them for as many epochs as it needs, at the cost of a pass of the head.
     t_setup = time.time()
     caches = _head_caches(base, cfg, loaders, device, autocast, state, world) if spec.unfreeze_depth == 0 else None
+    # Phase 2: validation from the frozen blocks' output, computed once.
+    prefix_val = _prefix_val_cache(base, cfg, loaders, device, autocast, world) if spec.unfreeze_depth > 0 else None
+    if prefix_val is not None:
+        _release_validation_decode_cache(loaders)
     unreadable_cached = _collect_unreadable(loaders, state, device) if caches is not None else 0
+    # validation read once for its cache: its unreadable files count in every epoch, as when streamed
+    unreadable_val = _collect_unreadable(loaders[1:], state, device) if caches is None and prefix_val is not None else 0
     setup_seconds = time.time() - t_setup  # caching: counted in the phase's first epoch
     # DDP registers gradient hooks only for parameters that require grad when it wraps the
     # model, so each phase wraps anew after changing what is frozen. On cached features the
@@ -598,8 +699,9 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         train_loss = _mean_across_ranks(total, count, device)
         # The plain model, not DDP: DDP's forward may sync buffers (a collective), and a rank
         # whose validation shard is empty would never join it.
-        if caches is not None:
-            probs, labels, vloss, vn = _evaluate_cached(ddp_model, caches[1], weights, autocast)
+        val_cache = caches[1] if caches is not None else prefix_val
+        if val_cache is not None:
+            probs, labels, vloss, vn = _evaluate_cached(unwrap(ddp_model), val_cache, weights, autocast)
         else:
             probs, labels, vloss, vn = evaluate(unwrap(ddp_model), val_loader, weights, device, autocast)
         val_loss = _mean_across_ranks(vloss, vn, device)
@@ -608,7 +710,8 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         # Threshold-free AP and ROC AUC of the artifact class beside micro F1 at 0.5: they
         # drive selection (--select-metric), since a one-class model cannot win them.
         m = {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking_metrics(labels, probs)}
-        unreadable = unreadable_cached if caches is not None else _collect_unreadable(loaders, state, device)
+        unreadable = (unreadable_cached if caches is not None
+                      else _collect_unreadable(loaders, state, device) + unreadable_val)
 
         state.phase_epoch += 1
         state.global_epoch += 1

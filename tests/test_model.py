@@ -249,3 +249,31 @@ def test_head_members_learn_from_their_own_losses_and_are_averaged_in_eval():
         build_model(weights="none", head="global", members=2)
     with pytest.raises(ValueError, match="members must be at least 1"):
         build_model(weights="none", head="local", members=0)
+
+
+@pytest.mark.parametrize("head", ["multiscale", "local", "global"])
+def test_trunk_prefix_then_suffix_is_the_whole_trunk(head):
+    """Phase 2 caches the frozen blocks' output and continues from it: for every split point
+    the two halves give the trunk's own output."""
+    torch.manual_seed(0)
+    model = build_model(weights="none", head=head).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        whole = model.features(x)
+        for stop in range(len(model.features) + 1):
+            h, skip = model_mod.trunk_prefix(model.features, stop, x)
+            assert (skip is not None) == (head == "multiscale" and stop > MULTISCALE_TAP_BLOCK)
+            out = model_mod.trunk_suffix(model.features, stop, h, skip)
+            assert torch.allclose(out, whole, atol=1e-5), (head, stop)
+    if head == "multiscale":
+        # the tap's map is kept pooled only where no later block changes the grid (block 7 halves it)
+        assert model_mod.trunk_prefix(model.features, 8, x)[1].shape[-1] == 6
+        assert model_mod.trunk_prefix(model.features, 7, x)[1].shape[-1] == 12
+
+
+@pytest.mark.parametrize("head, depth, frozen", [("multiscale", 6, 8), ("multiscale", 0, 14),
+                                                  ("local", 14, 0), ("global", 6, 13)])
+def test_frozen_prefix_counts_the_blocks_phase_2_leaves_frozen(head, depth, frozen):
+    model = build_model(weights="none", head=head)
+    set_trainable(model, unfreeze_depth=depth)
+    assert model_mod.frozen_prefix(model) == frozen

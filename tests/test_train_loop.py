@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from artifact_core import train_loop
+from artifact_core.config import TrainConfig
 from artifact_core.model import unwrap
 
 
@@ -233,3 +234,87 @@ def test_cached_validation_of_a_flipping_model_scores_what_the_bundle_will(membe
     assert torch.allclose(torch.tensor(probs), expected, atol=2e-3)
     assert float(expected.std()) > 1e-3, "scores do not vary: the comparison would prove nothing"
     assert not torch.allclose(torch.tensor(probs), plain, atol=1e-3)
+
+
+def _skipping_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 4) -> train_loop.SkippingLoader:
+    """A loader shaped like training's: a Subset behind a DataLoader behind a SkippingLoader."""
+    from torch.utils.data import Subset
+
+    data = Subset(TensorDataset(x, y), list(range(len(y))))
+    return train_loop.SkippingLoader(DataLoader(
+        data, batch_size=batch_size, collate_fn=lambda b: (torch.stack([i[0] for i in b]), torch.stack([i[1] for i in b]), [])))
+
+
+def _phase2_model(members: int = 1, *, flip: bool = False, weights: str = "bundled"):
+    from artifact_core.model import build_model, set_trainable
+
+    torch.manual_seed(0)
+    model = build_model(weights=weights, head="multiscale", test_time_flip=flip, dropout=0.0, members=members)
+    set_trainable(model, unfreeze_depth=6)
+    return model.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_phase2_validation_from_the_frozen_blocks_scores_what_the_model_does(members):
+    """Phase 2 validates from the frozen blocks' cached output (float32, mirrors too): the
+    same probabilities as the whole model in eval mode, to float precision."""
+    from contextlib import nullcontext
+
+    model = _phase2_model(members, flip=True)
+    x, y = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 1, 0, 1, 1])
+    model.classifier[0].momentum = None  # head statistics from these inputs: scores differ per image
+    model.train()
+    with torch.no_grad():
+        model(x)
+    cfg = TrainConfig(image_size=64, batch_size=4)
+    val = train_loop._prefix_val_cache(model, cfg, (_skipping_loader(x, y), _skipping_loader(x, y)),
+                                       torch.device("cpu"), nullcontext, 1)
+    assert val.start == 8 and val.features.dtype == torch.float32 and val.mirrored_skip is not None
+    probs, labels, _, n = train_loop._evaluate_cached(model, val, torch.tensor([1.0, 1.0]), nullcontext)
+    model.eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x)).squeeze(1)
+    assert n == 6 and labels == y.tolist()
+    assert float(expected.std()) > 1e-3, "scores do not vary: the comparison would prove nothing"
+    assert torch.allclose(torch.tensor(probs), expected, atol=1e-5)
+
+
+def test_phase2_validation_streams_over_the_memory_limit_or_with_nothing_frozen(monkeypatch):
+    from contextlib import nullcontext
+
+    from artifact_core.model import set_trainable
+
+    model = _phase2_model(flip=True, weights="none")
+    x, y = torch.randn(8, 3, 64, 64), torch.tensor([0, 1] * 4)
+    args = (model, TrainConfig(image_size=64), (_skipping_loader(x, y), _skipping_loader(x, y)),
+            torch.device("cpu"), nullcontext, 1)
+    per_image = 64 * 4 * 4 + 32 * 4 * 4  # block 7's output and the pooled tap, at 64 px
+    need = 9 * 2 * per_image * 4  # the largest shard plus one, with mirrors, float32
+    val = train_loop._prefix_val_cache(*args)
+    assert len(val) == 8 and val.nbytes == 8 * 2 * per_image * 4
+    monkeypatch.setattr(train_loop, "HEAD_CACHE_MAX_BYTES", need)
+    assert train_loop._prefix_val_cache(*args) is not None
+    monkeypatch.setattr(train_loop, "HEAD_CACHE_MAX_BYTES", need - 1)
+    assert train_loop._prefix_val_cache(*args) is None
+    monkeypatch.undo()
+    set_trainable(model, unfreeze_depth=14)  # nothing frozen: nothing to cache
+    assert train_loop._prefix_val_cache(*args) is None
+    set_trainable(model, unfreeze_depth=6)
+    assert train_loop._prefix_val_cache(*args[:1], TrainConfig(image_size=64, ingest="ray-data"), *args[2:]) is None
+
+
+def test_phase2_hands_validations_decode_cache_room_to_training():
+    """Phase 2 validates from cached features: validation's decoded images are not read
+    again, so their room goes to training's cache."""
+    from artifact_core.dataset import DecodeCache
+
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 1, 1])
+    train_ds = TensorDataset(x, y)
+    train_ds.cache = DecodeCache(100)
+    val = _skipping_loader(x, y)
+    val.loader.dataset.dataset.cache = DecodeCache(40)
+    train = train_loop.SkippingLoader(DataLoader(train_ds, batch_size=2))
+    train_loop._release_validation_decode_cache((train, val))
+    assert train_ds.cache.max_bytes == 140 and val.loader.dataset.dataset.cache is None
+    train_loop._release_validation_decode_cache((train, val))  # once only
+    assert train_ds.cache.max_bytes == 140
