@@ -371,12 +371,11 @@ def _decode_caches(cfg: TrainConfig, *, n_val: int) -> tuple[DecodeCache | None,
 def _release_validation_decode_cache(loaders: tuple) -> None:
     """Hand validation's decode-cache room to training's: phase 2 validates from cached
     features and will not read those images again."""
-    val_ds = loaders[1].loader.dataset.dataset
-    train_cache = getattr(getattr(getattr(loaders[0], "loader", None), "dataset", None), "cache", None)
+    val_ds, train_ds = loaders[1].loader.dataset.dataset, loaders[0].loader.dataset
     if val_ds.cache is None:
         return
-    if train_cache is not None:
-        train_cache.max_bytes += val_ds.cache.max_bytes
+    if train_ds.cache is not None:
+        train_ds.cache.max_bytes += val_ds.cache.max_bytes
     val_ds.cache = None
 
 
@@ -465,14 +464,11 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
     out: dict[str, list[torch.Tensor]] = {"features": [], "skip": [], "mirrored": [], "mirrored_skip": []}
     labels = []
 
-    def keep(x: torch.Tensor, prefix: str) -> None:
-        if stop is None:
-            out[prefix or "features"].append(model.features(x).to(dtype))
-            return
-        h, skip = trunk_prefix(model.features, stop, x)
-        out[prefix or "features"].append(h.to(dtype))
+    def keep(x: torch.Tensor, key: str, skip_key: str) -> None:
+        h, skip = (model.features(x), None) if stop is None else trunk_prefix(model.features, stop, x)
+        out[key].append(h.to(dtype))
         if skip is not None:
-            out[f"{prefix}_skip" if prefix else "skip"].append(skip.to(dtype))
+            out[skip_key].append(skip.to(dtype))
 
     model.eval()
     with torch.inference_mode():
@@ -482,9 +478,9 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
             for x, y in loader:
                 x, y = _to_device(x, y, device)
                 with autocast():
-                    keep(x, "")
+                    keep(x, "features", "skip")
                     if mirrored:
-                        keep(x.flip(-1), "mirrored")
+                        keep(x.flip(-1), "mirrored", "mirrored_skip")
                 labels.append(y)
     if not labels:
         empty = torch.zeros(0, device=device, dtype=dtype)
@@ -493,6 +489,12 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
     joined = {k: torch.cat(v).contiguous(memory_format=torch.channels_last) if v else None for k, v in out.items()}
     return FeatureCache(joined["features"], torch.cat(labels), joined["mirrored"], start=stop,
                         skip=joined["skip"], mirrored_skip=joined["mirrored_skip"])
+
+
+def _largest_val_shard(val_loader: SkippingLoader, world: int) -> int:
+    """An upper bound on any rank's validation shard: cache decisions sized by it are the same
+    on every rank."""
+    return len(val_loader.loader.dataset.dataset) // max(world, 1) + 1
 
 
 def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: torch.device,
@@ -506,7 +508,7 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
     with torch.inference_mode():
         per_image = model.features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).numel() * 2
     n_train = len(train_loader.sampler) * cfg.head_cache_views
-    n_val = len(val_loader.loader.dataset.dataset) // max(world, 1) + 1  # the largest shard: every rank decides alike
+    n_val = _largest_val_shard(val_loader, world)
     # Validation scores what the bundle will: with the mirror too when the model flips at test time.
     mirrored = bool(getattr(model, "test_time_flip", False))
     need = (n_train + n_val * (2 if mirrored else 1)) * per_image
@@ -545,7 +547,7 @@ def _prefix_val_cache(model: nn.Module, cfg: TrainConfig, loaders: tuple, device
         h, skip = trunk_prefix(model.features, stop, torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
     per_image = h.numel() + (skip.numel() if skip is not None else 0)
     mirrored = bool(getattr(model, "test_time_flip", False))
-    n_val = len(loaders[1].loader.dataset.dataset) // max(world, 1) + 1  # the largest shard: every rank decides alike
+    n_val = _largest_val_shard(loaders[1], world)
     need = n_val * (2 if mirrored else 1) * per_image * 4
     if need > HEAD_CACHE_MAX_BYTES:
         log.info("phase 2 validates from images: caching the frozen blocks' output would take %.1f GiB per worker "
@@ -656,7 +658,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         _release_validation_decode_cache(loaders)
     unreadable_cached = _collect_unreadable(loaders, state, device) if caches is not None else 0
     # validation read once for its cache: its unreadable files count in every epoch, as when streamed
-    unreadable_val = _collect_unreadable(loaders[1:], state, device) if caches is None and prefix_val is not None else 0
+    unreadable_val = _collect_unreadable(loaders[1:], state, device) if prefix_val is not None else 0
     setup_seconds = time.time() - t_setup  # caching: counted in the phase's first epoch
     # DDP registers gradient hooks only for parameters that require grad when it wraps the
     # model, so each phase wraps anew after changing what is frozen. On cached features the
