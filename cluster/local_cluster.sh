@@ -98,7 +98,17 @@ down() {
   p=$(pids)
   [ -z "$p" ] && { echo "no nodes running under $LC_DIR"; return 0; }
   kill -TERM $p 2>/dev/null || true
-  for _ in $(seq 1 30); do [ -z "$(pids)" ] && break; sleep 0.5; done
+  # Up to 15 s for a clean exit, but gcs_server and raylet often ignore SIGTERM for good: once
+  # 2 s pass with no process leaving, the rest are killed.
+  local left n stalled=0
+  left=$(echo $p | wc -w)
+  for _ in $(seq 1 30); do
+    sleep 0.5
+    n=$(pids | wc -w)
+    [ "$n" -eq 0 ] && break
+    if [ "$n" -lt "$left" ]; then left=$n stalled=0; else stalled=$((stalled + 1)); fi
+    [ "$stalled" -ge 4 ] && break
+  done
   p=$(pids); [ -n "$p" ] && kill -KILL $p 2>/dev/null || true
   sleep 0.5
   [ -z "$(pids)" ] || { echo "processes still running under $LC_DIR" >&2; return 1; }
