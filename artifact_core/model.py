@@ -228,6 +228,21 @@ def trunk_suffix(trunk: nn.Sequential, start: int, x: torch.Tensor,
     return trunk.join(skip, x) if isinstance(trunk, MultiScaleTrunk) else x
 
 
+def _batch_independent_prefix(trunk: nn.Sequential) -> int:
+    """How many leading blocks of ``trunk`` give each image an output of its own, building no
+    autograd graph: no BatchNorm in training mode and, with grad enabled, no trainable
+    parameter. Such blocks may run on any split of a batch with the same result."""
+    grad = torch.is_grad_enabled()
+    count = 0
+    for block in trunk:
+        if any(m.training for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            break
+        if grad and any(p.requires_grad for p in block.parameters()):
+            break
+        count += 1
+    return count
+
+
 def frozen_prefix(model: nn.Module) -> int:
     """How many leading trunk blocks have no trainable parameter: with their BatchNorm in eval
     (see :func:`train_mode`) their output is a fixed function of the input image."""
@@ -273,20 +288,41 @@ class LocalEvidenceNet(nn.Module):
                                         nn.Conv2d(channels, hidden * members, 1), nn.ReLU(inplace=True),
                                         nn.Conv2d(hidden * members, members, 1, groups=members))
         self.top_fraction = top_fraction
+        #: images per pass through the trunk's leading blocks that build no autograd graph (0:
+        #: the whole batch at once); set on CPU from :func:`~artifact_core.cpu_memory.trunk_images_per_pass`.
+        #: Not part of the state dict; the ONNX export takes the whole batch.
+        self.images_per_pass = 0
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.features(x)``; with :attr:`images_per_pass` set, the leading blocks that build
+        no autograd graph (all of them under no grad; the frozen ones in phase 2) run on that
+        many images at a time, and the rest on the whole batch. The same result: those blocks
+        treat each image on its own."""
+        n = self.images_per_pass
+        if n <= 0 or x.shape[0] <= n:
+            return self.features(x)
+        stop = _batch_independent_prefix(self.features)
+        if stop == 0:
+            return self.features(x)
+        with torch.no_grad():
+            parts = [trunk_prefix(self.features, stop, part) for part in x.split(n)]
+        h = torch.cat([p[0] for p in parts])
+        skip = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+        return trunk_suffix(self.features, stop, h, skip)
 
     def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, H/16, W/16) artifact logits, one per cell: the members' mean, for display (the
         image's logit pools each member's map on its own, so it is not the top-k of this map)."""
-        return self.classifier(self.features(x)).mean(dim=1, keepdim=True)
+        return self.classifier(self.trunk(x)).mean(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.test_time_flip and not self.training:
             # One pass over the image and its mirror; the lower "artifact-free" logit wins, so a
             # defect the cells see better from one side is not averaged away by the other.
             n = x.shape[0]
-            z = self.head(self.features(torch.cat([x, x.flip(-1)])))
+            z = self.head(self.trunk(torch.cat([x, x.flip(-1)])))
             return torch.minimum(z[:n], z[n:])
-        return self.head(self.features(x))
+        return self.head(self.trunk(x))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """The (N, 1) "artifact-free" logit from the trunk's feature map; (N, members) in

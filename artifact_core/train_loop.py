@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from artifact_core.config import TrainConfig
+from artifact_core.cpu_memory import images_per_pass, largest_output_bytes, trunk_images_per_pass, tune_malloc
 from artifact_core.data import ARTIFACT
 from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
@@ -464,11 +465,14 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
     out: dict[str, list[torch.Tensor]] = {"features": [], "skip": [], "mirrored": [], "mirrored_skip": []}
     labels = []
 
+    n = getattr(model, "images_per_pass", 0)
+
     def keep(x: torch.Tensor, key: str, skip_key: str) -> None:
-        h, skip = (model.features(x), None) if stop is None else trunk_prefix(model.features, stop, x)
-        out[key].append(h.to(dtype))
-        if skip is not None:
-            out[skip_key].append(skip.to(dtype))
+        for part in x.split(n) if n > 0 else (x,):
+            h, skip = (model.features(part), None) if stop is None else trunk_prefix(model.features, stop, part)
+            out[key].append(h.to(dtype))
+            if skip is not None:
+                out[skip_key].append(skip.to(dtype))
 
     model.eval()
     with torch.inference_mode():
@@ -623,10 +627,14 @@ def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, ba
 
 def _evaluate_cached(model: nn.Module, cache: FeatureCache, weights: torch.Tensor,
                      autocast: Any, batch_size: int = 64) -> tuple[list[float], list[int], float, int]:
-    """:func:`evaluate` on cached validation features."""
+    """:func:`evaluate` on cached validation features (on CPU in passes whose activations stay
+    within glibc's mmap threshold, see :mod:`artifact_core.cpu_memory`)."""
     model.eval()
     probs: list[float] = []
     loss_sum = 0.0
+    if len(cache) and cache.features.device.type == "cpu":
+        per_image = largest_output_bytes(model, lambda: _cached_logits(model, cache, slice(0, 1)))
+        batch_size = min(batch_size, images_per_pass(per_image))
     with torch.inference_mode():
         for i in range(0, len(cache), batch_size):
             with autocast():
@@ -769,6 +777,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = model_for(cfg)
     model.load_state_dict(loop_config["initial_state"])
     model = model.to(memory_format=torch.channels_last)
+    if not cfg.use_gpu and hasattr(model, "images_per_pass"):
+        # Most of a CPU step was the kernel mapping fresh pages for large activations.
+        tune_malloc()
+        model.images_per_pass = trunk_images_per_pass(model, cfg.image_size)
+        log.info("CPU passes without autograd take %d image(s) at a time through the trunk", model.images_per_pass)
     state, optimizer_state = LoopState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

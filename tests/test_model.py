@@ -277,3 +277,65 @@ def test_frozen_prefix_counts_the_blocks_phase_2_leaves_frozen(head, depth, froz
     model = build_model(weights="none", head=head)
     set_trainable(model, unfreeze_depth=depth)
     assert model_mod.frozen_prefix(model) == frozen
+
+
+def _scores_vary(model: nn.Module, x: torch.Tensor) -> None:
+    """Head BatchNorm statistics from ``x`` (one cumulative pass), so that scores differ per image."""
+    model.classifier[0].momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.classifier[0].momentum = 0.1
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_trunk_in_passes_of_fewer_images_scores_as_the_whole_batch(flip):
+    """On CPU the trunk runs a few images at a time (cpu_memory.images_per_pass): each image
+    gets the score it gets in the whole batch, its mirror too."""
+    torch.manual_seed(0)
+    model = build_model(weights="bundled", head="multiscale", test_time_flip=flip, members=3, dropout=0.0)
+    x = torch.randn(5, 3, 64, 64)
+    _scores_vary(model, x)
+    model.eval()
+    with torch.no_grad():
+        whole = model(x)
+        model.images_per_pass = 2
+        parts = model(x)
+    assert float(whole.std()) > 1e-3, "scores do not vary: the comparison would prove nothing"
+    assert torch.allclose(parts, whole, atol=1e-5)
+
+
+def test_phase_2_step_in_passes_of_fewer_images_has_the_whole_batchs_gradients():
+    """Phase 2 runs its frozen blocks (BatchNorm in eval) a few images at a time without
+    autograd, the trainable ones on the whole batch: the same logits and gradients."""
+    torch.manual_seed(0)
+    model = build_model(weights="bundled", head="multiscale", members=2, dropout=0.0)
+    x = torch.randn(6, 3, 64, 64)
+    _scores_vary(model, x)
+    set_trainable(model, unfreeze_depth=6)
+    results = []
+    for n in (0, 2):
+        model.images_per_pass = n
+        train_mode(model)  # unfrozen blocks' and the head's BatchNorm learn from the whole batch
+        model.zero_grad()
+        logits = model(x)
+        logits.sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (whole, g_whole), (parts, g_parts) = results
+    assert torch.allclose(parts, whole, atol=1e-5)
+    assert len(g_whole) == len(g_parts) > 0
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_parts, g_whole))
+
+
+def test_only_blocks_that_treat_each_image_alone_run_in_parts():
+    model = build_model(weights="none", head="multiscale")
+    prefix = model_mod._batch_independent_prefix
+    model.train()  # every BatchNorm learns from the batch
+    assert prefix(model.features) == 0
+    model.eval()
+    with torch.no_grad():
+        assert prefix(model.features) == len(model.features)
+    assert prefix(model.features) == 0  # with grad: every block trains
+    set_trainable(model, unfreeze_depth=6)
+    train_mode(model)
+    assert prefix(model.features) == len(model.features) - 6

@@ -254,13 +254,17 @@ def _phase2_model(members: int = 1, *, flip: bool = False, weights: str = "bundl
     return model.to(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("members", [1, 3])
-def test_phase2_validation_from_the_frozen_blocks_scores_what_the_model_does(members):
+@pytest.mark.parametrize("members, per_pass", [(1, 0), (3, 0), (3, 2)])
+def test_phase2_validation_from_the_frozen_blocks_scores_what_the_model_does(members, per_pass, monkeypatch):
     """Phase 2 validates from the frozen blocks' cached output (float32, mirrors too): the
-    same probabilities as the whole model in eval mode, to float precision."""
+    same probabilities as the whole model in eval mode, to float precision; also when the
+    cache is built and read a few images per pass (as on CPU)."""
     from contextlib import nullcontext
 
     model = _phase2_model(members, flip=True)
+    if per_pass:
+        model.images_per_pass = per_pass
+        monkeypatch.setattr(train_loop, "images_per_pass", lambda per_image: per_pass)
     x, y = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 1, 0, 1, 1])
     model.classifier[0].momentum = None  # head statistics from these inputs: scores differ per image
     model.train()
