@@ -103,3 +103,13 @@ def trunk_images_per_pass(model: nn.Module, image_size: int) -> int:
         for m, mode in was_training.items():
             m.training = mode
     return images_per_pass(per_image)
+
+
+def use_cpu_passes(model: nn.Module, image_size: int) -> int:
+    """Set a model up for CPU passes: :func:`tune_malloc`, then its ``images_per_pass`` from
+    :func:`trunk_images_per_pass` (models without the attribute keep whole batches; 0 then)."""
+    tune_malloc()
+    if not hasattr(model, "images_per_pass"):
+        return 0
+    model.images_per_pass = trunk_images_per_pass(model, image_size)
+    return model.images_per_pass

@@ -98,10 +98,10 @@ class TorchEngine:
         self.config: BundleConfig = bundle.config
         self.device = device
         self.model = bundle.model.to(memory_format=torch.channels_last)
-        if device.type == "cpu" and hasattr(self.model, "images_per_pass"):
-            from artifact_core.cpu_memory import trunk_images_per_pass
+        if device.type == "cpu":
+            from artifact_core.cpu_memory import use_cpu_passes
 
-            self.model.images_per_pass = trunk_images_per_pass(self.model, bundle.config.image_size)
+            use_cpu_passes(self.model, bundle.config.image_size)  # (sets glibc's allocator process-wide)
         self.micro_batch = micro_batch
         self.mean = torch.tensor(bundle.config.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(bundle.config.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -201,7 +201,8 @@ class ArtifactPredictor:
     ``predicted_class = -1`` and NaN probabilities.
 
     The torch engine on CPU sets glibc's allocator for the whole process
-    (:func:`~artifact_core.cpu_memory.tune_malloc`): freed memory stays with it for reuse.
+    (:func:`~artifact_core.cpu_memory.tune_malloc`): freed memory stays with it for reuse
+    (ONNX Runtime has an arena of its own).
     """
 
     def __init__(self, bundle_dir: str, *, use_gpu: bool = False, threshold: float | None = None,
@@ -221,10 +222,6 @@ class ArtifactPredictor:
                 import torch
 
                 torch.set_num_threads(num_threads)
-            if self.device == "cpu":
-                from artifact_core.cpu_memory import tune_malloc
-
-                tune_malloc()  # (ONNX Runtime has an arena of its own)
             self.engine = TorchEngine(bundle_dir, device=self.device, micro_batch=micro_batch)
         self.precision = self.engine.precision
         self.config = self.engine.config

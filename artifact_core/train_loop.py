@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from artifact_core.config import TrainConfig
-from artifact_core.cpu_memory import images_per_pass, largest_output_bytes, trunk_images_per_pass, tune_malloc
+from artifact_core.cpu_memory import images_per_pass, largest_output_bytes, use_cpu_passes
 from artifact_core.data import ARTIFACT
 from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
@@ -777,11 +777,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = model_for(cfg)
     model.load_state_dict(loop_config["initial_state"])
     model = model.to(memory_format=torch.channels_last)
-    if not cfg.use_gpu and hasattr(model, "images_per_pass"):
+    if not cfg.use_gpu:
         # Most of a CPU step was the kernel mapping fresh pages for large activations.
-        tune_malloc()
-        model.images_per_pass = trunk_images_per_pass(model, cfg.image_size)
-        log.info("CPU passes without autograd take %d image(s) at a time through the trunk", model.images_per_pass)
+        per_pass = use_cpu_passes(model, cfg.image_size)
+        log.info("CPU passes without autograd take %s through the trunk",
+                 f"{per_pass} image(s) at a time" if per_pass else "whole batches")
     state, optimizer_state = LoopState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
