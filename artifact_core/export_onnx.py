@@ -110,10 +110,9 @@ def _quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch
     """Static QDQ quantization, per-channel weights, MinMax calibration on ``calibration``
     (normalized float32 images, ``batch_size`` per calibration run).
 
-    The export's peak memory grows with the calibration batch: 15.6 GB with batches of 16 at
-    448 px (a training job at 576 px was killed for memory during it on a 24 GB machine),
-    5.6 GB with batches of 2 (64 calibration images, the 400-image fp32 check included).
-    MinMax ranges are the minimum and maximum over all images, the same for any batching."""
+    Small batches because the export's peak memory grows with them (at 448 px: 15.6 GB with
+    batches of 16, 5.6 GB with batches of 2). MinMax ranges are the minimum and maximum over
+    all images, the same for any batching."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
