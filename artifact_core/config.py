@@ -132,6 +132,12 @@ class TrainConfig:
     #: phase 1 computes the frozen trunk's features for this many augmented views of each
     #: image once and trains the head on them; 0 = decode and run the trunk every epoch
     head_cache_views: int = 2
+    #: phase 1's cached views: augmented (the train preset), or, False, the plain image as
+    #: validation and scoring see it and, with two views, its mirror
+    head_cache_augment: bool = True
+    #: MiB each worker may spend on cached trunk features (phase 1's views, phase 2's
+    #: validation); a phase whose cache would be larger streams images instead
+    head_cache_mb: int = 1024
     loader_workers: int = 0
     #: MiB of decoded, resized images each training worker keeps for later epochs (0 = off)
     decode_cache_mb: int = 1024
@@ -190,6 +196,11 @@ class TrainConfig:
             ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--head-cache-views", self.head_cache_views >= 0, "0 (off) or more"),
+            ("--head-cache-views", self.head_cache_augment or self.head_cache_views in (1, 2),
+             "1 (the plain image) or 2 (and its mirror) with --no-head-cache-augment"),
+            ("--no-head-cache-augment", self.head_cache_augment or self.ingest == "dataloader",
+             "used with --ingest dataloader only (ray-data streams augmented images)"),
+            ("--head-cache-mb", self.head_cache_mb >= 0, "0 or more"),
             ("--head-members", 1 <= self.head_members <= 64, "in 1..64"),
             ("--decode-cache-mb", self.decode_cache_mb >= 0, "0 (off) or more"),
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
@@ -286,8 +297,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--patience", type=int, default=d.patience, help="epochs without a gain of --select-metric before a phase stops early, 0 = off (default: %(default)s)")
     g.add_argument("--head-cache-views", type=int, default=d.head_cache_views,
                    help="phase 1: run the frozen trunk over this many augmented views of each image once and "
-                        "train the head on the cached features (in memory, up to 1 GiB per worker); "
+                        "train the head on the cached features (in memory, up to --head-cache-mb per worker); "
                         "0 = every epoch from images (default: %(default)s)")
+    g.add_argument("--head-cache-augment", action=argparse.BooleanOptionalAction, default=d.head_cache_augment,
+                   help="phase 1's cached views are augmented (flip, rotation, shear, zoom, brightness); off: the "
+                        "plain image and, with --head-cache-views 2, its mirror (default: on)")
+    g.add_argument("--head-cache-mb", type=int, default=d.head_cache_mb,
+                   help="MiB of cached trunk features each worker may hold (phase 1's views, phase 2's validation); "
+                        "a phase that needs more streams images instead; 0 = always (default: %(default)s)")
     g.add_argument("--oversample", type=float, default=d.oversample,
                    help="share of artifact images among each epoch's draws, e.g. 0.3 (drawn with replacement; "
                         "the loss weights balance the drawn mix); 0 = off (default: %(default)s)")

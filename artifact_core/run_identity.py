@@ -39,15 +39,15 @@ RECORD_VERSION = 1
 IDENTITY_FIELDS = ("data_dir", "head", "image_size", "batch_size", "lr", "finetune_lr", "unfreeze_depth",
                    "weight_decay", "dropout", "val_fraction", "seed", "weights", "patience", "skip_unlabeled",
                    "head_cache_views", "oversample", "finetune_schedule", "finetune_bn", "test_time_flip",
-                   "head_members")
+                   "head_members", "head_cache_augment")
 #: What runs recorded before a field existed trained with (their identity lacks the key).
 LEGACY_IDENTITY = {"head": "global", "head_cache_views": 0, "oversample": 0.0, "finetune_schedule": "constant",
-                   "finetune_bn": "batch", "test_time_flip": False, "head_members": 1}
+                   "finetune_bn": "batch", "test_time_flip": False, "head_members": 1, "head_cache_augment": True}
 #: May be raised on a rerun (the run continues training from where it stopped), never lowered.
 GROWABLE_FIELDS = ("head_epochs", "finetune_epochs")
 #: A sweep samples these per trial, so they are not part of the sweep's identity.
 SWEEP_SAMPLED_FIELDS = ("lr", "finetune_lr", "unfreeze_depth")
-# Everything else (num_workers, cpus_per_worker, use_gpu, loader_workers, decode_cache_mb,
+# Everything else (num_workers, cpus_per_worker, use_gpu, loader_workers, decode_cache_mb, head_cache_mb,
 # max_failures, storage_path, name, overwrite, demo_train_images) says how a run executes,
 # not what it is.
 

@@ -7,6 +7,7 @@ Train with a checkpoint that holds everything needed to resume mid-phase.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -42,11 +43,14 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 VAL_SCORES_FILE = "val_scores.json"
-#: A worker keeps a phase's cached features in memory only below this size (phase 1: the
-#: trunk's features of its training views and validation images; phase 2: the frozen blocks'
-#: output for validation; building a cache briefly takes twice that); above it the phase
-#: streams those images.
-HEAD_CACHE_MAX_BYTES = 1 << 30
+
+
+def head_cache_limit(cfg: TrainConfig) -> int:
+    """Bytes of cached features a worker may keep for a phase (``--head-cache-mb``): phase 1,
+    the trunk's features of its training views and validation images; phase 2, the frozen
+    blocks' output for validation. Building a cache briefly takes twice that; above it the
+    phase streams those images."""
+    return cfg.head_cache_mb << 20
 
 
 @dataclass
@@ -495,6 +499,28 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
                         skip=joined["skip"], mirrored_skip=joined["mirrored_skip"])
 
 
+def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, device: torch.device,
+                 autocast: Any, *, first_epoch: int) -> FeatureCache:
+    """Trunk features of the training images as validation and scoring see them (the eval
+    preset), and with ``--head-cache-views 2`` of their mirrors too, as one cache of views."""
+    inner = loader.loader
+    plain = copy.copy(inner.dataset)  # (shares the decode cache: phase 2 reads the same images)
+    plain.transform = eval_transform(image_size=cfg.image_size)
+    # A loader of its own: the training loader's DataLoader processes hold their own copy of
+    # the augmenting dataset, and it must stay that way for phase 2.
+    # (drop_last guards BatchNorm in training mode; the frozen trunk runs in eval, and the same
+    # images would be missing from both views for every epoch)
+    plain_loader = SkippingLoader(DataLoader(plain, batch_size=inner.batch_size, sampler=inner.sampler,
+                                             num_workers=cfg.loader_workers, collate_fn=inner.collate_fn))
+    cache = _cache_features(model, plain_loader, device, autocast, first_epoch=first_epoch,
+                            mirrored=cfg.head_cache_views >= 2)
+    loader.unreadable.extend(plain_loader.unreadable)  # counted as the training loader's
+    if cache.mirrored is None or not len(cache):
+        return FeatureCache(cache.features, cache.labels)
+    views = torch.cat([cache.features, cache.mirrored]).contiguous(memory_format=torch.channels_last)
+    return FeatureCache(views, torch.cat([cache.labels, cache.labels]))
+
+
 def _largest_val_shard(val_loader: SkippingLoader, world: int) -> int:
     """An upper bound on any rank's validation shard: cache decisions sized by it are the same
     on every rank."""
@@ -504,7 +530,7 @@ def _largest_val_shard(val_loader: SkippingLoader, world: int) -> int:
 def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: torch.device,
                  autocast: Any, state: LoopState, world: int) -> tuple[FeatureCache, FeatureCache] | None:
     """Phase 1's training views and validation features, or None to stream (off, ray-data
-    ingest, or more than :data:`HEAD_CACHE_MAX_BYTES`). The decision is the same on every rank."""
+    ingest, or more than :func:`head_cache_limit`). The decision is the same on every rank."""
     train_loader, val_loader = loaders
     if cfg.head_cache_views <= 0 or cfg.ingest != "dataloader":
         return None
@@ -516,13 +542,19 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
     # Validation scores what the bundle will: with the mirror too when the model flips at test time.
     mirrored = bool(getattr(model, "test_time_flip", False))
     need = (n_train + n_val * (2 if mirrored else 1)) * per_image
-    if need > HEAD_CACHE_MAX_BYTES:
+    if need > head_cache_limit(cfg):
         log.info("phase 1 streams images: caching its features would take %.1f GiB per worker (limit %.1f GiB)",
-                 need / 2**30, HEAD_CACHE_MAX_BYTES / 2**30)
+                 need / 2**30, head_cache_limit(cfg) / 2**30)
+        if not cfg.head_cache_augment:
+            log.warning("--no-head-cache-augment does not act: phase 1 streams augmented images; raise "
+                        "--head-cache-mb to %d to cache the plain views", math.ceil(need / 2**20))
         return None
     t0 = time.time()
-    train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
-                            first_epoch=state.global_epoch)
+    if cfg.head_cache_augment:
+        train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
+                                first_epoch=state.global_epoch)
+    else:
+        train = _plain_views(model, train_loader, cfg, device, autocast, first_epoch=state.global_epoch)
     val = _cache_features(model, val_loader, device, autocast, mirrored=mirrored)
     cached = train.features.numel() + val.features.numel() + (val.mirrored.numel() if val.mirrored is not None else 0)
     log.info("phase 1: trunk features of %d training views and %d validation images%s cached (%.0f MiB) in %.1fs",
@@ -535,7 +567,7 @@ def _prefix_val_cache(model: nn.Module, cfg: TrainConfig, loaders: tuple, device
                       world: int) -> FeatureCache | None:
     """Phase 2's validation images (and their mirrors) run through the frozen blocks once, or
     None to stream them (ray-data ingest, nothing frozen, or more than
-    :data:`HEAD_CACHE_MAX_BYTES`). The decision is the same on every rank.
+    :func:`head_cache_limit`). The decision is the same on every rank.
 
     The frozen first blocks, BatchNorm in eval, give the same output for the same image every
     epoch, and they are most of the cost of a forward pass (at 448 px blocks 0-7 take about
@@ -553,9 +585,9 @@ def _prefix_val_cache(model: nn.Module, cfg: TrainConfig, loaders: tuple, device
     mirrored = bool(getattr(model, "test_time_flip", False))
     n_val = _largest_val_shard(loaders[1], world)
     need = n_val * (2 if mirrored else 1) * per_image * 4
-    if need > HEAD_CACHE_MAX_BYTES:
+    if need > head_cache_limit(cfg):
         log.info("phase 2 validates from images: caching the frozen blocks' output would take %.1f GiB per worker "
-                 "(limit %.1f GiB)", need / 2**30, HEAD_CACHE_MAX_BYTES / 2**30)
+                 "(limit %.1f GiB)", need / 2**30, head_cache_limit(cfg) / 2**30)
         return None
     t0 = time.time()
     val = _cache_features(model, loaders[1], device, autocast, mirrored=mirrored, stop=stop, dtype=torch.float32)

@@ -132,15 +132,15 @@ def test_runs_recorded_before_a_field_existed_compare_with_its_old_meaning():
     base = {"data_dir": "/d", "image_size": 224, "lr": 3e-3, "oversample": 0.0}
     old_identity = identity_of(base)
     for key in ("head", "head_cache_views", "oversample", "finetune_schedule", "finetune_bn", "test_time_flip",
-                "head_members"):
+                "head_members", "head_cache_augment"):
         old_identity.pop(key, None)
     old = {"identity": old_identity, "kind": "train", "config": dict(base)}
     # (the flip flag and the member count do nothing to the global head: the same run either way)
     same_as_then = {**base, "head": "global", "head_cache_views": 0, "finetune_schedule": "constant",
-                    "finetune_bn": "batch", "test_time_flip": True, "head_members": 5}
+                    "finetune_bn": "batch", "test_time_flip": True, "head_members": 5, "head_cache_augment": True}
     assert differences(old, {"identity": identity_of(same_as_then), "kind": "train", "config": same_as_then}) == []
     now = {**base, "head": "multiscale", "head_cache_views": 2, "finetune_schedule": "cosine", "finetune_bn": "frozen",
-           "test_time_flip": True, "head_members": 5}
+           "test_time_flip": True, "head_members": 5, "head_cache_augment": False}
     assert differences(old, {"identity": identity_of(now), "kind": "train", "config": now}) == [
         "finetune_bn: 'batch' before, 'frozen' now", "finetune_schedule: 'constant' before, 'cosine' now", "head: 'global' before, 'multiscale' now",
-        "head_cache_views: 0 before, 2 now", "head_members: 1 before, 5 now", "test_time_flip: False before, True now"]
+        "head_cache_augment: True before, False now", "head_cache_views: 0 before, 2 now", "head_members: 1 before, 5 now", "test_time_flip: False before, True now"]

@@ -296,9 +296,9 @@ def test_phase2_validation_streams_over_the_memory_limit_or_with_nothing_frozen(
     need = 9 * 2 * per_image * 4  # the largest shard plus one, with mirrors, float32
     val = train_loop._prefix_val_cache(*args)
     assert len(val) == 8 and val.nbytes == 8 * 2 * per_image * 4
-    monkeypatch.setattr(train_loop, "HEAD_CACHE_MAX_BYTES", need)
+    monkeypatch.setattr(train_loop, "head_cache_limit", lambda cfg: need)
     assert train_loop._prefix_val_cache(*args) is not None
-    monkeypatch.setattr(train_loop, "HEAD_CACHE_MAX_BYTES", need - 1)
+    monkeypatch.setattr(train_loop, "head_cache_limit", lambda cfg: need - 1)
     assert train_loop._prefix_val_cache(*args) is None
     monkeypatch.undo()
     set_trainable(model, unfreeze_depth=14)  # nothing frozen: nothing to cache
@@ -322,3 +322,53 @@ def test_phase2_hands_validations_decode_cache_room_to_training():
     assert train_ds.cache.max_bytes == 140 and val.loader.dataset.dataset.cache is None
     train_loop._release_validation_decode_cache((train, val))  # once only
     assert train_ds.cache.max_bytes == 140
+
+
+def test_phase1_caches_the_plain_images_and_their_mirrors_without_augmentation(tmp_path):
+    """``--no-head-cache-augment``: phase 1's views are the trunk's features of each training
+    image as validation sees it and of its mirror, and the training loader still augments."""
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    from artifact_core.model import build_model, set_trainable
+    from artifact_core.transforms import eval_transform
+
+    rng = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"image_{i}_{i % 2}.png"
+        pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=rng)
+        Image.fromarray(pixels.numpy()).save(path)
+        paths.append(str(path))
+    split = {"train_paths": paths, "train_labels": [i % 2 for i in range(5)], "val_paths": paths[:2], "val_labels": [0, 1]}
+    cfg = TrainConfig(image_size=64, batch_size=2, head_cache_augment=False, head_cache_views=2, decode_cache_mb=0)
+    loaders = train_loop._loaders({"split": split}, cfg, 0, 1)
+    torch.manual_seed(0)
+    model = build_model(weights="bundled", head="multiscale", test_time_flip=True, dropout=0.0, members=1).eval()
+    set_trainable(model, unfreeze_depth=0)
+    train, val = train_loop._head_caches(model, cfg, loaders, torch.device("cpu"), nullcontext,
+                                         train_loop.LoopState(), 1)
+
+    order = list(loaders[0].sampler)  # the epoch-0 order the cache was read in, every image (no drop_last)
+    x = torch.stack([eval_transform(image_size=64)(Image.open(paths[i]).convert("RGB")) for i in order])
+    with torch.inference_mode():
+        want = torch.cat([model.features(x), model.features(x.flip(-1))])
+    assert len(train) == 10 and train.labels.tolist() == [i % 2 for i in order] * 2
+    assert float((want[:5] - want[5:]).abs().max()) > 1e-2, "the mirror's features equal the image's: proves nothing"
+    torch.testing.assert_close(train.features.float(), want, atol=2e-2, rtol=1e-2)  # cached as float16
+    assert len(val) == 2 and val.mirrored is not None
+    assert "RandomAffine" in repr(loaders[0].loader.dataset.transform)  # phase 2 still augments
+
+    # a budget below the cache's size streams phase 1 instead
+    assert train_loop.head_cache_limit(TrainConfig(head_cache_mb=3)) == 3 << 20
+    assert train_loop._head_caches(model, TrainConfig(**{**cfg.to_dict(), "head_cache_mb": 0}), loaders,
+                                   torch.device("cpu"), nullcontext, train_loop.LoopState(), 1) is None
+
+    for views in (0, 3):
+        with pytest.raises(ValueError, match="--head-cache-views"):
+            TrainConfig(head_cache_augment=False, head_cache_views=views).validate()
+    with pytest.raises(ValueError, match="--no-head-cache-augment"):
+        TrainConfig(head_cache_augment=False, ingest="ray-data").validate()
+    with pytest.raises(ValueError, match="--head-cache-mb"):
+        TrainConfig(head_cache_mb=-1).validate()
