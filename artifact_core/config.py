@@ -296,7 +296,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head (default: %(default)s)")
     g.add_argument("--patience", type=int, default=d.patience, help="epochs without a gain of --select-metric before a phase stops early, 0 = off (default: %(default)s)")
     g.add_argument("--head-cache-views", type=int, default=d.head_cache_views,
-                   help="phase 1: run the frozen trunk over this many augmented views of each image once and "
+                   help="phase 1: run the frozen trunk over this many views of each image once (augmented unless "
+                        "--no-head-cache-augment) and "
                         "train the head on the cached features (in memory, up to --head-cache-mb per worker); "
                         "0 = every epoch from images (default: %(default)s)")
     g.add_argument("--head-cache-augment", action=argparse.BooleanOptionalAction, default=d.head_cache_augment,
