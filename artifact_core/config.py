@@ -129,8 +129,8 @@ class TrainConfig:
     weights: str = "imagenet"
     max_failures: int = 1
     patience: int = 3
-    #: phase 1 computes the frozen trunk's features for this many augmented views of each
-    #: image once and trains the head on them; 0 = decode and run the trunk every epoch
+    #: phase 1 computes the frozen trunk's features for this many views of each image once
+    #: (see head_cache_augment) and trains the head on them; 0 = decode and run the trunk every epoch
     head_cache_views: int = 2
     #: phase 1's cached views: augmented (the train preset), or, False, the plain image as
     #: validation and scoring see it and, with two views, its mirror

@@ -506,10 +506,9 @@ def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, dev
     inner = loader.loader
     plain = copy.copy(inner.dataset)  # (shares the decode cache: phase 2 reads the same images)
     plain.transform = eval_transform(image_size=cfg.image_size)
-    # A loader of its own: the training loader's DataLoader processes hold their own copy of
-    # the augmenting dataset, and it must stay that way for phase 2.
-    # (drop_last guards BatchNorm in training mode; the frozen trunk runs in eval, and the same
-    # images would be missing from both views for every epoch)
+    # A loader of its own, so the training loader's processes keep the augmenting dataset for
+    # phase 2; without drop_last, which guards BatchNorm in training mode (the frozen trunk runs
+    # in eval) and would drop the same images from both views for every epoch.
     plain_loader = SkippingLoader(DataLoader(plain, batch_size=inner.batch_size, sampler=inner.sampler,
                                              num_workers=cfg.loader_workers, collate_fn=inner.collate_fn))
     cache = _cache_features(model, plain_loader, device, autocast, first_epoch=first_epoch,

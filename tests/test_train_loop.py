@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import socket
@@ -362,7 +363,7 @@ def test_phase1_caches_the_plain_images_and_their_mirrors_without_augmentation(t
 
     # a budget below the cache's size streams phase 1 instead
     assert train_loop.head_cache_limit(TrainConfig(head_cache_mb=3)) == 3 << 20
-    assert train_loop._head_caches(model, TrainConfig(**{**cfg.to_dict(), "head_cache_mb": 0}), loaders,
+    assert train_loop._head_caches(model, dataclasses.replace(cfg, head_cache_mb=0), loaders,
                                    torch.device("cpu"), nullcontext, train_loop.LoopState(), 1) is None
 
     for views in (0, 3):
