@@ -1,4 +1,5 @@
-"""A real two-node Ray cluster on this machine: train over both nodes and score, via `ray job submit`.
+"""A real two-node Ray cluster on this machine: train over both nodes and score, via `ray job submit`
+(the job scripts end to end as a cluster user runs them).
 
 Run alone with ``pytest -m cluster``. The cluster is stopped even when the test fails.
 """
@@ -43,8 +44,11 @@ def test_train_spreads_over_two_nodes_then_score(two_nodes, tmp_path):
     runs = tmp_path / "runs"  # one machine: a local folder is the shared storage both nodes see
     train = submit(two_nodes, ["jobs/train.py", "--data-dir", str(data), "--storage-path", str(runs), "--name", "mn",
                                "--num-workers", "2", "--cpus-per-worker", "1", "--image-size", "32", "--batch-size", "8",
-                               "--head-epochs", "1", "--finetune-epochs", "1", "--weights", "none"])
+                               "--head-epochs", "1", "--finetune-epochs", "1", "--weights", "none",
+                               "--head", "global"])  # the previous model, end to end through the CLI
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert "model bundle:" in train.stdout and "succeeded" in train.stdout
+    assert json.loads((runs / "mn" / "model" / "config.json").read_text())["head"] == "global"
     metrics = json.loads((runs / "mn" / "model" / "metrics.json").read_text())
     node_ids = metrics["history"][-1]["node_ids"]
     assert len(node_ids) == 2, f"workers ran on {node_ids}: not spread over both nodes"
@@ -56,5 +60,7 @@ def test_train_spreads_over_two_nodes_then_score(two_nodes, tmp_path):
     score = submit(two_nodes, ["jobs/score.py", "--model", str(runs / "mn" / "model"), "--input", str(test),
                                "--output", str(tmp_path / "preds"), "--num-actors", "1", "--batch-size", "2"])
     assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-3000:]
+    assert "scored 6 file(s)" in score.stdout and "report:" in score.stdout
     rows = (tmp_path / "preds" / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 7 and sum("broken.png" in r for r in rows) == 1
+    assert (tmp_path / "preds" / "report" / "index.html").exists()

@@ -1,14 +1,12 @@
-"""The job scripts as users run them: one-line errors for bad input, and `ray job submit` end to end."""
+"""The job scripts as users run them: one-line errors for bad input (`ray job submit` end to end: test_cluster.py)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 
 import pytest
 
-from conftest import REPO, RAY_BIN, make_easy_folder, write_image
+from conftest import REPO, make_easy_folder, write_image
 from artifact_core.jobs_common import run_job
 
 pytestmark = pytest.mark.ray
@@ -68,30 +66,3 @@ def test_train_bad_input_is_one_clear_line(ray_session, tmp_path, capsys, monkey
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
 
-
-def test_ray_job_submit_train_then_score(ray_session, tmp_path):
-    data = make_easy_folder(tmp_path / "train", n=24)
-    test = tmp_path / "test"
-    for i in range(6):
-        write_image(test / f"image_{i}.png", color=(30 * i, 80, 120))
-    runs, preds = tmp_path / "runs", tmp_path / "preds"
-    env = {**ray_session["env"], "PYTHONUNBUFFERED": "1"}
-    submit = [RAY_BIN, "job", "submit", "--address", ray_session["dashboard"], "--working-dir", str(REPO),
-              "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--"]
-    train = subprocess.run(submit + ["python", "jobs/train.py", "--data-dir", str(data), "--storage-path", str(runs),
-                                     "--name", "submitted", "--num-workers", "2", *TINY,
-                                     "--head", "global"],  # the previous model, end to end through the CLI
-                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    assert "model bundle:" in train.stdout and "succeeded" in train.stdout
-    bundle = runs / "submitted" / "model"
-    config = json.loads((bundle / "config.json").read_text())
-    assert config["image_size"] == 32 and config["head"] == "global"
-
-    score = subprocess.run(submit + ["python", "jobs/score.py", "--model", str(bundle), "--input", str(test),
-                                     "--output", str(preds), "--batch-size", "4", "--num-actors", "1"],
-                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-3000:]
-    assert "scored 6 file(s)" in score.stdout
-    assert len((preds / "predictions.csv").read_text().strip().splitlines()) == 7
-    assert (preds / "report" / "index.html").exists() and "report:" in score.stdout

@@ -103,6 +103,8 @@ def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path, pip
     with pytest.raises(OutputConflictError, match="--resume"):
         run_scoring(ScoreConfig(model=bundle_dir, input=str(src), output=str(out)))
 
+    if pipeline == "split":
+        return  # --resume picks the missing files before the pipeline is built: checked once, fused
     # a crash left a corrupt part and new files arrived: --resume scores only what is missing
     (out / "predictions.parquet" / "zz_partial.parquet").write_bytes(b"PAR1 truncated")
     new = {write_image(src / f"new_{i}.png", color=(10 * i, 90, 90)).name for i in range(3)}

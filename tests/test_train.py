@@ -25,7 +25,7 @@ def small_config(data_dir, storage, name, weights="none", **kw) -> TrainConfig:
 
 
 def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weights, tmp_path):
-    # the default (multiscale) head; the global one runs end to end in tests/test_jobs.py
+    # the default (multiscale) head; the global one runs end to end in tests/test_cluster.py
     head = "multiscale"
     cfg = small_config(easy_folder, tmp_path / "runs", "basic", weights=backbone_weights, head=head)
     summary = run_training(cfg)

@@ -1,4 +1,4 @@
-"""A small real sweep: ASHA stops a trial, later trials still run, the best bundle scores, resume works."""
+"""A small real sweep: ASHA stops a trial, later trials still run, a killed sweep resumes, the best bundle scores."""
 
 from __future__ import annotations
 
@@ -12,79 +12,44 @@ import time
 import pandas as pd
 import pytest
 
-from artifact_core.config import TrainConfig
 from artifact_core.scoring import ScoreConfig, run_scoring
-from artifact_core.tuning import SweepConfig, run_sweep
 from conftest import REPO, make_easy_folder, wait_for
 
 pytestmark = pytest.mark.ray
 
 
-def base_config(data, storage, name, weights) -> TrainConfig:
-    return TrainConfig(data_dir=str(data), storage_path=str(storage), name=name, num_workers=2, cpus_per_worker=1,
-                       batch_size=8, image_size=32, head_epochs=2, finetune_epochs=2, weights=weights,
-                       patience=0, max_failures=0, val_fraction=0.25)
-
-
-def test_asha_stops_a_trial_and_later_trials_run(ray_session, tmp_path, backbone_weights):
+def test_asha_stops_a_trial_later_trials_run_and_a_killed_sweep_resumes(ray_session, tmp_path, backbone_weights):
     data = make_easy_folder(tmp_path / "train", n=48)
-    # one learning rate that learns the easy set, two that cannot move the head: at the
+    storage = tmp_path / "runs"
+    # One learning rate that learns the easy set, two that cannot move the head: at the
     # default rung (epoch 3, the first of phase 2 after 2 head epochs) ASHA must stop the
     # hopeless ones, and the third trial must still start after the second was stopped
     # (its workers freed, Ray bug #54305). Selected by micro F1 here: the calibrated random
     # features rank this easy set well even with an untrained head (AP about 0.9), so only
-    # the decisions at 0.5 tell the hopeless trials apart.
-    base = base_config(data, tmp_path / "runs", "sw", backbone_weights)
-    base.select_metric = "val_micro_f1"
-    sweep = SweepConfig(base=base, num_samples=1,
-                        lrs=[2e-2, 1e-9, 1e-9], unfreeze_depths=[1], finetune_lr_ratio_min=0.1,
-                        finetune_lr_ratio_max=0.1, max_concurrent_trials=1)
-    out = run_sweep(sweep)
-    table = out["results"]
-    assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped early"}
-    stopped = table[table["status"] == "stopped early"]
-    assert len(stopped) >= 1 and (stopped["epochs"] < 4).all()
-    assert (table["epochs"] >= 3).all(), "a trial after the stopped one never ran, or was stopped in the head phase"
-    best = table.iloc[0]
-    assert best["lr"] == pytest.approx(2e-2) and best["status"] == "completed" and best["epochs"] == 4
-
-    sweep_dir = tmp_path / "runs" / "sw"
-    on_disk = pd.read_csv(sweep_dir / "results.csv")
-    assert len(on_disk) == 3 and {"lr", "unfreeze_depth", "best_val_ap_artifact", "best_val_micro_f1", "epochs",
-                                  "status"} <= set(on_disk)
-    best_cfg = json.loads((sweep_dir / "best_config.json").read_text())
-    assert best_cfg["select_metric"] == "val_micro_f1" and best_cfg["best_val_micro_f1"] == best["best_val_micro_f1"]
-    assert best_cfg["params"]["lr"] == pytest.approx(2e-2) and best_cfg["train_config"]["unfreeze_depth"] == 1
-    assert (sweep_dir / "tune_results.png").exists()
-
-    # the exported bundle is ready for scoring
-    summary = run_scoring(ScoreConfig(model=out["bundle_dir"], input=str(data), output=str(tmp_path / "preds"),
-                                      num_actors=1, batch_size=16))
-    assert summary["files"] == 48 and summary["errors"] == 0
-
-
-def test_interrupted_sweep_resumes(ray_session, tmp_path, backbone_weights):
-    data = make_easy_folder(tmp_path / "train", n=32)
-    storage = tmp_path / "runs"
-    args = ["--data-dir", str(data), "--storage-path", str(storage), "--name", "rs", "--num-workers", "2",
-            "--batch-size", "8", "--image-size", "32", "--head-epochs", "1", "--finetune-epochs", "1",
-            "--weights", backbone_weights, "--patience", "0", "--max-failures", "0",
-            "--num-samples", "1", "--lrs", "1e-2", "2e-2", "--unfreeze-depths", "1", "--scheduler", "none", "--max-concurrent-trials", "1"]
+    # the decisions at 0.5 tell the hopeless trials apart. The driver is killed while the
+    # third trial runs; the resumed sweep must run only that trial again.
+    args = ["--data-dir", str(data), "--storage-path", str(storage), "--name", "sw", "--num-workers", "2",
+            "--batch-size", "8", "--image-size", "32", "--head-epochs", "2", "--finetune-epochs", "2",
+            "--weights", backbone_weights, "--patience", "0", "--max-failures", "0", "--val-fraction", "0.25",
+            "--select-metric", "val_micro_f1", "--num-samples", "1", "--lrs", "2e-2", "1e-9", "1e-9",
+            "--unfreeze-depths", "1", "--finetune-lr-ratio-min", "0.1", "--finetune-lr-ratio-max", "0.1",
+            "--max-concurrent-trials", "1"]
     # Tune saves its experiment state every second here (default: adaptive, about 10 s), so
-    # the kill below finds the first trial recorded as finished.
+    # the kill below finds the first two trials recorded as finished.
     env = {**ray_session["env"], "RAY_ADDRESS": ray_session["address"], "PYTHONUNBUFFERED": "1",
            "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tune.py"), *args], env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    trials, tune_dir = storage / "rs" / "trials", storage / "rs" / "tune"
+    sweep_dir = storage / "sw"
+    trials, tune_dir = sweep_dir / "trials", sweep_dir / "tune"
 
-    def second_trial_running() -> bool:
-        # the second trial registered a checkpoint: Tune has seen the first one finish
-        return len(list(trials.glob("*/checkpoint_manager_snapshot.json"))) >= 2
+    def third_trial_running() -> bool:
+        # the third trial registered a checkpoint: Tune has seen the second one end
+        return len(list(trials.glob("*/checkpoint_manager_snapshot.json"))) >= 3
 
     try:
-        assert wait_for(second_trial_running, timeout=300, interval=0.5), (tmp_path / "first.log").read_text()[-3000:]
+        assert wait_for(third_trial_running, timeout=400, interval=0.5), (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-sweep
         first.wait(timeout=60)
     finally:
@@ -93,13 +58,29 @@ def test_interrupted_sweep_resumes(ray_session, tmp_path, backbone_weights):
         log.close()
     time.sleep(2)
     starts = {d.name: len(list(d.glob("events.out.tfevents*"))) for d in tune_dir.glob("tune_trial_*")}
-    assert len(starts) == 2 and not (storage / "rs" / "results.csv").exists()
+    assert len(starts) == 3 and not (sweep_dir / "results.csv").exists()
 
     resumed = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), *args, "--resume"], env=env,
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    table = pd.read_csv(storage / "rs" / "results.csv")
-    assert len(table) == 2 and (table["status"] == "completed").all() and (table["epochs"] == 2).all()
+    assert "resuming sweep" in resumed.stdout + resumed.stderr
     restarted = {d.name for d in tune_dir.glob("tune_trial_*") if len(list(d.glob("events.out.tfevents*"))) > starts[d.name]}
     assert len(restarted) == 1, f"expected only the interrupted trial to run again, got {restarted}"
-    assert "resuming sweep" in resumed.stdout + resumed.stderr
+
+    table = pd.read_csv(sweep_dir / "results.csv")
+    assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped early"}
+    assert {"lr", "unfreeze_depth", "best_val_ap_artifact", "best_val_micro_f1", "epochs", "status"} <= set(table)
+    stopped = table[table["status"] == "stopped early"]
+    assert len(stopped) >= 1 and (stopped["epochs"] < 4).all()
+    assert (table["epochs"] >= 3).all(), "a trial after the stopped one never ran, or was stopped in the head phase"
+    best = table.iloc[0]
+    assert best["lr"] == pytest.approx(2e-2) and best["status"] == "completed" and best["epochs"] == 4
+    best_cfg = json.loads((sweep_dir / "best_config.json").read_text())
+    assert best_cfg["select_metric"] == "val_micro_f1" and best_cfg["best_val_micro_f1"] == best["best_val_micro_f1"]
+    assert best_cfg["params"]["lr"] == pytest.approx(2e-2) and best_cfg["train_config"]["unfreeze_depth"] == 1
+    assert (sweep_dir / "tune_results.png").exists()
+
+    # the exported bundle is ready for scoring
+    summary = run_scoring(ScoreConfig(model=str(sweep_dir / "model"), input=str(data), output=str(tmp_path / "preds"),
+                                      num_actors=1, batch_size=16))
+    assert summary["files"] == 48 and summary["errors"] == 0
