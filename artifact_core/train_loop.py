@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import Any, Iterator
@@ -35,6 +35,7 @@ from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, col
 from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
 from artifact_core.model import (frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
                                  trunk_suffix, unwrap)
+from artifact_core.spill import SpillFile, spill_room
 from artifact_core.transforms import eval_transform, train_transform
 
 log = logging.getLogger("artifact_core.train")
@@ -46,9 +47,10 @@ VAL_SCORES_FILE = "val_scores.json"
 
 
 def head_cache_limit(cfg: TrainConfig) -> int:
-    """Bytes of cached features a worker may keep for a phase (``--head-cache-mb``): phase 1,
-    the trunk's features of its training views and validation images; phase 2, the frozen
-    blocks' output for validation. Building a cache briefly takes twice that; above it the
+    """Bytes of cached features a worker may keep in memory for a phase (``--head-cache-mb``):
+    phase 1, the trunk's features of its training views and validation images; phase 2, the
+    frozen blocks' output for validation. Building a cache briefly takes twice that; above
+    it phase 1's training views go to disk where they can (:func:`_spill_dir`), else the
     phase streams those images."""
     return cfg.head_cache_mb << 20
 
@@ -463,44 +465,68 @@ def _cached_logits(model: nn.Module, cache: FeatureCache, index: Any, *, mirrore
 
 def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocast: Any, *,
                     passes: int = 1, first_epoch: int = 0, mirrored: bool = False, stop: int | None = None,
-                    dtype: torch.dtype = torch.float16) -> FeatureCache:
+                    dtype: torch.dtype = torch.float16, mirrors_as_views: bool = False,
+                    spill: str | None = None) -> FeatureCache:
     """Run the frozen trunk (or with ``stop``, its first ``stop`` blocks) over ``loader``
-    ``passes`` times (each a fresh augmented view); with ``mirrored``, over each image's mirror too."""
-    out: dict[str, list[torch.Tensor]] = {"features": [], "skip": [], "mirrored": [], "mirrored_skip": []}
+    ``passes`` times (each a fresh augmented view); with ``mirrored``, over each image's mirror too.
+
+    With ``mirrors_as_views`` the mirrors follow the images as more views of them (labels
+    repeated) instead of filling ``mirrored``. With ``spill`` (a directory; the whole trunk
+    only) the features go to files there and come back memory-mapped (:mod:`artifact_core.spill`).
+    """
+    if (spill is not None or mirrors_as_views) and (stop is not None or mirrored):
+        raise ValueError("only the whole trunk's features of training views can be cached on disk or with "
+                         "their mirrors as views")
     labels = []
-
     n = getattr(model, "images_per_pass", 0)
+    with ExitStack() as files:  # (a mapped tensor keeps its pages after its file is closed)
+        out: dict[str, Any] = {k: files.enter_context(SpillFile(spill, dtype))
+                               if spill is not None and k in ("features", "mirrored") else []
+                               for k in ("features", "skip", "mirrored", "mirrored_skip")}
 
-    def keep(x: torch.Tensor, key: str, skip_key: str) -> None:
-        for part in x.split(n) if n > 0 else (x,):
-            h, skip = (model.features(part), None) if stop is None else trunk_prefix(model.features, stop, part)
-            out[key].append(h.to(dtype))
-            if skip is not None:
-                out[skip_key].append(skip.to(dtype))
+        def keep(x: torch.Tensor, key: str, skip_key: str) -> None:
+            for part in x.split(n) if n > 0 else (x,):
+                h, skip = (model.features(part), None) if stop is None else trunk_prefix(model.features, stop, part)
+                out[key].append(h.to(dtype))
+                if skip is not None:
+                    out[skip_key].append(skip.to(dtype))
 
-    model.eval()
-    with torch.inference_mode():
-        for i in range(passes):
-            if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-                loader.sampler.set_epoch(first_epoch + i)
-            for x, y in loader:
-                x, y = _to_device(x, y, device)
-                with autocast():
-                    keep(x, "features", "skip")
-                    if mirrored:
-                        keep(x.flip(-1), "mirrored", "mirrored_skip")
-                labels.append(y)
-    if not labels:
-        empty = torch.zeros(0, device=device, dtype=dtype)
-        return FeatureCache(empty, torch.zeros(0, dtype=torch.int64, device=device), empty if mirrored else None,
-                            start=stop)
-    joined = {k: torch.cat(v).contiguous(memory_format=torch.channels_last) if v else None for k, v in out.items()}
-    return FeatureCache(joined["features"], torch.cat(labels), joined["mirrored"], start=stop,
-                        skip=joined["skip"], mirrored_skip=joined["mirrored_skip"])
+        model.eval()
+        with torch.inference_mode():
+            for i in range(passes):
+                if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+                    loader.sampler.set_epoch(first_epoch + i)
+                for x, y in loader:
+                    x, y = _to_device(x, y, device)
+                    with autocast():
+                        keep(x, "features", "skip")
+                        if mirrored or mirrors_as_views:
+                            keep(x.flip(-1), "mirrored", "mirrored_skip")
+                    labels.append(y)
+        if mirrors_as_views:  # [images..., mirrors...], as two passes over the same order would give
+            if spill is not None:
+                out["features"].extend(out["mirrored"])
+            else:
+                out["features"] += out["mirrored"]
+            out["mirrored"] = []
+            labels += labels
+        if not labels:
+            empty = torch.zeros(0, device=device, dtype=dtype)
+            return FeatureCache(empty, torch.zeros(0, dtype=torch.int64, device=device),
+                                empty if mirrored else None, start=stop)
+
+        def joined(key: str) -> torch.Tensor | None:
+            held = out[key]
+            if isinstance(held, SpillFile):
+                return held.tensor() if held.rows else None
+            return torch.cat(held).contiguous(memory_format=torch.channels_last) if held else None
+
+        return FeatureCache(joined("features"), torch.cat(labels), joined("mirrored"), start=stop,
+                            skip=joined("skip"), mirrored_skip=joined("mirrored_skip"))
 
 
 def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, device: torch.device,
-                 autocast: Any, *, first_epoch: int) -> FeatureCache:
+                 autocast: Any, *, first_epoch: int, spill: str | None = None) -> FeatureCache:
     """Trunk features of the training images as validation and scoring see them (the eval
     preset), and with ``--head-cache-views 2`` of their mirrors too, as one cache of views."""
     inner = loader.loader
@@ -512,12 +538,9 @@ def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, dev
     plain_loader = SkippingLoader(DataLoader(plain, batch_size=inner.batch_size, sampler=inner.sampler,
                                              num_workers=cfg.loader_workers, collate_fn=inner.collate_fn))
     cache = _cache_features(model, plain_loader, device, autocast, first_epoch=first_epoch,
-                            mirrored=cfg.head_cache_views >= 2)
+                            mirrors_as_views=cfg.head_cache_views >= 2, spill=spill)
     loader.unreadable.extend(plain_loader.unreadable)  # counted as the training loader's
-    if cache.mirrored is None or not len(cache):
-        return FeatureCache(cache.features, cache.labels)
-    views = torch.cat([cache.features, cache.mirrored]).contiguous(memory_format=torch.channels_last)
-    return FeatureCache(views, torch.cat([cache.labels, cache.labels]))
+    return cache
 
 
 def _largest_val_shard(val_loader: SkippingLoader, world: int) -> int:
@@ -526,39 +549,66 @@ def _largest_val_shard(val_loader: SkippingLoader, world: int) -> int:
     return len(val_loader.loader.dataset.dataset) // max(world, 1) + 1
 
 
+def _spill_dir(disk_bytes: int, val_bytes: int, cfg: TrainConfig, device: torch.device,
+               workers_on_node: int) -> str | None:
+    """Where phase 1 keeps training views that are over :func:`head_cache_limit`: the temp
+    dir (``TMPDIR``), when validation still fits in memory, the worker runs on CPU (a GPU
+    streams the trunk fast enough) and every rank's disk has room for ``disk_bytes`` (the
+    files' peak); else None (stream). The answer is the same on every rank."""
+    directory = tempfile.gettempdir()
+    ok = (device.type == "cpu" and val_bytes <= head_cache_limit(cfg)
+          and spill_room(disk_bytes, workers_on_node=workers_on_node, directory=directory))
+    if device.type == "cpu" and dist.is_available() and dist.is_initialized():
+        refused = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(refused)
+        ok = float(refused) == 0.0
+    return directory if ok else None
+
+
 def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: torch.device,
-                 autocast: Any, state: LoopState, world: int) -> tuple[FeatureCache, FeatureCache] | None:
+                 autocast: Any, state: LoopState, world: int,
+                 workers_on_node: int = 1) -> tuple[FeatureCache, FeatureCache] | None:
     """Phase 1's training views and validation features, or None to stream (off, ray-data
-    ingest, or more than :func:`head_cache_limit`). The decision is the same on every rank."""
+    ingest, or over :func:`head_cache_limit` with no disk to spill the views to). The
+    decision is the same on every rank."""
     train_loader, val_loader = loaders
     if cfg.head_cache_views <= 0 or cfg.ingest != "dataloader":
         return None
     model.eval()  # (a dry run of one image: BatchNorm must neither need a batch nor learn from it)
     with torch.inference_mode():
         per_image = model.features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).numel() * 2
-    n_train = len(train_loader.sampler) * cfg.head_cache_views
-    n_val = _largest_val_shard(val_loader, world)
+    train_bytes = len(train_loader.sampler) * cfg.head_cache_views * per_image
     # Validation scores what the bundle will: with the mirror too when the model flips at test time.
     mirrored = bool(getattr(model, "test_time_flip", False))
-    need = (n_train + n_val * (2 if mirrored else 1)) * per_image
-    if need > head_cache_limit(cfg):
-        log.info("phase 1 streams images: caching its features would take %.1f GiB per worker (limit %.1f GiB)",
-                 need / 2**30, head_cache_limit(cfg) / 2**30)
-        if not cfg.head_cache_augment:
-            log.warning("--no-head-cache-augment does not act: phase 1 streams augmented images; raise "
-                        "--head-cache-mb to %d to cache the plain views", math.ceil(need / 2**20))
-        return None
+    val_bytes = _largest_val_shard(val_loader, world) * (2 if mirrored else 1) * per_image
+    spill = None
+    if train_bytes + val_bytes > head_cache_limit(cfg):
+        # The plain views' mirrors are written beside the images, then copied after them.
+        mirrors_apart = not cfg.head_cache_augment and cfg.head_cache_views >= 2
+        spill = _spill_dir(train_bytes * 3 // 2 if mirrors_apart else train_bytes, val_bytes, cfg, device,
+                           workers_on_node)
+        if spill is None:
+            # Streaming runs the whole trunk over every image every epoch: many times slower
+            # than the cache, and on augmented images where the plain views were asked for.
+            log.warning("phase 1 streams %s, a trunk pass per epoch: caching its features would take %.1f GiB "
+                        "per worker, over --head-cache-mb, and they cannot go to disk (GPU, or too little room "
+                        "in the temp dir); raise --head-cache-mb to %d or add workers to cache them",
+                        "images" if cfg.head_cache_augment else "augmented images, not the plain views",
+                        (train_bytes + val_bytes) / 2**30, math.ceil((train_bytes + val_bytes) / 2**20))
+            return None
+        log.info("phase 1: its training views (%.0f MiB per worker) are over --head-cache-mb: cached on disk in %s",
+                 train_bytes / 2**20, spill)
     t0 = time.time()
     if cfg.head_cache_augment:
         train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
-                                first_epoch=state.global_epoch)
+                                first_epoch=state.global_epoch, spill=spill)
     else:
-        train = _plain_views(model, train_loader, cfg, device, autocast, first_epoch=state.global_epoch)
+        train = _plain_views(model, train_loader, cfg, device, autocast, first_epoch=state.global_epoch, spill=spill)
     val = _cache_features(model, val_loader, device, autocast, mirrored=mirrored)
     cached = train.features.numel() + val.features.numel() + (val.mirrored.numel() if val.mirrored is not None else 0)
-    log.info("phase 1: trunk features of %d training views and %d validation images%s cached (%.0f MiB) in %.1fs",
+    log.info("phase 1: trunk features of %d training views and %d validation images%s cached (%.0f MiB%s) in %.1fs",
              len(train), len(val), " and their mirrors" if val.mirrored is not None else "", cached * 2 / 2**20,
-             time.time() - t0)
+             ", the views on disk" if spill else "", time.time() - t0)
     return train, val
 
 
@@ -690,7 +740,8 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     # augmentation, so they are computed for a few augmented views once and the head trains
     # on them for as many epochs as it needs, at the cost of a pass of the head.
     t_setup = time.time()
-    caches = _head_caches(base, cfg, loaders, device, autocast, state, world) if spec.unfreeze_depth == 0 else None
+    caches = (_head_caches(base, cfg, loaders, device, autocast, state, world, context.get("workers_on_node", 1))
+              if spec.unfreeze_depth == 0 else None)
     # Phase 2: validation from the frozen blocks' output, computed once.
     prefix_val = _prefix_val_cache(base, cfg, loaders, device, autocast, world) if spec.unfreeze_depth > 0 else None
     if prefix_val is not None:
@@ -802,7 +853,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Each worker owns cpus_per_worker cores; more threads only fight each other.
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    context = {"rank": rank, "world": world,
+    context = {"rank": rank, "world": world, "workers_on_node": ctx.get_local_world_size(),
                "node_ids": sorted(set(_gather([ray.get_runtime_context().get_node_id()])))}
 
     model = model_for(cfg)

@@ -68,7 +68,7 @@ def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypat
     from artifact_core.config import auto_image_size, parse_image_size
     from artifact_core.data import native_short_side
 
-    assert [auto_image_size(s) for s in (None, 64, 256, 300, 1024, 4000)] == [224, 224, 256, 288, 448, 448]
+    assert [auto_image_size(s) for s in (None, 64, 256, 300, 1024, 4000)] == [224, 224, 256, 288, 768, 768]
     assert parse_image_size("auto") == "auto" and parse_image_size("320") == 320
     with pytest.raises(argparse.ArgumentTypeError, match="expected 'auto' or a number"):
         parse_image_size("big")
@@ -77,7 +77,7 @@ def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypat
 
     data = tmp_path / "train"
     data.mkdir()
-    for i in range(6):  # 900 x 700 photos (short side 700 -> 448), one unreadable file
+    for i in range(6):  # 900 x 700 photos (short side 700 -> 672), one unreadable file
         Image.new("RGB", (900, 700), (i * 30, 90, 120)).save(data / f"image_{i}_{int(i > 0)}.png")
     (data / "image_9_1.png").write_bytes(b"not an image")
     assert native_short_side(sorted(str(p) for p in data.iterdir())) == 700
@@ -90,11 +90,11 @@ def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypat
     cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
                       val_fraction=0.3)
     loop = prepare_run(cfg)
-    assert cfg.image_size == loop["train"]["image_size"] == 448
+    assert cfg.image_size == loop["train"]["image_size"] == 672
     # the resolved size is the run's identity: a rerun with auto resumes, 320 is another run
     prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
                             val_fraction=0.3))
-    with pytest.raises(ValueError, match="image_size: 448 before, 320 now"):
+    with pytest.raises(ValueError, match="image_size: 672 before, 320 now"):
         prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
                                 val_fraction=0.3, image_size=320))
 

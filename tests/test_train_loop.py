@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import os
+import pathlib
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -184,6 +187,31 @@ def test_head_batchnorm_statistics_are_averaged_over_ranks():
     assert _two_ranks(_buffers_rank) == [(0, [0.5] * 3, [2.0] * 3, 0), (1, [0.5] * 3, [2.0] * 3, 0)]
 
 
+def _spill_rank(rank: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = TrainConfig(head_cache_mb=1)
+        answers = []
+        for rank_without_room in (None, 1):
+            train_loop.spill_room = lambda *a, **k: rank != rank_without_room  # (a forked process of its own)
+            answers.append(train_loop._spill_dir(10 << 20, 1 << 20, cfg, torch.device("cpu"), 2))
+        out.put((rank, answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_phase1_spills_to_disk_only_where_every_rank_has_room():
+    """Ranks that cached and ranks that streamed would run different collectives and hang:
+    one rank without room makes them all stream."""
+    tmp = tempfile.gettempdir()
+    assert _two_ranks(_spill_rank) == [(0, [tmp, None]), (1, [tmp, None])]
+    cfg = TrainConfig(head_cache_mb=1)
+    assert train_loop._spill_dir(10 << 20, 2 << 20, cfg, torch.device("cpu"), 1) is None  # validation alone is over
+    assert train_loop._spill_dir(10 << 20, 1 << 20, cfg, torch.device("meta"), 1) is None  # not on a CPU
+
+
 def test_finetune_schedule_warms_up_then_decays_and_resumes_exactly():
     from artifact_core.config import TrainConfig
 
@@ -325,9 +353,9 @@ def test_phase2_hands_validations_decode_cache_room_to_training():
     assert train_ds.cache.max_bytes == 140
 
 
-def test_phase1_caches_the_plain_images_and_their_mirrors_without_augmentation(tmp_path):
-    """``--no-head-cache-augment``: phase 1's views are the trunk's features of each training
-    image as validation sees it and of its mirror, and the training loader still augments."""
+def test_phase1_caches_the_plain_images_and_their_mirrors_or_augmented_draws(tmp_path, monkeypatch, caplog):
+    """Phase 1's default views are the trunk's features of each training image as validation
+    sees it and of its mirror, and the training loader still augments."""
     from contextlib import nullcontext
 
     from PIL import Image
@@ -361,15 +389,47 @@ def test_phase1_caches_the_plain_images_and_their_mirrors_without_augmentation(t
     assert len(val) == 2 and val.mirrored is not None
     assert "RandomAffine" in repr(loaders[0].loader.dataset.transform)  # phase 2 still augments
 
-    # a budget below the cache's size streams phase 1 instead
+    # --head-cache-augment: two passes of the augmenting training loader (drop_last: 2 x 4
+    # images), none of them the plain image or its mirror
+    augmented, _ = train_loop._head_caches(model, dataclasses.replace(cfg, head_cache_augment=True), loaders,
+                                           torch.device("cpu"), nullcontext, train_loop.LoopState(), 1)
+    assert len(augmented) == 8
+    assert min(float((view.float() - plain).abs().max()) for view in augmented.features for plain in want) > 1e-2
+
+    # training views over the budget go to disk (validation still fits): the same features,
+    # mapped from a file in the temp dir that has no name
     assert train_loop.head_cache_limit(TrainConfig(head_cache_mb=3)) == 3 << 20
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_dir))
+    monkeypatch.setattr("artifact_core.spill._filesystem_type", lambda d: "ext4")  # (CI's /tmp may be tmpfs)
+    monkeypatch.setattr(train_loop, "head_cache_limit", lambda cfg: val.nbytes + 2 * val.features[0].nbytes)
+    with caplog.at_level(logging.INFO, logger="artifact_core.train"):
+        on_disk, val_again = train_loop._head_caches(model, cfg, loaders, torch.device("cpu"), nullcontext,
+                                                     train_loop.LoopState(), 1)
+    assert "cached on disk in " + str(spill_dir) in caplog.text
+    assert torch.equal(on_disk.features, train.features) and torch.equal(on_disk.labels, train.labels)
+    mapped = [line for line in pathlib.Path("/proc/self/maps").read_text().splitlines() if f"{spill_dir}/" in line]
+    assert mapped and all(line.rstrip().endswith("(deleted)") for line in mapped)  # mapped, not copied
+    assert torch.equal(val_again.features, val.features) and list(spill_dir.iterdir()) == []
+    # (an empty shard spills nothing)
+    empty = train_loop._cache_features(model, [], torch.device("cpu"), nullcontext, mirrors_as_views=True,
+                                       spill=str(spill_dir))
+    assert len(empty) == 0 and empty.mirrored is None
+    # ... unless the disk has no room: then phase 1 streams, as with a budget of 0
+    monkeypatch.setattr(train_loop, "spill_room", lambda *a, **k: False)
+    assert train_loop._head_caches(model, cfg, loaders, torch.device("cpu"), nullcontext,
+                                   train_loop.LoopState(), 1) is None
+    monkeypatch.undo()
     assert train_loop._head_caches(model, dataclasses.replace(cfg, head_cache_mb=0), loaders,
                                    torch.device("cpu"), nullcontext, train_loop.LoopState(), 1) is None
 
-    for views in (0, 3):
-        with pytest.raises(ValueError, match="--head-cache-views"):
-            TrainConfig(head_cache_augment=False, head_cache_views=views).validate()
-    with pytest.raises(ValueError, match="--no-head-cache-augment"):
-        TrainConfig(head_cache_augment=False, ingest="ray-data").validate()
+    # the plain views are the default: the image and its mirror are all there is to cache
+    assert TrainConfig().head_cache_augment is False
+    with pytest.raises(ValueError, match="--head-cache-views must be 0, 1 .* or 2 .* unless --head-cache-augment"):
+        TrainConfig(head_cache_views=3).validate()
+    for ok in (TrainConfig(head_cache_views=0), TrainConfig(head_cache_views=3, head_cache_augment=True),
+               TrainConfig(ingest="ray-data")):  # (ray-data streams augmented images: no cache to refuse)
+        ok.validate()
     with pytest.raises(ValueError, match="--head-cache-mb"):
         TrainConfig(head_cache_mb=-1).validate()
