@@ -74,8 +74,9 @@ class SpillFile:
 
     def _check(self, hwc: tuple[int, ...]) -> None:
         if self._item_shape is not None and hwc != self._item_shape:
-            chw = (hwc[2], *hwc[:2])
-            raise ValueError(f"feature maps of shape {chw} after {(self._item_shape[2], *self._item_shape[:2])}")
+            def chw(s: tuple[int, ...]) -> tuple[int, ...]:
+                return (s[2], *s[:2])
+            raise ValueError(f"feature maps of shape {chw(hwc)} after {chw(self._item_shape)}")
         self._item_shape = hwc
 
     def append(self, x: torch.Tensor) -> None:

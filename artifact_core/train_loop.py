@@ -740,7 +740,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     # augmentation, so they are computed for a few augmented views once and the head trains
     # on them for as many epochs as it needs, at the cost of a pass of the head.
     t_setup = time.time()
-    caches = (_head_caches(base, cfg, loaders, device, autocast, state, world, context.get("workers_on_node", 1))
+    caches = (_head_caches(base, cfg, loaders, device, autocast, state, world, context["workers_on_node"])
               if spec.unfreeze_depth == 0 else None)
     # Phase 2: validation from the frozen blocks' output, computed once.
     prefix_val = _prefix_val_cache(base, cfg, loaders, device, autocast, world) if spec.unfreeze_depth > 0 else None
