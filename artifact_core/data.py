@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from artifact_core.labels import ARTIFACT, CLEAN, LABEL_NAMES  # noqa: F401 (re-exported)
-from artifact_core.storage import resolve
+from artifact_core.storage import open_listed_file, resolve
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def native_short_side(paths: Sequence[str], fs: pafs.FileSystem | None = None, *
     sides = []
     for path in list(paths)[::step][:sample]:
         try:
-            stream = open(path, "rb") if fs is None else fs.open_input_file(path)
-            with stream, Image.open(stream) as img:
+            with open_listed_file(path, fs) as stream, Image.open(stream) as img:
                 sides.append(min(img.size))
         except Exception:  # noqa: BLE001 - any unreadable file just leaves the sample
             continue
@@ -146,9 +145,12 @@ def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = Fal
             labels.append(parse_label(p))
             kept.append(p)
         except ValueError:
-            if not skip_unlabeled:
-                raise
             skipped.append(p)
+    if skipped and not skip_unlabeled:
+        # the path under the folder: in nested folders the base name alone is ambiguous
+        first = skipped[0][len(root):].lstrip("/") if root and skipped[0].startswith(root) else skipped[0]
+        raise ValueError(f"cannot read label from {first!r} under {os.fspath(folder)!r}: expected {LABEL_PATTERN}; "
+                         f"{len(skipped)} of {len(paths)} image file(s) lack one (--skip-unlabeled trains on the rest)")
     if skipped:
         log.warning("skipped %d file(s) without a label in their name under %s", len(skipped), folder)
     if not kept:

@@ -32,18 +32,26 @@ class ImageDecodeError(ValueError):
         super().__init__(f"cannot decode image {source!r}: {reason}")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB."""
+def _to_rgb(img: Image.Image, value_range: tuple[float, float] | None = None) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
+
+    ``value_range``: the (low, high) that 16-bit/float greyscale is stretched from (default:
+    this image's own; :func:`_shrink_before_rgb` passes the full-size image's).
+    """
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit/float greyscale: PIL's convert("RGB") clips to 0..255 instead of
         # rescaling, which turns most 16-bit images white. Rescale by the actual range.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        # float32 and in place: a 16-bit file is small on disk, and float64 temporaries made it
+        # cost ~23 bytes per pixel to decode (float32 holds every 16-bit value exactly)
+        arr = np.array(img, dtype=np.float32)  # a writable copy (a float image would give a read-only view)
+        lo, hi = (float(v) for v in value_range) if value_range else (float(np.nanmin(arr)), float(np.nanmax(arr)))
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        arr8 = np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8).convert("RGB")
+        arr -= lo
+        arr *= scale
+        np.clip(arr, 0, 255, out=arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite transparency over white rather than dropping alpha, which would
         # leave whatever colour sits under transparent pixels (often black).
@@ -80,6 +88,26 @@ def _reduce(img: Image.Image, target_size: int) -> Image.Image:
     if max(fx, fy) < 2:
         return img
     return img.reduce((max(fx, 1), max(fy, 1)))
+
+
+def _shrink_before_rgb(img: Image.Image, target_size: int) -> tuple[Image.Image, tuple[float, float] | None]:
+    """Box-reduce the modes whose conversion to RGB takes several full-size copies (alpha
+    composited over white, 16-bit and float greyscale rescaled): 20-26 bytes per pixel.
+
+    PIL's reduce() premultiplies alpha, so compositing afterwards matches compositing first
+    up to rounding. Returns the image and, for 16-bit/float greyscale, the full-size range
+    to stretch from, so the contrast is that of the whole image whatever the path.
+    """
+    mode = img.mode
+    if mode.startswith("I;16"):
+        img = img.convert("I")  # reduce() has no 16-bit mode; 32-bit integers keep every value
+    if img.mode in ("I", "F"):
+        return _reduce(img, target_size), img.getextrema()
+    if mode == "PA" or (mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "L"):
+        return _reduce(img, target_size), None
+    return img, None
 
 
 def decode_image(source: ImageSource, *, name: str | None = None,
@@ -128,7 +156,10 @@ def decode_image(source: ImageSource, *, name: str | None = None,
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
                     img.load()
-                out = _to_rgb(_exif_upright(img))
+                out, value_range = _exif_upright(img), None
+                if target_size:
+                    out, value_range = _shrink_before_rgb(out, target_size)
+                out = _to_rgb(out, value_range)
         if target_size:
             out = resize_image(_reduce(out, target_size), target_size)
         return out

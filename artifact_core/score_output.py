@@ -3,12 +3,13 @@
 The first write of a scoring run creates :data:`MANIFEST_FILE` in ``--output``: who wrote
 it, when, from which input and model, and which entries of the folder it owns.
 ``--overwrite`` deletes only those entries; a non-empty folder without the manifest is
-never written to. ``--resume`` is refused when the model or threshold differ, so one
-output never mixes two models.
+never written to. ``--resume`` is refused when the model (its weights, precision, int8 file
+or config), threshold, image size or input differ, so one output never mixes two models.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -37,6 +38,13 @@ class ScoringIdentity:
     model_sha256: str
     threshold: float
     image_size: int
+    # Empty in manifests written before they were recorded (not compared then). fp32 runs in
+    # PyTorch or ONNX Runtime give the same probabilities (checked at export), so the engine
+    # is not part of the identity; int8 is another model, and config.json holds the
+    # preprocessing and the test-time flip.
+    precision: str = ""
+    int8_sha256: str = ""
+    config_sha256: str = ""
 
 
 @dataclass
@@ -89,14 +97,21 @@ def write_manifest(output: Location, manifest: Manifest) -> None:
     output.join(MANIFEST_FILE).write_text(manifest.to_json())
 
 
+_LABELS = {"model_sha256": "model weights (sha256 of model.pt)", "precision": "--precision",
+           "int8_sha256": "int8 model (sha256 of model.int8.onnx)", "config_sha256": "bundle config (sha256 of config.json)"}
+#: fields an older manifest may lack (recorded as ""): compared only when it has them
+_RECORDED_LATER = ("precision", "int8_sha256", "config_sha256")
+
+
 def _differences(old: ScoringIdentity, new: ScoringIdentity) -> list[str]:
     diffs = []
-    for name in ("input", "model_sha256", "threshold", "image_size"):
+    for name in ("input", "model_sha256", "threshold", "image_size", *_RECORDED_LATER):
         a, b = getattr(old, name), getattr(new, name)
+        if name in _RECORDED_LATER and a == "":
+            continue
         same = abs(a - b) < 1e-12 if isinstance(a, float) and isinstance(b, (int, float)) else a == b
         if not same:
-            label = "model weights (sha256 of model.pt)" if name == "model_sha256" else name
-            diffs.append(f"{label}: {a!r} before, {b!r} now")
+            diffs.append(f"{_LABELS.get(name, name)}: {a!r} before, {b!r} now")
     return diffs
 
 
@@ -106,14 +121,14 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
 
     Args:
         output: the ``--output`` folder.
-        identity: this run's input, model and threshold.
+        identity: this run's input, model, precision and threshold.
         owned: the entries (direct children) a scoring run writes; only these are ever deleted.
-        resume: keep existing rows (same model and threshold required).
+        resume: keep existing rows (same identity required; see :func:`_differences`).
         overwrite: delete the entries an earlier run listed in its manifest first.
 
     Raises:
         OutputConflictError: the folder is not empty and has no manifest, it exists and
-            neither flag was given, or ``resume`` meets another model or threshold.
+            neither flag was given, or ``resume`` meets another identity.
     """
     kind = output.info().type.name
     if kind == "File":
@@ -135,6 +150,11 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
             raise OutputConflictError(
                 f"cannot --resume {output.uri}: it was scored with other settings ({'; '.join(diffs)}); "
                 f"pass --overwrite to replace it or choose another --output")
+        # A manifest from before a field was recorded learns it now, so later resumes check it.
+        unknown = {k: getattr(identity, k) for k in _RECORDED_LATER if getattr(manifest.identity, k) == ""}
+        if unknown:
+            log.warning("--resume: %s has no record of %s; taking this run's", output.uri, ", ".join(unknown))
+            manifest.identity = dataclasses.replace(manifest.identity, **unknown)
         manifest.complete = False
         manifest.history.append({"resumed": now})
     else:

@@ -35,7 +35,7 @@ import ray
 import ray.data
 
 from artifact_core import plots
-from artifact_core.bundle import WEIGHTS_FILE, load_bundle, read_bundle_config
+from artifact_core.bundle import CONFIG_FILE, ONNX_INT8_FILE, WEIGHTS_FILE, load_bundle, read_bundle_config
 from artifact_core.config import SCORE_PIPELINES, ScoreConfig
 from artifact_core.data import list_image_files
 from artifact_core.decode import decode_array, decode_batch
@@ -67,6 +67,22 @@ def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
         (sorted paths, filesystem or None for local, normalized root).
     """
     return list_image_files(input_uri)
+
+
+def _check_distinct(shown: Sequence[str]) -> None:
+    """Refuse, before anything is written, two files whose rows would carry the same path.
+
+    Rows are keyed by the UTF-8 path (:func:`display_path`); a name with undecodable bytes
+    and one spelling those bytes out as ``\\xNN`` would share a row and one result be lost.
+    """
+    if len(set(shown)) == len(shown):
+        return
+    seen: set[str] = set()
+    for name in shown:
+        if name in seen:
+            raise ValueError(f"two input files would share the output row {name!r}: one name has bytes that are "
+                             f"not UTF-8, the other spells them out as \\xNN; rename one")
+        seen.add(name)
 
 
 def _existing_rows(parquet_dir: Location) -> set[str]:
@@ -102,7 +118,10 @@ def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Loca
     model = resolve(cfg.model)
     identity = ScoringIdentity(input=resolve(cfg.input).uri, model=model.uri,
                                model_sha256=_file_sha256(model.join(WEIGHTS_FILE)),
-                               threshold=threshold, image_size=image_size)
+                               threshold=threshold, image_size=image_size, precision=cfg.precision,
+                               int8_sha256=_file_sha256(model.join(ONNX_INT8_FILE)) if cfg.precision == "int8"
+                               else "not used",
+                               config_sha256=_file_sha256(model.join(CONFIG_FILE)))
     prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume, overwrite=cfg.overwrite)
     for name in DERIVED_ENTRIES:
         output.join(name).remove()
@@ -422,9 +441,10 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     paths, fs, root = list_input(cfg.input)
     if not paths:
         raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) found under {cfg.input!r}")
+    shown = [display_path(p) for p in paths]
+    _check_distinct(shown)
     parquet_dir = _prepare_output(cfg, threshold, bundle_config.image_size)
     done = _existing_rows(parquet_dir) if cfg.resume else set()
-    shown = [display_path(p) for p in paths]
     todo = [p for p, d in zip(paths, shown) if d not in done]
     log.info("%d image file(s) under %s; %d already scored, %d to score", len(paths), cfg.input,
              len(paths) - len(todo), len(todo))
@@ -461,8 +481,16 @@ def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
     csv = resolve(output).join(CSV_FILE)
     with csv.fs.open_input_stream(csv.path) as f:
         pred = pacsv.read_csv(f).to_pydict()
+    labels = []
+    for row, (name, y) in enumerate(zip(truth["filename"], truth["label"]), start=1):
+        # one bad cell makes pyarrow read the whole column as text
+        value = {"0": 0, "1": 1}.get(y.strip()) if isinstance(y, str) else y
+        if value not in (0, 1) or isinstance(value, bool):
+            raise ValueError(f"{labels_csv!r} data row {row} ({name!r}): label {y!r} is not 0 (artifact) or 1 "
+                             f"(artifact-free)")
+        labels.append(int(value))
     by_name = dict(zip(pred["filename"], pred["predicted_class"]))
-    pairs = [(int(y), int(by_name[f])) for f, y in zip(truth["filename"], truth["label"]) if f in by_name]
+    pairs = [(y, int(by_name[f])) for f, y in zip(truth["filename"], labels) if f in by_name]
     if not pairs:
         raise ValueError(f"no file in {labels_csv!r} matches a scored filename in {output!r}")
     y_true = [t for t, _ in pairs]

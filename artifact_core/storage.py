@@ -11,7 +11,9 @@ import os
 import posixpath
 import stat
 from dataclasses import dataclass
+from typing import BinaryIO
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -183,7 +185,8 @@ class FileReadError(OSError):
         super().__init__(f"cannot read {path!r}: {reason}")
 
 
-def _read_local(path: str | bytes, max_bytes: int) -> bytes:
+def _open_regular(path: str | bytes) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of a local regular file and its stat, or FileReadError."""
     # O_NONBLOCK: opening a FIFO (or a device) named like an image must not block the job;
     # fstat on the open descriptor then tells what it really is, with no race.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -191,6 +194,27 @@ def _read_local(path: str | bytes, max_bytes: int) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileReadError(os.fsdecode(path), "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def open_listed_file(path: str, fs: pafs.FileSystem | None = None) -> BinaryIO | pa.NativeFile:
+    """A binary stream over one listed file, for readers that need only its start (headers).
+
+    Local files open as :func:`read_file_bytes` opens them: a FIFO or device named like an
+    image raises :class:`FileReadError` instead of blocking forever.
+    """
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
+        fd, _ = _open_regular(path)
+        return os.fdopen(fd, "rb")
+    return fs.open_input_file(path)
+
+
+def _read_local(path: str | bytes, max_bytes: int) -> bytes:
+    fd, st = _open_regular(path)
+    try:
         if st.st_size > max_bytes:
             raise FileReadError(os.fsdecode(path), f"{st.st_size} bytes exceeds the limit of {max_bytes}")
         chunks, left = [], st.st_size + 1  # one byte more: a file that grew is read whole or refused

@@ -32,7 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None,
                    help=f"image folder, searched recursively; local path or pyarrow URI such as s3://bucket/dir "
                         f"(default: ./{DEMO_RUNS}/{DEMO_DATA_FOLDER}/test)")
-    p.add_argument("--output", default=None, help=f"output folder (default: ./{DEMO_RUNS}/{DEMO_RUN_NAME}/predictions)")
+    p.add_argument("--output", default=None,
+                   help=f"output folder (default: ./{DEMO_RUNS}/{DEMO_RUN_NAME}/predictions, which the demo, run "
+                        f"with neither --input nor --output, replaces)")
     p.add_argument("--labels", default=None,
                    help="optional CSV filename,label to report micro F1 against (default for the demo: its test_labels.csv)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call (default: %(default)s)")
@@ -70,11 +72,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> None:
-    """Score, then print counts, speed and (with labels) micro F1."""
-    from artifact_core.raycluster import ensure_ray
-    from artifact_core.scoring import evaluate_against_labels, run_scoring
+def score_config(args: argparse.Namespace) -> tuple[ScoreConfig, str | None]:
+    """The run's settings and labels CSV (if any); omitted paths are the demo's.
 
+    Raises:
+        ValueError: a negative report size.
+    """
     if args.report_top < 0 or args.report_uncertain < 0:
         raise ValueError(f"--report-top and --report-uncertain must be 0 or more, got {args.report_top} and "
                          f"{args.report_uncertain}")
@@ -82,6 +85,9 @@ def main(args: argparse.Namespace) -> None:
     labels = args.labels
     if args.input is None:
         labels = labels or os.path.join(demo, DEMO_DATA_FOLDER, "test_labels.csv")
+    # Only the demo as a whole (neither --input nor --output) replaces its own earlier output:
+    # another folder scored into the demo's default output must not delete those results.
+    demo_rerun = args.input is None and args.output is None and not args.resume
     cfg = ScoreConfig(
         model=args.model or os.path.join(demo, DEMO_RUN_NAME, "model"),
         input=args.input or os.path.join(demo, DEMO_DATA_FOLDER, "test"),
@@ -89,10 +95,19 @@ def main(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
         use_gpu=args.use_gpu, engine=args.engine, precision=args.precision, pipeline=args.pipeline, threshold=args.threshold,
         object_store_budget_mb=args.object_store_budget_mb,
-        resume=args.resume, overwrite=args.overwrite or (args.output is None and not args.resume),
+        resume=args.resume, overwrite=args.overwrite or demo_rerun,
         report=args.report, report_top=args.report_top, report_uncertain=args.report_uncertain,
         wait_for_resources=args.wait_for_resources,
     )
+    return cfg, labels
+
+
+def main(args: argparse.Namespace) -> None:
+    """Score, then print counts, speed and (with labels) micro F1."""
+    from artifact_core.raycluster import ensure_ray
+    from artifact_core.scoring import evaluate_against_labels, run_scoring
+
+    cfg, labels = score_config(args)
     ensure_ray()
     s = run_scoring(cfg)
     print(f"scored {s['files']} file(s): {s['predicted']['0 (artifact)']} artifact, "

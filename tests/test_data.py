@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -46,12 +48,16 @@ def test_parse_label_errors_name_the_file_and_pattern(name):
 def test_scan_labeled_folder(tmp_path):
     for i, y in enumerate([0, 1, 1, 1]):
         write_image(tmp_path / f"image_{i}_{y}.png")
-    write_image(tmp_path / "stray.png")
-    with pytest.raises(ValueError, match="stray.png"):
+    write_image(tmp_path / "batch2" / "stray.png")
+    write_image(tmp_path / "image_9_2.png")  # a label other than 0 or 1
+    with pytest.raises(ValueError) as err:
         scan_labeled_folder(tmp_path)
+    # the file's place under the folder (base names repeat across subfolders), how many, the way out
+    assert "cannot read label from 'batch2/stray.png'" in str(err.value)
+    assert "2 of 6 image file(s) lack one (--skip-unlabeled" in str(err.value)
     folder = scan_labeled_folder(tmp_path, skip_unlabeled=True)
     assert folder.counts() == {ARTIFACT: 1, CLEAN: 3}
-    assert [p.split("/")[-1] for p in folder.skipped] == ["stray.png"]
+    assert sorted(p.split("/")[-1] for p in folder.skipped) == ["image_9_2.png", "stray.png"]
 
 
 def test_scan_empty_and_single_class(tmp_path):
@@ -174,3 +180,25 @@ def test_decode_cache_budget_reserves_validation_first():
     assert _decode_caches(TrainConfig(image_size=448, decode_cache_mb=0), n_val=2) == (None, None)
     # each DataLoader process would fill its own copy: off
     assert _decode_caches(TrainConfig(image_size=448, loader_workers=2), n_val=2) == (None, None)
+
+
+def test_image_size_probe_does_not_block_on_fifos_or_devices(tmp_path):
+    """The size probe opens files in the driver before any worker starts: a FIFO named like an
+    image (or a device) is left out of the sample instead of blocking the run forever."""
+    import threading
+
+    from PIL import Image
+
+    from artifact_core.data import native_short_side
+
+    data = tmp_path / "train"
+    data.mkdir()
+    Image.new("RGB", (900, 700), (30, 90, 120)).save(data / "image_0_1.png")
+    os.mkfifo(data / "image_1_0.png")  # nobody ever writes to it: a plain open() waits forever
+    result = {}
+    probe = threading.Thread(daemon=True, target=lambda: result.update(
+        side=native_short_side([str(data / "image_1_0.png"), os.devnull, str(data / "image_0_1.png")])))
+    probe.start()
+    probe.join(60)
+    assert not probe.is_alive(), "native_short_side blocked on a FIFO"
+    assert result["side"] == 700

@@ -15,7 +15,7 @@ from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.score_output import MANIFEST_FILE, OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
 from artifact_core.storage import FileReadError, NestedLocationError, read_file_bytes
-from conftest import calibrated_model, write_image
+from conftest import REPO, calibrated_model, write_image
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,101 @@ def test_resume_and_overwrite_also_refuse_a_foreign_folder(bundle_dir, tmp_path)
         with pytest.raises(OutputConflictError, match="not empty"):
             run_scoring(ScoreConfig(model=bundle_dir, input=str(x / "photos"), output=str(other), **flags))
     assert snapshot(tmp_path) == before
+
+
+def test_only_the_whole_demo_replaces_its_output(monkeypatch, tmp_path):
+    """``python jobs/score.py`` alone reruns the demo over its own output; scoring another folder
+    without ``--output`` lands in the same default folder, and must not delete what is there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_job", REPO / "jobs" / "score.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    monkeypatch.chdir(tmp_path)
+
+    def config(*argv: str) -> ScoreConfig:
+        return job.score_config(job.get_args_parser().parse_args(list(argv)))[0]
+
+    demo_output = str(tmp_path / job.DEMO_RUNS / job.DEMO_RUN_NAME / "predictions")
+    assert config().overwrite and config().output == demo_output
+    assert config("--model", "m").overwrite  # the demo's folder scored again, with another bundle
+    other = config("--input", "/data/B")
+    assert other.output == demo_output and not other.overwrite and not other.resume
+    assert not config("--output", "out").overwrite
+    assert not config("--resume").overwrite and config("--resume").resume
+    assert config("--input", "/data/B", "--overwrite").overwrite
+
+
+def test_resume_refuses_another_precision_int8_model_or_bundle_config(tmp_path):
+    """One output never mixes two models: int8 is another model, and config.json holds the
+    preprocessing and the test-time flip. Manifests from before these were recorded still resume."""
+    import dataclasses
+
+    from artifact_core.score_output import ScoringIdentity, prepare_output
+    from artifact_core.storage import resolve
+
+    base = ScoringIdentity(input="/in", model="/m", model_sha256="w1", threshold=0.5, image_size=32,
+                           precision="fp32", int8_sha256="not used", config_sha256="c1")
+    out = resolve(str(tmp_path / "out"))
+    prepare_output(out, base, owned=["predictions.csv"], resume=False, overwrite=False)
+    prepare_output(out, base, owned=["predictions.csv"], resume=True, overwrite=False)
+    for change, named in [({"precision": "int8", "int8_sha256": "q1"}, "--precision: 'fp32' before, 'int8' now"),
+                          ({"config_sha256": "c2"}, "sha256 of config.json"),
+                          ({"model_sha256": "w2"}, "sha256 of model.pt")]:
+        with pytest.raises(OutputConflictError, match="cannot --resume") as err:
+            prepare_output(out, dataclasses.replace(base, **change), owned=["predictions.csv"], resume=True,
+                           overwrite=False)
+        assert named in str(err.value)
+    int8 = resolve(str(tmp_path / "int8"))
+    prepare_output(int8, dataclasses.replace(base, precision="int8", int8_sha256="q1"), owned=[], resume=False,
+                   overwrite=False)
+    with pytest.raises(OutputConflictError, match="sha256 of model.int8.onnx"):  # re-calibrated in between
+        prepare_output(int8, dataclasses.replace(base, precision="int8", int8_sha256="q2"), owned=[], resume=True,
+                       overwrite=False)
+    # a manifest written before precision and the config were recorded
+    old = resolve(str(tmp_path / "old"))
+    legacy = ScoringIdentity(input="/in", model="/m", model_sha256="w1", threshold=0.5, image_size=32)
+    prepare_output(old, legacy, owned=[], resume=False, overwrite=False)
+    raw = json.loads((tmp_path / "old" / MANIFEST_FILE).read_text())
+    for key in ("precision", "int8_sha256", "config_sha256"):
+        del raw["identity"][key]
+    (tmp_path / "old" / MANIFEST_FILE).write_text(json.dumps(raw))
+    prepare_output(old, base, owned=[], resume=True, overwrite=False)
+    # ... and records them then, so the next resume checks them
+    assert json.loads((tmp_path / "old" / MANIFEST_FILE).read_text())["identity"]["precision"] == "fp32"
+    with pytest.raises(OutputConflictError, match="--precision: 'fp32' before, 'int8' now"):
+        prepare_output(old, dataclasses.replace(base, precision="int8", int8_sha256="q1"), owned=[], resume=True,
+                       overwrite=False)
+
+
+def test_labels_csv_is_checked_and_error_rows_count_as_misses(tmp_path):
+    from artifact_core.scoring import evaluate_against_labels
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions.csv").write_text(
+        "filename,predicted_class\na.png,0\nb.png,1\nc.png,-1\nd.png,1\n")
+    good = tmp_path / "labels.csv"
+    good.write_text("filename,label\na.png,0\nb.png,1\nc.png,1\nd.png,0\nunscored.png,1\n")
+    m = evaluate_against_labels(str(tmp_path / "out"), str(good))
+    assert m["confusion_matrix"] == [[1, 1], [1, 1]]  # c's error row is a miss whatever its label
+    for bad, shown in [("-1", "-1"), ("2", "2"), ("", "None"), ("yes", "'yes'")]:
+        labels = tmp_path / "bad.csv"
+        labels.write_text(f"filename,label\na.png,0\nb.png,{bad}\n")
+        with pytest.raises(ValueError) as err:
+            evaluate_against_labels(str(tmp_path / "out"), str(labels))
+        assert f"data row 2 ('b.png'): label {shown} is not 0" in str(err.value)
+
+
+def test_two_files_that_would_share_a_row_are_refused_before_anything_is_written(bundle_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    png = write_image(tmp_path / "x.png").read_bytes()
+    for name in (b"a\xff.png", b"a\\xff.png"):  # a byte that is not UTF-8, and the same spelt out
+        with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+            f.write(png)
+    with pytest.raises(ValueError, match=r"two input files would share the output row '.*/a\\\\xff\.png'"):
+        run_scoring(ScoreConfig(model=bundle_dir, input=str(folder), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
 
 
 def test_read_file_bytes_reasons(tmp_path):
