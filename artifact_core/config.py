@@ -53,7 +53,7 @@ def feature_blocks(head: str) -> int:
 #: small images; the cap keeps a 1024 px folder affordable on CPUs. Measured on the subtle
 #: demo data (1024 px faces, few-pixel defects): frozen-feature probes score test AP <= 0.18
 #: at 224 px, 0.70 at 448 and 0.77 at 640; trained end to end with phase 2 on the plain
-#: cached views, 768 px found 84-88 % of the held-out artifacts at micro F1 0.960-0.978 (three
+#: cached views, 768 px found 84-90 % of the held-out artifacts at micro F1 0.960-0.978 (four
 #: runs; 448 px: 72-76 % at 0.970-0.972) and raised test AP from 0.85 to 0.87-0.92, at 3.8x
 #: the training and 2.7x the scoring time (``--image-size 448`` trades it back).
 AUTO_IMAGE_SIZE_MIN = 224
