@@ -44,7 +44,7 @@ def _to_rgb(img: Image.Image, value_range: tuple[float, float] | None = None) ->
         # 16-bit/float greyscale: PIL's convert("RGB") clips to 0..255 instead of
         # rescaling, which turns most 16-bit images white. Rescale by the actual range.
         # float32 and in place: a 16-bit file is small on disk, and float64 temporaries made it
-        # cost ~23 bytes per pixel to decode (float32 holds every 16-bit value exactly)
+        # cost over 20 bytes per pixel to decode (float32 holds every 16-bit value exactly)
         arr = np.array(img, dtype=np.float32)  # a writable copy (a float image would give a read-only view)
         lo, hi = (float(v) for v in value_range) if value_range else (float(np.nanmin(arr)), float(np.nanmax(arr)))
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
@@ -92,7 +92,7 @@ def _reduce(img: Image.Image, target_size: int) -> Image.Image:
 
 def _shrink_before_rgb(img: Image.Image, target_size: int) -> tuple[Image.Image, tuple[float, float] | None]:
     """Box-reduce the modes whose conversion to RGB takes several full-size copies (alpha
-    composited over white, 16-bit and float greyscale rescaled): 20-26 bytes per pixel.
+    composited over white, 16-bit and float greyscale rescaled): 17-26 bytes per pixel.
 
     PIL's reduce() premultiplies alpha, so compositing afterwards matches compositing first
     up to rounding. Returns the image and, for 16-bit/float greyscale, the full-size range

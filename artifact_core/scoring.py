@@ -75,8 +75,6 @@ def _check_distinct(shown: Sequence[str]) -> None:
     Rows are keyed by the UTF-8 path (:func:`display_path`); a name with undecodable bytes
     and one spelling those bytes out as ``\\xNN`` would share a row and one result be lost.
     """
-    if len(set(shown)) == len(shown):
-        return
     seen: set[str] = set()
     for name in shown:
         if name in seen:
