@@ -7,6 +7,7 @@ suite pays Ray's start-up once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,6 +21,14 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_job(name: str):
+    """``jobs/<name>.py`` as a module (the job scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 RAY_BIN = str(Path(sys.executable).parent / "ray")
 
 

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from conftest import REPO, make_easy_folder, write_image
+from conftest import load_job, make_easy_folder, write_image
 from artifact_core.jobs_common import run_job
 
 pytestmark = pytest.mark.ray
-
-
-def load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_cli(name: str, argv: list[str], capsys) -> tuple[int, str]:

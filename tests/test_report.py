@@ -247,15 +247,12 @@ def test_report_pages_ten_thousand_flagged(tmp_path):
 
 
 def test_score_flags(capsys):
-    import importlib.util
     import logging
 
     from artifact_core.jobs_common import run_job
-    from conftest import REPO
+    from conftest import load_job
 
-    spec = importlib.util.spec_from_file_location("job_score_flags", REPO / "jobs" / "score.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("score")
     p = job.get_args_parser()
     assert (p.parse_args([]).report, p.parse_args([]).report_top, p.parse_args([]).report_uncertain) == (None, 500, 50)
     assert p.parse_args(["--report", "--report-top", "7"]).report is True

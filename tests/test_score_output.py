@@ -15,7 +15,7 @@ from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.score_output import MANIFEST_FILE, OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
 from artifact_core.storage import FileReadError, NestedLocationError, read_file_bytes
-from conftest import REPO, calibrated_model, write_image
+from conftest import calibrated_model, load_job, write_image
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,7 @@ def test_resume_and_overwrite_also_refuse_a_foreign_folder(bundle_dir, tmp_path)
 def test_only_the_whole_demo_replaces_its_output(monkeypatch, tmp_path):
     """``python jobs/score.py`` alone reruns the demo over its own output; scoring another folder
     without ``--output`` lands in the same default folder, and must not delete what is there."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("score_job", REPO / "jobs" / "score.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("score")
     monkeypatch.chdir(tmp_path)
 
     def config(*argv: str) -> ScoreConfig:
