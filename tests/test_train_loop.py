@@ -402,12 +402,18 @@ def test_phase1_caches_the_plain_images_and_their_mirrors_or_augmented_draws(tmp
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spill_dir))
-    monkeypatch.setattr("artifact_core.spill._filesystem_type", lambda d: "ext4")  # (CI's /tmp may be tmpfs)
+    # (the room check has its own test, test_spill; here the disk has room whatever the
+    # machine's /tmp is: tmpfs or nearly full on some CI runners)
+    asked = []
+    monkeypatch.setattr(train_loop, "spill_room",
+                        lambda nbytes, **kw: asked.append((nbytes, kw)) or True)
     monkeypatch.setattr(train_loop, "head_cache_limit", lambda cfg: val.nbytes + 2 * val.features[0].nbytes)
     with caplog.at_level(logging.INFO, logger="artifact_core.train"):
         on_disk, val_again = train_loop._head_caches(model, cfg, loaders, torch.device("cpu"), nullcontext,
                                                      train_loop.LoopState(), 1)
     assert "cached on disk in " + str(spill_dir) in caplog.text
+    # (room for the mirrors written apart before they are copied after the images)
+    assert asked == [(train.nbytes * 3 // 2, {"workers_on_node": 1, "directory": str(spill_dir)})], asked
     assert torch.equal(on_disk.features, train.features) and torch.equal(on_disk.labels, train.labels)
     mapped = [line for line in pathlib.Path("/proc/self/maps").read_text().splitlines() if f"{spill_dir}/" in line]
     assert mapped and all(line.rstrip().endswith("(deleted)") for line in mapped)  # mapped, not copied
