@@ -5,19 +5,26 @@ Layout::
     model.pt        state dict of the MobileNetV2 with its binary head
     config.json     architecture, image size, normalization, label meaning, threshold, versions
     metrics.json    validation metrics (and training history when training wrote it)
-    model.onnx      optional: the same model for ONNX Runtime (dynamic batch), see onnx_export
+    model.onnx      optional: the same model for ONNX Runtime (dynamic batch), see export_onnx
     model.int8.onnx optional: statically quantized (QDQ, per-channel) copy
     calibration.json optional: the images int8 was calibrated and evaluated on
+
+Both ONNX files record the sha256 of the ``model.pt`` they were made from
+(:data:`ONNX_SOURCE_KEY` in their metadata), so scoring can tell an ONNX file left from
+an earlier model from a current one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import pyarrow.fs as pafs
 
 if TYPE_CHECKING:  # torch is imported where weights are written or read: reading a config
     import torch   # (ONNX scoring actors) must not cost torch's import
@@ -37,6 +44,12 @@ METRICS_FILE = "metrics.json"
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 CALIBRATION_FILE = "calibration.json"
+#: key in an ONNX model's metadata_props: sha256 of the model.pt it was exported from
+ONNX_SOURCE_KEY = "artifact_core.model_pt_sha256"
+
+# (uri, size, mtime) -> sha256: each version of a model.pt is hashed once per process
+# (every scoring actor and lane checks its ONNX model against it).
+_WEIGHTS_SHA256: dict[tuple[str, int | None, int | None], str] = {}
 
 
 @dataclass
@@ -133,19 +146,19 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
 
 
 def read_bundle_config(path: str) -> BundleConfig:
-    """The config of a bundle folder, without building the model.
+    """The config of a bundle folder (local, or a URI such as ``s3://``), without building the model.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
         ValueError: the config is not a bundle this version can read.
     """
-    if not os.path.isdir(path):
+    bundle = resolve(path)
+    if not bundle.is_dir():
         raise FileNotFoundError(f"model bundle {path!r} does not exist (expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE})")
     for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not os.path.isfile(os.path.join(path, name)):
+        if bundle.join(name).info().type != pafs.FileType.File:
             raise FileNotFoundError(f"model bundle {path!r} has no {name}")
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        raw = json.load(f)
+    raw = json.loads(bundle.join(CONFIG_FILE).read_text())
     known = set(BundleConfig.__dataclass_fields__)
     config = BundleConfig(**{k: v for k, v in raw.items() if k in known})
     if config.format > BUNDLE_FORMAT or config.architecture != ARCHITECTURE or config.head not in HEADS:
@@ -153,6 +166,27 @@ def read_bundle_config(path: str) -> BundleConfig:
                          f"/ head {config.head!r} is not readable here "
                          f"(expected format <= {BUNDLE_FORMAT}, {ARCHITECTURE!r}, a head in {HEADS})")
     return config
+
+
+def weights_sha256(path: str) -> str:
+    """sha256 of a bundle's ``model.pt`` (local folder or URI), hashed once per process per version of the file.
+
+    Raises:
+        FileNotFoundError: the bundle has no ``model.pt``.
+    """
+    weights = resolve(path).join(WEIGHTS_FILE)
+    info = weights.info()
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"model bundle {path!r} has no {WEIGHTS_FILE}")
+    # Size and modification time in the key: a model.pt rewritten in place is hashed again.
+    key = (weights.uri, info.size, info.mtime_ns)
+    if key not in _WEIGHTS_SHA256:
+        digest = hashlib.sha256()
+        with weights.fs.open_input_stream(weights.path) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _WEIGHTS_SHA256[key] = digest.hexdigest()
+    return _WEIGHTS_SHA256[key]
 
 
 def update_metrics(path: str, key: str, value: Any) -> dict[str, Any]:

@@ -212,6 +212,8 @@ class TrainConfig:
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
             ("--wait-for-resources", self.wait_for_resources is None or self.wait_for_resources >= 0, "0 or more seconds"),
             ("--ingest", self.ingest in ("dataloader", "ray-data"), "'dataloader' or 'ray-data'"),
+            ("--name", self.name is None or run_name_problem(self.name, in_uri="://" in self.storage_path) is None,
+             f"one folder name, {run_name_problem(self.name or '', in_uri='://' in self.storage_path)}"),
         ]
         for flag, ok, expected in checks:
             if not ok:
@@ -328,6 +330,29 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+#: Characters a run name may use under object storage: URI path characters that need no
+#: escaping (RFC 3986 unreserved and sub-delims, ':' and '@').
+URI_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@")
+
+
+def run_name_problem(name: str, *, in_uri: bool = False) -> str | None:
+    """Why ``name`` cannot be a run folder, or None.
+
+    It is one path component. Under object storage (``in_uri``) it is also written into URIs
+    that are parsed again, where ``#`` would start a fragment (silently cut off: two runs
+    would share a folder), ``?`` a query and ``%`` an escape, and a space or a non-ASCII
+    letter does not parse at all; there only :data:`URI_NAME_CHARS` are accepted.
+    """
+    if not name or name in (".", ".."):
+        return "not empty, '.' or '..'"
+    bad = sorted({c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127
+                  or (in_uri and c not in URI_NAME_CHARS)})
+    if bad:
+        return (f"without {', '.join(repr(c) for c in bad)}"
+                + (" (under object storage: letters, digits and -._~!$&'()*+,;=:@ only)" if in_uri else ""))
+    return None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Fill a :class:`TrainConfig` from parsed flags, with absolute paths and a run name."""
     cfg = TrainConfig.from_dict(vars(args))
@@ -421,7 +446,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grace-period", type=int, default=d.grace_period,
                    help="epochs before ASHA may stop a trial (default: --head-epochs + 1, the first "
                         "rung after one phase-2 epoch, where unfreeze depth and phase-2 LR act)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep of the same --name (a plain rerun does too; this only "
+                        "warns when there is nothing to continue)")
     return parser
 
 

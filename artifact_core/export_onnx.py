@@ -9,7 +9,9 @@ fp32 is checked against the PyTorch model at export (max abs logit/probability
 difference); int8 is ONNX Runtime static quantization (QDQ, per-channel weights, MinMax
 calibration) on images the bundle names (``calibration.json``), and its validation micro
 F1, macro F1 and artifact recall are written next to fp32's. Everything goes into the
-bundle's ``metrics.json`` under ``onnx``.
+bundle's ``metrics.json`` under ``onnx``. Both ONNX files record the sha256 of the
+``model.pt`` they were made from (``ONNX_SOURCE_KEY`` in their metadata): scoring refuses or
+bypasses an ONNX file that does not match the bundle's ``model.pt``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from artifact_core.bundle import (CALIBRATION_FILE, ONNX_FILE, ONNX_INT8_FILE, write_json_atomic, load_bundle,
-                                  update_metrics)
+from artifact_core.bundle import (CALIBRATION_FILE, ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY, load_bundle,
+                                  update_metrics, weights_sha256, write_json_atomic)
 from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError
@@ -106,13 +108,27 @@ def _export_fp32(model: torch.nn.Module, image_size: int, out_path: str, opset: 
     onnx.checker.check_model(out_path)
 
 
-def _quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch_size: int = 2) -> None:
+def _record_source(path: str, source_sha256: str) -> None:
+    """Write ``source_sha256`` (the model.pt the model was made from) into an ONNX file's metadata."""
+    import onnx
+
+    model = onnx.load(path)
+    kept = [p for p in model.metadata_props if p.key != ONNX_SOURCE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=ONNX_SOURCE_KEY, value=source_sha256)
+    onnx.save(model, path)
+
+
+def _quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch_size: int = 2, *,
+                   source_sha256: str | None = None) -> None:
     """Static QDQ quantization, per-channel weights, MinMax calibration on ``calibration``
     (normalized float32 images, ``batch_size`` per calibration run).
 
     Small batches because the export's peak memory grows with them (at 448 px: 15.6 GB with
     batches of 16, 5.6 GB with batches of 2). MinMax ranges are the minimum and maximum over
-    all images, the same for any batching."""
+    all images, the same for any batching. ``source_sha256`` is recorded in the output as
+    :func:`_record_source` does, before it takes the final name."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -138,6 +154,8 @@ def _quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch
         quantize_static(source, out_path + ".tmp", Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
+        if source_sha256:
+            _record_source(out_path + ".tmp", source_sha256)
         os.replace(out_path + ".tmp", out_path)
     finally:
         for leftover in (prepared, out_path + ".tmp"):
@@ -172,6 +190,9 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
     """
     import onnxruntime
 
+    # Hashed before the model is loaded: if model.pt is replaced in between, the ONNX model
+    # records the older hash and is refused, never taken for the newer weights.
+    source = weights_sha256(bundle_dir)
     bundle = load_bundle(bundle_dir)
     cfg = bundle.config
     if calibration_paths is None and os.path.isfile(os.path.join(bundle_dir, CALIBRATION_FILE)):
@@ -194,6 +215,7 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
     tmp = fp32_path + ".tmp"
     try:
         _export_fp32(bundle.model, cfg.image_size, tmp, opset)
+        _record_source(tmp, source)
         with torch.inference_mode():
             torch_logits = torch.cat([bundle.model(torch.from_numpy(x[i:i + 32])).reshape(-1)
                                       for i in range(0, len(x), 32)]).double().numpy()
@@ -208,7 +230,7 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
         if os.path.exists(tmp):
             os.remove(tmp)
     info: dict[str, Any] = {
-        "file": ONNX_FILE, "opset": opset, "exporter": "torch.onnx.export (TorchScript)",
+        "file": ONNX_FILE, "opset": opset, "exporter": "torch.onnx.export (TorchScript)", "model_pt_sha256": source,
         "onnxruntime": onnxruntime.__version__,
         "checked_on": f"{len(check)} calibration images" if len(images) else f"{len(check)} random images",
         "max_abs_logit_diff": logit_diff, "max_abs_prob_diff": prob_diff, "threshold": cfg.threshold,
@@ -220,18 +242,19 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
 
     if int8:
         info["int8"] = _int8_step(bundle_dir, fp32_path, x, fp32_probs, paths, labels, cfg.threshold,
-                                  max_calibration_images)
+                                  max_calibration_images, source)
     update_metrics(bundle_dir, "onnx", info)
     return info
 
 
 def _int8_step(bundle_dir: str, fp32_path: str, x: np.ndarray, fp32_probs: np.ndarray, paths: list[str],
-               labels: list[int] | None, threshold: float, max_calibration_images: int) -> dict[str, Any]:
+               labels: list[int] | None, threshold: float, max_calibration_images: int,
+               source_sha256: str) -> dict[str, Any]:
     """Quantize, evaluate against fp32 and record the calibration set; failures are returned, not raised."""
     int8_path = os.path.join(bundle_dir, ONNX_INT8_FILE)
     pick = np.unique(np.linspace(0, len(x) - 1, min(len(x), max_calibration_images)).round().astype(int))
     try:
-        _quantize_int8(fp32_path, int8_path, x[pick])
+        _quantize_int8(fp32_path, int8_path, x[pick], source_sha256=source_sha256)
         probs = _sigmoid(_ort_logits(int8_path, x))
     except Exception as exc:  # noqa: BLE001 - int8 is optional; fp32 stays usable
         log.warning("int8 quantization of %s failed; the bundle keeps fp32 only: %s: %s", bundle_dir,
@@ -256,9 +279,10 @@ def export_onnx_or_log(bundle_dir: str, calibration_paths: Sequence[str] | None 
                        calibration_labels: Sequence[int] | None = None, *, int8: bool = True) -> dict[str, Any]:
     """:func:`export_onnx` for training's export, right after ``model.pt`` was written.
 
-    ONNX files left from an earlier model in the folder are removed first (scoring would
-    otherwise run them). A failure is logged and recorded (``{"error": ...}``), never
-    raised, so the PyTorch bundle is still produced. int8 is skipped without calibration images.
+    ONNX files left from an earlier model in the folder are removed first (they record that
+    model's ``model.pt``, so scoring would only fall back to torch or refuse them). A failure is
+    logged and recorded (``{"error": ...}``), never raised, so the PyTorch bundle is still
+    produced. int8 is skipped without calibration images.
     """
     for stale in (ONNX_FILE, ONNX_INT8_FILE, CALIBRATION_FILE):
         if os.path.exists(os.path.join(bundle_dir, stale)):

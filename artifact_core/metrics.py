@@ -216,17 +216,55 @@ def thin_curve(curve: dict[str, list[float]], max_points: int = 500) -> dict[str
     return {k: [v[i] for i in idx] for k, v in curve.items()}
 
 
-def selection_key(metrics: dict[str, Any], metric: str) -> tuple[float, float, int]:
+#: Selection metrics that rank images: a model that gives every image the same score, or
+#: calls every image one class, cannot win them.
+RANKING_SELECT_METRICS = ("val_ap_artifact", "val_roc_auc")
+#: How far :func:`selection_score` moves a one-class epoch down: every metric lies in [0, 1].
+ONE_CLASS_PENALTY = 2.0
+#: The report key that holds :func:`selection_score`: Ray's checkpoint keeper and Tune use it.
+SELECT_SCORE = "select_score"
+
+
+def _finite(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else math.nan
+
+
+def selection_score(metrics: dict[str, Any], metric: str) -> float:
+    """The number checkpoint choice, patience, ASHA and the sweep's winner compare for
+    ``metric`` (reported as ``select_score``): higher is better, NaN (sorts last) when the
+    value is missing or not finite, or the epoch ``diverged``.
+
+    A decision metric (micro F1, macro F1, artifact F1 or recall, all at 0.5) is lowered
+    by :data:`ONE_CLASS_PENALTY` for an epoch that called every validation image one class,
+    so it sorts below every epoch that called both, in its own order: under a 1:9 imbalance
+    "all clean" wins micro F1 and "all artifact" wins recall. The ranking metrics need no
+    such care and are the value itself.
+    """
+    value = _finite(metrics.get(metric))
+    if metrics.get("diverged") or math.isnan(value):
+        return math.nan
+    cm = metrics.get("val_confusion_matrix")
+    if metric not in RANKING_SELECT_METRICS and cm is not None:
+        called = np.asarray(cm).sum(axis=0)  # columns: predicted class
+        if int(np.count_nonzero(called)) < 2:
+            return value - ONE_CLASS_PENALTY
+    return value
+
+
+def selection_key(metrics: dict[str, Any], metric: str) -> tuple[float, float, float, int]:
     """Sort key of one epoch's report for ``metric``: higher is better.
 
-    Ties go to the higher micro F1 at 0.5 and then to the later epoch (it has seen more
-    data). A missing or NaN value sorts last.
+    First its ``select_score`` (:func:`selection_score`, computed here for reports that
+    predate it); ties go to the higher artifact AP, then the higher micro F1 at 0.5, then
+    the later epoch (it has seen more data). NaN sorts last.
     """
-    def num(key: str) -> float:
-        v = metrics.get(key)
-        return float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else -math.inf
+    score = _finite(metrics[SELECT_SCORE]) if SELECT_SCORE in metrics else selection_score(metrics, metric)
 
-    return num(metric), num("val_micro_f1"), int(metrics.get("epoch", 0) or 0)
+    def num(v: float) -> float:
+        return -math.inf if math.isnan(v) else v
+
+    return (num(score), num(_finite(metrics.get("val_ap_artifact"))), num(_finite(metrics.get("val_micro_f1"))),
+            int(metrics.get("epoch", 0) or 0))
 
 
 def best_report(reports: Sequence[dict[str, Any]], metric: str) -> int:

@@ -7,7 +7,12 @@ batch that is either uint8 pixels (normalized by the engine) or already normaliz
 - :class:`OnnxEngine`: ``model.onnx`` (fp32) or ``model.int8.onnx`` in ONNX Runtime on CPU.
 
 :func:`resolve_engine` turns ``--engine auto|torch|onnx`` and ``--precision fp32|int8``
-into one of them.
+into one of them. A bundle may be a local folder or a URI (``s3://``...): its ONNX model is
+read into memory, never from a path ONNX Runtime would have to reach.
+
+An ONNX model that records the sha256 of another ``model.pt`` than the bundle's (a
+re-export that was interrupted or not copied along) is never run: ``auto`` falls back to
+torch with a warning, an explicit ONNX engine or int8 is an error (:class:`StaleOnnxError`).
 
 Torch is imported only by the torch engine: an ONNX Runtime actor starts without it
 (about 0.9 GB and seconds less per actor; ``tests/test_predict.py`` checks that in a fresh
@@ -16,22 +21,110 @@ interpreter).
 
 from __future__ import annotations
 
+import logging
 import os
+import posixpath
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 
-from artifact_core.bundle import ONNX_FILE, ONNX_INT8_FILE, BundleConfig, load_bundle, read_bundle_config
+from artifact_core.bundle import (ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY, BundleConfig, load_bundle,
+                                  read_bundle_config, weights_sha256)
 from artifact_core.config import SCORE_ENGINES as ENGINES
 from artifact_core.config import SCORE_PRECISIONS as PRECISIONS
 from artifact_core.decode import decode_batch, decode_paths
+from artifact_core.storage import Location, resolve
 
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 OUTPUT_COLUMNS = ("filename", "path", "predicted_class", "confidence", "prob_artifact_free", "error")
+
+# uri -> ((size, mtime), bytes): a remote ONNX model is downloaded once per process for the
+# engine check and every lane's session, not once each.
+_REMOTE_MODELS: dict[str, tuple[tuple[int | None, int | None], bytes]] = {}
+# (uri, size, mtime) -> the model.pt sha256 an ONNX file records (None: it records none)
+_RECORDED_SOURCE: dict[tuple[str, int | None, int | None], str | None] = {}
+# messages already logged: the driver resolves the engine several times per job
+_LOGGED: set[str] = set()
+
+
+class StaleOnnxError(ValueError):
+    """A bundle's ONNX model was exported from another ``model.pt`` than the one beside it."""
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.log(level, message)
+
+
+def _read_model_bytes(model: Location) -> bytes:
+    """An ONNX file's bytes; a remote one is downloaded once per process per version of the file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    info = model.info()
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{model.uri} does not exist")
+    if model.is_local:
+        with open(model.path, "rb") as f:
+            return f.read()
+    version = (info.size, info.mtime_ns)
+    cached = _REMOTE_MODELS.get(model.uri)
+    if cached is None or cached[0] != version:
+        with model.fs.open_input_stream(model.path) as f:
+            cached = (version, f.read())
+        _REMOTE_MODELS[model.uri] = cached
+    return cached[1]
+
+
+def _recorded_source(session: Any) -> str | None:
+    """The model.pt sha256 an ONNX Runtime session's model records (None for older exports)."""
+    return session.get_modelmeta().custom_metadata_map.get(ONNX_SOURCE_KEY)
+
+
+def _recorded_source_of(model: Location) -> str | None:
+    """:func:`_recorded_source` of an ONNX file, read once per process per version of the file."""
+    import onnxruntime as ort
+
+    info = model.info()
+    key = (model.uri, info.size, info.mtime_ns)
+    if key not in _RECORDED_SOURCE:
+        # An unoptimized session only to read the metadata: ONNX Runtime is imported by
+        # the ONNX engine anyway, the onnx package is not (0.7 s more per process).
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(_read_model_bytes(model), options, providers=["CPUExecutionProvider"])
+        _RECORDED_SOURCE[key] = _recorded_source(session)
+    return _RECORDED_SOURCE[key]
+
+
+def _stale_reason(bundle_dir: str, model: Location, recorded: str | None) -> str | None:
+    """Why the ONNX file ``model`` must not stand for the bundle's model.pt, or None when it may."""
+    if recorded is None:
+        _log_once(logging.INFO, f"{model.uri} does not record the model.pt it was exported from (an older "
+                                f"export); using it as it is")
+        return None
+    actual = weights_sha256(bundle_dir)
+    if recorded == actual:
+        return None
+    return (f"{model.uri} was exported from another model.pt (sha256 {recorded[:12]}...) than the bundle's "
+            f"(sha256 {actual[:12]}...)")
+
+
+def _reexport_hint(bundle_dir: str, precision: str) -> str:
+    command = f"python -m artifact_core.export_onnx {bundle_dir}{' --int8' if precision == 'int8' else ''}"
+    if not resolve(bundle_dir).is_local:
+        return f"re-export it with '{command}' run on a local copy of the bundle, then upload the .onnx files"
+    return f"re-export it with '{command}'"
 
 
 def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32", *,
@@ -39,35 +132,48 @@ def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32
     """The engine that will run: ``"torch"`` or ``"onnx"``.
 
     ``auto`` is torch on GPU, ONNX Runtime on CPU when the bundle has the ONNX file for
-    ``precision``, else torch. ``int8`` exists only as ONNX (CPU).
+    ``precision``, else torch. ``int8`` exists only as ONNX (CPU). An ONNX file exported from
+    another ``model.pt`` than the bundle's makes ``auto`` torch (with a warning) and is an
+    error otherwise. ``bundle_dir`` may be a local folder or a URI.
 
     Raises:
         ValueError: an unknown engine/precision, or a combination that cannot run.
         FileNotFoundError: ONNX asked for but the bundle lacks the file.
+        StaleOnnxError: ONNX asked for (``--engine onnx`` or int8) but the file was exported
+            from another ``model.pt``.
     """
     if engine not in ENGINES:
         raise ValueError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    onnx_file = onnx_path(bundle_dir, precision)
+    onnx_file = resolve(onnx_path(bundle_dir, precision))
     if precision == "int8" and (use_gpu or engine == "torch"):
         raise ValueError("--precision int8 runs in ONNX Runtime on CPU only; "
                          "use --engine onnx (or auto) without --use-gpu, or --precision fp32")
+    asked = engine
     if engine == "auto":
-        engine = "torch" if use_gpu else ("onnx" if os.path.isfile(onnx_file) or precision == "int8" else "torch")
+        engine = "torch" if use_gpu else ("onnx" if onnx_file.exists() or precision == "int8" else "torch")
     if engine == "onnx":
         if use_gpu:
             raise ValueError("--engine onnx runs on CPU; drop --use-gpu or use --engine torch (or auto)")
-        if not os.path.isfile(onnx_file):
+        if not onnx_file.exists():
             raise FileNotFoundError(
-                f"model bundle {bundle_dir!r} has no {os.path.basename(onnx_file)}; make it with "
+                f"model bundle {bundle_dir!r} has no {posixpath.basename(onnx_file.path)}; make it with "
                 f"'python -m artifact_core.export_onnx {bundle_dir}"
                 f"{' --int8 --calibration-dir DIR' if precision == 'int8' else ''}' or use --engine torch")
+        stale = _stale_reason(bundle_dir, onnx_file, _recorded_source_of(onnx_file))
+        if stale and asked == "auto" and precision == "fp32":
+            _log_once(logging.WARNING, f"{stale}: running model.pt in PyTorch instead; "
+                                       f"{_reexport_hint(bundle_dir, precision)}")
+            return "torch"
+        if stale:
+            raise StaleOnnxError(f"{stale}; {_reexport_hint(bundle_dir, precision)} (or use --engine torch"
+                                 f"{' --precision fp32' if precision == 'int8' else ''})")
     return engine
 
 
 def onnx_path(bundle_dir: str, precision: str = "fp32") -> str:
-    """Path of the bundle's ONNX model for ``precision``."""
+    """Path (or URI) of the bundle's ONNX model for ``precision``."""
     return os.path.join(bundle_dir, ONNX_INT8_FILE if precision == "int8" else ONNX_FILE)
 
 
@@ -140,12 +246,15 @@ class TorchEngine:
 
 
 class OnnxEngine:
-    """An ONNX Runtime session on CPU, made once (per actor).
+    """An ONNX Runtime session on CPU, made once (per actor), of a local or remote bundle.
 
     ``intra_op_num_threads`` = the CPUs the actor reserved; one inter-op thread and
     sequential execution, since MobileNetV2 is a chain with nothing to run in parallel.
     ``spin=False`` stops idle intra-op threads from busy-waiting: needed when decode threads
     share the cores (:class:`DecodingPredictor`), else they burn the cores the decoders need.
+
+    Raises:
+        StaleOnnxError: the ONNX file was exported from another ``model.pt`` than the bundle's.
     """
 
     name = "onnx"
@@ -155,6 +264,7 @@ class OnnxEngine:
         import onnxruntime as ort  # only the ONNX engine needs it
 
         self.config = read_bundle_config(bundle_dir)
+        model = resolve(onnx_path(bundle_dir, precision))
         self.precision = precision
         self.micro_batch = micro_batch
         options = ort.SessionOptions()
@@ -164,8 +274,12 @@ class OnnxEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(onnx_path(bundle_dir, precision), options,
-                                            providers=["CPUExecutionProvider"])
+        # From bytes: a bundle in object storage needs no local copy, and the bytes checked
+        # below are the ones that run.
+        self.session = ort.InferenceSession(_read_model_bytes(model), options, providers=["CPUExecutionProvider"])
+        stale = _stale_reason(bundle_dir, model, _recorded_source(self.session))
+        if stale:
+            raise StaleOnnxError(f"{stale}; {_reexport_hint(bundle_dir, precision)}")
         self.input_name = self.session.get_inputs()[0].name
         self.mean = np.asarray(self.config.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(self.config.std, dtype=np.float32).reshape(1, -1, 1, 1)

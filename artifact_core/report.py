@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Iterable, Sequence
@@ -35,7 +36,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from artifact_core.images import ImageDecodeError, decode_image
-from artifact_core.storage import FileReadError, read_file_bytes, resolve
+from artifact_core.storage import FileReadError, Location, read_file_bytes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,12 @@ def _read_predictions(output_dir: str) -> pa.Table:
         raise FileNotFoundError(f"{path!r} does not exist: the report needs a finished scoring output")
     types = {"filename": pa.string(), "path": pa.string(), "error": pa.string(), "predicted_class": pa.int64(),
              "confidence": pa.float64(), "prob_artifact_free": pa.float64()}
-    # Empty strings stay strings (an empty error means "fine").
-    return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+    # The CSV, not the Parquet parts: it has exactly one row per file (a resumed crash may have
+    # left a file twice in the Parquet). Empty strings stay strings (an empty error means "fine").
+    # Names may hold newlines (quoted): without newlines_in_values pyarrow cuts its 1 MiB blocks
+    # at any newline, so a large CSV with such a name fails to parse.
+    return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                          convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
 
 
 def _filesystem(input_uri: str | None) -> pafs.FileSystem | None:
@@ -257,7 +262,7 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
     with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
         f.write(page)
     # Swap in the finished folder: a report that exists is complete.
-    shutil.rmtree(final, ignore_errors=True)
+    _remove_report(resolve(final))
     os.replace(tmp, final)
     shown = sum(1 for c in cards_flagged + cards_unsure if not c["e"])
     return {"path": os.path.join(final, INDEX_FILE), "images_shown": shown, "flagged": n_flagged,
@@ -286,7 +291,7 @@ def report_after_scoring(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
         entry = _write_report_anywhere(cfg)
     output = resolve(cfg.output)
     if entry["path"] is None:
-        output.join(REPORT_DIR).remove()
+        _remove_report(output.join(REPORT_DIR))
         log.info("no report: %s", entry["reason"])
     else:
         log.info("report: %s (%d image(s))", entry["path"], entry["images_shown"])
@@ -295,8 +300,22 @@ def report_after_scoring(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _remove_report(report: Location) -> None:
+    """Delete a report folder, its ``index.html`` first.
+
+    An object store deletes a folder object by object: removing the page first means that a
+    run stopped half way leaves no page, rather than a page whose images are gone.
+    """
+    report.join(INDEX_FILE).remove()
+    report.remove()
+
+
 def _write_report_anywhere(cfg: Any) -> dict[str, Any]:
-    """:func:`write_report` for a local output, or built in a temporary folder and uploaded."""
+    """:func:`write_report` for a local output, or built in a temporary folder and uploaded.
+
+    An object store has no folder rename, so the upload goes file by file: the old page is
+    removed first and the new ``index.html`` uploaded last, so a page that exists has all its files.
+    """
     output = resolve(cfg.output)
     kwargs = {"top": cfg.report_top, "uncertain": cfg.report_uncertain,
               "cpus_per_actor": min(1.0, cfg.cpus_per_actor), "use_gpu": cfg.use_gpu}
@@ -308,9 +327,12 @@ def _write_report_anywhere(cfg: Any) -> dict[str, Any]:
                 with output.fs.open_input_stream(output.join(name).path) as src, open(os.path.join(tmp, name), "wb") as dst:
                     dst.write(src.read())
         entry = write_report(tmp, **kwargs)
-        output.join(REPORT_DIR).remove()
-        pafs.copy_files(os.path.join(tmp, REPORT_DIR), output.join(REPORT_DIR).path,
-                        destination_filesystem=output.fs)
+        built, index = os.path.join(tmp, REPORT_DIR), os.path.join(tmp, INDEX_FILE)
+        os.replace(os.path.join(built, INDEX_FILE), index)  # held back: uploaded once the rest is there
+        remote = output.join(REPORT_DIR)
+        _remove_report(remote)
+        pafs.copy_files(built, remote.path, destination_filesystem=output.fs)
+        remote.join(INDEX_FILE).upload(index)
     entry["path"] = output.join(REPORT_DIR, INDEX_FILE).uri
     return entry
 
@@ -358,10 +380,30 @@ def render_page(summary: dict[str, Any], flagged: Sequence[dict], uncertain: Seq
                  else "<p class=\"note\">no histogram (no image was scored)</p>")
     data = _json_for_script({"flagged": list(flagged), "uncertain": list(uncertain), "pageSize": PAGE_SIZE})
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (_PAGE.replace("%%TABLE%%", table_html).replace("%%NOTE%%", note).replace("%%ERRORS%%", err_html)
-            .replace("%%HIST%%", hist_html).replace("%%CREATED%%", e(created))
-            .replace("%%NFLAGGED%%", str(n_flagged)).replace("%%NUNSURE%%", str(len(uncertain)))
-            .replace("%%DATA%%", data))
+    return fill_template(_PAGE, {"TABLE": table_html, "NOTE": note, "ERRORS": err_html, "HIST": hist_html,
+                                 "CREATED": e(created), "NFLAGGED": str(n_flagged),
+                                 "NUNSURE": str(len(uncertain)), "DATA": data})
+
+
+_PLACEHOLDER = re.compile(r"%%(\w+)%%")
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """Replace every ``%%NAME%%`` in ``template`` with ``values[NAME]``, in one pass.
+
+    One pass, because the values carry file names: a name containing ``%%DATA%%`` must stay
+    text, not be filled in by a later replacement.
+
+    Raises:
+        ValueError: the template names a placeholder that ``values`` lacks, or the other way round.
+    """
+    names = set(_PLACEHOLDER.findall(template))
+    if names != values.keys():
+        raise ValueError(f"page template placeholders {sorted(names)} do not match the values given "
+                         f"{sorted(values)}: missing {sorted(names - values.keys())}, "
+                         f"unused {sorted(values.keys() - names)}")
+    # A function as replacement: the value is inserted as is (no backslash escapes processed).
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 _PAGE = """<!DOCTYPE html>

@@ -432,7 +432,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     # does not load. Only the torch engine needs torch; with ONNX the driver reads the config
     # alone and never imports torch (seconds of start-up).
     engine = resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu)
-    bundle_config = load_bundle(cfg.model).config if engine == "torch" else read_bundle_config(resolve(cfg.model).path)
+    bundle_config = load_bundle(cfg.model).config if engine == "torch" else read_bundle_config(cfg.model)
     if cfg.pipeline not in SCORE_PIPELINES:
         raise ValueError(f"--pipeline must be one of {', '.join(SCORE_PIPELINES)}; got {cfg.pipeline!r}")
     threshold = float(bundle_config.threshold if cfg.threshold is None else cfg.threshold)
@@ -478,7 +478,7 @@ def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
         raise ValueError(f"{labels_csv!r} must have columns filename,label; found {sorted(truth)}")
     csv = resolve(output).join(CSV_FILE)
     with csv.fs.open_input_stream(csv.path) as f:
-        pred = pacsv.read_csv(f).to_pydict()
+        pred = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(newlines_in_values=True)).to_pydict()
     labels = []
     for row, (name, y) in enumerate(zip(truth["filename"], truth["label"]), start=1):
         # one bad cell makes pyarrow read the whole column as text

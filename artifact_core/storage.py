@@ -120,6 +120,11 @@ def resolve(path_or_uri: str) -> Location:
     if not is_uri(path_or_uri):
         local = os.path.abspath(os.path.expanduser(path_or_uri))
         return Location(pafs.LocalFileSystem(), local, local)
+    if "#" in path_or_uri:
+        # pyarrow reads '#' as the start of a fragment and drops the rest: the data would go to
+        # (or come from) another folder without a word
+        raise ValueError(f"{path_or_uri!r}: '#' cannot appear in a URI (it starts a fragment); "
+                         f"write it as %23 or rename the folder")
     fs, path = pafs.FileSystem.from_uri(path_or_uri)
     if isinstance(fs, pafs.LocalFileSystem):
         local = os.path.abspath(path)

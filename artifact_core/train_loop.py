@@ -32,7 +32,8 @@ from artifact_core.config import TrainConfig
 from artifact_core.cpu_memory import images_per_pass, largest_output_bytes, use_cpu_passes
 from artifact_core.data import ARTIFACT
 from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
-from artifact_core.metrics import classification_metrics, predict_labels, ranking_metrics
+from artifact_core.metrics import (SELECT_SCORE, classification_metrics, predict_labels, ranking_metrics,
+                                   selection_score)
 from artifact_core.model import (frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
                                  trunk_suffix, unwrap)
 from artifact_core.spill import SpillFile, spill_room
@@ -100,6 +101,7 @@ class LoopState:
     phase_best_metric: str = ""     # the --select-metric that score is of
     bad_epochs: int = 0           # epochs without a gain of the selection metric in this phase
     stopped_early: bool = False   # the current phase ended by patience
+    diverged_at: int = 0          # the epoch whose loss or validation scores were not finite (0: none)
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_after: list[int] = field(default_factory=list)  # global_epoch at each resume
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason, skipped by the loaders
@@ -125,7 +127,7 @@ def update_patience(state: LoopState, metrics: dict[str, Any], metric: str) -> N
     A best score of another metric (a resumed run whose ``--select-metric`` changed)
     does not count: the first epoch under the new metric sets the best.
     """
-    value = float(metrics[metric])
+    value = selection_score(metrics, metric)  # NaN (a diverged epoch) is never a gain
     if state.phase_best_metric != metric:
         state.phase_best_score, state.phase_best_metric = -1.0, metric
     if value > state.phase_best_score + 1e-9:
@@ -760,7 +762,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scaler.load_state_dict(optimizer_state["scaler"])
     train_loader, val_loader = loaders
-    while state.phase_epoch < spec.epochs and not state.stopped_early:
+    while state.phase_epoch < spec.epochs and not state.stopped_early and not state.diverged_at:
         _maybe_inject_failure(loop_config, state, rank, world)
         t0 = time.time() - setup_seconds
         setup_seconds = 0.0
@@ -802,12 +804,22 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         # Threshold-free AP and ROC AUC of the artifact class beside micro F1 at 0.5: they
         # drive selection (--select-metric), since a one-class model cannot win them.
         m = {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking_metrics(labels, probs)}
+        # A model whose weights went to inf/NaN stays there; its AP on NaN scores would only
+        # reflect the order of the validation list. Every rank sees the same gathered values.
+        diverged = not (math.isfinite(train_loss) and bool(np.all(np.isfinite(probs))))
         unreadable = (unreadable_cached if caches is not None
                       else _collect_unreadable(loaders, state, device) + unreadable_val)
 
         state.phase_epoch += 1
         state.global_epoch += 1
-        update_patience(state, {f"val_{k}": v for k, v in m.items()}, cfg.select_metric)
+        reported = {f"val_{k}": v for k, v in m.items()}
+        if diverged:
+            state.diverged_at = state.global_epoch
+            log.error("epoch %d: the training loss or validation scores are not finite (the model diverged; "
+                      "lower --lr or --finetune-lr): training stops here, selection keeps an earlier epoch",
+                      state.global_epoch)
+        select = selection_score({**reported, "diverged": diverged}, cfg.select_metric)
+        update_patience(state, {**reported, "diverged": diverged}, cfg.select_metric)
         # Not on cached features: their epochs take seconds, and a head that learns a subtle
         # defect from ~100 positives often shows nothing for its first ten epochs; the best
         # epoch is kept by selection anyway.
@@ -817,7 +829,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         metrics = {
             "epoch": state.global_epoch, "phase": spec.name, "phase_epoch": state.phase_epoch,
             "train_loss": train_loss, "val_loss": val_loss,
-            **{f"val_{k}": v for k, v in m.items()},
+            **reported, SELECT_SCORE: select, "diverged": diverged,
             "lr": optimizer.param_groups[0]["lr"], "trainable_params": trainable, "epoch_seconds": time.time() - t0,
             "world_size": world, "node_ids": context["node_ids"], "early_stopped": stop_early,
             "unreadable_skipped": unreadable, "features_cached": caches is not None,
@@ -881,7 +893,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while state.phase_index < len(specs):
         spec = specs[state.phase_index]
         # Judged against this run's config: a rerun with more epochs extends the phase.
-        if state.phase_epoch < spec.epochs and not state.stopped_early:
+        if state.phase_epoch < spec.epochs and not state.stopped_early and not state.diverged_at:
             log.info("phase %d (%s): %d epoch(s) at lr %g, unfreeze depth %d", state.phase_index + 1,
                      spec.name, spec.epochs, spec.lr, spec.unfreeze_depth)
             model = run_phase(spec, model=model, state=state, optimizer_state=optimizer_state, cfg=cfg,

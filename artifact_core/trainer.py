@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -26,12 +27,12 @@ from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig, auto_image_size
 from artifact_core.data import LABEL_NAMES, class_weights, native_short_side, scan_labeled_folder, stratified_split
 from artifact_core.export_onnx import export_onnx_or_log
-from artifact_core.metrics import (best_report, best_threshold, classification_metrics, precision_recall_curve,
-                                   predict_labels, ranking_metrics, thin_curve)
+from artifact_core.metrics import (SELECT_SCORE, best_report, best_threshold, classification_metrics,
+                                   precision_recall_curve, predict_labels, ranking_metrics, selection_key, thin_curve)
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.run_identity import Split, claim_run
-from artifact_core.storage import check_apart, resolve
+from artifact_core.storage import Location, check_apart, resolve
 from artifact_core.train_loop import MODEL_FILE, STATE_FILE, read_state, read_val_scores, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,10 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
         run_config=ray.train.RunConfig(
             name=name,
             **storage_args(storage_path),
+            # select_score: the selection metric with one-class and diverged epochs ranked last
+            # (metrics.selection_score), so Ray never deletes the checkpoint selection would keep
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=cfg.select_metric, checkpoint_score_order="max"),
+                num_to_keep=2, checkpoint_score_attribute=SELECT_SCORE, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks or []),
             # Ray logs every report's full metrics dict per rank at INFO; the loop's own
@@ -185,15 +188,20 @@ def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
         return _best_checkpoint(result, HEADLINE_METRIC)
     if not candidates:
         raise RuntimeError(f"run at {result.path} has no checkpoint with {metric}")
-    return candidates[best_report([m for _, m in candidates], metric)]
+    best = candidates[best_report([m for _, m in candidates], metric)]
+    if math.isinf(selection_key(best[1], metric)[0]):
+        raise RuntimeError(f"run at {result.path} has no epoch to keep: every kept checkpoint diverged or reported "
+                           f"no finite {metric} (epoch {best[1].get('epoch')}); lower --lr / --finetune-lr")
+    return best
 
 
-def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
+def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
                   extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None,
                   split: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the best checkpoint of ``result`` as a model bundle with a tuned threshold.
 
-    ``out_dir`` may be local or a URI; plots (learning curves, PR curve, confusion matrix) go
+    ``out_dir`` may be local or a URI (a :class:`~artifact_core.storage.Location` is never
+    parsed again, so a run name with a space reaches object storage intact); plots (learning curves, PR curve, confusion matrix) go
     next to the weights, and ONNX models (fp32, int8 calibrated on ``split``'s validation
     images) too; an ONNX failure is logged and leaves the PyTorch bundle complete.
     ``weights_source`` (from :func:`prepare_run`) says where the starting weights came
@@ -232,8 +240,9 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
     config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout, head=cfg.head,
                           train_config=cfg.to_dict(), weights_source=weights_source,
                           test_time_flip=cfg.flips_at_test_time, head_members=cfg.ensemble_members)
+    dest = out_dir if isinstance(out_dir, Location) else resolve(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        local = out_dir if "://" not in out_dir else tmp
+        local = dest.path if dest.is_local else tmp
         save_bundle(local, model, config, metrics)
         plots.learning_curves(history, os.path.join(local, "learning_curves.png"))
         plots.confusion_matrix_plot(at_threshold["confusion_matrix"], os.path.join(local, "confusion_matrix.png"),
@@ -242,8 +251,8 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str, *,
                        prevalence=ranking["prevalence_artifact"],
                        operating_point=(at_threshold["recall_artifact"], at_threshold["precision_artifact"]))
         metrics["onnx"] = export_onnx_or_log(local, (split or {}).get("val_paths"), (split or {}).get("val_labels"))
-        if local != out_dir:
-            pyarrow.fs.copy_files(local, out_dir)
+        if not dest.is_local:
+            pyarrow.fs.copy_files(local, dest.path, destination_filesystem=dest.fs)
     return metrics
 
 
@@ -269,12 +278,12 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     loop_config = prepare_run(cfg)
     loop_config.update(loop_overrides or {})
     cfg = TrainConfig.from_dict(loop_config["train"])  # with the resolved data folder
-    run_dir = resolve(cfg.storage_path).join(cfg.name).uri
+    bundle = resolve(cfg.storage_path).join(cfg.name, BUNDLE_FOLDER)
     trainer = build_trainer(cfg, loop_config, name=cfg.name, storage_path=cfg.storage_path)
     result = trainer.fit()
-    bundle_dir = f"{run_dir}/{BUNDLE_FOLDER}"
+    bundle_dir = bundle.uri
     unreadable = unreadable_of(result)
-    metrics = export_bundle(result, cfg, bundle_dir, extra_metrics={
+    metrics = export_bundle(result, cfg, bundle, extra_metrics={
         "counts": loop_config["counts"], "unreadable_skipped": sorted(unreadable),
         "unreadable_reasons": unreadable, "wall_seconds": time.time() - t0},
         weights_source=loop_config.get("weights_source"), split=loop_config["split"])

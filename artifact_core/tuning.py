@@ -27,6 +27,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
+from artifact_core.metrics import SELECT_SCORE, selection_score
 from artifact_core.raycluster import check_fits, detect_autoscaler
 from artifact_core.storage import Location, resolve
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, export_bundle, prepare_run,
@@ -113,7 +114,9 @@ def build_scheduler(cfg: SweepConfig) -> ASHAScheduler | None:
     if grace <= base.head_epochs and base.finetune_epochs > 0:
         log.warning("--grace-period %d puts ASHA's first rung in the head phase (%d epochs): trials are "
                     "then stopped before unfreeze depth and phase-2 LR act", grace, base.head_epochs)
-    return ASHAScheduler(time_attr="training_iteration", max_t=base.head_epochs + base.finetune_epochs,
+    # The loop's own global epoch, not Tune's training_iteration: a trial restored after a
+    # kill restarts its iteration count at 0 while its Train run resumes at epoch k.
+    return ASHAScheduler(time_attr="epoch", max_t=base.head_epochs + base.finetune_epochs,
                          grace_period=grace, reduction_factor=2)
 
 
@@ -123,8 +126,8 @@ def asha_rungs(scheduler: ASHAScheduler) -> list[int]:
 
 
 def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select_metric) -> pd.DataFrame:
-    """One row per trial: config, best selection metric, best micro F1 and AP beside it,
-    epochs run and how the trial ended; sorted by the selection ``metric``."""
+    """One row per trial: config, best selection metric, best micro F1 and AP beside it, best
+    ``select_score``, epochs run and how the trial ended; best first (by ``select_score``)."""
     shown = list(dict.fromkeys([metric, HEADLINE_METRIC, "val_ap_artifact"]))
     rows = []
     for r in grid:
@@ -141,10 +144,38 @@ def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select
             "trial_id": (r.metrics or {}).get("trial_id", ""), "lr": cfg.get("lr"), "finetune_lr": (cfg.get("lr") or 0) * (cfg.get("finetune_lr_ratio") or 0),
             "unfreeze_depth": cfg.get("unfreeze_depth"), "image_size": cfg.get("image_size"),
             **{f"best_{k}": float(df[k].max()) if k in df else math.nan for k in shown},
+            f"best_{SELECT_SCORE}": _best_select_score(df, metric),
             "epochs": epochs, "status": status,
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else "",
         })
-    return pd.DataFrame(rows).sort_values(f"best_{metric}", ascending=False, na_position="last")
+    # by the selection score (the metric, one-class and diverged epochs last), ties to the
+    # better artifact AP; a stable sort keeps trial order after that
+    return pd.DataFrame(rows).sort_values([f"best_{SELECT_SCORE}", "best_val_ap_artifact"], ascending=False,
+                                          na_position="last", kind="mergesort")
+
+
+def _best_select_score(df: pd.DataFrame, metric: str) -> float:
+    """A trial's best :func:`~artifact_core.metrics.selection_score` over its reports
+    (computed from the metrics for reports that predate ``select_score``)."""
+    if df.empty:
+        return math.nan
+    scores = (df[SELECT_SCORE] if SELECT_SCORE in df
+              else pd.Series([selection_score(row, metric) for row in df.to_dict("records")], dtype=float))
+    return float(scores.max())  # NaN only when every report is
+
+
+def best_trial_id(table: pd.DataFrame, metric: str) -> str:
+    """The trial the sweep exports: the top of :func:`results_table` among trials that did not
+    error and reported ``metric``. Tune's own ``get_best_result`` would also consider errored
+    trials, and drops a trial whose running maximum a NaN report has turned into NaN.
+
+    Raises:
+        RuntimeError: no trial qualifies.
+    """
+    ok = table[table["status"] != "error"].dropna(subset=[f"best_{metric}", f"best_{SELECT_SCORE}"])
+    if ok.empty:
+        raise RuntimeError(f"every trial failed, diverged or reported no {metric}")
+    return str(ok.iloc[0]["trial_id"])
 
 
 def _search_space_identity(cfg: SweepConfig) -> dict[str, Any]:
@@ -194,7 +225,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     total_epochs = base.head_epochs + base.finetune_epochs
     metric = base.select_metric
     experiment = f"{storage['storage_path']}/tune"
-    if cfg.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+    # Rerunning the same command continues the sweep, as a rerun of jobs/train.py continues
+    # its run (claim_run above has checked it is the same sweep); --overwrite cleared it.
+    if not base.overwrite and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         log.info("resuming sweep %s", sweep.join("tune").uri)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
@@ -203,12 +236,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             log.warning("nothing to resume at %s; starting a new sweep", experiment)
         scheduler = build_scheduler(cfg)
         if scheduler is not None:
-            log.info("ASHA on %s, rungs at epochs %s (head phase: epochs 1-%d)", metric,
+            log.info("ASHA on %s (select_score), rungs at epochs %s (head phase: epochs 1-%d)", metric,
                      asha_rungs(scheduler), base.head_epochs)
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(cfg),
-            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=cfg.num_samples,
+            tune_config=tune.TuneConfig(metric=SELECT_SCORE, mode="max", num_samples=cfg.num_samples,
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
@@ -216,16 +249,16 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     table = results_table(grid, total_epochs, metric)
     table["image_size"] = table["image_size"].fillna(base.image_size).astype(int)
     write_results(sweep, table, metric)
-    ok = table[table["status"] != "error"].dropna(subset=[f"best_{metric}"])
-    if ok.empty:
-        raise RuntimeError(f"every trial failed; see {sweep.join('results.csv').uri}")
-    best = grid.get_best_result(metric=metric, mode="max", scope="all")
+    try:
+        best_id = best_trial_id(table, metric)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; see {sweep.join('results.csv').uri}") from None
+    best = next(r for r in grid if (r.metrics or {}).get("trial_id") == best_id)
     best_cfg = trial_config(loop_config["train"], best.config)
-    best_id = best.metrics.get("trial_id") or os.path.basename(best.path)
-    bundle_dir = sweep.join(BUNDLE_FOLDER).uri
+    bundle = sweep.join(BUNDLE_FOLDER)
     best_run = f"{storage_args(shared['trials_path'])['storage_path']}/{best_id}"
     metrics = export_bundle(ray.train.Result.from_path(best_run, storage_filesystem=fs), best_cfg,
-                            bundle_dir, extra_metrics={"sweep": base.name, "trial": best_id},
+                            bundle, extra_metrics={"sweep": base.name, "trial": best_id},
                             weights_source=loop_config["weights_source"], split=loop_config["split"])
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.to_dict(),
                    "select_metric": metric, f"best_{metric}": float(best.metrics_dataframe[metric].max()),
@@ -233,4 +266,4 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
                    "wall_seconds": time.time() - t0}
     sweep.join("best_config.json").write_text(json.dumps(best_config, indent=2, default=float))
-    return {"results": table, "best_config": best_config, "bundle_dir": bundle_dir, "sweep_dir": sweep_dir}
+    return {"results": table, "best_config": best_config, "bundle_dir": bundle.uri, "sweep_dir": sweep_dir}

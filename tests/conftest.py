@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -186,3 +188,38 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         except (AttributeError, ValueError, OSError):
             pass
     os._exit(status)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A moto S3 server on a free loopback port, stopped (its whole process group) afterwards."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto_server did not start: {(tmp_path / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()

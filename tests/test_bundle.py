@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 
-from artifact_core.bundle import BundleConfig, load_bundle, save_bundle
+from artifact_core.bundle import BundleConfig, load_bundle, read_bundle_config, save_bundle, weights_sha256
 from artifact_core.model import build_model
 
 
@@ -116,3 +117,17 @@ def test_bundle_with_head_members_round_trips_and_states_them(tmp_path):
         assert torch.allclose(b.model(x), m(x))
     with pytest.raises(ValueError, match="head_members=1, the model has 3"):
         save_bundle(str(tmp_path / "x"), m, BundleConfig(image_size=64, head="multiscale", test_time_flip=True))
+
+
+def test_weights_sha256_follows_a_rewritten_model_pt(tmp_path):
+    """Scoring compares ONNX files with this hash: a model.pt replaced in place must be hashed again."""
+    out = save_bundle(str(tmp_path / "b"), build_model(weights="none"), BundleConfig())
+    first = weights_sha256(out)
+    assert first == hashlib.sha256((tmp_path / "b" / "model.pt").read_bytes()).hexdigest()
+    m = build_model(weights="none")
+    torch.nn.init.normal_(m.classifier[1].weight)
+    save_bundle(out, m, BundleConfig())  # same size, other weights
+    assert weights_sha256(out) == hashlib.sha256((tmp_path / "b" / "model.pt").read_bytes()).hexdigest() != first
+    assert read_bundle_config(f"file://{out}").image_size == 224
+    with pytest.raises(FileNotFoundError, match="has no model.pt"):
+        weights_sha256(str(tmp_path))

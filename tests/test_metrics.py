@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import numpy as np
 
-from artifact_core.metrics import (SELECT_METRICS, average_precision, best_report, best_threshold, classification_metrics,
-                                   confusion_matrix, precision_recall_curve, predict_labels, ranking_metrics, roc_auc,
-                                   thin_curve)
+from artifact_core.metrics import (ONE_CLASS_PENALTY, SELECT_METRICS, average_precision, best_report, best_threshold,
+                                   classification_metrics, confusion_matrix, precision_recall_curve, predict_labels,
+                                   ranking_metrics, roc_auc, selection_score, thin_curve)
 
 
 def test_confusion_matrix_orientation():
@@ -131,9 +133,15 @@ def test_selection_keeps_the_only_epoch_with_skill():
     reports += [_epoch_report(e, y, rng.uniform(0.55, 0.95, 120)) for e in (6, 7, 8)]
     assert all(r["val_recall_artifact"] == 0 for i, r in enumerate(reports) if i != 4)
     assert reports[4]["val_micro_f1"] < 0.9  # micro F1 alone would keep a one-class epoch
-    assert reports[best_report(reports, "val_micro_f1")]["val_recall_artifact"] == 0
-    for metric in ("val_ap_artifact", "val_roc_auc", "val_recall_artifact", "val_macro_f1", "val_f1_artifact"):
+    assert max(r["val_micro_f1"] for r in reports) == 0.9
+    for metric in SELECT_METRICS:  # micro F1 too: a one-class epoch sorts below every two-class one
         assert best_report(reports, metric) == 4, metric
+    # an epoch that calls everything an artifact wins recall (1.0) and still loses to epoch 5
+    everything = _epoch_report(9, y, np.full(120, 0.2))
+    assert everything["val_recall_artifact"] == 1.0
+    assert best_report([*reports, everything], "val_recall_artifact") == 4
+    assert selection_score(everything, "val_recall_artifact") == pytest.approx(1.0 - ONE_CLASS_PENALTY)
+    assert selection_score(everything, "val_ap_artifact") == everything["val_ap_artifact"]  # ranking: as is
     # the threshold tuned on the kept epoch finds artifacts
     t, _ = best_threshold(y, skilled)
     assert classification_metrics(y, predict_labels(skilled, t))["recall_artifact"] > 0.5
@@ -147,5 +155,15 @@ def test_selection_ties_and_missing_values():
                {"epoch": 4, "val_ap_artifact": float("nan"), "val_micro_f1": 1.0},
                {"epoch": 5, "val_micro_f1": 1.0}]
     assert best_report(reports, "val_ap_artifact") == 2  # higher micro F1, then the later epoch
+    # a diverged epoch (non-finite loss or scores) sorts last whatever its metrics say, and a
+    # reported select_score is what counts
+    diverged = {"epoch": 6, "val_ap_artifact": 1.0, "val_micro_f1": 1.0, "diverged": True}
+    assert math.isnan(selection_score(diverged, "val_ap_artifact"))
+    assert best_report([*reports, diverged], "val_ap_artifact") == 2
+    assert best_report([{**reports[0], "select_score": 2.0}, *reports[1:]], "val_ap_artifact") == 0
+    # ties on the metric go to the higher AP before micro F1
+    tied = [{"epoch": 1, "val_micro_f1": 0.95, "val_ap_artifact": 0.9, "val_confusion_matrix": [[5, 5], [5, 85]]},
+            {"epoch": 2, "val_micro_f1": 0.95, "val_ap_artifact": 0.7, "val_confusion_matrix": [[5, 5], [5, 85]]}]
+    assert best_report(tied, "val_micro_f1") == 0
     with pytest.raises(ValueError):
         best_report([], "val_ap_artifact")

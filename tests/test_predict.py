@@ -1,24 +1,30 @@
-"""Engines: ONNX export matches PyTorch, int8 export and its metrics, engine choice, GPU dtype."""
+"""Engines: ONNX export matches PyTorch, int8 export and its metrics, engine choice (stale ONNX
+files and bundles in object storage included), GPU dtype."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import onnx
+import pyarrow.fs as pafs
 import pytest
 import torch
 from PIL import Image
 
 from artifact_core import export_onnx as export_mod
-from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.bundle import ONNX_SOURCE_KEY, BundleConfig, read_bundle_config, save_bundle
 from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_paths
 from artifact_core.model import build_model
-from artifact_core.predict import ArtifactPredictor, DecodingPredictor, amp_dtype, predict_paths, resolve_engine
+from artifact_core.predict import (ArtifactPredictor, DecodingPredictor, OnnxEngine, StaleOnnxError, amp_dtype,
+                                   predict_paths, resolve_engine)
 from conftest import calibrated_model, make_easy_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +148,8 @@ def test_cli_for_an_older_bundle_uses_named_calibration_images(onnx_bundle, tmp_
     assert export_mod.main(args) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["int8"]["calibration_images"] == 8 and os.path.isfile(os.path.join(old, "model.int8.onnx"))
+    assert _recorded_source(os.path.join(old, "model.onnx")) == _sha256(os.path.join(old, "model.pt"))
+    assert _recorded_source(os.path.join(old, "model.int8.onnx")) == _sha256(os.path.join(old, "model.pt"))
 
 
 def test_export_failures_keep_the_torch_bundle(torch_bundle, images, tmp_path, monkeypatch):
@@ -186,6 +194,102 @@ def test_resolve_engine(torch_bundle, onnx_bundle):
         resolve_engine(onnx_bundle, "tensorrt")
     with pytest.raises(ValueError, match="--precision"):
         resolve_engine(onnx_bundle, "auto", "fp16")
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _recorded_source(path: str) -> str | None:
+    return {p.key: p.value for p in onnx.load(path).metadata_props}.get(ONNX_SOURCE_KEY)
+
+
+@pytest.fixture
+def stale_bundle(onnx_bundle, tmp_path) -> str:
+    """The ONNX bundle after training wrote a new model.pt and stopped before its ONNX re-export."""
+    path = str(tmp_path / "stale")
+    shutil.copytree(onnx_bundle, path)
+    torch.save(calibrated_model(seed=1).state_dict(), os.path.join(path, "model.pt"))
+    return path
+
+
+def test_onnx_files_record_the_model_pt_they_were_made_from(onnx_bundle):
+    weights = _sha256(os.path.join(onnx_bundle, "model.pt"))
+    assert _recorded_source(os.path.join(onnx_bundle, "model.onnx")) == weights
+    assert _recorded_source(os.path.join(onnx_bundle, "model.int8.onnx")) == weights
+
+
+def test_onnx_of_other_weights_is_never_run(stale_bundle, images, caplog):
+    """auto falls back to torch with a warning naming the file; ONNX asked for is an error."""
+    with caplog.at_level(logging.WARNING, logger="artifact_core.predict"):
+        assert resolve_engine(stale_bundle) == "torch"
+        assert ArtifactPredictor(stale_bundle, num_threads=1).engine_name == "torch"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"{stale_bundle}/model.onnx was exported from another model.pt" in warned[0]
+    assert f"python -m artifact_core.export_onnx {stale_bundle}" in warned[0]
+    with pytest.raises(StaleOnnxError, match=r"model\.onnx was exported from another model\.pt.*export_onnx"):
+        resolve_engine(stale_bundle, "onnx")
+    with pytest.raises(StaleOnnxError, match=r"model\.int8\.onnx was exported .*--int8"):
+        resolve_engine(stale_bundle, "auto", "int8")  # int8 exists only as ONNX: no fallback
+    with pytest.raises(StaleOnnxError, match=r"model\.onnx"):
+        OnnxEngine(stale_bundle)  # the engine checks the bytes it runs, whoever resolved it
+    export_mod.export_onnx(stale_bundle)  # fp32 re-exported; int8 still from the old weights
+    assert resolve_engine(stale_bundle) == "onnx"
+    with pytest.raises(StaleOnnxError, match=r"model\.int8\.onnx"):
+        resolve_engine(stale_bundle, "onnx", "int8")
+    np.testing.assert_allclose(predict_paths(ArtifactPredictor(stale_bundle, num_threads=1), images),
+                               predict_paths(ArtifactPredictor(stale_bundle, engine="torch"), images), atol=1e-4)
+
+
+def test_onnx_without_a_recorded_source_is_used_as_before(onnx_bundle, tmp_path, caplog):
+    """Bundles exported before the source was recorded keep scoring with ONNX."""
+    old = str(tmp_path / "old")
+    shutil.copytree(onnx_bundle, old)
+    model = onnx.load(os.path.join(old, "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, os.path.join(old, "model.onnx"))
+    torch.save(calibrated_model(seed=1).state_dict(), os.path.join(old, "model.pt"))  # unknowable: accepted
+    with caplog.at_level(logging.INFO, logger="artifact_core.predict"):
+        assert resolve_engine(old) == "onnx" and resolve_engine(old, "onnx") == "onnx"
+        assert ArtifactPredictor(old, num_threads=1).engine_name == "onnx"
+    assert "does not record the model.pt" in caplog.text
+
+
+S3_BUCKET = "artifact-core-predict"
+
+
+def test_bundle_in_object_storage_runs_onnx_like_a_local_one(onnx_bundle, stale_bundle, images, s3_server,
+                                                             tmp_path, monkeypatch):
+    """s3:// bundles: auto picks ONNX, int8 is found, every lane's session reads the bucket's files."""
+    for k, v in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)  # a URI mistaken for a local path would show up here as ./s3:
+    fs = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", access_key="testing", secret_key="testing",
+                           region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir(S3_BUCKET)
+    pafs.copy_files(onnx_bundle, f"{S3_BUCKET}/runs/x/model", destination_filesystem=fs)
+    pafs.copy_files(stale_bundle, f"{S3_BUCKET}/runs/stale/model", destination_filesystem=fs)
+    uri = f"s3://{S3_BUCKET}/runs/x/model"
+
+    assert resolve_engine(uri) == "onnx" and resolve_engine(uri, "onnx", "int8") == "onnx"
+    assert read_bundle_config(uri).image_size == 32
+    remote = ArtifactPredictor(uri, num_threads=1)
+    assert remote.engine_name == "onnx"
+    np.testing.assert_allclose(predict_paths(remote, images),
+                               predict_paths(ArtifactPredictor(onnx_bundle, num_threads=1), images), atol=1e-6)
+    root = os.path.dirname(images[0])
+    lanes = DecodingPredictor(uri, image_size=32, root=root, precision="int8", lanes=2, chunk=2, num_threads=1)
+    out = lanes({"raw_path": np.array([os.fsencode(p) for p in images[:6]], dtype=object)})
+    np.testing.assert_allclose(out["prob_artifact_free"],
+                               predict_paths(ArtifactPredictor(onnx_bundle, precision="int8"), images[:6]), atol=1e-6)
+
+    stale = f"s3://{S3_BUCKET}/runs/stale/model"
+    assert resolve_engine(stale) == "torch"
+    with pytest.raises(StaleOnnxError, match=f"{stale}/model.onnx was exported from another model.pt"):
+        resolve_engine(stale, "onnx")
+    assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir()), "a URI was read as a local path"
 
 
 @pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),

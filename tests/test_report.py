@@ -8,19 +8,24 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pytest
 import torch
 
 from artifact_core.bundle import BundleConfig, save_bundle
-from artifact_core.predict import ArtifactPredictor, predict_paths
-from artifact_core.report import (HeatmapActor, _json_for_script, render_page, report_after_scoring, select_rows,
-                                  write_report)
+from artifact_core import report as report_module
+from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, predict_paths
+from artifact_core.report import (HeatmapActor, _json_for_script, fill_template, render_page, report_after_scoring,
+                                  select_rows, write_report)
+from artifact_core.storage import Location, resolve
 from conftest import calibrated_model, make_easy_folder, write_image
 
 # A file name that closes the data <script> and opens markup with an event handler, and one
@@ -94,6 +99,195 @@ def test_page_escapes_file_names():
     assert json.loads(data)["flagged"][0]["f"] == EVIL and json.loads(data)["uncertain"][0]["f"] == QUOTES
     assert "4 left out" in page
     assert "<" not in _json_for_script({"s": "</script><!--"})
+
+
+def page_data(page: str) -> dict:
+    """The JSON block the page's script reads."""
+    block = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S)
+    return json.loads(block.group(1))
+
+
+def test_file_names_that_look_like_placeholders_stay_text():
+    # The page used to be filled by chained replacements: a name holding %%DATA%% in the
+    # error table got the whole data block, once per such name.
+    names = ["%%DATA%%.png", "%%TABLE%%%%ERRORS%%.png", "%%NOPE%%.png"]
+    cards = [{"f": n, "c": 0.9, "pa": 0.9, "p": 0, "t": "", "o": "", "e": "x"} for n in names]
+    errors = [{"filename": n, "error": "%%HIST%%"} for n in names]
+    page = render_page({"model": "%%DATA%%", "input": "%%NOTE%%", "predicted": {}}, cards, cards, n_flagged=3,
+                       errors=errors, n_errors=3, has_hist=False)
+    assert page.count('id="report-data"') == 1 and page.count("<table") == 2
+    assert [c["f"] for c in page_data(page)["flagged"]] == names
+    assert "<td>%%DATA%%</td>" in page and "<td>%%NOTE%%</td>" in page
+    assert "<tr><td>%%DATA%%.png</td><td>%%HIST%%</td></tr>" in page
+    assert len(page) < 20_000
+
+
+def test_fill_template_names_a_placeholder_without_value():
+    assert fill_template("a %%X%% b %%Y%%", {"X": "%%Y%%", "Y": "\\1"}) == "a %%Y%% b \\1"
+    with pytest.raises(ValueError, match=r"missing \['Y'\]"):
+        fill_template("a %%X%% b %%Y%%", {"X": "1"})
+    with pytest.raises(ValueError, match=r"unused \['Z'\]"):
+        fill_template("a %%X%%", {"X": "1", "Z": "2"})
+
+
+def test_report_reads_a_large_csv_with_newlines_in_names(tmp_path):
+    # Over pyarrow's 1 MiB CSV block, a quoted newline used to split a row between blocks
+    # ("Expected 6 columns, got 5"): after the predictions were marked complete, on every --resume.
+    n = 40_000
+    names = [f"img_{i:05d}\nx.png" if i % 3 else f"img_{i:05d}\r\n\"q\",.png" for i in range(n)]
+    prob = np.linspace(0.0, 1.0, n)
+    table = pa.table({"filename": names, "path": [str(tmp_path / "gone" / x) for x in names],
+                      "predicted_class": pa.array((prob >= 0.5).astype(np.int64)),
+                      "confidence": np.where(prob >= 0.5, prob, 1 - prob), "prob_artifact_free": prob,
+                      "error": [""] * n})
+    assert table.column_names == list(OUTPUT_COLUMNS)
+    out = tmp_path / "out"
+    out.mkdir()
+    pacsv.write_csv(table.sort_by("filename"), str(out / "predictions.csv"))  # as scoring.finalize writes it
+    assert (out / "predictions.csv").stat().st_size > 1 << 20
+    (out / "summary.json").write_text(json.dumps({"model": "unused: every file is gone", "threshold": 0.5,
+                                                  "input": str(tmp_path), "predicted": {}}))
+    rep = write_report(str(out), top=3, uncertain=2, use_ray=False)
+    assert rep["flagged"] == int((prob < 0.5).sum()) and rep["flagged_shown"] == 3 and rep["uncertain_shown"] == 2
+    data = page_data((out / "report" / "index.html").read_text())
+    assert [c["f"] for c in data["flagged"]] == names[:3]  # the most confident: lowest P(artifact-free)
+    assert all(c["e"] == "file no longer exists" for c in data["flagged"] + data["uncertain"])
+
+
+class StopHere(Exception):
+    """The drill's stand-in for a job killed between two requests."""
+
+
+class DrillStore(pafs.FileSystemHandler):
+    """An object store in a local folder that logs each change and can stop before the n-th.
+
+    Like S3 it has no folder rename and deletes a folder object by object (in key order).
+    """
+
+    def __init__(self, root: Path, stop_at: int | None = None) -> None:
+        self.fs = pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem())
+        self.stop_at = stop_at
+        self.changes: list[tuple[str, str]] = []
+        self.lock = threading.Lock()  # pafs.copy_files uploads from several threads
+
+    def _change(self, op: str, path: str) -> None:
+        with self.lock:
+            if self.stop_at is not None and len(self.changes) >= self.stop_at:
+                raise StopHere(f"stopped before {op} {path}")
+            self.changes.append((op, path))
+
+    def get_type_name(self) -> str:
+        return "drill"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def equals(self, other: object) -> bool:
+        return self is other
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        files = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        for info in sorted((i for i in files if i.type == pafs.FileType.File), key=lambda i: i.path):
+            self.delete_file(info.path)
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        raise NotImplementedError
+
+    def delete_root_dir_contents(self) -> None:
+        raise NotImplementedError
+
+    def delete_file(self, path: str) -> None:
+        self._change("delete", path)
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        raise NotImplementedError("an object store has no rename")
+
+    def copy_file(self, src: str, dest: str) -> None:
+        raise NotImplementedError
+
+    def open_input_stream(self, path: str):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata):
+        self._change("write", path)
+        return self.fs.open_output_stream(path)
+
+    def open_append_stream(self, path: str, metadata):
+        raise NotImplementedError
+
+
+def test_report_upload_stopped_anywhere_leaves_no_page_without_its_images(bundle64, tmp_path, monkeypatch):
+    folder = image_folder(tmp_path / "in", n=4)
+    bucket = tmp_path / "bucket"
+    fake_scoring_output(bucket / "out", folder, bundle64, median_threshold(bundle64, folder))
+    write_image(bucket / "out" / "confidence_hist.png")
+    store = DrillStore(bucket)
+
+    def resolve_drill(uri: str) -> Location:
+        if not uri.startswith("drill://"):
+            return resolve(uri)
+        return Location(pafs.PyFileSystem(store), uri[len("drill://"):], uri)
+
+    monkeypatch.setattr(report_module, "resolve", resolve_drill)
+    built = tmp_path / "built"
+
+    def write_report_once(output_dir: str, **kwargs) -> dict:
+        # The same page every time, its heatmaps computed once: the drill is about the upload.
+        if not built.exists():
+            entry = write_report(output_dir, use_ray=False, **kwargs)
+            shutil.copytree(os.path.join(output_dir, "report"), built)
+            (built / "entry.json").write_text(json.dumps(entry))
+        else:
+            shutil.copytree(built, os.path.join(output_dir, "report"), ignore=shutil.ignore_patterns("entry.json"))
+        return json.loads((built / "entry.json").read_text())
+
+    monkeypatch.setattr(report_module, "write_report", write_report_once)
+    cfg = SimpleNamespace(report=True, report_top=2, report_uncertain=1, output="drill://out", cpus_per_actor=1.0,
+                          use_gpu=False)
+    summary = json.loads((bucket / "out" / "summary.json").read_text())
+    report_after_scoring(cfg, dict(summary))  # the page of an earlier run
+    page = bucket / "out" / "report" / "index.html"
+    assert page.exists()
+
+    def complete_or_absent(report: Path) -> None:
+        if not (report / "index.html").exists():
+            return
+        html_text = (report / "index.html").read_text()
+        data = page_data(html_text)
+        files = [c[k] for c in data["flagged"] + data["uncertain"] for k in ("t", "o") if c[k]]
+        assert len(files) == 6 and 'src="confidence_hist.png"' in html_text
+        for rel in files + ["confidence_hist.png"]:
+            assert (report / rel).is_file(), f"index.html without {rel}"
+
+    store.changes = []
+    report_after_scoring(cfg, dict(summary))  # again, over the old page: every step logged
+    steps = [c for c in store.changes if c[1].startswith("out/report/")]
+    assert len(steps) == 2 * 8  # index.html, histogram, 3 x (thumbnail, overlay): each deleted, then uploaded
+    assert steps[0] == ("delete", "out/report/index.html") and steps[-1] == ("write", "out/report/index.html")
+    complete_or_absent(bucket / "out" / "report")
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(bucket, snapshot)
+    for stop_at in range(len(store.changes)):
+        shutil.rmtree(bucket)
+        shutil.copytree(snapshot, bucket)
+        store.changes, store.stop_at = [], stop_at
+        with pytest.raises(Exception, match="stopped before"):
+            report_after_scoring(cfg, dict(summary))
+        complete_or_absent(bucket / "out" / "report")
 
 
 def test_heatmap_actor_turns_bad_files_into_error_rows(bundle64, tmp_path):

@@ -144,3 +144,21 @@ def test_runs_recorded_before_a_field_existed_compare_with_its_old_meaning():
     assert differences(old, {"identity": identity_of(now), "kind": "train", "config": now}) == [
         "finetune_bn: 'batch' before, 'frozen' now", "finetune_schedule: 'constant' before, 'cosine' now", "head: 'global' before, 'multiscale' now",
         "head_cache_augment: True before, False now", "head_cache_views: 0 before, 2 now", "head_members: 1 before, 5 now", "test_time_flip: False before, True now"]
+
+
+def test_run_names_and_uris_that_would_land_in_another_folder_are_refused(tmp_path):
+    from artifact_core.storage import resolve
+
+    # Under object storage the name is written into URIs that are parsed again: '#' would cut
+    # 'exp#2' to 'exp' (two runs, one bundle folder), a space does not parse at all.
+    for name in ("exp#2", "lr 1e-3", "50%", "a?b", "café"):
+        with pytest.raises(ValueError, match="--name must be one folder name"):
+            TrainConfig(name=name, storage_path="s3://bucket/runs").validate()
+        TrainConfig(name=name, storage_path=str(tmp_path)).validate()  # a local folder takes them
+    for name in ("a/b", "..", "tab\there"):
+        with pytest.raises(ValueError, match="--name must be one folder name"):
+            TrainConfig(name=name, storage_path=str(tmp_path)).validate()
+    TrainConfig(name="lr=1e-3,depth:6@v2", storage_path="s3://bucket/runs").validate()
+    with pytest.raises(ValueError, match=r"'#' cannot appear in a URI .* %23"):
+        resolve("s3://bucket/preds#2")
+    assert resolve("s3://bucket/a%23b?endpoint_override=127.0.0.1:1&scheme=http").path == "bucket/a#b"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from artifact_core.config import SELECT_METRICS, SweepConfig, TrainConfig, add_training_args, config_from_args
 from artifact_core.train_loop import LoopState, update_patience
-from artifact_core.tuning import asha_rungs, build_scheduler
+from artifact_core.tuning import asha_rungs, best_trial_id, build_scheduler, results_table
 
 
 def test_select_metric_flag_and_validation():
@@ -50,6 +52,49 @@ def test_asha_rungs_fall_after_the_head_phase_by_default(head, finetune, expecte
     cfg = SweepConfig(base=TrainConfig(head_epochs=head, finetune_epochs=finetune))
     rungs = asha_rungs(build_scheduler(cfg))
     assert rungs == expected and min(rungs) > head
+
+
+def test_asha_counts_the_loops_global_epoch():
+    # Tune's training_iteration restarts at 0 when a killed sweep restores a trial whose Train
+    # run resumes at epoch k: the rungs must count the epoch the loop reports.
+    scheduler = build_scheduler(SweepConfig(base=TrainConfig(head_epochs=2, finetune_epochs=2)))
+    scheduler.set_search_properties("select_score", "max")
+    trial = SimpleNamespace(trial_id="t")
+    scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, trial, {"training_iteration": 1, "epoch": 4, "select_score": 0.5}) \
+        == "STOP"  # epoch 4 = max_t, whatever the iteration count says
+    assert scheduler._time_attr == "epoch"
+
+
+def _trial(trial_id, rows, error=None, lr=1e-3):
+    return SimpleNamespace(metrics_dataframe=pd.DataFrame(rows), error=error, metrics={"trial_id": trial_id},
+                           config={"lr": lr, "finetune_lr_ratio": 0.1, "unfreeze_depth": 2})
+
+
+def test_sweep_winner_is_never_errored_one_class_or_diverged():
+    one_class, two_class = [[0, 10], [0, 90]], [[6, 4], [8, 82]]
+    grid = [
+        _trial("errored", [{"epoch": 1, "phase": "head", "early_stopped": False, "val_micro_f1": 0.97,
+                            "val_ap_artifact": 0.9, "val_confusion_matrix": two_class, "select_score": 0.97}],
+               error=RuntimeError("worker died")),
+        # reports from before select_score: computed from the metrics (one class: lowered)
+        _trial("all_clean", [{"epoch": e, "phase": "finetune", "early_stopped": False, "val_micro_f1": 0.9,
+                              "val_ap_artifact": 0.12, "val_confusion_matrix": one_class} for e in (1, 2)]),
+        _trial("skilled", [{"epoch": 1, "phase": "head", "early_stopped": False, "val_micro_f1": 0.88,
+                            "val_ap_artifact": 0.6, "val_confusion_matrix": two_class, "select_score": 0.88},
+                           {"epoch": 2, "phase": "finetune", "early_stopped": False, "val_micro_f1": float("nan"),
+                            "val_ap_artifact": 1.0, "val_confusion_matrix": two_class, "select_score": float("nan"),
+                            "diverged": True}]),
+        _trial("diverged", [{"epoch": 1, "phase": "head", "early_stopped": False, "val_micro_f1": 0.99,
+                             "val_ap_artifact": 1.0, "val_confusion_matrix": two_class,
+                             "select_score": float("nan"), "diverged": True}]),
+    ]
+    table = results_table(grid, total_epochs=2, metric="val_micro_f1")
+    assert table["trial_id"].tolist()[:2] == ["errored", "skilled"]
+    assert table.set_index("trial_id").loc["all_clean", "best_select_score"] == pytest.approx(0.9 - 2.0)
+    assert best_trial_id(table, "val_micro_f1") == "skilled"
+    with pytest.raises(RuntimeError, match="every trial failed, diverged"):
+        best_trial_id(table[table["trial_id"].isin(["errored", "diverged"])], "val_micro_f1")
 
 
 def test_asha_explicit_grace_period_in_head_phase_warns(caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -94,13 +95,18 @@ def test_selection_keeps_the_one_epoch_with_skill(ray_session, easy_folder, tmp_
     # artifact first but at 0.5 calls everything an artifact (micro F1 3/12). Micro F1 would
     # keep a one-class epoch; the default selection must keep epoch 3, and its threshold
     # must then separate the classes.
-    one_class, skilled = [0.9, 0.9], [0.3, 0.4]  # P(artifact-free) for label 0, label 1
-    drill = {"1": one_class, "2": one_class, "3": skilled, "4": one_class}
+    # Epoch 4 then diverges (NaN scores, whose "AP" would only reflect the list's order): it
+    # must rank last, and training must stop there instead of running epoch 5.
+    one_class, skilled, nan = [0.9, 0.9], [0.3, 0.4], [float("nan")] * 2  # P(artifact-free) for label 0, label 1
+    drill = {"1": one_class, "2": one_class, "3": skilled, "4": nan, "5": one_class}
     # (trained with artifact oversampling, which runs the DDP-aware sampler for real)
-    cfg = small_config(easy_folder, tmp_path / "runs", "sel", oversample=0.4)
+    cfg = small_config(easy_folder, tmp_path / "runs", "sel", oversample=0.4, finetune_epochs=3)
     summary = run_training(cfg, loop_overrides={"val_prob_drill": drill})
     hist = summary.metrics["history"]
-    assert [h["val_micro_f1"] for h in hist] == [0.75, 0.75, 0.25, 0.75]
+    assert [h["val_micro_f1"] for h in hist[:3]] == [0.75, 0.75, 0.25]
+    assert len(hist) == 4 and [h["diverged"] for h in hist] == [False, False, False, True]
+    assert math.isnan(hist[3]["select_score"]) and [h["select_score"] for h in hist[:3]] == \
+        [h["val_ap_artifact"] for h in hist[:3]]
     assert summary.metrics["best_epoch"] == 3 and summary.metrics["select_value"] == 1.0
     assert summary.metrics["validation"]["recall_artifact"] == 1.0 and summary.metrics["validation"]["micro_f1"] == 1.0
     assert 0.3 < summary.metrics["threshold"] < 0.4

@@ -27,7 +27,7 @@ def test_asha_stops_a_trial_later_trials_run_and_a_killed_sweep_resumes(ray_sess
     # (its workers freed, Ray bug #54305). Selected by micro F1 here: the calibrated random
     # features rank this easy set well even with an untrained head (AP about 0.9), so only
     # the decisions at 0.5 tell the hopeless trials apart. The driver is killed while the
-    # third trial runs; the resumed sweep must run only that trial again.
+    # third trial runs; the rerun sweep must run only that trial again.
     args = ["--data-dir", str(data), "--storage-path", str(storage), "--name", "sw", "--num-workers", "2",
             "--batch-size", "8", "--image-size", "32", "--head-epochs", "2", "--finetune-epochs", "2",
             "--weights", backbone_weights, "--patience", "0", "--max-failures", "0", "--val-fraction", "0.25",
@@ -60,7 +60,8 @@ def test_asha_stops_a_trial_later_trials_run_and_a_killed_sweep_resumes(ray_sess
     starts = {d.name: len(list(d.glob("events.out.tfevents*"))) for d in tune_dir.glob("tune_trial_*")}
     assert len(starts) == 3 and not (sweep_dir / "results.csv").exists()
 
-    resumed = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), *args, "--resume"], env=env,
+    # the same command again (no --resume): a rerun continues the sweep, as a rerun of train.py does
+    resumed = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), *args], env=env,
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming sweep" in resumed.stdout + resumed.stderr
