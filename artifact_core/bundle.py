@@ -16,7 +16,6 @@ an earlier model from a current one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ if TYPE_CHECKING:  # torch is imported where weights are written or read: readin
 
 from artifact_core.config import ARCHITECTURE, HEADS, IMAGENET_MEAN, IMAGENET_STD
 from artifact_core.labels import LABEL_NAMES
-from artifact_core.storage import is_uri, resolve
+from artifact_core.storage import file_sha256, is_uri, resolve
 
 #: the newest format this version reads; 2 = the model also scores the mirrored image
 #: (``test_time_flip``), which a reader of format 1 would silently skip; 3 = several per-cell
@@ -181,11 +180,7 @@ def weights_sha256(path: str) -> str:
     # Size and modification time in the key: a model.pt rewritten in place is hashed again.
     key = (weights.uri, info.size, info.mtime_ns)
     if key not in _WEIGHTS_SHA256:
-        digest = hashlib.sha256()
-        with weights.fs.open_input_stream(weights.path) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _WEIGHTS_SHA256[key] = digest.hexdigest()
+        _WEIGHTS_SHA256[key] = file_sha256(weights)
     return _WEIGHTS_SHA256[key]
 
 

@@ -15,7 +15,6 @@ so a CSV only exists when it is complete.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -43,7 +42,7 @@ from artifact_core.metrics import classification_metrics
 from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, DecodingPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
 from artifact_core.score_output import ScoringIdentity, mark_complete, prepare_output
-from artifact_core.storage import Location, check_apart, display_path, read_file_bytes, resolve
+from artifact_core.storage import Location, check_apart, display_path, file_sha256, read_file_bytes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +97,6 @@ def _existing_rows(parquet_dir: Location) -> set[str]:
     return done
 
 
-def _file_sha256(loc: Location) -> str:
-    h = hashlib.sha256()
-    with loc.fs.open_input_stream(loc.path) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Location:
     """Check and claim ``--output`` (see :mod:`artifact_core.score_output`); returns the Parquet folder.
 
@@ -115,11 +106,11 @@ def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Loca
     check_apart(output, resolve(cfg.input), output_name="--output", source_name="the input")
     model = resolve(cfg.model)
     identity = ScoringIdentity(input=resolve(cfg.input).uri, model=model.uri,
-                               model_sha256=_file_sha256(model.join(WEIGHTS_FILE)),
+                               model_sha256=file_sha256(model.join(WEIGHTS_FILE)),
                                threshold=threshold, image_size=image_size, precision=cfg.precision,
-                               int8_sha256=_file_sha256(model.join(ONNX_INT8_FILE)) if cfg.precision == "int8"
+                               int8_sha256=file_sha256(model.join(ONNX_INT8_FILE)) if cfg.precision == "int8"
                                else "not used",
-                               config_sha256=_file_sha256(model.join(CONFIG_FILE)))
+                               config_sha256=file_sha256(model.join(CONFIG_FILE)))
     prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume, overwrite=cfg.overwrite)
     for name in DERIVED_ENTRIES:
         output.join(name).remove()

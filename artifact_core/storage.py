@@ -7,6 +7,7 @@ object stores behave the same.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import stat
@@ -109,6 +110,15 @@ class Location:
             self.fs.delete_dir(self.path)
         elif kind == pafs.FileType.File:
             self.fs.delete_file(self.path)
+
+
+def file_sha256(loc: Location) -> str:
+    """sha256 of the file at ``loc`` (local or remote), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with loc.fs.open_input_stream(loc.path) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve(path_or_uri: str) -> Location:
