@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -410,6 +411,8 @@ class SweepConfig:
             raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
         if not 0 < self.lr_min <= self.lr_max:
             raise ValueError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}")
+        if self.lrs is not None and (not self.lrs or not all(math.isfinite(x) and x > 0 for x in self.lrs)):
+            raise ValueError(f"--lrs must be learning rates above 0, got {self.lrs}")
         if not 0 < self.finetune_lr_ratio_min <= self.finetune_lr_ratio_max:
             raise ValueError("need 0 < --finetune-lr-ratio-min <= --finetune-lr-ratio-max")
         blocks = feature_blocks(self.base.head)
@@ -487,3 +490,32 @@ class ScoreConfig:
     report_uncertain: int = 50
     #: seconds to wait for an autoscaler to add nodes; None: 600 with an autoscaler, 0 without
     wait_for_resources: float | None = None
+
+    def validate(self) -> "ScoreConfig":
+        """Raise ``ValueError`` naming the flag out of range (the paths are checked when opened)."""
+        def finite(x: float | None) -> bool:
+            return x is not None and math.isfinite(x)
+
+        checks = [
+            ("--batch-size", self.batch_size >= 1, "at least 1", self.batch_size),
+            ("--num-actors", self.num_actors is None or self.num_actors >= 1, "at least 1", self.num_actors),
+            ("--cpus-per-actor", finite(self.cpus_per_actor) and self.cpus_per_actor > 0, "above 0",
+             self.cpus_per_actor),
+            ("--threshold", self.threshold is None or (finite(self.threshold) and 0 <= self.threshold <= 1),
+             "a probability in [0, 1]", self.threshold),
+            ("--object-store-budget-mb", self.object_store_budget_mb >= 1, "at least 1", self.object_store_budget_mb),
+            ("--actor-memory-mb", self.actor_memory_mb >= 1, "at least 1", self.actor_memory_mb),
+            ("--engine", self.engine in SCORE_ENGINES, f"one of {', '.join(SCORE_ENGINES)}", self.engine),
+            ("--precision", self.precision in SCORE_PRECISIONS, f"one of {', '.join(SCORE_PRECISIONS)}",
+             self.precision),
+            ("--pipeline", self.pipeline in SCORE_PIPELINES, f"one of {', '.join(SCORE_PIPELINES)}", self.pipeline),
+            ("--report-top", self.report_top >= 0, "0 or more", self.report_top),
+            ("--report-uncertain", self.report_uncertain >= 0, "0 or more", self.report_uncertain),
+            ("--wait-for-resources", self.wait_for_resources is None  # (inf: wait as long as it takes)
+             or (not math.isnan(self.wait_for_resources) and self.wait_for_resources >= 0), "0 or more seconds",
+             self.wait_for_resources),
+        ]
+        for flag, ok, expected, value in checks:
+            if not ok:
+                raise ValueError(f"{flag} must be {expected}, got {value!r}")
+        return self

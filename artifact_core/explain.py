@@ -29,13 +29,16 @@ from torch import nn
 
 from artifact_core.bundle import Bundle, load_bundle
 from artifact_core.data import LABEL_NAMES, list_images
-from artifact_core.images import ImageDecodeError, decode_image
-from artifact_core.transforms import eval_resize, normalize
+from artifact_core.decode import decode_array
+from artifact_core.images import ImageDecodeError, ImageSource, decode_image
+from artifact_core.transforms import normalize
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.45
 DEFAULT_CMAP = "jet"
+#: The CLI's overlays keep the image's aspect at most this many px on the longer side.
+OVERLAY_MAX_SIDE = 1024
 
 
 class _ArtifactLogit(nn.Module):
@@ -155,8 +158,9 @@ def overlay(image: np.ndarray | Image.Image, heatmap: np.ndarray, *, alpha: floa
 class Explainer:
     """A loaded bundle that returns probabilities and artifact heatmaps for images.
 
-    Uses the same pixels as scoring: the shared decoder, then the bundle's eval transform
-    (resize to uint8, then normalize).
+    Uses the same pixels as scoring: the shared decoder at the bundle's size (which shrinks a
+    large JPEG in the decoder and box-reduces other large images before the resize, so a
+    plain resize of the full image would differ by up to ~20 levels), then the normalization.
     """
 
     def __init__(self, bundle: Bundle | str, *, device: str | torch.device = "cpu", micro_batch: int = 8) -> None:
@@ -165,13 +169,18 @@ class Explainer:
         self.model = self.bundle.model.to(self.device).eval()
         cfg = self.bundle.config
         self.threshold = float(cfg.threshold)
-        self.resize = eval_resize(image_size=cfg.image_size)
+        self.image_size = int(cfg.image_size)
         self.normalize = normalize(mean=tuple(cfg.mean), std=tuple(cfg.std))
         self.micro_batch = micro_batch
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """Decoded RGB image -> the resized uint8 (3, S, S) tensor the model sees (before normalizing)."""
-        return self.resize(image)
+    def pixels(self, source: ImageSource, *, name: str | None = None) -> torch.Tensor:
+        """A file (path or bytes) -> the uint8 (3, S, S) tensor scoring feeds the model (before
+        normalizing): :func:`~artifact_core.decode.decode_array`, the scoring decoder itself.
+
+        Raises:
+            ImageDecodeError: the file cannot be decoded.
+        """
+        return torch.from_numpy(decode_array(source, self.image_size, name=name))
 
     def explain_uint8(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, S, S) uint8 from :meth:`pixels` -> (P(artifact-free) (N,), heatmaps (N, S, S))."""
@@ -194,6 +203,8 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
         One dict per input path: file, heatmap (file name or ""), prob_artifact_free,
         predicted_class (0 artifact, 1 artifact-free, -1 error), confidence, error.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     explainer = Explainer(bundle_dir)
     os.makedirs(out_dir, exist_ok=True)
     names = _output_names(paths)
@@ -203,19 +214,20 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
         decoded = []
         for path, name in chunk:
             try:
-                decoded.append((path, name, decode_image(path)))
+                # The preview is decoded here too, so a file that fails either way gets its row.
+                decoded.append((path, name, explainer.pixels(path), decode_image(path, max_side=OVERLAY_MAX_SIDE)))
             except ImageDecodeError as exc:
                 rows.append({"file": path, "heatmap": "", "prob_artifact_free": None, "predicted_class": -1,
                              "confidence": None, "error": exc.reason})
         if not decoded:
             continue
-        pixels = torch.stack([explainer.pixels(img) for _, _, img in decoded])
-        probs, maps = explainer.explain_uint8(pixels)
-        for (path, name, img), prob, heat in zip(decoded, probs, maps):
+        probs, maps = explainer.explain_uint8(torch.stack([x for _, _, x, _ in decoded]))
+        for (path, name, _, preview), prob, heat in zip(decoded, probs, maps):
             pred = int(prob >= explainer.threshold)
             heatmap_file = f"{name}.heatmap.png"
-            # Overlay on the original image (aspect kept); the map is resized to it.
-            _overlay_png(img, heat, os.path.join(out_dir, heatmap_file))
+            # Over the image with its aspect kept (the map is resized to it), at most
+            # OVERLAY_MAX_SIDE px: a 64 MP original would take gigabytes to blend.
+            _overlay_png(preview, heat, os.path.join(out_dir, heatmap_file))
             rows.append({"file": path, "heatmap": heatmap_file, "prob_artifact_free": float(prob),
                          "predicted_class": pred, "confidence": float(prob if pred == 1 else 1.0 - prob),
                          "error": ""})

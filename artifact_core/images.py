@@ -81,16 +81,20 @@ def _exif_upright(img: Image.Image) -> Image.Image:
     return img
 
 
-def _reduce(img: Image.Image, target_size: int) -> Image.Image:
+def _reduce(img: Image.Image, target_size: int, *, keep_aspect: bool = False) -> Image.Image:
     """Shrink by an integer box factor per axis, keeping each side at least twice the target:
-    a box average is much cheaper per input pixel than the bilinear resize that follows."""
+    a box average is much cheaper per input pixel than the bilinear resize that follows.
+    With ``keep_aspect`` one factor for both axes, set by the longer side (a preview)."""
     fx, fy = img.width // (2 * target_size), img.height // (2 * target_size)
+    if keep_aspect:
+        fx = fy = max(fx, fy)
     if max(fx, fy) < 2:
         return img
     return img.reduce((max(fx, 1), max(fy, 1)))
 
 
-def _shrink_before_rgb(img: Image.Image, target_size: int) -> tuple[Image.Image, tuple[float, float] | None]:
+def _shrink_before_rgb(img: Image.Image, target_size: int, *,
+                       keep_aspect: bool = False) -> tuple[Image.Image, tuple[float, float] | None]:
     """Box-reduce the modes whose conversion to RGB takes several full-size copies (alpha
     composited over white, 16-bit and float greyscale rescaled): 17-26 bytes per pixel.
 
@@ -102,16 +106,16 @@ def _shrink_before_rgb(img: Image.Image, target_size: int) -> tuple[Image.Image,
     if mode.startswith("I;16"):
         img = img.convert("I")  # reduce() has no 16-bit mode; 32-bit integers keep every value
     if img.mode in ("I", "F"):
-        return _reduce(img, target_size), img.getextrema()
+        return _reduce(img, target_size, keep_aspect=keep_aspect), img.getextrema()
     if mode == "PA" or (mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "L"):
-        return _reduce(img, target_size), None
+        return _reduce(img, target_size, keep_aspect=keep_aspect), None
     return img, None
 
 
-def decode_image(source: ImageSource, *, name: str | None = None,
-                 max_pixels: int = MAX_IMAGE_PIXELS, target_size: int | None = None) -> Image.Image:
+def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                 target_size: int | None = None, max_side: int | None = None) -> Image.Image:
     """Decode a file path or raw bytes into a fully loaded, upright, 8-bit RGB PIL image.
 
     Args:
@@ -122,6 +126,9 @@ def decode_image(source: ImageSource, *, name: str | None = None,
             ``target_size`` by :func:`resize_image`; a JPEG at least twice as large is
             decoded at 1/2, 1/4 or 1/8 scale (never below the target), other large images
             are box-reduced to at least twice the target first.
+        max_side: when given instead (a preview), the image comes back with its aspect kept
+            and its longer side at most ``max_side``, reduced the same cheap way first, so a
+            preview of a huge file never holds it at full size.
 
     Returns:
         An RGB ``PIL.Image.Image`` with its pixels loaded and its EXIF orientation applied.
@@ -129,6 +136,8 @@ def decode_image(source: ImageSource, *, name: str | None = None,
     Raises:
         ImageDecodeError: empty, truncated, not an image, or too large.
     """
+    if target_size and max_side:
+        raise ValueError("decode_image takes target_size or max_side, not both")
     label = name or (os.fspath(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         if isinstance(source, bytes):
@@ -149,19 +158,23 @@ def decode_image(source: ImageSource, *, name: str | None = None,
                 # PIL's own bomb check only warns below 2x its global limit; ours is a
                 # hard per-call limit. Truncated files fail in load() (PIL's default
                 # LOAD_TRUNCATED_IMAGES=False), never decode silently as half grey.
-                if target_size and img.format == "JPEG":
+                shrink = target_size or max_side
+                if shrink and img.format == "JPEG":
                     # DCT-domain downscaling: PIL picks the largest of 1/2, 1/4, 1/8 that keeps
                     # both sides >= the request, so the resize below still only downsamples.
-                    img.draft(None, (target_size, target_size))
+                    img.draft(None, (shrink, shrink))
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
                     img.load()
                 out, value_range = _exif_upright(img), None
-                if target_size:
-                    out, value_range = _shrink_before_rgb(out, target_size)
+                if shrink:
+                    out, value_range = _shrink_before_rgb(out, shrink, keep_aspect=bool(max_side))
                 out = _to_rgb(out, value_range)
         if target_size:
             out = resize_image(_reduce(out, target_size), target_size)
+        elif max_side:
+            out = _reduce(out, max_side, keep_aspect=True)
+            out.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
         return out
     except ImageDecodeError:
         raise

@@ -138,6 +138,10 @@ def _v1_monitor_has_node_types() -> bool:
     return any(not _READONLY_NODE_TYPE.fullmatch(t) for t in types)
 
 
+#: Ray's resolution of fractional resources (ray_constants.MIN_RESOURCE_GRANULARITY = 0.0001).
+RESOURCE_UNITS = 10_000
+
+
 def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, reserved_cpus: float,
                nodes: list[dict[str, float]]) -> tuple[int, str | None]:
     """How many workers fit on ``nodes`` (total resources per node) and what is missing, if anything.
@@ -145,18 +149,23 @@ def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
     Packs workers node by node the way a placement group can, so "8 CPUs in total"
     does not pass for eight 1-CPU nodes asked to host two 4-CPU workers.
     """
-    free = [[n.get("CPU", 0.0), n.get("GPU", 0.0)] for n in nodes]
-    total_cpu = sum(c for c, _ in free)
-    total_gpu = sum(g for _, g in free)
+    # In Ray's own unit (1/10000 of a CPU or GPU): 20 workers of 0.1 CPU fill 2 CPUs exactly,
+    # where subtracting floats would leave 0.0999... for the last one.
+    def units(x: float) -> int:
+        return round(x * RESOURCE_UNITS)
+
+    free = [[units(n.get("CPU", 0.0)), units(n.get("GPU", 0.0))] for n in nodes]
+    total_cpu = sum(c for c, _ in free) / RESOURCE_UNITS
+    total_gpu = sum(g for _, g in free) / RESOURCE_UNITS
     have = f"the cluster has {len(nodes)} node(s) with {total_cpu:g} CPU and {total_gpu:g} GPU"
+    cpu, gpu = units(cpus_per_worker), units(gpus_per_worker)
     placed = 0
     for res in sorted(free, key=lambda r: -r[0]):
-        while placed < num_workers and res[0] >= cpus_per_worker and res[1] >= gpus_per_worker:
-            res[0] -= cpus_per_worker
-            res[1] -= gpus_per_worker
+        while placed < num_workers and res[0] >= cpu and res[1] >= gpu:
+            res[0] -= cpu
+            res[1] -= gpu
             placed += 1
-    left = sum(c for c, _ in free)
-    if placed < num_workers or left + 1e-9 < reserved_cpus:
+    if placed < num_workers or sum(c for c, _ in free) < units(reserved_cpus):
         return placed, have
     return placed, None
 

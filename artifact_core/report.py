@@ -85,11 +85,14 @@ class HeatmapActor:
         overlays = np.array([b""] * n, dtype=object)
         errors = np.full(n, "", dtype=object)
         prob = np.full(n, np.nan)
-        decoded: list[tuple[int, Image.Image]] = []
+        decoded: list[tuple[int, Any, Image.Image]] = []
         for i, path in enumerate(batch["path"]):
             try:
                 data = read_file_bytes(str(path), self.fs)
-                decoded.append((i, decode_image(data, name=str(path))))
+                # The model input is decoded exactly as scoring decodes it; the thumbnail
+                # separately, reduced in the decoder, never at full size.
+                decoded.append((i, self.explainer.pixels(data, name=str(path)),
+                                decode_image(data, name=str(path), max_side=self.thumb_size)))
             except (FileReadError, ImageDecodeError) as exc:
                 errors[i] = exc.reason
             except Exception as exc:  # noqa: BLE001 - one odd file must never stop the report
@@ -99,11 +102,8 @@ class HeatmapActor:
 
             from artifact_core.explain import overlay
 
-            pixels = torch.stack([self.explainer.pixels(img) for _, img in decoded])
-            probs, maps = self.explainer.explain_uint8(pixels)
-            for (i, img), p, heat in zip(decoded, probs, maps):
-                thumb = img.copy()
-                thumb.thumbnail((self.thumb_size, self.thumb_size), Image.BILINEAR)
+            probs, maps = self.explainer.explain_uint8(torch.stack([x for _, x, _ in decoded]))
+            for (i, _, thumb), p, heat in zip(decoded, probs, maps):
                 thumbs[i] = self._jpeg(thumb)
                 # The map covers the square model input; resizing it to the thumbnail's
                 # aspect puts it back over the pixels it came from.

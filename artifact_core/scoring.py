@@ -272,7 +272,9 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
                 plan.lanes = min(cpus, MAX_LANES)
                 plan.engine_threads = max(1, cpus // plan.lanes)
         if cfg.num_actors:
-            plan.num_actors = min(plan.num_actors, cfg.num_actors)
+            # As asked, more than the nodes alive included: on an autoscaling cluster that is
+            # how scoring scales out (the fit check then waits for the nodes).
+            plan.num_actors = cfg.num_actors
     else:
         n = cfg.num_actors or default_num_actors(cfg)
         if not cfg.num_actors and not cfg.use_gpu and costs.get("decode_ms"):
@@ -418,6 +420,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     (:mod:`artifact_core.score_output`), so ``--overwrite`` only ever deletes what scoring wrote.
     """
     t0 = time.time()
+    cfg.validate()
     cfg.output = resolve(cfg.output).uri
     # Fail fast here, not in every actor: a bad --engine, a missing ONNX file, a bundle that
     # does not load. Only the torch engine needs torch; with ONNX the driver reads the config

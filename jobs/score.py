@@ -76,11 +76,8 @@ def score_config(args: argparse.Namespace) -> tuple[ScoreConfig, str | None]:
     """The run's settings and labels CSV (if any); omitted paths are the demo's.
 
     Raises:
-        ValueError: a negative report size.
+        ValueError: a flag out of range (:meth:`ScoreConfig.validate`).
     """
-    if args.report_top < 0 or args.report_uncertain < 0:
-        raise ValueError(f"--report-top and --report-uncertain must be 0 or more, got {args.report_top} and "
-                         f"{args.report_uncertain}")
     demo = os.path.abspath(DEMO_RUNS)
     labels = args.labels
     if args.input is None:
@@ -99,7 +96,7 @@ def score_config(args: argparse.Namespace) -> tuple[ScoreConfig, str | None]:
         report=args.report, report_top=args.report_top, report_uncertain=args.report_uncertain,
         wait_for_resources=args.wait_for_resources,
     )
-    return cfg, labels
+    return cfg.validate(), labels
 
 
 def main(args: argparse.Namespace) -> None:

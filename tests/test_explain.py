@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -109,15 +110,46 @@ def bundle64(tmp_path_factory) -> str:
     return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model, BundleConfig(image_size=64))
 
 
-def test_explainer_uses_the_scoring_pixels(bundle64, tmp_path):
+def _large_files(folder):
+    """Files the scoring decoder shrinks before its resize (a JPEG in the DCT domain, a PNG
+    with alpha box-reduced): a plain resize of the full image gives other pixels."""
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = rng.integers(0, 256, (300, 520, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "wide.jpg", quality=90)
+    alpha = np.dstack([noise[:, :400], rng.integers(0, 256, (300, 400, 1), dtype=np.uint8)])
+    Image.fromarray(alpha, "RGBA").save(folder / "alpha.png")
+    return [str(folder / "wide.jpg"), str(folder / "alpha.png")]
+
+
+def test_explainer_and_report_use_the_scoring_pixels(bundle64, tmp_path):
     from artifact_core.predict import ArtifactPredictor, predict_paths
+    from artifact_core.report import HeatmapActor
 
     folder = make_easy_folder(tmp_path / "imgs", n=4, size=50)
-    paths = sorted(str(p) for p in folder.iterdir())
+    paths = sorted(str(p) for p in folder.iterdir()) + _large_files(tmp_path / "large")
     ex = Explainer(bundle64)
-    prob, maps = ex.explain_uint8(torch.stack([ex.pixels(decode_image(p)) for p in paths]))
-    assert maps.shape == (4, 64, 64)
-    assert np.allclose(prob, predict_paths(ArtifactPredictor(bundle64), paths), atol=1e-5)
+    plain = torch.stack([torch.from_numpy(np.array(decode_image(p).resize((64, 64), Image.BILINEAR)))
+                         .permute(2, 0, 1) for p in paths[-2:]])
+    assert (plain.int() - torch.stack([ex.pixels(p) for p in paths[-2:]]).int()).abs().max() > 5  # not the same input
+    prob, maps = ex.explain_uint8(torch.stack([ex.pixels(p) for p in paths]))
+    assert maps.shape == (6, 64, 64)
+    scored = predict_paths(ArtifactPredictor(bundle64), paths)
+    assert np.allclose(prob, scored, atol=1e-5)
+    # the review page's actor: the scored probability, thumbnails with the image's aspect
+    out = HeatmapActor(bundle64, thumb_size=96)({"path": np.asarray(paths, dtype=object)})
+    assert np.allclose(out["prob_artifact_free"], scored, atol=1e-5) and not any(out["error"])
+    assert Image.open(io.BytesIO(out["thumb"][-2])).size == (96, 55)  # 520 x 300 -> 96 x 55
+    assert Image.open(io.BytesIO(out["overlay"][-1])).size == (96, 72)  # 400 x 300
+
+
+def test_preview_decode_keeps_the_aspect_and_never_grows(tmp_path):
+    files = _large_files(tmp_path)
+    assert decode_image(files[0], max_side=128).size == (128, 74)
+    assert decode_image(files[1], max_side=100).size == (100, 75)
+    assert decode_image(files[1], max_side=1000).size == (400, 300)  # smaller than asked: as it is
+    with pytest.raises(ValueError, match="not both"):
+        decode_image(files[0], max_side=64, target_size=64)
 
 
 def test_cli_writes_overlays_and_table(bundle64, tmp_path):
@@ -149,6 +181,8 @@ def test_cli_user_errors(bundle64, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "artifact_core.explain", bundle64, str(tmp_path / "nope.png"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "nope.png" in proc.stderr and "does not exist" in proc.stderr
+    with pytest.raises(ValueError, match="--batch-size must be at least 1, got 0"):
+        explain_paths(bundle64, [str(tmp_path / "nope.png")], str(tmp_path / "o"), batch_size=0)
 
 
 def test_heatmaps_of_the_local_head_follow_its_evidence():

@@ -46,6 +46,17 @@ def test_fits_now_asks_nothing():
     assert c.requests == [] and c.polls == 0
 
 
+def test_fractional_cpus_fill_a_node_exactly():
+    # 20 x 0.1 CPU and 6 x 0.15 CPU fit 2.0 and 0.9 CPUs in Ray's 1/10000 units; float
+    # subtraction left 0.0999... for the last worker and called the cluster too small
+    for nodes, n, cpus in (([{"CPU": 2.0}], 20, 0.1), ([{"CPU": 0.9}], 6, 0.15)):
+        c = FakeCluster(nodes)
+        c.fits(num_workers=n, cpus_per_worker=cpus, autoscaler=None)
+        assert c.requests == [] and c.polls == 0
+    with pytest.raises(ClusterTooSmallError, match=r"room for 20 worker"):
+        FakeCluster([{"CPU": 2.0}]).fits(num_workers=21, cpus_per_worker=0.1, autoscaler=None)
+
+
 def test_no_autoscaler_fails_at_once():
     c = FakeCluster([{"CPU": 1.0}])
     with pytest.raises(ClusterTooSmallError, match=r"needs 2 worker\(s\) x 1 CPU.*room for 1 worker.*no autoscaler"):

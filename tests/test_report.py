@@ -454,4 +454,14 @@ def test_score_flags(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["--report", "--no-report"])
     assert run_job(job.main, p.parse_args(["--report-top", "-1"]), logging.getLogger("test")) == 2
-    assert "--report-top and --report-uncertain must be 0 or more, got -1" in capsys.readouterr().err
+    assert "--report-top must be 0 or more, got -1" in capsys.readouterr().err
+    # every numeric flag is checked before Ray starts: one line, exit status 2, no traceback
+    for flags, expected in ((["--cpus-per-actor", "0"], "--cpus-per-actor must be above 0, got 0.0"),
+                            (["--threshold", "1.5"], "--threshold must be a probability in [0, 1], got 1.5"),
+                            (["--threshold", "nan"], "--threshold must be a probability in [0, 1], got nan"),
+                            (["--wait-for-resources", "nan"], "--wait-for-resources must be 0 or more seconds"),
+                            (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                            (["--num-actors", "0"], "--num-actors must be at least 1, got 0")):
+        assert run_job(job.main, p.parse_args(flags), logging.getLogger("test")) == 2, flags
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (flags, err)
