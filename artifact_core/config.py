@@ -501,8 +501,8 @@ class ScoreConfig:
             ("--num-actors", self.num_actors is None or self.num_actors >= 1, "at least 1", self.num_actors),
             ("--cpus-per-actor", finite(self.cpus_per_actor) and self.cpus_per_actor > 0, "above 0",
              self.cpus_per_actor),
-            ("--threshold", self.threshold is None or (finite(self.threshold) and 0 <= self.threshold <= 1),
-             "a probability in [0, 1]", self.threshold),
+            # (outside [0, 1] is allowed: above 1 flags every image, which tests and audits use)
+            ("--threshold", self.threshold is None or finite(self.threshold), "a number", self.threshold),
             ("--object-store-budget-mb", self.object_store_budget_mb >= 1, "at least 1", self.object_store_budget_mb),
             ("--actor-memory-mb", self.actor_memory_mb >= 1, "at least 1", self.actor_memory_mb),
             ("--engine", self.engine in SCORE_ENGINES, f"one of {', '.join(SCORE_ENGINES)}", self.engine),

@@ -223,6 +223,8 @@ RANKING_SELECT_METRICS = ("val_ap_artifact", "val_roc_auc")
 ONE_CLASS_PENALTY = 2.0
 #: The report key that holds :func:`selection_score`: Ray's checkpoint keeper and Tune use it.
 SELECT_SCORE = "select_score"
+#: The report key naming the metric that ``select_score`` was computed for.
+SELECT_SCORE_METRIC = "select_metric"
 
 
 def _finite(v: Any) -> float:
@@ -241,7 +243,7 @@ def selection_score(metrics: dict[str, Any], metric: str) -> float:
     such care and are the value itself.
     """
     value = _finite(metrics.get(metric))
-    if metrics.get("diverged") or math.isnan(value):
+    if is_diverged(metrics) or math.isnan(value):
         return math.nan
     cm = metrics.get("val_confusion_matrix")
     if metric not in RANKING_SELECT_METRICS and cm is not None:
@@ -251,14 +253,29 @@ def selection_score(metrics: dict[str, Any], metric: str) -> float:
     return value
 
 
+def is_diverged(metrics: dict[str, Any]) -> bool:
+    """Whether a report says its epoch diverged (a missing or NaN field, as in a table row of
+    an older report, is not a yes)."""
+    flag = metrics.get("diverged")
+    return isinstance(flag, (bool, np.bool_)) and bool(flag)
+
+
+def report_score(metrics: dict[str, Any], metric: str) -> float:
+    """A report's :func:`selection_score` for ``metric``: the stored ``select_score`` when it was
+    computed for ``metric``, else computed now (a report from before ``select_score``, or a
+    rerun under another ``--select-metric``)."""
+    if SELECT_SCORE in metrics and metrics.get(SELECT_SCORE_METRIC) == metric:
+        return _finite(metrics[SELECT_SCORE])
+    return selection_score(metrics, metric)
+
+
 def selection_key(metrics: dict[str, Any], metric: str) -> tuple[float, float, float, int]:
     """Sort key of one epoch's report for ``metric``: higher is better.
 
-    First its ``select_score`` (:func:`selection_score`, computed here for reports that
-    predate it); ties go to the higher artifact AP, then the higher micro F1 at 0.5, then
-    the later epoch (it has seen more data). NaN sorts last.
+    First its :func:`report_score`; ties go to the higher artifact AP, then the higher micro
+    F1 at 0.5, then the later epoch (it has seen more data). NaN sorts last.
     """
-    score = _finite(metrics[SELECT_SCORE]) if SELECT_SCORE in metrics else selection_score(metrics, metric)
+    score = report_score(metrics, metric)
 
     def num(v: float) -> float:
         return -math.inf if math.isnan(v) else v

@@ -32,8 +32,8 @@ from artifact_core.config import TrainConfig
 from artifact_core.cpu_memory import images_per_pass, largest_output_bytes, use_cpu_passes
 from artifact_core.data import ARTIFACT
 from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
-from artifact_core.metrics import (SELECT_SCORE, classification_metrics, predict_labels, ranking_metrics,
-                                   selection_score)
+from artifact_core.metrics import (SELECT_SCORE, SELECT_SCORE_METRIC, classification_metrics, predict_labels,
+                                   ranking_metrics, selection_score)
 from artifact_core.model import (frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
                                  trunk_suffix, unwrap)
 from artifact_core.spill import SpillFile, spill_room
@@ -97,7 +97,7 @@ class LoopState:
     phase_index: int = 0
     phase_epoch: int = 0          # epochs finished in the current phase
     global_epoch: int = 0         # epochs finished in total
-    phase_best_score: float = -1.0  # best value of phase_best_metric in this phase
+    phase_best_score: float = -math.inf  # best select score of phase_best_metric in this phase
     phase_best_metric: str = ""     # the --select-metric that score is of
     bad_epochs: int = 0           # epochs without a gain of the selection metric in this phase
     stopped_early: bool = False   # the current phase ended by patience
@@ -129,7 +129,7 @@ def update_patience(state: LoopState, metrics: dict[str, Any], metric: str) -> N
     """
     value = selection_score(metrics, metric)  # NaN (a diverged epoch) is never a gain
     if state.phase_best_metric != metric:
-        state.phase_best_score, state.phase_best_metric = -1.0, metric
+        state.phase_best_score, state.phase_best_metric = -math.inf, metric
     if value > state.phase_best_score + 1e-9:
         state.phase_best_score, state.bad_epochs = value, 0
     else:
@@ -829,7 +829,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         metrics = {
             "epoch": state.global_epoch, "phase": spec.name, "phase_epoch": state.phase_epoch,
             "train_loss": train_loss, "val_loss": val_loss,
-            **reported, SELECT_SCORE: select, "diverged": diverged,
+            **reported, SELECT_SCORE: select, SELECT_SCORE_METRIC: cfg.select_metric, "diverged": diverged,
             "lr": optimizer.param_groups[0]["lr"], "trainable_params": trainable, "epoch_seconds": time.time() - t0,
             "world_size": world, "node_ids": context["node_ids"], "early_stopped": stop_early,
             "unreadable_skipped": unreadable, "features_cached": caches is not None,
@@ -905,7 +905,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _next_phase(state: LoopState) -> LoopState:
     state.phase_index += 1
-    state.phase_epoch, state.bad_epochs, state.phase_best_score, state.stopped_early = 0, 0, -1.0, False
+    state.phase_epoch, state.bad_epochs, state.phase_best_score, state.stopped_early = 0, 0, -math.inf, False
     return state
 
 

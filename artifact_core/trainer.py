@@ -27,8 +27,9 @@ from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig, auto_image_size
 from artifact_core.data import LABEL_NAMES, class_weights, native_short_side, scan_labeled_folder, stratified_split
 from artifact_core.export_onnx import export_onnx_or_log
-from artifact_core.metrics import (SELECT_SCORE, best_report, best_threshold, classification_metrics,
-                                   precision_recall_curve, predict_labels, ranking_metrics, selection_key, thin_curve)
+from artifact_core.metrics import (SELECT_SCORE, SELECT_SCORE_METRIC, best_report, best_threshold,
+                                   classification_metrics, precision_recall_curve, predict_labels, ranking_metrics,
+                                   selection_key, thin_curve)
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.run_identity import Split, claim_run
@@ -157,6 +158,12 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     check_fits(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                gpus_per_worker=1.0 if cfg.use_gpu else 0.0, wait_s=cfg.wait_for_resources)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
+    # select_score: the selection metric with one-class and diverged epochs ranked last
+    # (metrics.selection_score), so Ray never deletes the checkpoint selection would keep. A
+    # run resumed from checkpoints whose reports lack it (or were scored for another metric)
+    # keeps the raw metric: Ray would score those reports -inf and delete its best epochs.
+    score_attribute = (SELECT_SCORE if _reports_scored_for(resolve(storage_path).join(name), cfg.select_metric)
+                       else cfg.select_metric)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -166,10 +173,8 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
         run_config=ray.train.RunConfig(
             name=name,
             **storage_args(storage_path),
-            # select_score: the selection metric with one-class and diverged epochs ranked last
-            # (metrics.selection_score), so Ray never deletes the checkpoint selection would keep
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=SELECT_SCORE, checkpoint_score_order="max"),
+                num_to_keep=2, checkpoint_score_attribute=score_attribute, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks or []),
             # Ray logs every report's full metrics dict per rank at INFO; the loop's own
@@ -177,6 +182,20 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def _reports_scored_for(run: Location, metric: str) -> bool:
+    """Whether every epoch already recorded in ``run`` (its latest checkpoint's history) carries a
+    ``select_score`` for ``metric``; True for a new run."""
+    try:
+        names = sorted(n for n in run.children() if n.startswith("checkpoint_"))
+        if not names:
+            return True
+        history = json.loads(run.join(names[-1], STATE_FILE).read_text()).get("history", [])
+    except (OSError, ValueError) as exc:
+        log.warning("could not read the history of %s (%s); keeping checkpoints by %s", run.uri, exc, metric)
+        return False
+    return all(SELECT_SCORE in h and h.get(SELECT_SCORE_METRIC) == metric for h in history)
 
 
 def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:

@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
-from artifact_core.metrics import SELECT_SCORE, selection_score
+from artifact_core.metrics import SELECT_SCORE, is_diverged, report_score
 from artifact_core.raycluster import check_fits, detect_autoscaler
 from artifact_core.storage import Location, resolve
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, export_bundle, prepare_run,
@@ -133,6 +133,7 @@ def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select
     for r in grid:
         df = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         epochs = int(df["epoch"].max()) if "epoch" in df else 0
+        usable = _not_diverged(df)  # a diverged epoch's metrics come from NaN scores
         if r.error is not None:
             status = "error"
         elif epochs >= total_epochs or (len(df) and bool(df["early_stopped"].iloc[-1]) and df["phase"].iloc[-1] == "finetune"):
@@ -143,7 +144,7 @@ def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select
         rows.append({
             "trial_id": (r.metrics or {}).get("trial_id", ""), "lr": cfg.get("lr"), "finetune_lr": (cfg.get("lr") or 0) * (cfg.get("finetune_lr_ratio") or 0),
             "unfreeze_depth": cfg.get("unfreeze_depth"), "image_size": cfg.get("image_size"),
-            **{f"best_{k}": float(df[k].max()) if k in df else math.nan for k in shown},
+            **{f"best_{k}": float(usable[k].max()) if k in usable else math.nan for k in shown},
             f"best_{SELECT_SCORE}": _best_select_score(df, metric),
             "epochs": epochs, "status": status,
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else "",
@@ -154,13 +155,19 @@ def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select
                                           na_position="last", kind="mergesort")
 
 
+def _not_diverged(df: pd.DataFrame) -> pd.DataFrame:
+    """The reports of epochs that did not diverge."""
+    if df.empty:
+        return df
+    return df[[not is_diverged(row) for row in df.to_dict("records")]]
+
+
 def _best_select_score(df: pd.DataFrame, metric: str) -> float:
-    """A trial's best :func:`~artifact_core.metrics.selection_score` over its reports
-    (computed from the metrics for reports that predate ``select_score``)."""
+    """A trial's best :func:`~artifact_core.metrics.report_score` over its reports (computed
+    from the metrics for reports that predate ``select_score`` or scored another metric)."""
     if df.empty:
         return math.nan
-    scores = (df[SELECT_SCORE] if SELECT_SCORE in df
-              else pd.Series([selection_score(row, metric) for row in df.to_dict("records")], dtype=float))
+    scores = pd.Series([report_score(row, metric) for row in df.to_dict("records")], dtype=float)
     return float(scores.max())  # NaN only when every report is
 
 
@@ -260,9 +267,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     metrics = export_bundle(ray.train.Result.from_path(best_run, storage_filesystem=fs), best_cfg,
                             bundle, extra_metrics={"sweep": base.name, "trial": best_id},
                             weights_source=loop_config["weights_source"], split=loop_config["split"])
+    reports = _not_diverged(best.metrics_dataframe)
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.to_dict(),
-                   "select_metric": metric, f"best_{metric}": float(best.metrics_dataframe[metric].max()),
-                   f"best_{HEADLINE_METRIC}": float(best.metrics_dataframe[HEADLINE_METRIC].max()),
+                   "select_metric": metric, f"best_{metric}": float(reports[metric].max()),
+                   f"best_{HEADLINE_METRIC}": float(reports[HEADLINE_METRIC].max()),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
                    "wall_seconds": time.time() - t0}
     sweep.join("best_config.json").write_text(json.dumps(best_config, indent=2, default=float))

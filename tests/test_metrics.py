@@ -160,7 +160,12 @@ def test_selection_ties_and_missing_values():
     diverged = {"epoch": 6, "val_ap_artifact": 1.0, "val_micro_f1": 1.0, "diverged": True}
     assert math.isnan(selection_score(diverged, "val_ap_artifact"))
     assert best_report([*reports, diverged], "val_ap_artifact") == 2
-    assert best_report([{**reports[0], "select_score": 2.0}, *reports[1:]], "val_ap_artifact") == 0
+    assert best_report([{**reports[0], "select_score": 2.0, "select_metric": "val_ap_artifact"}, *reports[1:]],
+                       "val_ap_artifact") == 0
+    # a score stored for another metric (a rerun under a new --select-metric) is computed again
+    old = {"epoch": 7, "val_ap_artifact": 0.3, "val_micro_f1": 0.9, "select_score": 0.9, "select_metric": "val_micro_f1"}
+    new = {"epoch": 8, "val_ap_artifact": 0.7, "val_micro_f1": 0.8, "select_score": 0.7, "select_metric": "val_ap_artifact"}
+    assert best_report([new, old], "val_ap_artifact") == 0 and best_report([old, new], "val_micro_f1") == 0
     # ties on the metric go to the higher AP before micro F1
     tied = [{"epoch": 1, "val_micro_f1": 0.95, "val_ap_artifact": 0.9, "val_confusion_matrix": [[5, 5], [5, 85]]},
             {"epoch": 2, "val_micro_f1": 0.95, "val_ap_artifact": 0.7, "val_confusion_matrix": [[5, 5], [5, 85]]}]

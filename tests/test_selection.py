@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from types import SimpleNamespace
 
@@ -33,6 +34,37 @@ def test_patience_follows_the_selection_metric():
         update_patience(state, {"val_ap_artifact": ap, "val_micro_f1": f1}, "val_ap_artifact")
     # micro F1 rose in epochs 3 and 4, AP did not: two epochs without gain
     assert state.phase_best_score == 0.5 and state.bad_epochs == 2 and state.phase_best_metric == "val_ap_artifact"
+
+
+def test_patience_counts_a_one_class_epoch_below_every_two_class_one():
+    state = LoopState()
+    one_class, two_class = [[0, 10], [0, 90]], [[6, 4], [8, 82]]
+    update_patience(state, {"val_micro_f1": 0.9, "val_confusion_matrix": one_class}, "val_micro_f1")
+    assert state.bad_epochs == 0 and state.phase_best_score == pytest.approx(0.9 - 2.0)  # the first epoch sets it
+    update_patience(state, {"val_micro_f1": 0.88, "val_confusion_matrix": two_class}, "val_micro_f1")
+    assert state.bad_epochs == 0 and state.phase_best_score == 0.88
+    update_patience(state, {"val_micro_f1": 0.95, "val_confusion_matrix": one_class}, "val_micro_f1")
+    update_patience(state, {"val_micro_f1": 1.0, "diverged": True}, "val_micro_f1")
+    assert state.bad_epochs == 2 and state.phase_best_score == 0.88
+
+
+def test_checkpoints_kept_by_select_score_only_when_every_report_has_it(tmp_path):
+    from artifact_core.storage import resolve
+    from artifact_core.trainer import _reports_scored_for
+
+    run = tmp_path / "run"
+    assert _reports_scored_for(resolve(str(run)), "val_ap_artifact")  # a new run
+    for name, history in (("checkpoint_2026-01-01_00-00-01.000000", [{"epoch": 1}]),
+                          ("checkpoint_2026-01-01_00-00-02.000000",
+                           [{"epoch": 1, "select_score": 0.5, "select_metric": "val_ap_artifact"},
+                            {"epoch": 2, "select_score": 0.6, "select_metric": "val_ap_artifact"}])):
+        (run / name).mkdir(parents=True)
+        (run / name / "state.json").write_text(json.dumps({"history": history}))
+    assert _reports_scored_for(resolve(str(run)), "val_ap_artifact")  # the latest checkpoint's history
+    assert not _reports_scored_for(resolve(str(run)), "val_micro_f1")  # scored for another metric
+    (run / "checkpoint_2026-01-01_00-00-03.000000").mkdir()
+    (run / "checkpoint_2026-01-01_00-00-03.000000" / "state.json").write_text(json.dumps({"history": [{"epoch": 1}]}))
+    assert not _reports_scored_for(resolve(str(run)), "val_ap_artifact")  # written before select_score
 
 
 def test_old_loop_state_loads_and_resets_its_best_for_a_new_metric():
@@ -91,6 +123,8 @@ def test_sweep_winner_is_never_errored_one_class_or_diverged():
     ]
     table = results_table(grid, total_epochs=2, metric="val_micro_f1")
     assert table["trial_id"].tolist()[:2] == ["errored", "skilled"]
+    # the diverged epoch's AP of 1.0 (from NaN scores) is not the trial's best
+    assert table.set_index("trial_id").loc["skilled", "best_val_ap_artifact"] == 0.6
     assert table.set_index("trial_id").loc["all_clean", "best_select_score"] == pytest.approx(0.9 - 2.0)
     assert best_trial_id(table, "val_micro_f1") == "skilled"
     with pytest.raises(RuntimeError, match="every trial failed, diverged"):
