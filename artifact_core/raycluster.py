@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ class Autoscaler:
         """True when no node type the autoscaler can launch holds ``bundle``."""
         if self.groups is None:
             return False
-        return not any(g.max_count != 0 and all(g.resources.get(k, 0.0) >= v for k, v in bundle.items() if v)
+        # (memory a node type does not declare is unknown, not zero)
+        return not any(g.max_count != 0 and all(g.resources.get(k, math.inf if k == "memory" else 0.0) >= v
+                                                for k, v in bundle.items() if v)
                        for g in self.groups)
 
     def max_resources(self) -> dict[str, float] | None:
@@ -143,7 +146,7 @@ RESOURCE_UNITS = 10_000
 
 
 def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, reserved_cpus: float,
-               nodes: list[dict[str, float]]) -> tuple[int, str | None]:
+               nodes: list[dict[str, float]], memory_per_worker: float = 0.0) -> tuple[int, str | None]:
     """How many workers fit on ``nodes`` (total resources per node) and what is missing, if anything.
 
     Packs workers node by node the way a placement group can, so "8 CPUs in total"
@@ -154,18 +157,23 @@ def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
     def units(x: float) -> int:
         return round(x * RESOURCE_UNITS)
 
-    free = [[units(n.get("CPU", 0.0)), units(n.get("GPU", 0.0))] for n in nodes]
-    total_cpu = sum(c for c, _ in free) / RESOURCE_UNITS
-    total_gpu = sum(g for _, g in free) / RESOURCE_UNITS
+    # Memory in bytes; a node that reports none (not a Ray node's view) does not limit it.
+    free = [[units(n.get("CPU", 0.0)), units(n.get("GPU", 0.0)), n.get("memory", math.inf)] for n in nodes]
+    total_cpu = sum(r[0] for r in free) / RESOURCE_UNITS
+    total_gpu = sum(r[1] for r in free) / RESOURCE_UNITS
     have = f"the cluster has {len(nodes)} node(s) with {total_cpu:g} CPU and {total_gpu:g} GPU"
+    if memory_per_worker:
+        largest = max((r[2] for r in free), default=0.0)
+        have += f" (at most {largest / 2**30:.1f} GiB of Ray memory on one node)" if math.isfinite(largest) else ""
     cpu, gpu = units(cpus_per_worker), units(gpus_per_worker)
     placed = 0
     for res in sorted(free, key=lambda r: -r[0]):
-        while placed < num_workers and res[0] >= cpu and res[1] >= gpu:
+        while placed < num_workers and res[0] >= cpu and res[1] >= gpu and res[2] >= memory_per_worker:
             res[0] -= cpu
             res[1] -= gpu
+            res[2] -= memory_per_worker
             placed += 1
-    if placed < num_workers or sum(c for c, _ in free) < units(reserved_cpus):
+    if placed < num_workers or sum(r[0] for r in free) < units(reserved_cpus):
         return placed, have
     return placed, None
 
@@ -181,7 +189,8 @@ def _request(bundles: list[dict[str, float]]) -> None:
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
-               reserved_cpus: float = 0.0, what: str = "training", wait_s: float | None = None,
+               memory_per_worker: float = 0.0, reserved_cpus: float = 0.0, what: str = "training",
+               wait_s: float | None = None,
                autoscaler: Autoscaler | None | Callable[[], Autoscaler | None] = detect_autoscaler,
                nodes: Callable[[], list[dict[str, float]]] = _live_nodes,
                request: Callable[[list[dict[str, float]]], None] = _request,
@@ -189,6 +198,7 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
     """Return once ``num_workers`` bundles (plus ``reserved_cpus``) fit the cluster, else raise.
 
     Args:
+        memory_per_worker: Ray ``memory`` (bytes) each worker reserves (scoring's actors do).
         wait_s: how long to wait for nodes to join; None = :data:`AUTOSCALER_WAIT_S` when the
             cluster has an autoscaler, 0 when it has none. 0 never waits; an explicit wait also
             waits on a cluster without autoscaler (nodes started by hand).
@@ -201,14 +211,16 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
     """
     need = (f"{num_workers} worker(s) x {cpus_per_worker:g} CPU"
             + (f" + {gpus_per_worker:g} GPU" if gpus_per_worker else "")
+            + (f" + {memory_per_worker / 2**30:.1f} GiB memory" if memory_per_worker else "")
             + (f", plus {reserved_cpus:g} CPU for other tasks" if reserved_cpus else ""))
     live = nodes()
-    placed, have = _shortfall(num_workers, cpus_per_worker, gpus_per_worker, reserved_cpus, live)
+    placed, have = _shortfall(num_workers, cpus_per_worker, gpus_per_worker, reserved_cpus, live, memory_per_worker)
     if have is None:
         return
     scaler = autoscaler() if callable(autoscaler) else autoscaler
     wait = (AUTOSCALER_WAIT_S if scaler else 0.0) if wait_s is None else float(wait_s)
-    bundle = {"CPU": float(cpus_per_worker), **({"GPU": float(gpus_per_worker)} if gpus_per_worker else {})}
+    bundle = {"CPU": float(cpus_per_worker), **({"GPU": float(gpus_per_worker)} if gpus_per_worker else {}),
+              **({"memory": float(memory_per_worker)} if memory_per_worker else {})}
     if wait <= 0:
         if gpus_per_worker and not any(n.get("GPU", 0.0) for n in live):
             raise ClusterTooSmallError(f"{what} asked for GPUs but {have}; drop --use-gpu or add GPU nodes")
@@ -230,7 +242,8 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
     try:
         while True:
             sleep(_POLL_S)
-            placed, have = _shortfall(num_workers, cpus_per_worker, gpus_per_worker, reserved_cpus, nodes())
+            placed, have = _shortfall(num_workers, cpus_per_worker, gpus_per_worker, reserved_cpus, nodes(),
+                                      memory_per_worker)
             now = clock()
             if have is None:
                 log.info("%s: resources arrived after %.0fs", what, now - start)

@@ -299,6 +299,13 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
     return plan
 
 
+def actor_memory_bytes(cfg: ScoreConfig, plan: PipelinePlan, image_size: int, views: int) -> int:
+    """Ray ``memory`` one scoring actor reserves: ``--actor-memory-mb``, and in the fused
+    mode a session's worth more for every lane beyond the first."""
+    extra = (plan.lanes - 1) * lane_memory_mb(image_size, views) if plan.mode == "fused" else 0
+    return int((cfg.actor_memory_mb + extra) * 2**20)
+
+
 def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None, root: str,
                   image_size: int, plan: PipelinePlan | int, *, views: int = 1) -> ray.data.Dataset:
     """The lazy Ray Data pipeline from files to prediction rows.
@@ -331,7 +338,7 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
                         "precision": cfg.precision}
     common = {"batch_size": cfg.batch_size, "batch_format": "numpy",
               "compute": ray.data.ActorPoolStrategy(size=plan.num_actors), "num_cpus": plan.actor_cpus,
-              "num_gpus": 1 if cfg.use_gpu else 0, "memory": cfg.actor_memory_mb * 2**20}
+              "num_gpus": 1 if cfg.use_gpu else 0, "memory": actor_memory_bytes(cfg, plan, image_size, views)}
     if plan.mode == "fused":
         # Two calls per actor in flight, run concurrently: the next batch decodes (and Ray Data
         # batches it) while this one is in the engine; an engine takes one chunk at a time
@@ -339,8 +346,6 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
         common["compute"] = ray.data.ActorPoolStrategy(size=plan.num_actors,
                                                        max_concurrent_calls_per_actor=FUSED_CONCURRENT_CALLS,
                                                        enable_true_multi_threading=FUSED_CONCURRENT_CALLS > 1)
-        # every lane beyond the first holds a session of its own
-        common["memory"] += (plan.lanes - 1) * lane_memory_mb(image_size, views) * 2**20
         return ds.map_batches(DecodingPredictor, **common, fn_constructor_kwargs={
             **predictor_kwargs, "image_size": image_size, "root": root, "fs": fs,
             "decode_threads": plan.decode_threads, "lanes": plan.lanes})
@@ -448,6 +453,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         stages["plan"] = time.time() - t
         check_fits(num_workers=plan.num_actors, cpus_per_worker=plan.actor_cpus,
                    gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring",
+                   memory_per_worker=actor_memory_bytes(cfg, plan, bundle_config.image_size,
+                                                        2 if bundle_config.test_time_flip else 1),
                    wait_s=cfg.wait_for_resources)
         t = time.time()
         ds = build_dataset(cfg, todo, fs, display_path(root), bundle_config.image_size, plan,

@@ -57,6 +57,27 @@ def test_fractional_cpus_fill_a_node_exactly():
         FakeCluster([{"CPU": 2.0}]).fits(num_workers=21, cpus_per_worker=0.1, autoscaler=None)
 
 
+def test_the_actors_memory_must_fit_too():
+    # scoring's actors reserve Ray memory (a session per lane): CPUs alone are not enough
+    gib = 2**30
+    c = FakeCluster([{"CPU": 4.0, "memory": 3.0 * gib}])
+    with pytest.raises(ClusterTooSmallError, match=r"x 1 CPU \+ 2\.0 GiB memory.*at most 3\.0 GiB .*room for 1 worker"):
+        c.fits(num_workers=2, cpus_per_worker=1, memory_per_worker=2 * gib, autoscaler=None)
+    FakeCluster([{"CPU": 4.0, "memory": 4.0 * gib}]).fits(num_workers=2, cpus_per_worker=1,
+                                                           memory_per_worker=2 * gib, autoscaler=None)
+    FakeCluster([{"CPU": 4.0}]).fits(num_workers=2, cpus_per_worker=1, memory_per_worker=2 * gib,
+                                     autoscaler=None)  # a node that reports no memory does not limit it
+    # a node type that does not declare memory is not ruled out for it; one that declares too little is
+    c = FakeCluster(HEAD_ONLY, grow_to=[{"CPU": 0.0}, {"CPU": 2.0, "memory": 4.0 * gib}], grow_after=2)
+    c.fits(num_workers=1, cpus_per_worker=1, memory_per_worker=2 * gib, autoscaler=Autoscaler("cluster config", CPU_GROUP),
+           wait_s=60)
+    assert c.requests[0][0] == {"CPU": 1.0, "memory": 2.0 * gib}
+    small = (NodeGroup("cpu", {"CPU": 2.0, "memory": 1.0 * gib}, 1),)
+    with pytest.raises(ClusterTooSmallError, match="no node type"):
+        FakeCluster(HEAD_ONLY).fits(num_workers=1, cpus_per_worker=1, memory_per_worker=2 * gib,
+                                    autoscaler=Autoscaler("cluster config", small), wait_s=60)
+
+
 def test_no_autoscaler_fails_at_once():
     c = FakeCluster([{"CPU": 1.0}])
     with pytest.raises(ClusterTooSmallError, match=r"needs 2 worker\(s\) x 1 CPU.*room for 1 worker.*no autoscaler"):
