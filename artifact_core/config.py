@@ -183,6 +183,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
+        name_problem = None if self.name is None else run_name_problem(self.name, in_uri="://" in self.storage_path)
         checks = [
             ("--num-workers", self.num_workers >= 1, "at least 1"),
             ("--cpus-per-worker", self.cpus_per_worker > 0, "above 0"),
@@ -213,8 +214,7 @@ class TrainConfig:
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
             ("--wait-for-resources", self.wait_for_resources is None or self.wait_for_resources >= 0, "0 or more seconds"),
             ("--ingest", self.ingest in ("dataloader", "ray-data"), "'dataloader' or 'ray-data'"),
-            ("--name", self.name is None or run_name_problem(self.name, in_uri="://" in self.storage_path) is None,
-             f"one folder name, {run_name_problem(self.name or '', in_uri='://' in self.storage_path)}"),
+            ("--name", name_problem is None, f"one folder name, {name_problem}"),
         ]
         for flag, ok, expected in checks:
             if not ok:
