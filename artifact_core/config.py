@@ -256,7 +256,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g = parser.add_argument_group("run")
     g.add_argument("--storage-path", default=d.storage_path,
                    help="where runs are written; shared storage (NFS, s3://) on multi-node clusters (default: ./%(default)s)")
-    g.add_argument("--name", default=None, help="run name; rerunning with the same name resumes (default: demo, or the data folder's name)")
+    g.add_argument("--name", default=None, help="run name; rerunning with the same name resumes (default: demo, or the data folder's name; jobs/tune.py appends -sweep)")
     g.add_argument("--overwrite", action="store_true",
                    help="delete what an earlier run wrote in <storage-path>/<name> and start again")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers (default: %(default)s)")

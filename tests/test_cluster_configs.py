@@ -155,3 +155,21 @@ def test_launcher_validation_catches_a_bad_key():
 
 def test_dockerfile_pins_ray():
     assert f"rayproject/ray:{ray_version()}-" in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_runtime_env_upload_keeps_the_package_and_its_weights(tmp_path):
+    """What `ray job submit --runtime-env` uploads, packed by Ray's own packer: the package
+    with its shipped weights (the uploaded copy is the one the jobs import), no venv or runs."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    target = tmp_path / "pkg.zip"
+    create_package(str(REPO), target, include_gitignore=True, excludes=env["excludes"])
+    names = zipfile.ZipFile(target).namelist()
+    weights = [n for n in names if n.startswith("artifact_core/weights/") and n.endswith(".pth")]
+    assert weights, "the shipped ImageNet weights are left out of the upload"
+    assert "artifact_core/__init__.py" in names and "jobs/score.py" in names
+    assert not [n for n in names if n.startswith((".venv/", ".git/", "runs/"))]
+    assert target.stat().st_size < 256 * 2**20
