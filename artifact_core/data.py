@@ -3,12 +3,13 @@ torch Dataset over these files is :mod:`artifact_core.dataset`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LABEL_PATTERN = "'<name>_<0|1>.<ext>' (0 = artifact, 1 = artifact-free)"
-_LABEL_RE = re.compile(r"_([01])$")
+# \Z, not $: '$' also matches before a trailing newline, so 'x_1\n.png' would read as label 1
+_LABEL_RE = re.compile(r"_([01])\Z")
 
 
 def is_image_file(name: str) -> bool:
@@ -29,28 +31,108 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
+class FolderListingError(OSError):
+    """A folder below an image folder could not be listed (its images would be lost unseen)."""
+
+    def __init__(self, folder: str, root: str, reason: str) -> None:
+        self.folder = folder
+        self.root = root
+        self.reason = reason
+        super().__init__(f"cannot list folder {folder!r} under the image folder {root!r}: {reason}; "
+                         f"the images below it would be left out unseen, so make it readable "
+                         f"or move it out of the folder")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or f"{type(exc).__name__}: {exc}"
+
+
+def _check_link(path: str, top: str) -> None:
+    """A link that is not an image: fine when it points to a file; an error when its target
+    cannot be looked at; a warning when the target is gone (a dangling link holds nothing)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        log.warning("skipping %s: a link whose target %r does not exist", path, os.readlink(path))
+    except OSError as exc:
+        raise FolderListingError(path, top, _reason(exc)) from exc
+
+
+def list_images(folder: str | os.PathLike, *, exclude: Sequence[str] = ()) -> list[str]:
     """List image files below ``folder``, recursively, as sorted absolute paths.
+
+    Hidden files and folders (names starting with '.') are skipped. Linked folders are
+    followed, each real folder listed once (a link back up the tree is not a loop; a folder
+    reached twice does not list its images twice); a link to a folder above ``folder`` is not
+    followed (it would list the folder's surroundings), nor one into ``exclude`` (scoring's
+    output). A linked folder whose target is gone is logged and skipped.
 
     Raises:
         FileNotFoundError: the folder does not exist.
         NotADirectoryError: the path is a file.
+        FolderListingError: a folder below it cannot be read (permissions, I/O error).
     """
     root = Path(folder).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is not a folder of images")
+    top = os.fspath(root)
+
+    def fail(exc: OSError) -> NoReturn:
+        # os.walk's default is to skip a folder it cannot list, losing its images in silence
+        raise FolderListingError(os.fspath(exc.filename or top), top, _reason(exc)) from exc
+
+    def key(path: str) -> tuple[int, int]:
+        st = os.stat(path)  # follows links: the real folder's identity
+        return st.st_dev, st.st_ino
+
+    try:
+        seen = {key(top)}
+    except OSError as exc:
+        fail(exc)
+    # The folder's ancestors and the excluded folders count as seen: a link to one of them is
+    # never entered.
+    up = os.path.realpath(top)
+    while os.path.dirname(up) != up:
+        up = os.path.dirname(up)
+        with contextlib.suppress(OSError):
+            seen.add(key(up))
+    for path in exclude:
+        with contextlib.suppress(OSError):  # (an output that does not exist yet holds nothing)
+            seen.add(key(path))
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames
-                     if is_image_file(f) and not f.startswith("."))
+    for dirpath, dirnames, filenames in os.walk(top, onerror=fail, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):  # sorted: which path of a folder reached twice is kept does not vary
+            if d.startswith("."):
+                continue
+            sub = os.path.join(dirpath, d)
+            try:
+                ident = key(sub)
+            except OSError as exc:
+                fail(exc)
+            if ident in seen:
+                log.info("not listing %s again: the same folder is listed through another path", sub)
+                continue
+            seen.add(ident)
+            keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            if is_image_file(f):
+                found.append(os.path.join(dirpath, f))
+            elif os.path.islink(os.path.join(dirpath, f)):
+                # os.walk files a linked folder it cannot stat among the file names: an
+                # unmounted shard, or a target it may not look at, would vanish unseen.
+                _check_link(os.path.join(dirpath, f), top)
     return sorted(os.path.abspath(p) for p in found)
 
 
-def list_image_files(folder: str) -> tuple[list[str], pafs.FileSystem | None, str]:
-    """Image files below a local folder or a pyarrow filesystem URI (recursive, hidden skipped).
+def list_image_files(folder: str, *, exclude: Sequence[str] = ()) -> tuple[list[str], pafs.FileSystem | None, str]:
+    """Image files below a local folder or a pyarrow filesystem URI (recursive, hidden skipped;
+    ``exclude``: local folders a linked folder must not lead into, see :func:`list_images`).
 
     Returns:
         (sorted paths on the filesystem, the filesystem or None for local, the normalized root).
@@ -60,7 +142,7 @@ def list_image_files(folder: str) -> tuple[list[str], pafs.FileSystem | None, st
     """
     loc = resolve(folder)
     if loc.is_local:
-        return list_images(loc.path), None, loc.path
+        return list_images(loc.path, exclude=exclude), None, loc.path
     kind = loc.info().type
     if kind == pafs.FileType.File:
         raise NotADirectoryError(f"{folder!r} is not a folder of images")
@@ -81,13 +163,15 @@ def native_short_side(paths: Sequence[str], fs: pafs.FileSystem | None = None, *
     """
     from PIL import Image
 
+    from artifact_core.images import ACCEPTED_FORMATS
+
     if not paths:
         return None
     step = max(1, len(paths) // sample)
     sides = []
     for path in list(paths)[::step][:sample]:
         try:
-            with open_listed_file(path, fs) as stream, Image.open(stream) as img:
+            with open_listed_file(path, fs) as stream, Image.open(stream, formats=ACCEPTED_FORMATS) as img:
                 sides.append(min(img.size))
         except Exception:  # noqa: BLE001 - any unreadable file just leaves the sample
             continue
@@ -169,7 +253,8 @@ def stratified_split(labels: Sequence[int], *, val_fraction: float = 0.2,
                      seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into train/val keeping the class ratio in both.
 
-    Every class with at least two members keeps at least one in each part.
+    Every class with at least two members keeps at least one in each part; a class with
+    one member always goes to training (see :func:`check_split`).
 
     Returns:
         (train_indices, val_indices), each sorted.
@@ -182,12 +267,54 @@ def stratified_split(labels: Sequence[int], *, val_fraction: float = 0.2,
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        n_val = int(round(len(idx) * val_fraction))
         if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
+            n_val = min(max(int(round(len(idx) * val_fraction)), 1), len(idx) - 1)
+        else:
+            n_val = 0  # the model cannot learn a class it never trains on; validation can go without
         val_idx.extend(idx[:n_val])
         train_idx.extend(idx[n_val:])
     return np.sort(np.asarray(train_idx, dtype=np.int64)), np.sort(np.asarray(val_idx, dtype=np.int64))
+
+
+def _counts(labels: Sequence[int]) -> str:
+    return ", ".join(f"{sum(1 for y in labels if y == c)} {name} ({c})" for c, name in LABEL_NAMES.items())
+
+
+def check_split(train_labels: Sequence[int], val_labels: Sequence[int], val_fraction: float) -> list[str]:
+    """Check that a train/validation split can train a model and tune its threshold.
+
+    Args:
+        train_labels / val_labels: the labels of the two parts.
+        val_fraction: the ``--val-fraction`` that made the split (named in the messages).
+
+    Returns:
+        Warnings, one line each: a class missing from validation (training works, but the
+        threshold cannot be tuned nor that class's recall and AP measured).
+
+    Raises:
+        ValueError: training or validation is empty, or a class is missing from training;
+            the message gives the per-class counts of both parts.
+    """
+    parts = f"train: {_counts(train_labels)}; validation: {_counts(val_labels)}"
+    if not len(train_labels):
+        raise ValueError(f"the split leaves training empty ({parts}); lower --val-fraction "
+                         f"(now {val_fraction:g}) or add images")
+    if not len(val_labels):
+        raise ValueError(f"the split leaves validation empty ({parts}): each class needs at least 2 images "
+                         f"to be in both parts (--val-fraction {val_fraction:g}); add images")
+    in_train, in_val = {int(y) for y in train_labels}, {int(y) for y in val_labels}
+    absent = [c for c in LABEL_NAMES if c not in in_train]
+    if absent:
+        # a fresh split keeps a class with one image in training: this is an older, stored split
+        # or a class that has no image at all
+        names = " and ".join(f"{LABEL_NAMES[c]} ({c})" for c in absent)
+        raise ValueError(f"the split leaves no {names} image in training ({parts}): the model cannot learn it; "
+                         f"add images of that class, or split again (a new split keeps a class with a single "
+                         f"image in training) or with a lower --val-fraction (now {val_fraction:g})")
+    missing = [c for c in LABEL_NAMES if c not in in_val]
+    return [f"validation holds no {LABEL_NAMES[c]} ({c}) image ({parts}): the threshold cannot be tuned "
+            f"and that class's recall and AP are not measured; a class needs at least 2 images to be in both "
+            f"parts (--val-fraction {val_fraction:g})" for c in missing]
 
 
 def class_weights(labels: Sequence[int], num_classes: int = 2) -> np.ndarray:

@@ -35,6 +35,19 @@ def decode_paths(paths: Sequence[str], image_size: int) -> np.ndarray:
     return out
 
 
+def _relative_names(paths: Sequence[str], root: str) -> list[str]:
+    """The ``filename`` column: each shown path (:func:`display_path`) relative to ``root``.
+
+    ``root`` may come as listed (a name that is not UTF-8 surrogate-escaped) or already shown
+    (``\\xNN``, as scoring's driver passes it): shown twice it stays the same, so the two
+    shown forms are compared, and a root with such bytes still prefixes its paths. Showing
+    does not change where a '/' falls, so cutting the shown path is cutting the listed one.
+    ``rstrip``: a root of "/" is its own prefix.
+    """
+    prefix = display_path(root).rstrip("/") + "/"
+    return [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
+
+
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, root: str,
                  fs: pafs.FileSystem | None = None) -> dict[str, np.ndarray]:
     """Listed paths -> resized uint8 (N, 3, S, S) with the shared decoder; failures become errors.
@@ -58,6 +71,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, root: str,
             errors[i] = exc.reason
         except Exception as exc:  # noqa: BLE001 - one odd file must never stop the job
             errors[i] = f"{type(exc).__name__}: {exc}"
-    rel = [p[len(root) + 1:] if p.startswith(root + "/") else p for p in paths]
+    rel = _relative_names(paths, root)
     return {"path": np.asarray(paths, dtype=object), "filename": np.asarray(rel, dtype=object),
             "image": images, "error": errors}

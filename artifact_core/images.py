@@ -11,14 +11,26 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+# The plugins of ACCEPTED_FORMATS, imported here: Image.open with a formats list only tries
+# plugins already loaded (WebP is not among those PIL loads by itself).
+from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401
 
 # 8k x 8k: far beyond any face crop, far below what exhausts a worker's memory.
 MAX_IMAGE_PIXELS = 64_000_000
+
+#: What PIL may open, whatever the file's name says: the content of the listed extensions
+#: (.png .jpg .jpeg .webp .bmp). Left open, PIL would also parse PostScript named .png and
+#: hand it to Ghostscript to run. Camera JPEGs that carry a second frame (MPO) open through
+#: the JPEG entry (PIL registers no opener of its own for MPO), with ``format`` "MPO".
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+#: Formats that :meth:`PIL.Image.Image.draft` can decode at 1/2, 1/4 or 1/8 scale.
+_DRAFT_FORMATS = ("JPEG", "MPO")
+_DEEP_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+NOT_AN_IMAGE = "not a recognised image (expected PNG, JPEG, WebP or BMP content)"
 
 ImageSource = Union[str, os.PathLike, bytes]
 
@@ -32,15 +44,85 @@ class ImageDecodeError(ValueError):
         super().__init__(f"cannot decode image {source!r}: {reason}")
 
 
+def _has_key(img: Image.Image) -> bool:
+    """True when PNG's tRNS chunk marks a colour (or palette entries) as transparent."""
+    return "transparency" in img.info
+
+
+def _key_in_pixel_units(img: Image.Image) -> None:
+    """Bring a PNG's tRNS key to the units of the pixels PIL will unpack (before ``load``).
+
+    PIL unpacks 1/2/4-bit greyscale to 0..255 and 16-bit RGB to 8 bits, but keeps the key as
+    the file states it: a 2-bit key 1 would never match its pixels (now 85), and a 16-bit key
+    would match unrelated 8-bit pixels. Low-bit keys are scaled; a 16-bit RGB key has no exact
+    8-bit counterpart (many 16-bit colours share one 8-bit value), so it is dropped, the
+    image then read as opaque.
+    """
+    key = img.info.get("transparency")
+    if key is None or img.format != "PNG" or not img.tile:
+        return
+    raw = img.tile[0].args
+    if not isinstance(raw, str):
+        return
+    if img.mode == "L" and raw in ("L;1", "L;2", "L;4") and isinstance(key, int):
+        img.info["transparency"] = key * 255 // (2 ** int(raw[2:]) - 1)
+    elif img.mode == "RGB" and raw.startswith("RGB;16"):
+        del img.info["transparency"]
+
+
+def _key_to_white(img: Image.Image) -> Image.Image:
+    """Composite the pixels that a tRNS colour key marks transparent over white, for RGB, L
+    and 16-bit greyscale; the key leaves ``info``. Other modes come back as they are.
+
+    A key makes a pixel fully transparent or fully opaque, so compositing is setting the keyed
+    pixels to white: no alpha channel (4 more bytes per pixel, and a premultiplied copy in
+    reduce()), and a box reduce afterwards averages what compositing first would. RGB and L
+    are changed in place. 16-bit grey gets the value that its stretch to 8 bits turns white,
+    and the stretch takes its range from the visible pixels (the key is no picture content).
+    """
+    key = img.info.get("transparency")
+    if img.mode == "L" and isinstance(key, int):
+        del img.info["transparency"]
+        return img.point([255 if v == key else v for v in range(256)])
+    if img.mode == "RGB" and isinstance(key, tuple) and len(key) == 3:
+        del img.info["transparency"]
+        hit = None
+        for band, k in enumerate(key):  # one band at a time: the mask costs 2-3 bytes per pixel
+            match = img.getchannel(band).point([255 if v == k else 0 for v in range(256)])
+            hit = match if hit is None else ImageChops.darker(hit, match)
+        img.paste((255, 255, 255), mask=hit)
+        return img
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I") or not isinstance(key, int):
+        return img
+    del img.info["transparency"]
+    arr = np.array(img)  # a writable copy, 2 bytes per pixel for 16-bit
+    hidden = arr == key
+    if not hidden.any():
+        return img
+    shown = ~hidden
+    lo = arr.min(where=shown, initial=np.iinfo(arr.dtype).max)
+    hi = arr.max(where=shown, initial=np.iinfo(arr.dtype).min)
+    del shown
+    if not hi > lo:
+        # visible pixels all alike stretch to black (as without a key), the keyed ones are white
+        return Image.fromarray(np.where(hidden, np.uint8(255), np.uint8(0)))
+    arr[hidden] = hi
+    return Image.fromarray(arr)
+
+
 def _to_rgb(img: Image.Image, value_range: tuple[float, float] | None = None) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
 
-    ``value_range``: the (low, high) that 16-bit/float greyscale is stretched from (default:
-    this image's own; :func:`_shrink_before_rgb` passes the full-size image's).
+    Transparency, from an alpha channel or a tRNS colour key (RGB, L, 16-bit grey, palette),
+    is composited over white. ``value_range``: the (low, high) that 16-bit/float greyscale is
+    stretched from (default: this image's own; :func:`_shrink_before_rgb` passes the
+    full-size image's).
     """
+    if _has_key(img):
+        img = _key_to_white(img)
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode in _DEEP_GREY:
         # 16-bit/float greyscale: PIL's convert("RGB") clips to 0..255 instead of
         # rescaling, which turns most 16-bit images white. Rescale by the actual range.
         # float32 and in place: a 16-bit file is small on disk, and float64 temporaries made it
@@ -52,9 +134,10 @@ def _to_rgb(img: Image.Image, value_range: tuple[float, float] | None = None) ->
         arr *= scale
         np.clip(arr, 0, 255, out=arr)
         return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or _has_key(img):
         # Composite transparency over white rather than dropping alpha, which would
-        # leave whatever colour sits under transparent pixels (often black).
+        # leave whatever colour sits under transparent pixels (often black). convert()
+        # turns the keys left (palette entries, 1-bit) into alpha.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -102,12 +185,14 @@ def _shrink_before_rgb(img: Image.Image, target_size: int, *,
     up to rounding. Returns the image and, for 16-bit/float greyscale, the full-size range
     to stretch from, so the contrast is that of the whole image whatever the path.
     """
+    if _has_key(img):
+        img = _key_to_white(img)  # before the reduce, which would blur the key away
     mode = img.mode
     if mode.startswith("I;16"):
         img = img.convert("I")  # reduce() has no 16-bit mode; 32-bit integers keep every value
     if img.mode in ("I", "F"):
         return _reduce(img, target_size, keep_aspect=keep_aspect), img.getextrema()
-    if mode == "PA" or (mode == "P" and "transparency" in img.info):
+    if mode == "PA" or (mode == "P" and _has_key(img)):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "L"):
         return _reduce(img, target_size, keep_aspect=keep_aspect), None
@@ -134,7 +219,7 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
         An RGB ``PIL.Image.Image`` with its pixels loaded and its EXIF orientation applied.
 
     Raises:
-        ImageDecodeError: empty, truncated, not an image, or too large.
+        ImageDecodeError: empty, truncated, not an image of :data:`ACCEPTED_FORMATS`, or too large.
     """
     if target_size and max_side:
         raise ValueError("decode_image takes target_size or max_side, not both")
@@ -149,23 +234,25 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
                 raise ImageDecodeError(label, "file is empty")
             stream = open(source, "rb")
         with stream:
-            with Image.open(stream) as img:
+            with Image.open(stream, formats=ACCEPTED_FORMATS) as img:
                 width, height = img.size
+                # PIL's own bomb check (in open) only warns below 2x its global limit; ours is
+                # a hard per-call limit, checked from the header before any pixel is decoded.
+                # (Not by turning PIL's warning into an error: warnings.catch_warnings() swaps
+                # process-wide state, and fused scoring decodes on several threads at once.)
                 if width * height > max_pixels:
                     raise ImageDecodeError(
                         label, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
                     )
-                # PIL's own bomb check only warns below 2x its global limit; ours is a
-                # hard per-call limit. Truncated files fail in load() (PIL's default
-                # LOAD_TRUNCATED_IMAGES=False), never decode silently as half grey.
+                _key_in_pixel_units(img)
+                # Truncated files fail in load() (PIL's default LOAD_TRUNCATED_IMAGES=False),
+                # never decode silently as half grey.
                 shrink = target_size or max_side
-                if shrink and img.format == "JPEG":
+                if shrink and img.format in _DRAFT_FORMATS:
                     # DCT-domain downscaling: PIL picks the largest of 1/2, 1/4, 1/8 that keeps
                     # both sides >= the request, so the resize below still only downsamples.
                     img.draft(None, (shrink, shrink))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    img.load()
+                img.load()
                 out, value_range = _exif_upright(img), None
                 if shrink:
                     out, value_range = _shrink_before_rgb(out, shrink, keep_aspect=bool(max_side))
@@ -178,8 +265,10 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
         return out
     except ImageDecodeError:
         raise
+    except UnidentifiedImageError as exc:
+        # PIL's own message names a stream object by its memory address
+        raise ImageDecodeError(label, NOT_AN_IMAGE) from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        # PIL raises UnidentifiedImageError (an OSError) for non-images, OSError for
-        # truncation, SyntaxError/ValueError for some corrupt headers.
+        # PIL raises OSError for truncation, SyntaxError/ValueError for some corrupt headers.
         raise ImageDecodeError(label, f"{type(exc).__name__}: {exc}") from exc

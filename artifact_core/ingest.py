@@ -30,14 +30,20 @@ DECODE_BATCH = 32
 
 def decode_train_batch(batch: dict[str, np.ndarray], *, image_size: int,
                        fs: pafs.FileSystem | None = None) -> dict[str, np.ndarray]:
-    """Paths -> augmented, normalized float32 (N, 3, S, S); unreadable files get an ``error``."""
+    """Paths -> augmented, normalized float32 (N, 3, S, S); unreadable files get an ``error``.
+
+    Decoded at ``image_size`` (reduced scale first, where the file allows), as
+    :class:`~artifact_core.dataset.ImageFileDataset` decodes for the DataLoader path, validation
+    and scoring: the same pixels go into augmentation whichever ingest runs, at a fraction of
+    a full-size decode's cost.
+    """
     tf = train_transform(image_size=image_size)
     paths = [str(p) for p in batch["path"]]
     images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.float32)
     errors = np.full(len(paths), "", dtype=object)
     for i, path in enumerate(paths):
         try:
-            images[i] = tf(decode_image(read_file_bytes(path, fs), name=path)).numpy()
+            images[i] = tf(decode_image(read_file_bytes(path, fs), name=path, target_size=image_size)).numpy()
         except (FileReadError, ImageDecodeError) as exc:
             errors[i] = exc.reason
     return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from artifact_core.data import (ARTIFACT, CLEAN, class_weights, list_images, parse_label, scan_labeled_folder,
-                                stratified_split)
+from artifact_core.data import (ARTIFACT, CLEAN, FolderListingError, check_split, class_weights, list_image_files,
+                                list_images, parse_label, scan_labeled_folder, stratified_split)
 from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.transforms import eval_transform
 from conftest import write_image
@@ -22,6 +22,50 @@ def test_list_images_recursive_case_insensitive_sorted(tmp_path):
     found = list_images(tmp_path)
     assert [p.split(str(tmp_path))[1] for p in found] == [
         "/a/image_0_0.jpg", "/b/image_1_1.PNG", "/image_2_1.JPEG", "/x.webp", "/y.BmP"]
+
+
+def test_list_images_follows_linked_folders_once(tmp_path):
+    """A folder linked in (shards on another disk) is listed like any other; a link back up
+    the tree is no loop, and a folder reached through two paths lists its images once."""
+    for name in ["train/shard1/a_0.png", "store/shard2/c_0.png", "store/shard2/deep/d_1.png", "train/.h/e_1.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    train = tmp_path / "train"
+    os.symlink(tmp_path / "store" / "shard2", train / "shard2")
+    os.symlink(train, train / "shard1" / "up")  # a loop
+    os.symlink(tmp_path / "store" / "shard2", train / "shard3")  # shard2 again
+    os.symlink(tmp_path / "store" / "shard2", train / ".hidden_link")
+    found = [os.path.relpath(p, train) for p in list_images(train)]
+    assert found == ["shard1/a_0.png", "shard2/c_0.png", "shard2/deep/d_1.png"]
+    # scoring's listing and training's scan go through the same function
+    assert list_image_files(str(train))[0] == list_images(train)
+    assert scan_labeled_folder(train).paths == list_images(train)
+
+
+def test_list_images_refuses_an_unreadable_subfolder(tmp_path, monkeypatch):
+    """Leaving out a folder that cannot be listed would drop its images in silence: it is an
+    error naming the folder. (Simulated: tests may run as root, which chmod cannot lock out.)"""
+    for name in ["a_0.png", "locked/b_1.png", "shard/c_1.png", ".locked_hidden/d_0.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    locked = {str(tmp_path / "locked"), str(tmp_path / ".locked_hidden")}
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for listing in (lambda: list_images(tmp_path), lambda: list_image_files(str(tmp_path)),
+                    lambda: scan_labeled_folder(tmp_path)):
+        with pytest.raises(FolderListingError) as err:
+            listing()
+        assert err.value.folder == str(tmp_path / "locked") and err.value.reason == "Permission denied"
+        assert f"cannot list folder {str(tmp_path / 'locked')!r}" in str(err.value)
+    locked.discard(str(tmp_path / "locked"))  # a hidden folder is never opened: no error
+    assert [os.path.relpath(p, tmp_path) for p in list_images(tmp_path)] == ["a_0.png", "locked/b_1.png",
+                                                                            "shard/c_1.png"]
 
 
 def test_list_images_missing_folder(tmp_path):
@@ -38,7 +82,8 @@ def test_parse_label(name, label):
     assert parse_label(name) == label
 
 
-@pytest.mark.parametrize("name", ["image_3_2.png", "image_3.png", "image_3_1.txt", "image_3_01.png", "image_31.png"])
+@pytest.mark.parametrize("name", ["image_3_2.png", "image_3.png", "image_3_1.txt", "image_3_01.png", "image_31.png",
+                                  "image_3_1\n.png"])
 def test_parse_label_errors_name_the_file_and_pattern(name):
     with pytest.raises(ValueError) as err:
         parse_label(name)
@@ -85,6 +130,45 @@ def test_stratified_split_keeps_ratio_and_is_seeded():
     tr2, va2 = stratified_split(labels, val_fraction=0.2, seed=1)
     assert np.array_equal(va, va2)
     assert not np.array_equal(va, stratified_split(labels, val_fraction=0.2, seed=2)[1])
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.5, 0.6, 0.9])
+def test_stratified_split_puts_a_one_member_class_in_training(val_fraction):
+    """A class with one image cannot be in both parts: it trains (a model cannot learn a class
+    it never sees; validation does without it, and check_split says what that costs)."""
+    labels = [1] * 20 + [0]
+    tr, va = stratified_split(labels, val_fraction=val_fraction)
+    assert 20 in tr and 20 not in va
+    assert sum(labels[i] == 1 for i in va) == min(max(round(20 * val_fraction), 1), 19)
+
+
+def test_check_split_refuses_what_cannot_train_and_warns_about_what_cannot_be_tuned():
+    assert check_split([0, 1, 1], [0, 1], 0.2) == []
+    with pytest.raises(ValueError) as err:
+        check_split([1, 1, 1], [0, 1], 0.6)
+    msg = str(err.value)
+    assert "no artifact (0) image in training" in msg and "--val-fraction (now 0.6)" in msg
+    assert "train: 0 artifact (0), 3 artifact-free (1); validation: 1 artifact (0), 1 artifact-free (1)" in msg
+    with pytest.raises(ValueError, match=r"training empty \(train: 0 artifact \(0\), 0 artifact-free \(1\); "
+                                         r"validation: 1 artifact \(0\), 1 artifact-free \(1\)\).*--val-fraction"):
+        check_split([], [0, 1], 0.9)
+    with pytest.raises(ValueError, match=r"validation empty \(train: 1 artifact \(0\), 1 artifact-free \(1\); "
+                                         r"validation: 0 artifact \(0\), 0 artifact-free \(1\)\).*--val-fraction 0.2"):
+        check_split([0, 1], [], 0.2)
+    warnings = check_split([0, 1, 1], [1, 1], 0.5)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("validation holds no artifact (0) image (train: 1 artifact (0), 2 artifact-free (1); "
+                                  "validation: 0 artifact (0), 2 artifact-free (1)): the threshold cannot be tuned")
+    assert "--val-fraction 0.5" in warnings[0]
+    # numpy labels, as the split gives them
+    assert check_split(np.array([0, 1]), np.array([0, 1]), 0.2) == []
+
+
+def test_a_split_of_a_one_artifact_folder_passes_the_check_with_a_warning():
+    labels = [0] + [1] * 99
+    tr, va = stratified_split(labels, val_fraction=0.6)
+    warnings = check_split([labels[i] for i in tr], [labels[i] for i in va], 0.6)
+    assert len(warnings) == 1 and "no artifact (0)" in warnings[0]
 
 
 def test_stratified_split_tiny_minority_lands_in_both():
@@ -202,3 +286,22 @@ def test_image_size_probe_does_not_block_on_fifos_or_devices(tmp_path):
     probe.join(60)
     assert not probe.is_alive(), "native_short_side blocked on a FIFO"
     assert result["side"] == 700
+
+
+def test_links_up_the_tree_into_an_excluded_folder_or_to_nowhere_are_not_followed(tmp_path, caplog):
+    import logging
+
+    from conftest import write_image
+
+    root = tmp_path / "in"
+    write_image(root / "a" / "b" / "x_1.png")
+    write_image(tmp_path / "sibling" / "s_1.png")
+    write_image(tmp_path / "out" / "report" / "thumb.png")
+    (root / "a" / "b" / "up").symlink_to(tmp_path)  # an ancestor: its siblings are no input
+    (root / "outlink").symlink_to(tmp_path / "out")
+    (root / "gone").symlink_to(tmp_path / "unmounted")
+    with caplog.at_level(logging.WARNING, logger="artifact_core.data"):
+        listed = list_images(root, exclude=[str(tmp_path / "out")])
+    assert [os.path.relpath(p, root) for p in listed] == ["a/b/x_1.png"]
+    assert "unmounted" in caplog.text
+    assert "outlink/report/thumb.png" in [os.path.relpath(p, root) for p in list_images(root)]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from artifact_core.decode import decode_array, decode_batch
-from artifact_core.images import decode_image, resize_image
+from artifact_core.images import NOT_AN_IMAGE, decode_image, resize_image
 from conftest import REPO, write_image
 
 
@@ -120,5 +120,24 @@ def test_decode_batch_turns_failures_into_error_rows(tmp_path):
     bad = tmp_path / "b.png"
     bad.write_text("not an image")
     out = decode_batch(_batch([good, bad]), image_size=16, root=str(tmp_path))
-    assert out["error"][0] == "" and "UnidentifiedImageError" in out["error"][1]
+    assert out["error"][0] == "" and out["error"][1] == NOT_AN_IMAGE
     assert out["image"][0].any() and not out["image"][1].any()
+
+
+def test_filename_is_relative_for_a_root_that_is_not_utf8_or_is_slash(tmp_path):
+    """The ``filename`` column is relative to --input whether its own name has bytes that are
+    not UTF-8 (given as listed, or as scoring's driver shows it) or it is "/"."""
+    from artifact_core.data import list_image_files
+    from artifact_core.storage import display_path
+
+    root = os.path.join(os.fsencode(str(tmp_path)), b"in_caf\xe9")
+    os.makedirs(os.path.join(root, b"sub"))
+    Image.new("RGB", (16, 16)).save(os.fsdecode(os.path.join(root, b"sub", b"x\xff.png")))
+    paths, fs, listed_root = list_image_files(os.fsdecode(root))
+    assert listed_root.endswith("in_caf\udce9")
+    for given in (listed_root, display_path(listed_root)):
+        out = decode_batch(_batch(paths), image_size=16, root=given, fs=fs)
+        assert list(out["error"]) == [""] and list(out["filename"]) == ["sub/x\\xff.png"]
+    plain = write_image(tmp_path / "plain.png", size=16)
+    out = decode_batch(_batch([plain]), image_size=16, root="/")
+    assert list(out["filename"]) == [str(plain)[1:]]

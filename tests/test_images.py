@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from artifact_core.images import ImageDecodeError, decode_image
+from artifact_core.images import NOT_AN_IMAGE, ImageDecodeError, decode_image
 from conftest import write_image
 
 
@@ -40,7 +42,7 @@ def test_transparent_pixels_become_white(tmp_path):
 
 @pytest.mark.parametrize("content,reason", [
     (b"", "empty"),
-    (b"this is not an image", "UnidentifiedImageError"),
+    (b"this is not an image", NOT_AN_IMAGE),
 ])
 def test_broken_bytes_raise_naming_the_file(tmp_path, content, reason):
     p = tmp_path / "bad.png"
@@ -48,6 +50,127 @@ def test_broken_bytes_raise_naming_the_file(tmp_path, content, reason):
     with pytest.raises(ImageDecodeError) as err:
         decode_image(str(p))
     assert "bad.png" in str(err.value) and reason in str(err.value)
+
+
+@pytest.mark.parametrize("source", ["path", "bytes"])
+def test_a_non_image_reads_as_such_not_as_a_memory_address(tmp_path, source):
+    p = tmp_path / "notes.png"
+    p.write_text("meeting notes, saved with the wrong name")
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(str(p) if source == "path" else p.read_bytes(), name=str(p))
+    assert err.value.reason == NOT_AN_IMAGE == "not a recognised image (expected PNG, JPEG, WebP or BMP content)"
+    assert str(err.value) == f"cannot decode image {str(p)!r}: {NOT_AN_IMAGE}"
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def _saved(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["eps", "gif", "tiff"])
+def test_only_the_listed_formats_are_opened(tmp_path, monkeypatch, kind):
+    """PostScript named .png must never reach Ghostscript (it runs the program); formats
+    outside .png .jpg .jpeg .webp .bmp are refused whatever the name says."""
+    from PIL import EpsImagePlugin
+
+    ran = []
+
+    def ghostscript(*args, **kwargs):
+        ran.append(args)
+        raise OSError("Ghostscript ran the file")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    content = {"eps": EPS, "gif": _saved(Image.new("P", (8, 8)), "GIF"),
+               "tiff": _saved(Image.new("RGB", (8, 8)), "TIFF")}[kind]
+    p = tmp_path / "face_1.png"
+    p.write_bytes(content)
+    for target in (None, 4):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(str(p), target_size=target)
+        assert err.value.reason == NOT_AN_IMAGE
+    assert not ran
+
+
+def test_an_mpo_camera_jpeg_decodes_at_reduced_scale_like_a_jpeg():
+    """Cameras write JPEGs with a second frame, which PIL opens as MPO: decoded the same
+    cheap way (DCT-domain draft) and to the same pixels as the first frame alone."""
+    rng = np.random.default_rng(0)
+    frame = Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8))
+    mpo = _saved(frame, "MPO", save_all=True, append_images=[frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    jpeg = _saved(frame, "JPEG")
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    for target in (None, 64):
+        assert np.array_equal(np.asarray(decode_image(mpo, target_size=target)),
+                              np.asarray(decode_image(jpeg, target_size=target)))
+
+
+def test_decoding_leaves_the_warning_filters_alone(tmp_path, monkeypatch):
+    """warnings.catch_warnings() swaps process-wide state: fused scoring decodes on several
+    threads, so one decode's filter would leak into (or be undone under) another's."""
+    import warnings
+
+    swaps = []
+    real = warnings.catch_warnings
+    monkeypatch.setattr(warnings, "catch_warnings", lambda *a, **k: swaps.append(a) or real(*a, **k))
+    p = tmp_path / "bomb.png"
+    Image.new("L", (1200, 1000)).save(p)
+    sizes = [decode_image(str(p), target_size=32).size]
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        decode_image(str(p), max_pixels=1_000_000)
+    monkeypatch.undo()
+    assert sizes == [(32, 32)] and not swaps
+
+
+def _trns_png(kind: str, side: int) -> bytes:
+    """A PNG whose left half is transparent by a tRNS colour key (no alpha channel), the rest a
+    mid-grey picture."""
+    half = side // 2
+    if kind == "RGB":
+        arr = np.full((side, side, 3), (90, 140, 60), np.uint8)
+        arr[:, :half] = (0, 0, 0)
+        return _saved(Image.fromarray(arr), "PNG", transparency=(0, 0, 0))
+    if kind == "L":
+        arr = np.full((side, side), 120, np.uint8)
+        arr[:, :half] = 7
+        return _saved(Image.fromarray(arr), "PNG", transparency=7)
+    if kind == "I;16":
+        arr = np.tile(np.linspace(20000, 40000, side).astype(np.uint16), (side, 1))
+        arr[:, :half] = 3
+        return _saved(Image.fromarray(arr), "PNG", transparency=3)
+    arr = np.full((side, side, 3), (90, 140, 60), np.uint8)  # P: a palette entry marked transparent
+    arr[:, :half] = (0, 0, 0)
+    return _saved(Image.fromarray(arr).convert("P"), "PNG", transparency=0)
+
+
+@pytest.mark.parametrize("kind", ["RGB", "L", "I;16", "P"])
+@pytest.mark.parametrize("side,target", [(16, None), (256, 32)])
+def test_a_trns_colour_key_is_transparency_in_every_mode(kind, side, target):
+    """PNG's tRNS chunk makes one colour transparent in RGB, L and 16-bit grey (palette entries
+    in P): composited over white like an alpha channel, also on the reduced path."""
+    data = _trns_png(kind, side)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == kind and "transparency" in img.info
+    out = np.asarray(decode_image(data, target_size=target)).astype(int)
+    n = out.shape[1]
+    assert (out[:, : n // 2 - 1] == 255).all(), out[0]  # the keyed half is white, not the key's colour
+    right = out[:, n // 2 + 1:]
+    if kind == "I;16":
+        # a ramp stretched by the visible pixels' range (about 30000..40000), not from the key
+        # value 3 up (which would leave its dark end at about 190)
+        assert right[..., 0].min() < 40 and right[..., 0].max() > 215
+    else:
+        assert (right < 250).all() and right.max() > 0  # the picture stays
+
+
+def test_a_trns_key_that_no_pixel_uses_changes_nothing():
+    arr = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    keyed = _saved(Image.fromarray(arr), "PNG", transparency=12345)
+    plain = _saved(Image.fromarray(arr), "PNG")
+    assert np.array_equal(np.asarray(decode_image(keyed)), np.asarray(decode_image(plain)))
 
 
 def test_truncated_file_raises(tmp_path):
@@ -66,11 +189,13 @@ def test_decompression_bomb_is_refused(tmp_path):
     assert decode_image(str(p)).size == (3000, 3000)  # fine under the default limit
 
 
-# measured peaks in bytes per pixel: 6 (16-bit), 8 (RGBA) and 9 (palette with transparency)
-# now; 26, 20 and 17 before (and about 10 for 16-bit with float32 alone)
-@pytest.mark.parametrize("mode,limit", [("I;16", 9), ("RGBA", 12), ("P", 12)])
+# measured peaks in bytes per pixel: 6 (16-bit), 8 (RGBA), 9 (palette with transparency) and
+# 8 (RGB with a tRNS key: 4 to load, a mask, no alpha channel) now; 26, 20 and 17 before (and
+# about 10 for 16-bit with float32 alone)
+@pytest.mark.parametrize("mode,limit", [("I;16", 9), ("RGBA", 12), ("P", 12), ("RGB-key", 10)])
 def test_large_16bit_alpha_and_palette_images_decode_in_little_memory(tmp_path, mode, limit):
-    """A few-MB PNG may hold 25 MP of 16-bit grey, RGBA or a palette with transparency: at a
+    """A few-MB PNG may hold 25 MP of 16-bit grey, RGBA, a palette with transparency or RGB
+    with a tRNS key: at a
     target size those are shrunk before their conversion to RGB, whose full-size copies cost
     16-26 bytes per pixel (a folder of them could exhaust a scoring actor). Measured in a
     fresh process."""
@@ -86,6 +211,11 @@ def test_large_16bit_alpha_and_palette_images_decode_in_little_memory(tmp_path, 
         rgba[..., 1] = 200
         rgba[..., 3] = (ramp * 127).astype(np.uint8)
         img = Image.fromarray(rgba, "RGBA")
+    elif mode == "RGB-key":  # black marked transparent by a tRNS key, the rest a green ramp
+        rgb = np.zeros((side, side, 3), np.uint8)
+        rgb[..., 1] = (ramp * 127).astype(np.uint8)
+        img = Image.fromarray(rgb, "RGB")
+        img.info["transparency"] = (0, 0, 0)
     else:  # index 0 transparent, the rest a grey ramp
         img = Image.frombytes("P", (side, side), (ramp * 127).astype(np.uint8).tobytes())
         img.putpalette([v for i in range(256) for v in (i, i, i)])
@@ -106,3 +236,28 @@ def test_large_16bit_alpha_and_palette_images_decode_in_little_memory(tmp_path, 
     assert (int(width), int(height)) == (224, 224) and float(spread) > 5, out.stdout  # the ramp survived
     per_pixel = int(grew) / side**2
     assert per_pixel < limit, f"decoding took {per_pixel:.1f} bytes per pixel"
+
+
+def _png_with_key(width: int, bitdepth: int, colortype: int, row: bytes, key: bytes) -> bytes:
+    """A one-row PNG written by hand with a tRNS colour key (PIL cannot write these)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, 1, bitdepth, colortype, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tRNS", key)
+            + chunk(b"IDAT", zlib.compress(b"\x00" + row)) + chunk(b"IEND", b""))
+
+
+def test_png_keys_in_file_units_meet_the_pixels_pil_unpacks():
+    import struct
+
+    # 2-bit grey 0,1,2,3 with key 1: PIL unpacks the pixels to 0,85,170,255 but not the key
+    low = _png_with_key(4, 2, 0, bytes([0b00011011]), struct.pack(">H", 1))
+    assert np.asarray(decode_image(low))[0, :, 0].tolist() == [0, 255, 170, 255]
+    # 16-bit RGB: key (0,0,0) has no 8-bit counterpart; the dark opaque pixel must not turn white
+    deep = _png_with_key(2, 16, 2, struct.pack(">HHHHHH", 30000, 30000, 30000, 100, 100, 100),
+                         struct.pack(">HHH", 0, 0, 0))
+    assert np.asarray(decode_image(deep))[0, 1].tolist() == [0, 0, 0]

@@ -44,3 +44,31 @@ def test_ray_data_ingest_trains_and_counts_unreadable(ray_session, tmp_path, bac
     split = json.loads((tmp_path / "runs" / "rd" / "split.json").read_text())
     assert len(split["train"]["files"]) == 24
     assert summary.metrics["validation"]["support"] == 8 - ("image_91_1.png" in split["val"]["files"])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_ray_data_decode_gives_the_dataloader_pixels(tmp_path, monkeypatch, fmt):
+    """``--ingest ray-data`` decodes at the target size as the DataLoader path does (reduced
+    first), so both feed augmentation the same pixels; a full-size decode then resize differs."""
+    import torch
+    from PIL import Image
+
+    import artifact_core.ingest as ingest
+    from artifact_core.dataset import ImageFileDataset
+    from artifact_core.images import resize_image
+
+    size = 64
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"image_0_1.{fmt.lower()}"
+    Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(path, fmt)
+
+    def no_augmentation(img):
+        # train_transform's first step (ResizePIL), without the random part
+        return torch.from_numpy(np.asarray(resize_image(img, size), dtype=np.float32).transpose(2, 0, 1).copy())
+
+    monkeypatch.setattr(ingest, "train_transform", lambda image_size: no_augmentation)
+    out = ingest.decode_train_batch({"path": np.asarray([str(path)], dtype=object), "label": np.asarray([1])},
+                                    image_size=size)
+    assert out["error"][0] == ""
+    loader = ImageFileDataset([str(path)], [1], no_augmentation, target_size=size)
+    assert np.array_equal(out["image"][0], loader[0][0].numpy())
