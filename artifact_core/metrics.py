@@ -225,6 +225,8 @@ ONE_CLASS_PENALTY = 2.0
 SELECT_SCORE = "select_score"
 #: The report key naming the metric that ``select_score`` was computed for.
 SELECT_SCORE_METRIC = "select_metric"
+#: The report key that holds :func:`keep_score`: Ray's checkpoint keeper orders checkpoints by it.
+KEEP_SCORE = "keep_score"
 
 
 def _finite(v: Any) -> float:
@@ -290,3 +292,55 @@ def best_report(reports: Sequence[dict[str, Any]], metric: str) -> int:
     if not reports:
         raise ValueError("no reports to choose from")
     return max(range(len(reports)), key=lambda i: selection_key(reports[i], metric))
+
+
+def keep_score(metrics: dict[str, Any], metric: str, earlier: Sequence[dict[str, Any]]) -> float:
+    """The number Ray's checkpoint keeper compares (reported as ``keep_score``): it orders this
+    report among the ``earlier`` reports of the run exactly as :func:`selection_key` does.
+
+    ``select_score`` alone ties (an AP of 1.0 on a small validation set, the same micro F1 at
+    two epochs), and Ray breaks ties by age where selection goes on to AP, micro F1 and epoch:
+    Ray could delete the checkpoint selection would keep. Ray keeps each report's number as
+    reported, so this one is chosen strictly between the ``keep_score`` of the best earlier
+    report it beats and of the worst one that beats it: its own ``select_score`` when that lies
+    between them, else a number in the gap.
+
+    Args:
+        metrics: this epoch's report (with ``epoch``, the validation metrics, ``diverged``).
+        metric: the selection metric (``--select-metric``).
+        earlier: the run's earlier reports; those without a ``keep_score`` for ``metric`` are
+            not compared (a run resumed from them keeps checkpoints by another key).
+
+    Returns:
+        NaN (Ray keeps it last) for a diverged epoch or one without a finite score; else a
+        finite number.
+    """
+    key = selection_key(metrics, metric)
+    if math.isinf(key[0]):  # NaN select score: selection can never keep it either
+        return math.nan
+    below, above = -math.inf, math.inf
+    for report in earlier:
+        kept = _finite(report.get(KEEP_SCORE))
+        if math.isnan(kept) or report.get(SELECT_SCORE_METRIC) != metric:
+            continue
+        if selection_key(report, metric) <= key:  # (an equal key: the newer report counts as better, as in Ray)
+            below = max(below, kept)
+        else:
+            above = min(above, kept)
+    if below < key[0] < above:
+        return key[0]
+    if math.isinf(above):
+        return _step_up(below)
+    if math.isinf(below):
+        return _step_up(above, down=True)
+    middle = below + (above - below) / 2
+    # Two adjacent floats leave no room (dozens of epochs landing in the same gap): a tie
+    # with the report below, which Ray breaks for the newer report, this one.
+    return middle if below < middle < above else below
+
+
+def _step_up(value: float, *, down: bool = False) -> float:
+    """A number one above (or below) ``value``: a fixed step, so a long run of new bests grows
+    the scores linearly (a step of the value's size would double them to inf within about a
+    thousand epochs), and midpoints still leave room between."""
+    return value - 1.0 if down else value + 1.0

@@ -6,7 +6,9 @@ labels of both parts) in :data:`SPLIT_JSON`, or :data:`SPLIT_PARQUET` for large 
 A rerun resumes with the stored split: files added to the data folder since are ignored
 (one log line), so training images never move into validation. A rerun whose identity
 fields or data differ is refused with the differences named. ``--overwrite`` deletes only
-the entries runs write (:func:`is_owned`), and only in a folder that holds a run record.
+the entries runs write (:func:`is_owned`), and only in a folder that holds a run record; a
+folder holding nothing but what a first start killed before its record wrote is cleared and
+started again (:func:`clear_interrupted_start`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import datetime as dt
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from artifact_core.config import effective_members, mirror_pass_acts
@@ -57,6 +61,10 @@ OWNED_NAMES = frozenset({RUN_FILE, SPLIT_JSON, SPLIT_PARQUET, "model", "trials",
                          ".validate_storage_marker"})
 #: Ray Train's checkpoint folders (``checkpoint_<timestamp>``).
 OWNED_PREFIXES = ("checkpoint_",)
+#: The temporary file :meth:`~artifact_core.storage.Location.write_bytes` writes before its rename.
+_TEMP_SUFFIX = re.compile(r"\.tmp\d+$")
+#: What a first start writes before its run record: the split (the record comes last).
+START_FILES = (SPLIT_JSON, SPLIT_PARQUET)
 
 
 class RunConflictError(ValueError):
@@ -89,8 +97,15 @@ def _now() -> str:
 
 
 def is_owned(name: str) -> bool:
-    """True for a run-folder entry that training or a sweep writes."""
-    return name in OWNED_NAMES or name.startswith(OWNED_PREFIXES)
+    """True for a run-folder entry that training or a sweep writes (or the temporary file of one)."""
+    base = _TEMP_SUFFIX.sub("", name)
+    return name in OWNED_NAMES or name.startswith(OWNED_PREFIXES) or (base != name and base in OWNED_NAMES)
+
+
+def _is_start_file(name: str) -> bool:
+    """True for what a first start writes before its record: the split, or a temporary file of it or of the record."""
+    base = _TEMP_SUFFIX.sub("", name)
+    return name in START_FILES or (base != name and base in (*START_FILES, RUN_FILE))
 
 
 def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -127,7 +142,11 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         diffs.append(f"kind: {old.get('kind')!r} before, {new.get('kind')!r} now")
     for key in GROWABLE_FIELDS:
         a, b = old.get("config", {}).get(key), new.get("config", {}).get(key)
-        if a is not None and b is not None and b < a:
+        if new.get("kind") == "sweep" and a is not None and b is not None and a != b:
+            # A restored sweep runs on with the scheduler it pickled (ASHA's max_t) and never
+            # reruns finished trials: new epoch counts would be recorded but not trained.
+            diffs.append(f"{key}: {a} before, {b} now (a sweep continues with the epochs it started with)")
+        elif a is not None and b is not None and b < a:
             diffs.append(f"{key}: {a} before, {b} now (epochs may be raised to continue a run, not lowered)")
     return diffs
 
@@ -222,6 +241,42 @@ def clear_run(run: Location) -> list[str]:
     return removed
 
 
+def clear_interrupted_start(run: Location) -> list[str]:
+    """Delete what a first start killed before it wrote its record left in ``run``; returns the names.
+
+    A first start writes the split, then the record (each through a temporary file), and
+    trains only after that: a folder that holds nothing but such files, and no record, is an
+    interrupted first start with nothing trained in it. Any other folder is left as it is.
+    """
+    if run.join(RUN_FILE).exists():
+        return []
+    names = run.children()
+    if not names or not all(_is_start_file(n) and run.join(n).info().type == pafs.FileType.File for n in names):
+        return []
+    log.warning("%s holds %s but no %s: its first start was interrupted; clearing it and starting again",
+                run.uri, names, RUN_FILE)
+    for name in names:
+        run.join(name).remove()
+    return names
+
+
+def stored_split_paths(run: Location, data_root: str, root: str) -> list[str] | None:
+    """The files of ``run``'s stored split of ``data_root`` as paths below ``root`` (the same
+    folder on its filesystem), sorted as a listing of the folder sorts them; None when ``run``
+    holds no readable record and split of this project, or split another folder."""
+    try:
+        record = read_record(run)
+        if record is None or record.get("writer") != WRITER:
+            return None
+        split = read_split(run, record.get("data", {}).get("split_file", SPLIT_JSON))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # claim_run names what is wrong
+    if split.root != data_root:
+        return None
+    prefix = root.rstrip("/") + "/"
+    return sorted(prefix + name for name in split.files())
+
+
 def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[str], data_root: str,
               make_split: Callable[[], Split], overwrite: bool = False,
               extra_identity: dict[str, Any] | None = None) -> Split:
@@ -242,6 +297,7 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     """
     new = {"writer": WRITER, "version": RECORD_VERSION, "kind": kind,
            "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config}
+    clear_interrupted_start(run)
     if overwrite:
         clear_run(run)
     old = read_record(run)

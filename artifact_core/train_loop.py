@@ -32,8 +32,8 @@ from artifact_core.config import TrainConfig
 from artifact_core.cpu_memory import images_per_pass, largest_output_bytes, use_cpu_passes
 from artifact_core.data import ARTIFACT
 from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
-from artifact_core.metrics import (SELECT_SCORE, SELECT_SCORE_METRIC, classification_metrics, predict_labels,
-                                   ranking_metrics, selection_score)
+from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, classification_metrics,
+                                   keep_score, predict_labels, ranking_metrics, selection_score)
 from artifact_core.model import (frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
                                  trunk_suffix, unwrap)
 from artifact_core.spill import SpillFile, spill_room
@@ -254,6 +254,18 @@ def _load_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) -> tupl
         opt_path = os.path.join(d, OPTIMIZER_FILE)
         opt = torch.load(opt_path, map_location="cpu", weights_only=True) if os.path.exists(opt_path) else None
     return state, opt
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """Load a checkpoint's optimizer and grad-scaler state into this phase's.
+
+    A disabled scaler (CPU, bf16) saves ``{}``: a run resumed on a GPU that scales (fp16)
+    starts its scaler afresh instead of failing on the empty state, and a disabled scaler
+    has nothing to load.
+    """
+    optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(saved["scaler"])
 
 
 def _maybe_override_val_probs(loop_config: dict, epoch: int, probs: list[float], labels: list[int]) -> list[float]:
@@ -759,8 +771,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     params = [p for p in ddp_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        scaler.load_state_dict(optimizer_state["scaler"])
+        restore_optimizer(optimizer, scaler, optimizer_state)
     train_loader, val_loader = loaders
     while state.phase_epoch < spec.epochs and not state.stopped_early and not state.diverged_at:
         _maybe_inject_failure(loop_config, state, rank, world)
@@ -819,6 +830,9 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
                       "lower --lr or --finetune-lr): training stops here, selection keeps an earlier epoch",
                       state.global_epoch)
         select = selection_score({**reported, "diverged": diverged}, cfg.select_metric)
+        # Ray's checkpoint keeper orders by keep_score: select_score with selection's tie-breaks
+        keep = keep_score({**reported, SELECT_SCORE: select, SELECT_SCORE_METRIC: cfg.select_metric,
+                           "diverged": diverged, "epoch": state.global_epoch}, cfg.select_metric, state.history)
         update_patience(state, {**reported, "diverged": diverged}, cfg.select_metric)
         # Not on cached features: their epochs take seconds, and a head that learns a subtle
         # defect from ~100 positives often shows nothing for its first ten epochs; the best
@@ -829,7 +843,8 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         metrics = {
             "epoch": state.global_epoch, "phase": spec.name, "phase_epoch": state.phase_epoch,
             "train_loss": train_loss, "val_loss": val_loss,
-            **reported, SELECT_SCORE: select, SELECT_SCORE_METRIC: cfg.select_metric, "diverged": diverged,
+            **reported, SELECT_SCORE: select, SELECT_SCORE_METRIC: cfg.select_metric, KEEP_SCORE: keep,
+            "diverged": diverged,
             "lr": optimizer.param_groups[0]["lr"], "trainable_params": trainable, "epoch_seconds": time.time() - t0,
             "world_size": world, "node_ids": context["node_ids"], "early_stopped": stop_early,
             "unreadable_skipped": unreadable, "features_cached": caches is not None,
@@ -883,6 +898,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.resumed_after.append(state.global_epoch)
         log.info("resumed from checkpoint after epoch %d (phase %d, epoch %d in phase)",
                  state.global_epoch, state.phase_index + 1, state.phase_epoch)
+        try:  # (prepare_run refuses a new raise up front; here only a record an older version wrote)
+            check_phase_one_growth(state, cfg.head_epochs)
+        except ValueError as exc:
+            log.warning("%s; the head epochs beyond those are not run", exc)
     # On the device now: phase 1 on cached features never goes through prepare_model, which
     # would otherwise be what moves it.
     model = model.to(device)
@@ -892,7 +911,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     specs = phases(cfg)
     while state.phase_index < len(specs):
         spec = specs[state.phase_index]
-        # Judged against this run's config: a rerun with more epochs extends the phase.
+        # Judged against this run's config: a rerun with more epochs extends the phase (phase 1
+        # only until phase 2 began: check_phase_one_growth).
         if state.phase_epoch < spec.epochs and not state.stopped_early and not state.diverged_at:
             log.info("phase %d (%s): %d epoch(s) at lr %g, unfreeze depth %d", state.phase_index + 1,
                      spec.name, spec.epochs, spec.lr, spec.unfreeze_depth)
@@ -901,6 +921,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               device=device, context=context)
         optimizer_state = None
         state = _next_phase(state)
+
+
+def check_phase_one_growth(state: LoopState, head_epochs: int, *, run: str = "this run") -> None:
+    """Refuse ``--head-epochs`` above the head epochs a run trained once its phase 2 began.
+
+    The loop never returns to phase 1, so more head epochs would be ignored while the run
+    record says they applied. A phase 1 that patience ended, or a run that diverged, would
+    not have run them either: nothing to refuse.
+
+    Raises:
+        ValueError: naming the head epochs trained and what to do.
+    """
+    if state.phase_index < 1 or state.diverged_at or any(not isinstance(h, dict) or "phase" not in h
+                                                         for h in state.history):
+        return  # (histories from before the phase was reported cannot tell)
+    head = [h for h in state.history if h["phase"] == "head"]
+    if any(h.get("early_stopped") for h in head) or head_epochs <= len(head):
+        return
+    raise ValueError(f"--head-epochs {head_epochs}: {run} trained {len(head)} head epoch(s) and has begun phase 2 "
+                     f"(fine-tuning), which cannot go back to phase 1; rerun with --head-epochs {len(head)}, or "
+                     f"start again with a new --name or --overwrite")
 
 
 def _next_phase(state: LoopState) -> LoopState:

@@ -17,24 +17,25 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import pyarrow.fs
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
 from artifact_core import demo_data, plots
-from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.bundle import BundleConfig, save_bundle, upload_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig, auto_image_size
-from artifact_core.data import LABEL_NAMES, class_weights, native_short_side, scan_labeled_folder, stratified_split
+from artifact_core.data import (LABEL_NAMES, check_split, class_weights, native_short_side, scan_labeled_folder,
+                                stratified_split)
 from artifact_core.export_onnx import export_onnx_or_log
-from artifact_core.metrics import (SELECT_SCORE, SELECT_SCORE_METRIC, best_report, best_threshold,
+from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, best_report, best_threshold,
                                    classification_metrics, precision_recall_curve, predict_labels, ranking_metrics,
                                    selection_key, thin_curve)
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
-from artifact_core.run_identity import Split, claim_run
+from artifact_core.run_identity import Split, claim_run, read_record, stored_split_paths
 from artifact_core.storage import Location, check_apart, resolve
-from artifact_core.train_loop import MODEL_FILE, STATE_FILE, read_state, read_val_scores, train_loop_per_worker
+from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
+                                      read_val_scores, train_loop_per_worker)
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,61 @@ class TrainSummary:
     result: Any
 
 
+#: Written into the demo data folder before generation starts and removed when it ends: a folder
+#: with it is an interrupted generation of this project, safe to delete.
+DEMO_GENERATING = ".generating"
+#: Written when generation ends: "<train images> <test images>".
+DEMO_COMPLETE = ".complete"
+
+
 def demo_data_dir(storage_path: str, *, n_train: int = 400, n_test: int = 100) -> str:
-    """The demo data set under ``storage_path``, generated once (deterministic)."""
+    """The demo data set under ``storage_path``, generated once (deterministic).
+
+    Generated again when the image counts asked for differ from those it was made with.
+    Only a folder this project's generator marked (:data:`DEMO_GENERATING` at its start,
+    :data:`DEMO_COMPLETE` at its end) is ever deleted.
+
+    Raises:
+        ValueError: ``storage_path`` is a URI, or ``<storage>/demo_data`` holds something else.
+    """
     if "://" in storage_path:
         raise ValueError("demo data needs a local --storage-path; pass --data-dir for remote storage")
     root = os.path.join(storage_path, DEMO_DATA_FOLDER)
-    done = os.path.join(root, ".complete")
-    if not os.path.exists(done):
-        log.info("generating demo data (%d train, %d test images) in %s", n_train, n_test, root)
-        shutil.rmtree(root, ignore_errors=True)
-        demo_data.generate(root, n_train=n_train, n_test=n_test)
-        with open(done, "w") as f:
-            f.write(f"{n_train} {n_test}\n")
+    done = os.path.join(root, DEMO_COMPLETE)
+    ours = not os.path.islink(root) and any(os.path.isfile(os.path.join(root, m))
+                                            for m in (DEMO_COMPLETE, DEMO_GENERATING))
+    if ours and os.path.isfile(done):
+        made = _demo_counts(done)
+        if made == (n_train, n_test):
+            return root
+        log.info("demo data in %s was made with %s train and test images, %d and %d are asked for: generating it "
+                 "again", root, "unknown" if made is None else f"{made[0]} and {made[1]}", n_train, n_test)
+    elif os.path.lexists(root) and not ours and not (os.path.isdir(root) and not os.listdir(root)):
+        raise ValueError(f"{root} is not demo data this project generated (it has no {DEMO_COMPLETE} or "
+                         f"{DEMO_GENERATING} file) and demo data would replace it; nothing was deleted. Move it "
+                         f"away, choose another --storage-path, or pass --data-dir")
+    log.info("generating demo data (%d train, %d test images) in %s", n_train, n_test, root)
+    if ours:
+        shutil.rmtree(root)
+    os.makedirs(root, exist_ok=True)
+    # The marker first: a generation killed midway leaves a folder known to be ours.
+    with open(os.path.join(root, DEMO_GENERATING), "w") as f:
+        f.write(f"{n_train} {n_test}\n")
+    demo_data.generate(root, n_train=n_train, n_test=n_test)
+    with open(done, "w") as f:
+        f.write(f"{n_train} {n_test}\n")
+    os.remove(os.path.join(root, DEMO_GENERATING))
     return root
+
+
+def _demo_counts(done: str) -> tuple[int, int] | None:
+    """(train, test) image counts a :data:`DEMO_COMPLETE` file records; None when unreadable."""
+    try:
+        with open(done) as f:
+            n_train, n_test = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return n_train, n_test
 
 
 def prepare_run(cfg: TrainConfig, *, kind: str = "train",
@@ -95,17 +138,27 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     prefix = folder.root.rstrip("/") + "/"
     relative = [p[len(prefix):] for p in folder.paths]
     if cfg.image_size == "auto":
-        side = native_short_side(folder.paths, folder.fs)
+        # A rerun samples the files its first start did (its stored split): files added since
+        # must not change the size, and so the run's identity.
+        stored = None if run is None or cfg.overwrite else stored_split_paths(run, data.uri, folder.root)
+        side = native_short_side(stored or folder.paths, folder.fs)
         cfg.image_size = auto_image_size(side)
-        log.info("image size: auto -> %d px (the images' short side is %s)", cfg.image_size,
+        log.info("image size: auto -> %d px (the short side of %s is %s)", cfg.image_size,
+                 "the run's stored split" if stored else "the images",
                  f"{side} px" if side else "unknown: no sampled header could be read")
     train_dict = {**cfg.to_dict(), "data_dir": data.uri}
 
     def fresh_split() -> Split:
         train_idx, val_idx = stratified_split(folder.labels, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        # Refused before the run folder is claimed: a split that cannot train leaves no record.
+        for warning in check_split([folder.labels[i] for i in train_idx], [folder.labels[i] for i in val_idx],
+                                   cfg.val_fraction):
+            log.warning("%s", warning)
         return Split(data.uri, [relative[i] for i in train_idx], [folder.labels[i] for i in train_idx],
                      [relative[i] for i in val_idx], [folder.labels[i] for i in val_idx])
 
+    if run is not None and not cfg.overwrite:
+        _check_resumable(run, cfg)
     # Loading here makes a bad --weights fail before any worker starts, and workers need
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
@@ -158,12 +211,7 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     check_fits(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                gpus_per_worker=1.0 if cfg.use_gpu else 0.0, wait_s=cfg.wait_for_resources)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
-    # select_score: the selection metric with one-class and diverged epochs ranked last
-    # (metrics.selection_score), so Ray never deletes the checkpoint selection would keep. A
-    # run resumed from checkpoints whose reports lack it (or were scored for another metric)
-    # keeps the raw metric: Ray would score those reports -inf and delete its best epochs.
-    score_attribute = (SELECT_SCORE if _reports_scored_for(resolve(storage_path).join(name), cfg.select_metric)
-                       else cfg.select_metric)
+    score_attribute = checkpoint_score_attribute(resolve(storage_path).join(name), cfg.select_metric)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -184,18 +232,72 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     )
 
 
-def _reports_scored_for(run: Location, metric: str) -> bool:
-    """Whether every epoch already recorded in ``run`` (its latest checkpoint's history) carries a
-    ``select_score`` for ``metric``; True for a new run."""
+def checkpoint_score_attribute(run: Location, metric: str) -> str:
+    """The report key Ray's checkpoint keeper orders the checkpoints of ``run`` by.
+
+    ``keep_score`` (:func:`~artifact_core.metrics.keep_score`) orders them exactly as
+    selection does, ties included, so Ray never deletes the checkpoint selection would keep.
+    A run resumed from checkpoints whose reports lack it keeps the key they have:
+    ``select_score`` when every report has one for ``metric``, else the raw metric (Ray would
+    score reports without the key -inf and delete the run's best epochs).
+    """
+    if _reports_scored_for(run, metric, KEEP_SCORE):
+        return KEEP_SCORE
+    if _reports_scored_for(run, metric):
+        return SELECT_SCORE
+    return metric
+
+
+def latest_checkpoint_state(run: Location) -> dict[str, Any] | None:
+    """The loop state (``state.json``) of the newest complete checkpoint in ``run``; None when none.
+
+    Checkpoint folders are tried newest first: one without a readable state file is being (or
+    was, when the job was killed) written, and Ray never registered it.
+
+    Raises:
+        OSError: the run folder cannot be listed, or it has checkpoints and none is readable
+            (not the same as a new run: callers then take their cautious path).
+    """
+    names = sorted((n for n in run.children() if n.startswith("checkpoint_")), reverse=True)
+    for name in names:
+        state_file = run.join(name, STATE_FILE)
+        try:
+            state = json.loads(state_file.read_text()) if state_file.exists() else None
+        except (OSError, ValueError) as exc:
+            log.warning("skipping checkpoint %s: its %s is not readable (%s)", run.join(name).uri, STATE_FILE, exc)
+            continue
+        if isinstance(state, dict):
+            return state
+    if names:
+        raise OSError(f"no checkpoint in {run.uri} has a readable {STATE_FILE}")
+    return None
+
+
+def _reports_scored_for(run: Location, metric: str, key: str = SELECT_SCORE) -> bool:
+    """Whether every epoch already recorded in ``run`` (its newest complete checkpoint's history)
+    carries ``key`` (``select_score`` or ``keep_score``) computed for ``metric``; True for a new run."""
     try:
-        names = sorted(n for n in run.children() if n.startswith("checkpoint_"))
-        if not names:
-            return True
-        history = json.loads(run.join(names[-1], STATE_FILE).read_text()).get("history", [])
-    except (OSError, ValueError) as exc:
+        history = (latest_checkpoint_state(run) or {}).get("history", [])
+    except OSError as exc:
         log.warning("could not read the history of %s (%s); keeping checkpoints by %s", run.uri, exc, metric)
         return False
-    return all(SELECT_SCORE in h and h.get(SELECT_SCORE_METRIC) == metric for h in history)
+    return isinstance(history, list) and all(
+        isinstance(h, dict) and key in h and h.get(SELECT_SCORE_METRIC) == metric for h in history)
+
+
+def _check_resumable(run: Location, cfg: TrainConfig) -> None:
+    """Refuse, before anything is recorded or trained, a rerun that raises ``--head-epochs``
+    above its record although the loop would ignore them (phase 2 has begun)."""
+    try:
+        record = read_record(run)
+        recorded = int(record["config"]["head_epochs"]) if record else None
+        if recorded is None or cfg.head_epochs <= recorded:
+            return  # not raised now (a record an older version raised is only warned about in the loop)
+        state = latest_checkpoint_state(run)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the loop warns at its start
+    if state is not None:
+        check_phase_one_growth(LoopState.from_dict(state), cfg.head_epochs, run=f"run {run.uri}")
 
 
 def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
@@ -209,8 +311,9 @@ def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
         raise RuntimeError(f"run at {result.path} has no checkpoint with {metric}")
     best = candidates[best_report([m for _, m in candidates], metric)]
     if math.isinf(selection_key(best[1], metric)[0]):
-        raise RuntimeError(f"run at {result.path} has no epoch to keep: every kept checkpoint diverged or reported "
-                           f"no finite {metric} (epoch {best[1].get('epoch')}); lower --lr / --finetune-lr")
+        # A ValueError: the job prints it as one line (the fix is the user's: lower rates).
+        raise ValueError(f"run at {result.path} has no epoch to keep: every kept checkpoint diverged or reported "
+                         f"no finite {metric} (epoch {best[1].get('epoch')}); lower --lr / --finetune-lr")
     return best
 
 
@@ -238,14 +341,21 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
     with latest.as_directory() as d:
         state = read_state(d)
     history = state["history"]
-    threshold, _ = best_threshold(labels, probs)
+    if len(set(int(y) for y in labels)) == 2:
+        threshold, _ = best_threshold(labels, probs)
+        threshold_source = "tuned on validation (micro F1)"
+    else:
+        # With one class in validation any cut below (or above) every score is "perfect": a
+        # tuned threshold would flag nothing (or everything) on new images. Keep the neutral one.
+        threshold, threshold_source = 0.5, "0.5: validation holds one class, nothing to tune on"
+        log.warning("threshold left at 0.5: the validation split holds only one class")
     ranking = ranking_metrics(labels, probs)
     at_threshold = {**classification_metrics(labels, predict_labels(probs, threshold)), **ranking}
     curve = precision_recall_curve(labels, probs)
     metrics = {
         "best_epoch": best_metrics["epoch"], "best_phase": best_metrics["phase"],
         "select_metric": cfg.select_metric, "select_value": best_metrics.get(cfg.select_metric),
-        "threshold": threshold,
+        "threshold": threshold, "threshold_source": threshold_source,
         "ap_artifact": ranking["ap_artifact"], "roc_auc": ranking["roc_auc"],
         "validation": at_threshold,
         "validation_at_0.5": {**classification_metrics(labels, predict_labels(probs, 0.5)), **ranking},
@@ -271,7 +381,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
                        operating_point=(at_threshold["recall_artifact"], at_threshold["precision_artifact"]))
         metrics["onnx"] = export_onnx_or_log(local, (split or {}).get("val_paths"), (split or {}).get("val_labels"))
         if not dest.is_local:
-            pyarrow.fs.copy_files(local, dest.path, destination_filesystem=dest.fs)
+            upload_bundle(local, dest)
     return metrics
 
 

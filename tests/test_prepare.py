@@ -114,3 +114,53 @@ def test_head_members_default_to_an_ensemble_for_the_trunk_heads_only():
     assert config_from_args(p.parse_args(["--head", "global"])).ensemble_members == 1
     with pytest.raises(ValueError, match="--head-members must be in 1..64, got 0"):
         config_from_args(p.parse_args(["--head-members", "0"])).validate()
+
+
+def test_demo_data_never_deletes_a_folder_it_did_not_generate(tmp_path):
+    """<storage>/demo_data without the generator's markers (here a run folder named demo_data) is
+    refused, nothing deleted; an empty folder is used."""
+    run = tmp_path / "demo_data"
+    (run / "model").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    (run / "model" / "model.pt").write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"demo_data is not demo data this project generated .*nothing was deleted"):
+        demo_data_dir(str(tmp_path), n_train=8, n_test=2)
+    assert sorted(p.name for p in run.iterdir()) == ["model", "run_config.json"]
+    assert (run / "model" / "model.pt").read_bytes() == b"weights"
+    empty = tmp_path / "other"
+    (empty / "demo_data").mkdir(parents=True)
+    demo_data_dir(str(empty), n_train=8, n_test=2)
+    assert len(list((empty / "demo_data" / "train").iterdir())) == 8
+
+
+def test_demo_data_is_generated_again_when_interrupted_or_other_counts_are_asked(tmp_path):
+    DEMO_COMPLETE, DEMO_GENERATING = ".complete", ".generating"  # (trainer's names)
+    root = tmp_path / "demo_data"
+    demo_data_dir(str(tmp_path), n_train=8, n_test=2)
+    assert (root / DEMO_COMPLETE).read_text() == "8 2\n" and not (root / DEMO_GENERATING).exists()
+    demo_data_dir(str(tmp_path), n_train=12, n_test=2)  # --demo-train-images raised
+    assert len(list((root / "train").iterdir())) == 12 and (root / DEMO_COMPLETE).read_text() == "12 2\n"
+    # killed midway: the marker written first says the folder is the generator's own
+    (root / DEMO_COMPLETE).unlink()
+    (root / DEMO_GENERATING).write_text("12 2\n")
+    for f in list((root / "train").iterdir())[:5]:
+        f.unlink()
+    demo_data_dir(str(tmp_path), n_train=12, n_test=2)
+    assert len(list((root / "train").iterdir())) == 12 and (root / DEMO_COMPLETE).exists()
+
+
+def test_training_flags_out_of_range_are_refused_naming_the_flag():
+    import math
+
+    for kw, named in [({"weight_decay": -1.0}, "--weight-decay must be 0 or more and finite, got -1.0"),
+                      ({"weight_decay": math.nan}, "--weight-decay must be 0 or more and finite, got nan"),
+                      ({"lr": math.inf}, "--lr must be above 0 and finite, got inf"),
+                      ({"finetune_lr": math.nan}, "--finetune-lr must be above 0 and finite, got nan"),
+                      ({"cpus_per_worker": math.inf}, "--cpus-per-worker must be above 0 and finite, got inf"),
+                      ({"loader_workers": -1}, "--loader-workers must be 0 or more, got -1"),
+                      ({"seed": -5}, "--seed must be in 0..2**32-1, got -5"),
+                      ({"seed": 2**32}, "--seed must be in 0..2**32-1, got 4294967296")]:
+        with pytest.raises(ValueError) as err:
+            TrainConfig(**kw).validate()
+        assert str(err.value) == named
+    TrainConfig(weight_decay=0.0, seed=2**32 - 1, loader_workers=0).validate()

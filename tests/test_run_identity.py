@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,98 @@ def test_run_names_and_uris_that_would_land_in_another_folder_are_refused(tmp_pa
     with pytest.raises(ValueError, match=r"'#' cannot appear in a URI .* %23"):
         resolve("s3://bucket/preds#2")
     assert resolve("s3://bucket/a%23b?endpoint_override=127.0.0.1:1&scheme=http").path == "bucket/a#b"
+
+
+@pytest.mark.parametrize("left", [[SPLIT_JSON], [SPLIT_JSON, f"{RUN_FILE}.tmp4242"], [f"{SPLIT_PARQUET}.tmp17"]])
+def test_a_first_start_killed_before_its_record_starts_again(tmp_path, monkeypatch, caplog, left):
+    """Killed between the split and the record: a rerun, and --overwrite, clear what it left and start."""
+    data = make_easy_folder(tmp_path / "train", n=16)
+    run = tmp_path / "runs" / "r"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed between split and record")
+
+    monkeypatch.setattr(run_identity, "write_record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_run(cfg(data, tmp_path / "runs"))
+    monkeypatch.undo()
+    for name in os.listdir(run):
+        os.remove(run / name)
+    for name in left:
+        (run / name).write_text("{")  # (a temporary file is half written)
+    for overwrite in (False, True):
+        with caplog.at_level(logging.WARNING, logger="artifact_core.run_identity"):
+            prepare_run(cfg(data, tmp_path / "runs", overwrite=overwrite))
+        assert "first start was interrupted" in caplog.text
+        assert sorted(os.listdir(run)) == [RUN_FILE, SPLIT_JSON]
+        for name in os.listdir(run):
+            os.remove(run / name)
+        for name in left:
+            (run / name).write_text("{")
+        caplog.clear()
+
+
+def test_an_interrupted_start_beside_other_files_is_not_cleared(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / SPLIT_JSON).write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(RunConflictError, match="nothing was deleted|not a run of this project"):
+            prepare_run(cfg(data, tmp_path / "runs", overwrite=overwrite))
+    assert sorted(os.listdir(run)) == sorted([SPLIT_JSON, "notes.txt", "checkpoint_2026-01-01_00-00-00.000000"])
+
+
+def test_auto_image_size_of_a_rerun_ignores_files_added_since(tmp_path):
+    """--image-size auto samples the run's stored split on a rerun: added (larger) files do not
+    change the size, so the rerun resumes instead of being refused as another experiment."""
+    data = tmp_path / "faces"
+    for i in range(20):
+        write_image(data / f"img_{i:03d}_{int(i % 4 != 0)}.png", size=256)
+    first = cfg(data, tmp_path / "runs", image_size="auto", head="global")
+    prepare_run(first)
+    assert first.image_size == 256
+    for i in range(40):
+        write_image(data / f"added_{i:03d}_{int(i % 4 != 0)}.png", size=512)
+    again = cfg(data, tmp_path / "runs", image_size="auto", head="global")
+    prepare_run(again)
+    assert again.image_size == 256
+    fresh = cfg(data, tmp_path / "runs", image_size="auto", head="global", name="new")
+    prepare_run(fresh)
+    assert fresh.image_size == 512  # a new run samples the folder as it is
+
+
+def test_more_head_epochs_after_phase_two_began_are_refused_before_anything_is_recorded(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    prepare_run(cfg(data, tmp_path / "runs", head_epochs=2, finetune_epochs=2))
+    run = tmp_path / "runs" / "r"
+    history = [{"epoch": 1, "phase": "head", "phase_epoch": 1}, {"epoch": 2, "phase": "head", "phase_epoch": 2},
+               {"epoch": 3, "phase": "finetune", "phase_epoch": 1}]
+    (run / "checkpoint_2026-01-01_00-00-03.000000").mkdir()
+    (run / "checkpoint_2026-01-01_00-00-03.000000" / "state.json").write_text(json.dumps(
+        {"phase_index": 1, "phase_epoch": 1, "global_epoch": 3, "history": history}))
+    record = (run / RUN_FILE).read_text()
+    with pytest.raises(ValueError, match=r"--head-epochs 4: run .*r trained 2 head epoch\(s\) and has begun phase 2"):
+        prepare_run(cfg(data, tmp_path / "runs", head_epochs=4, finetune_epochs=2))
+    assert (run / RUN_FILE).read_text() == record
+    prepare_run(cfg(data, tmp_path / "runs", head_epochs=2, finetune_epochs=3))  # phase 2 may grow
+    # A record an older version raised (4 recorded, 2 trained) stays resumable with its own value
+    rec = json.loads((run / RUN_FILE).read_text())
+    rec["config"]["head_epochs"] = 4
+    (run / RUN_FILE).write_text(json.dumps(rec))
+    prepare_run(cfg(data, tmp_path / "runs", head_epochs=4, finetune_epochs=3))
+    with pytest.raises(ValueError, match="--head-epochs 5"):
+        prepare_run(cfg(data, tmp_path / "runs", head_epochs=5, finetune_epochs=3))
+
+
+def test_a_sweep_keeps_the_epochs_it_started_with():
+    from artifact_core.run_identity import differences
+
+    old = {"kind": "sweep", "identity": {}, "config": {"head_epochs": 4, "finetune_epochs": 2}}
+    for change in ({"head_epochs": 6}, {"finetune_epochs": 3}, {"finetune_epochs": 1}):
+        new = {**old, "config": {**old["config"], **change}}
+        assert differences(old, new), change
+    train = {**old, "kind": "train"}
+    assert differences(train, {**train, "config": {"head_epochs": 6, "finetune_epochs": 2}}) == []

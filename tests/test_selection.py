@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from types import SimpleNamespace
 
 import pandas as pd
@@ -127,7 +128,7 @@ def test_sweep_winner_is_never_errored_one_class_or_diverged():
     assert table.set_index("trial_id").loc["skilled", "best_val_ap_artifact"] == 0.6
     assert table.set_index("trial_id").loc["all_clean", "best_select_score"] == pytest.approx(0.9 - 2.0)
     assert best_trial_id(table, "val_micro_f1") == "skilled"
-    with pytest.raises(RuntimeError, match="every trial failed, diverged"):
+    with pytest.raises(ValueError, match="every trial failed, diverged"):
         best_trial_id(table[table["trial_id"].isin(["errored", "diverged"])], "val_micro_f1")
 
 
@@ -185,3 +186,133 @@ def test_oversampling_sampler_shares_and_ranks():
     assert loss_weights(TrainConfig(), [5.0, 0.55]) == [5.0, 0.55]
     with pytest.raises(ValueError, match="--oversample"):
         TrainConfig(oversample=1.0).validate()
+
+
+def _loop_reports(rows: list[dict], metric: str) -> list[dict]:
+    """Reports as the loop makes them: select_score, then keep_score against the history so far."""
+    from artifact_core.metrics import KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, keep_score, selection_score
+
+    history: list[dict] = []
+    for row in rows:
+        report = {**row, SELECT_SCORE: selection_score(row, metric), SELECT_SCORE_METRIC: metric}
+        report[KEEP_SCORE] = keep_score(report, metric, history)
+        history.append(report)
+    return history
+
+
+def test_rays_checkpoint_keeper_keeps_what_selection_would_choose(tmp_path):
+    """Tied select scores: Ray breaks them by age, selection by AP, micro F1, epoch; keep_score
+    carries selection's order to Ray, so the checkpoint selection wants is never deleted."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    from artifact_core.metrics import KEEP_SCORE, best_report, selection_key
+
+    metric = "val_ap_artifact"
+    # (epoch, AP, micro F1): AP 1.0 five times, as on a small validation set; epoch 6 diverged
+    rows = [dict(epoch=e, val_ap_artifact=ap, val_micro_f1=f1, diverged=e == 6)
+            for e, ap, f1 in ((1, 1.0, 0.97), (2, 1.0, 0.90), (3, 1.0, 0.91), (4, 0.8, 0.99), (5, 1.0, 0.97),
+                              (6, 1.0, 0.99), (7, 0.9, 0.95), (8, 1.0, 0.96))]
+    reports = _loop_reports(rows, metric)
+    assert math.isnan(reports[5][KEEP_SCORE])  # diverged: kept last
+    finite = [r for r in reports if not math.isnan(r[KEEP_SCORE])]
+    assert sorted(finite, key=lambda r: r[KEEP_SCORE]) == sorted(finite, key=lambda r: selection_key(r, metric))
+    assert reports[0][KEEP_SCORE] == 1.0  # the select score itself where it is free
+
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=KEEP_SCORE,
+                                                  checkpoint_score_order="max"))
+    for r in reports:
+        d = tmp_path / f"ckpt{r['epoch']}"
+        d.mkdir()
+        (d / "x").write_text("x")
+        manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint.from_directory(str(d)), metrics=r))
+    kept = [c.metrics for c in manager.best_checkpoint_results]
+    best = reports[best_report(reports, metric)]
+    assert best["epoch"] == 5 and kept[best_report(kept, metric)]["epoch"] == 5
+    assert sorted(m["epoch"] for m in kept) == [1, 5]  # the two best by selection
+
+
+def test_keep_score_finds_room_between_close_reports():
+    from artifact_core.metrics import KEEP_SCORE, keep_score
+
+    metric = "val_micro_f1"
+    lower = {"epoch": 1, "val_micro_f1": 0.5, "val_ap_artifact": 0.1, "select_metric": metric, KEEP_SCORE: 0.5}
+    upper = {**lower, "epoch": 2, "val_ap_artifact": 0.3, KEEP_SCORE: math.nextafter(0.5, 1)}
+    between = {"epoch": 3, "val_micro_f1": 0.5, "val_ap_artifact": 0.2}
+    # no float between two adjacent ones: a tie with the lower report, which Ray breaks for the newer one
+    assert keep_score(between, metric, [lower, upper]) == 0.5
+    upper[KEEP_SCORE] = 0.75
+    assert 0.5 < keep_score(between, metric, [lower, upper]) < 0.75
+    assert keep_score({"epoch": 4, "val_micro_f1": 0.6}, metric, [lower, upper]) > 0.75
+    # reports without a keep_score for this metric (an older run) are not compared
+    assert keep_score(between, metric, [{**upper, "select_metric": "val_ap_artifact"}]) == 0.5
+
+
+def test_checkpoints_keep_by_keep_score_and_resumed_runs_by_what_they_reported(tmp_path):
+    from artifact_core.storage import resolve
+    from artifact_core.trainer import checkpoint_score_attribute
+
+    run = tmp_path / "run"
+    metric = "val_ap_artifact"
+    assert checkpoint_score_attribute(resolve(str(run)), metric) == "keep_score"  # a new run
+
+    def checkpoint(name: str, history: list[dict]) -> None:
+        (run / name).mkdir(parents=True)
+        (run / name / "state.json").write_text(json.dumps({"history": history}))
+
+    checkpoint("checkpoint_2026-01-01_00-00-01.000000", [{"epoch": 1}])
+    assert checkpoint_score_attribute(resolve(str(run)), metric) == metric  # reported neither score
+    checkpoint("checkpoint_2026-01-01_00-00-02.000000",
+               [{"epoch": 1, "select_score": 0.5, "select_metric": metric}])
+    assert checkpoint_score_attribute(resolve(str(run)), metric) == "select_score"  # before keep_score
+    checkpoint("checkpoint_2026-01-01_00-00-03.000000",
+               [{"epoch": 1, "select_score": 0.5, "keep_score": 0.5, "select_metric": metric}])
+    assert checkpoint_score_attribute(resolve(str(run)), metric) == "keep_score"
+    assert checkpoint_score_attribute(resolve(str(run)), "val_micro_f1") == "val_micro_f1"
+
+
+def test_a_half_written_newest_checkpoint_is_skipped(tmp_path):
+    """A job killed while Ray wrote a checkpoint leaves a folder without state.json: the newest
+    complete checkpoint tells how the run's reports were scored."""
+    from artifact_core.storage import resolve
+    from artifact_core.trainer import _reports_scored_for
+
+    run = tmp_path / "run"
+    done = run / "checkpoint_2025-01-01_10-00-00.000000"
+    done.mkdir(parents=True)
+    (done / "state.json").write_text(json.dumps({"history": [{"epoch": 1, "select_score": 0.5,
+                                                              "select_metric": "val_micro_f1"}]}))
+    for name, files in (("checkpoint_2025-01-01_10-05-00.000000", {"model.pt": b"\0" * 10}),
+                        ("checkpoint_2025-01-01_10-06-00.000000", {"state.json": b'{"history": [{"ep'})):
+        (run / name).mkdir()
+        for f, data in files.items():
+            (run / name / f).write_bytes(data)
+    assert _reports_scored_for(resolve(str(run)), "val_micro_f1")
+    from artifact_core.trainer import latest_checkpoint_state
+    assert latest_checkpoint_state(resolve(str(run)))["history"][0]["epoch"] == 1
+
+
+def test_a_run_whose_every_kept_epoch_diverged_is_a_user_error(tmp_path):
+    from artifact_core.jobs_common import _user_error
+    from artifact_core.trainer import _best_checkpoint
+
+    result = SimpleNamespace(path=str(tmp_path), best_checkpoints=[
+        (object(), {"epoch": 1, "val_ap_artifact": math.nan, "diverged": True}),
+        (object(), {"epoch": 2, "val_ap_artifact": 0.9, "diverged": True})])
+    with pytest.raises(ValueError, match="has no epoch to keep: every kept checkpoint diverged.*lower --lr") as err:
+        _best_checkpoint(result, "val_ap_artifact")
+    assert _user_error(err.value) is err.value  # printed as one line, no traceback
+
+
+def test_checkpoints_that_cannot_be_read_keep_the_cautious_key(tmp_path):
+    """A run with checkpoints but no readable state is not a new run: its older reports may lack
+    the keys, so Ray keeps checkpoints by the plain metric (it would score them -inf otherwise)."""
+    from artifact_core.storage import resolve
+    from artifact_core.trainer import checkpoint_score_attribute
+
+    run = tmp_path / "run"
+    (run / "checkpoint_2026-01-01_00-00-01.000000").mkdir(parents=True)
+    (run / "checkpoint_2026-01-01_00-00-01.000000" / "state.json").write_text("{not json")
+    assert checkpoint_score_attribute(resolve(str(run)), "val_ap_artifact") == "val_ap_artifact"
+    assert checkpoint_score_attribute(resolve(str(tmp_path / "new")), "val_ap_artifact") == "keep_score"

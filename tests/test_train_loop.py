@@ -439,3 +439,46 @@ def test_phase1_caches_the_plain_images_and_their_mirrors_or_augmented_draws(tmp
         ok.validate()
     with pytest.raises(ValueError, match="--head-cache-mb"):
         TrainConfig(head_cache_mb=-1).validate()
+
+
+@pytest.mark.parametrize("saved_enabled", [False, True])
+def test_resume_onto_a_scaling_gpu_loads_only_a_scaler_state_that_exists(monkeypatch, saved_enabled):
+    """A checkpoint of a run on CPU or bf16 saved a disabled scaler ({}): resumed where fp16
+    scales, the phase starts its scaler afresh instead of failing to load the empty state."""
+    from contextlib import nullcontext
+
+    model = _tiny_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved_scaler = torch.amp.GradScaler("cpu", init_scale=512.0, enabled=saved_enabled)
+    saved = {"optimizer": torch.optim.AdamW(params, lr=1e-3).state_dict(), "scaler": saved_scaler.state_dict()}
+    scalers = []
+
+    def enabled_amp(device):
+        scalers.append(torch.amp.GradScaler("cpu", enabled=True))  # as fp16 on a pre-Ampere GPU
+        return nullcontext, scalers[-1]
+
+    monkeypatch.setattr(train_loop, "_amp", enabled_amp)
+    monkeypatch.setattr(train_loop, "set_trainable", lambda model, unfreeze_depth: 0)
+    monkeypatch.setattr(train_loop, "_head_caches", lambda *a, **k: ("train views", "validation"))
+    monkeypatch.setattr(train_loop, "_collect_unreadable", lambda *a, **k: 0)
+    state = train_loop.LoopState(phase_epoch=2)  # the phase is done: no epoch runs, nothing is reported
+    out = train_loop.run_phase(train_loop.PhaseSpec("head", 2, 1e-3, 0), model=model, state=state,
+                               optimizer_state=saved, cfg=TrainConfig(), loop_config={}, loaders=(None, None),
+                               weights=torch.ones(2), device=torch.device("cpu"),
+                               context={"rank": 0, "world": 1, "workers_on_node": 1, "node_ids": []})
+    assert out is model
+    assert scalers[0].get_scale() == (512.0 if saved_enabled else 65536.0)
+
+
+def test_more_head_epochs_once_phase_two_began_are_refused():
+    head = [{"epoch": i, "phase": "head", "phase_epoch": i} for i in (1, 2)]
+    state = train_loop.LoopState(phase_index=1, phase_epoch=1, global_epoch=3,
+                                 history=[*head, {"epoch": 3, "phase": "finetune", "phase_epoch": 1}])
+    with pytest.raises(ValueError, match=r"--head-epochs 5: run x trained 2 head epoch\(s\) and has begun phase 2 .*"
+                                         r"rerun with --head-epochs 2"):
+        train_loop.check_phase_one_growth(state, 5, run="run x")
+    train_loop.check_phase_one_growth(state, 2)  # as before: resumes
+    train_loop.check_phase_one_growth(dataclasses.replace(state, phase_index=0, history=head), 5)  # extends phase 1
+    # patience ended phase 1: more epochs would not have run either
+    stopped = [head[0], {**head[1], "early_stopped": True}, state.history[-1]]
+    train_loop.check_phase_one_growth(dataclasses.replace(state, history=stopped), 5)
