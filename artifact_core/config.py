@@ -186,21 +186,24 @@ class TrainConfig:
         name_problem = None if self.name is None else run_name_problem(self.name, in_uri="://" in self.storage_path)
         checks = [
             ("--num-workers", self.num_workers >= 1, "at least 1"),
-            ("--cpus-per-worker", self.cpus_per_worker > 0, "above 0"),
+            ("--cpus-per-worker", self.cpus_per_worker > 0 and math.isfinite(self.cpus_per_worker), "above 0 and finite"),
             ("--batch-size", self.batch_size >= 1, "at least 1"),
             ("--image-size", self.image_size == "auto" or (isinstance(self.image_size, int) and self.image_size >= 32),
              "'auto' or at least 32"),
             ("--head-epochs", self.head_epochs >= 0, "0 or more"),
             ("--finetune-epochs", self.finetune_epochs >= 0, "0 or more"),
             ("--head-epochs/--finetune-epochs", self.head_epochs + self.finetune_epochs >= 1, "at least 1 epoch in total"),
-            ("--lr", self.lr > 0, "above 0"),
-            ("--finetune-lr", self.finetune_lr > 0, "above 0"),
+            ("--lr", self.lr > 0 and math.isfinite(self.lr), "above 0 and finite"),
+            ("--finetune-lr", self.finetune_lr > 0 and math.isfinite(self.finetune_lr), "above 0 and finite"),
+            ("--weight-decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "0 or more and finite"),
             ("--finetune-schedule", self.finetune_schedule in FINETUNE_SCHEDULES, f"one of {', '.join(FINETUNE_SCHEDULES)}"),
             ("--finetune-bn", self.finetune_bn in FINETUNE_BN, f"one of {', '.join(FINETUNE_BN)}"),
             ("--head", self.head in HEADS, f"one of {', '.join(HEADS)}"),
             ("--unfreeze-depth", 0 <= self.unfreeze_depth <= feature_blocks(self.head),
              f"in 0..{feature_blocks(self.head)} for the {self.head} head"),
             ("--val-fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
+            ("--seed", 0 <= self.seed < 2**32, "in 0..2**32-1"),
+            ("--loader-workers", self.loader_workers >= 0, "0 or more"),
             ("--max-failures", self.max_failures >= -1, "-1 (unlimited) or more"),
             ("--patience", self.patience >= 0, "0 (off) or more"),
             ("--head-cache-views", self.head_cache_views >= 0, "0 (off) or more"),
@@ -409,12 +412,17 @@ class SweepConfig:
         self.base.validate()
         if self.num_samples < 1:
             raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
-        if not 0 < self.lr_min <= self.lr_max:
-            raise ValueError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}")
+        if not (0 < self.lr_min <= self.lr_max and math.isfinite(self.lr_max)):
+            raise ValueError(f"need 0 < --lr-min <= --lr-max, both finite, got {self.lr_min} and {self.lr_max}")
         if self.lrs is not None and (not self.lrs or not all(math.isfinite(x) and x > 0 for x in self.lrs)):
             raise ValueError(f"--lrs must be learning rates above 0, got {self.lrs}")
-        if not 0 < self.finetune_lr_ratio_min <= self.finetune_lr_ratio_max:
-            raise ValueError("need 0 < --finetune-lr-ratio-min <= --finetune-lr-ratio-max")
+        if not (0 < self.finetune_lr_ratio_min <= self.finetune_lr_ratio_max
+                and math.isfinite(self.finetune_lr_ratio_max)):
+            raise ValueError(f"need 0 < --finetune-lr-ratio-min <= --finetune-lr-ratio-max, both finite, got "
+                             f"{self.finetune_lr_ratio_min} and {self.finetune_lr_ratio_max}")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ValueError(f"--max-concurrent-trials must be at least 1 (omit it for as many as fit), "
+                             f"got {self.max_concurrent_trials}")
         blocks = feature_blocks(self.base.head)
         if not self.unfreeze_depths or any(not 0 <= d <= blocks for d in self.unfreeze_depths):
             raise ValueError(f"--unfreeze-depths must be values in 0..{blocks} for the {self.base.head} head, "
@@ -497,6 +505,8 @@ class ScoreConfig:
             return x is not None and math.isfinite(x)
 
         checks = [
+            *((flag, isinstance(path, str) and path.strip() != "", "a folder path or URI", path)
+              for flag, path in (("--model", self.model), ("--input", self.input), ("--output", self.output))),
             ("--batch-size", self.batch_size >= 1, "at least 1", self.batch_size),
             ("--num-actors", self.num_actors is None or self.num_actors >= 1, "at least 1", self.num_actors),
             ("--cpus-per-actor", finite(self.cpus_per_actor) and self.cpus_per_actor > 0, "above 0",

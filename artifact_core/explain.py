@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from artifact_core.bundle import Bundle, load_bundle
 from artifact_core.data import LABEL_NAMES, list_images
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError, ImageSource, decode_image
+from artifact_core.storage import display_path
 from artifact_core.transforms import normalize
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,9 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
             except ImageDecodeError as exc:
                 rows.append({"file": path, "heatmap": "", "prob_artifact_free": None, "predicted_class": -1,
                              "confidence": None, "error": exc.reason})
+            except OSError as exc:  # (a file that vanished or cannot be read: its row, not the run's end)
+                rows.append({"file": path, "heatmap": "", "prob_artifact_free": None, "predicted_class": -1,
+                             "confidence": None, "error": f"cannot read: {exc.strerror or exc}"})
         if not decoded:
             continue
         probs, maps = explainer.explain_uint8(torch.stack([x for _, _, x, _ in decoded]))
@@ -233,6 +238,8 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
                          "error": ""})
     order = {p: i for i, p in enumerate(paths)}
     rows.sort(key=lambda r: order[r["file"]])
+    for r in rows:  # a name with bytes that are not UTF-8 is written as \xNN, as scoring writes it
+        r["file"] = display_path(r["file"])
     fields = ["file", "heatmap", "predicted_class", "confidence", "prob_artifact_free", "error"]
     with open(os.path.join(out_dir, "explain.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -244,20 +251,33 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
     return rows
 
 
+#: bytes of an output stem at most: with ".heatmap.png" it stays under the usual 255-byte limit
+_MAX_STEM_BYTES = 200
+
+
 def _output_names(paths: Sequence[str]) -> list[str]:
-    """File stems for the outputs; a repeated name (same file name in two folders) gets a suffix."""
-    seen: dict[str, int] = {}
+    """File stems for the outputs, distinct (also ignoring case, for case-insensitive disks):
+    a repeated name (same file name in two folders) gets a suffix, an over-long one is cut and
+    keeps a hash of its path, undecodable bytes are spelled out as ``\\xNN``."""
+    taken: set[str] = set()
     names = []
     for p in paths:
-        base = os.path.basename(p)
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        names.append(base if n == 0 else f"{base}.{n}")
+        base = display_path(os.path.basename(p))
+        if len(base.encode("utf-8")) > _MAX_STEM_BYTES:
+            digest = hashlib.sha1(os.fsencode(p)).hexdigest()[:12]
+            base = base.encode("utf-8")[:_MAX_STEM_BYTES - 13].decode("utf-8", "ignore") + "." + digest
+        name, n = base, 0
+        while name.casefold() in taken:
+            n += 1
+            name = f"{base}.{n}"
+        taken.add(name.casefold())
+        names.append(name)
     return names
 
 
-def expand_inputs(items: Sequence[str]) -> list[str]:
-    """Files as given, folders expanded recursively to their image files.
+def expand_inputs(items: Sequence[str], *, exclude: Sequence[str] = ()) -> list[str]:
+    """Files as given, folders expanded recursively to their image files (not entering the
+    ``exclude`` folders: the CLI's own ``--out``, whose heatmaps are no input).
 
     Raises:
         FileNotFoundError: an item does not exist.
@@ -267,7 +287,7 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     for item in items:
         item = os.path.abspath(os.path.expanduser(item))
         if os.path.isdir(item):
-            paths.extend(list_images(item))
+            paths.extend(list_images(item, exclude=exclude))
         elif os.path.isfile(item):
             paths.append(item)
         else:
@@ -294,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def _run(a: argparse.Namespace) -> None:
-        rows = explain_paths(a.bundle, expand_inputs(a.inputs), a.out, batch_size=a.batch_size)
+        rows = explain_paths(a.bundle, expand_inputs(a.inputs, exclude=[a.out]), a.out, batch_size=a.batch_size)
         for r in rows:
             if r["error"]:
                 print(f"{r['file']}: error: {r['error']}")

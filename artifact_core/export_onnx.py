@@ -17,6 +17,7 @@ bypasses an ONNX file that does not match the bundle's ``model.pt``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,8 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from artifact_core.bundle import (CALIBRATION_FILE, ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY, load_bundle,
-                                  update_metrics, weights_sha256, write_json_atomic)
+from artifact_core.bundle import (CALIBRATION_FILE, METRICS_FILE, ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY,
+                                  OPTIONAL_FILES, load_bundle, update_metrics, weights_sha256, write_json_atomic)
 from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError
@@ -243,6 +244,14 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
     if int8:
         info["int8"] = _int8_step(bundle_dir, fp32_path, x, fp32_probs, paths, labels, cfg.threshold,
                                   max_calibration_images, source)
+    elif os.path.exists(os.path.join(bundle_dir, ONNX_INT8_FILE)):
+        # An fp32-only re-export leaves the int8 model as it is: keep its figures with it.
+        # (Scoring checks the model.pt each ONNX file records, so a stale one is never run.)
+        metrics_path = os.path.join(bundle_dir, METRICS_FILE)
+        with open(metrics_path) if os.path.isfile(metrics_path) else contextlib.nullcontext(None) as f:
+            earlier = (json.load(f).get("onnx") or {}).get("int8") if f is not None else None
+        if earlier:
+            info["int8"] = earlier
     update_metrics(bundle_dir, "onnx", info)
     return info
 
@@ -284,7 +293,7 @@ def export_onnx_or_log(bundle_dir: str, calibration_paths: Sequence[str] | None 
     logged and recorded (``{"error": ...}``), never raised, so the PyTorch bundle is still
     produced. int8 is skipped without calibration images.
     """
-    for stale in (ONNX_FILE, ONNX_INT8_FILE, CALIBRATION_FILE):
+    for stale in OPTIONAL_FILES:  # (upload_bundle deletes them from a remote destination likewise)
         if os.path.exists(os.path.join(bundle_dir, stale)):
             os.remove(os.path.join(bundle_dir, stale))
     try:
@@ -317,7 +326,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """Export; prints the figures written to metrics.json. Returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from artifact_core.jobs_common import run_job
+
+    status = []
+    code = run_job(lambda a: status.append(_export(a)), args, log)
+    return code or (status[0] if status else 0)
+
+
+def _export(args: argparse.Namespace) -> int:
+    if "://" in args.bundle:
+        raise ValueError(f"{args.bundle!r}: export a local copy of the bundle, then upload the .onnx files "
+                         f"(and metrics.json) beside its model.pt")
+    if not os.path.isdir(args.bundle):
+        raise FileNotFoundError(f"model bundle {args.bundle!r} does not exist (expected a folder with model.pt)")
+    if args.max_calibration_images < 1:
+        raise ValueError(f"--max-calibration-images must be at least 1, got {args.max_calibration_images}")
     paths = labels = None
     if args.calibration_dir:
         paths = list_images(args.calibration_dir)

@@ -8,13 +8,14 @@ import sys
 from typing import Callable
 
 # Torch-free imports only: the scoring job's driver never needs torch (ONNX engine).
+from artifact_core.data import FolderListingError
 from artifact_core.errors import WeightsUnavailableError
 from artifact_core.images import ImageDecodeError
 from artifact_core.raycluster import ClusterTooSmallError
 
 # Errors that are the user's input, not a bug: one clear line, no stack dump.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError,
-               WeightsUnavailableError, ClusterTooSmallError, ImageDecodeError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError,
+               WeightsUnavailableError, ClusterTooSmallError, ImageDecodeError, FolderListingError)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

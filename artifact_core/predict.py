@@ -158,9 +158,10 @@ def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32
             raise ValueError("--engine onnx runs on CPU; drop --use-gpu or use --engine torch (or auto)")
         if not onnx_file.exists():
             raise FileNotFoundError(
-                f"model bundle {bundle_dir!r} has no {posixpath.basename(onnx_file.path)}; make it with "
-                f"'python -m artifact_core.export_onnx {bundle_dir}"
-                f"{' --int8 --calibration-dir DIR' if precision == 'int8' else ''}' or use --engine torch")
+                f"model bundle {bundle_dir!r} has no {posixpath.basename(onnx_file.path)}; "
+                f"{_reexport_hint(bundle_dir, precision).replace('re-export it', 'make it')}"
+                f"{' --calibration-dir DIR' if precision == 'int8' else ''} or use "
+                f"{'--precision fp32' if precision == 'int8' else '--engine torch'}")
         stale = _stale_reason(bundle_dir, onnx_file, _recorded_source_of(onnx_file))
         if stale and asked == "auto" and precision == "fp32":
             _log_once(logging.WARNING, f"{stale}: running model.pt in PyTorch instead; "
@@ -351,6 +352,13 @@ class ArtifactPredictor:
         prob = np.full(len(errors), np.nan)
         if ok.any():
             prob[ok] = self.engine.predict(np.ascontiguousarray(batch["image"][ok]))
+            # NaN >= threshold is False: without this a broken model would call the image an
+            # artifact with a NaN confidence; it is an error row instead.
+            broken = ok & ~np.isfinite(prob)
+            if broken.any():
+                errors = errors.copy()
+                errors[broken] = "the model returned a non-finite probability"
+                ok &= ~broken
         pred = np.where(ok, (prob >= self.threshold).astype(np.int64), -1)
         confidence = np.where(pred == 1, prob, 1.0 - prob)
         return {"filename": batch["filename"], "path": batch["path"], "predicted_class": pred,

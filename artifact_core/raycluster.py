@@ -43,6 +43,12 @@ class NodeGroup:
     name: str
     resources: dict[str, float]
     max_count: int
+    min_count: int = 0
+
+    @property
+    def grows(self) -> bool:
+        """Whether the autoscaler may add nodes of this type beyond its minimum."""
+        return self.max_count == -1 or self.max_count > self.min_count
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ def detect_autoscaler() -> Autoscaler | None:
     """
     groups = _published_groups()
     if groups is not None:
-        growable = [g for g in groups if g.max_count != 0]
+        growable = [g for g in groups if g.grows]
         return Autoscaler("cluster config", tuple(groups)) if growable else None
     if _autoscaler_v2_enabled():
         return Autoscaler("autoscaler v2")
@@ -108,9 +114,9 @@ def _published_groups() -> list[NodeGroup] | None:
         return None
     groups = []
     for g in config.node_group_configs:
-        # only groups that can add nodes beyond their minimum grow the cluster
-        grows = g.max_count == -1 or g.max_count > g.min_count
-        groups.append(NodeGroup(g.name, dict(g.resources), g.max_count if grows else 0))
+        # A fixed-size group (min == max) does not grow the cluster, but its nodes are part of
+        # it: one still starting can hold the work (infeasible, max_resources).
+        groups.append(NodeGroup(g.name, dict(g.resources), g.max_count, g.min_count))
     return groups
 
 
@@ -135,7 +141,14 @@ def _v1_monitor_has_node_types() -> bool:
         return False
     if not raw:
         return False
-    report = json.loads(raw).get("autoscaler_report") or {}
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        log.debug("unreadable autoscaler status", exc_info=True)
+        return False
+    report = (status.get("autoscaler_report") if isinstance(status, dict) else None) or {}
+    if not isinstance(report, dict):
+        return False
     types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
     types |= set((report.get("node_type_mapping") or {}).values())
     return any(not _READONLY_NODE_TYPE.fullmatch(t) for t in types)
@@ -145,6 +158,12 @@ def _v1_monitor_has_node_types() -> bool:
 RESOURCE_UNITS = 10_000
 
 
+def units(x: float) -> int:
+    """``x`` CPUs or GPUs in Ray's own unit (1/10000): 20 workers of 0.1 CPU fill 2 CPUs
+    exactly, where subtracting floats would leave 0.0999... for the last one."""
+    return round(x * RESOURCE_UNITS)
+
+
 def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, reserved_cpus: float,
                nodes: list[dict[str, float]], memory_per_worker: float = 0.0) -> tuple[int, str | None]:
     """How many workers fit on ``nodes`` (total resources per node) and what is missing, if anything.
@@ -152,11 +171,6 @@ def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
     Packs workers node by node the way a placement group can, so "8 CPUs in total"
     does not pass for eight 1-CPU nodes asked to host two 4-CPU workers.
     """
-    # In Ray's own unit (1/10000 of a CPU or GPU): 20 workers of 0.1 CPU fill 2 CPUs exactly,
-    # where subtracting floats would leave 0.0999... for the last one.
-    def units(x: float) -> int:
-        return round(x * RESOURCE_UNITS)
-
     # Memory in bytes; a node that reports none (not a Ray node's view) does not limit it.
     free = [[units(n.get("CPU", 0.0)), units(n.get("GPU", 0.0)), n.get("memory", math.inf)] for n in nodes]
     total_cpu = sum(r[0] for r in free) / RESOURCE_UNITS
@@ -173,7 +187,8 @@ def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
             res[1] -= gpu
             res[2] -= memory_per_worker
             placed += 1
-    if placed < num_workers or sum(r[0] for r in free) < units(reserved_cpus):
+    # The reserved CPUs are one bundle (scoring's decode tasks): they must fit on one node.
+    if placed < num_workers or max((r[0] for r in free), default=0) < units(reserved_cpus):
         return placed, have
     return placed, None
 
@@ -186,6 +201,15 @@ def _request(bundles: list[dict[str, float]]) -> None:
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=bundles)
+
+
+def clear_resource_request() -> None:
+    """Withdraw this cluster's standing autoscaler request (best effort, never raises)."""
+    try:
+        if detect_autoscaler() is not None:
+            _request([])
+    except Exception:  # noqa: BLE001 - never hide the job's own outcome
+        log.warning("could not clear the resource request", exc_info=True)
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from artifact_core.images import ImageDecodeError, decode_image
-from artifact_core.storage import FileReadError, Location, read_file_bytes, resolve
+from artifact_core.storage import FileReadError, Location, read_file_bytes, resolve, undisplay_path
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,10 @@ class HeatmapActor:
         errors = np.full(n, "", dtype=object)
         prob = np.full(n, np.nan)
         decoded: list[tuple[int, Any, Image.Image]] = []
-        for i, path in enumerate(batch["path"]):
+        for i, raw in enumerate(batch["path"]):
+            path = _as_path(raw)
             try:
-                data = read_file_bytes(str(path), self.fs)
+                data = read_file_bytes(path, self.fs)
                 # The model input is decoded exactly as scoring decodes it; the thumbnail
                 # separately, reduced in the decoder, never at full size.
                 decoded.append((i, self.explainer.pixels(data, name=str(path)),
@@ -155,6 +157,19 @@ def _filesystem(input_uri: str | None) -> pafs.FileSystem | None:
     return None if loc is None or loc.is_local else loc.fs
 
 
+def _as_path(value: Any) -> str:
+    """A path as it travels through Ray Data (bytes) or a local batch (str), as a str."""
+    return os.fsdecode(bytes(value)) if isinstance(value, (bytes, bytearray, np.bytes_)) else str(value)
+
+
+def _source_path(shown: str, fs: pafs.FileSystem | None) -> str:
+    """The file a CSV ``path`` names: as written, or (local files) with its ``\\xNN`` bytes restored."""
+    if fs is not None or os.path.lexists(shown):
+        return shown
+    raw = undisplay_path(shown)
+    return raw if raw != shown and os.path.lexists(raw) else shown
+
+
 def _missing(paths: Sequence[str], fs: pafs.FileSystem | None) -> set[str]:
     """The paths that are not (or no longer) files."""
     if fs is None:
@@ -168,7 +183,8 @@ def _heatmaps_ray(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | None,
 
     # From the path list, not read_binary_files: the actor reads each file and turns a failure
     # into that image's error, and names Ray's path handling would trip on (newlines) pass.
-    blocks = [pa.table({"path": pa.array(paths[i:i + batch_size], pa.string())})
+    # As bytes: a name that is not UTF-8 (surrogate-escaped) is no Arrow string.
+    blocks = [pa.table({"path": pa.array([os.fsencode(p) for p in paths[i:i + batch_size]], pa.binary())})
               for i in range(0, len(paths), batch_size)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
@@ -189,7 +205,7 @@ def _heatmaps_local(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | Non
 
 
 def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle_dir: str | None = None,
-                 use_ray: bool = True, num_actors: int = 1, cpus_per_actor: float = 1.0, use_gpu: bool = False,
+                 input_uri: str | None = None, use_ray: bool = True, num_actors: int = 1, cpus_per_actor: float = 1.0, use_gpu: bool = False,
                  thumb_size: int = 192, batch_size: int = 16) -> dict[str, Any]:
     """Write ``<output_dir>/report/`` from a finished scoring output.
 
@@ -198,6 +214,8 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
         top: at most this many flagged images, the most confident first.
         uncertain: this many more images, those closest to the threshold.
         bundle_dir: the model (default: the one named in ``summary.json``).
+        input_uri: the scored input (default: the one named in ``summary.json``, which has
+            credentials in a URI blanked out).
         use_ray: compute heatmaps in Ray Data actors (False: in this process, for small sets).
         num_actors, cpus_per_actor, use_gpu: the actor pool.
         thumb_size: long side of thumbnails and overlays in pixels.
@@ -212,18 +230,23 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
     table = _read_predictions(output_dir)
     flagged, unsure, n_flagged = select_rows(table, threshold=threshold, top=top, uncertain=uncertain)
     selected = flagged + unsure
-    paths = [r["path"] for r in selected]
-    fs = _filesystem(summary.get("input"))
+    fs = _filesystem(input_uri or summary.get("input"))
+    # The CSV shows a name with bytes that are not UTF-8 as \xNN: read the file by its real name.
+    shown_of = {_source_path(r["path"], fs): r["path"] for r in selected}
+    paths = list(shown_of)
 
     final = os.path.join(output_dir, REPORT_DIR)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, IMG_DIR))
     index = {p: i for i, p in enumerate(paths)}
+    # Image files are new names on every run: a page left open (or cached) that loads its
+    # thumbnails lazily gets a 404 from a newer report, never another image beside its name.
+    token = uuid.uuid4().hex[:8]
     # A file removed since scoring would make the whole read fail: it gets a card with the reason.
-    results: dict[str, dict[str, Any]] = {p: {"error": "file no longer exists", "prob": float("nan")}
+    results: dict[str, dict[str, Any]] = {shown_of[p]: {"error": "file no longer exists", "prob": float("nan")}
                                           for p in _missing(paths, fs)}
-    paths = [p for p in paths if p not in results]
+    paths = [p for p in paths if shown_of[p] not in results]
     if paths:
         log.info("report: heatmaps for %d image(s) (%d flagged of %d, %d uncertain)", len(paths), len(flagged),
                  n_flagged, len(unsure))
@@ -233,17 +256,18 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
         for batch in batches:
             for path, thumb, cam, prob, err in zip(batch["path"], batch["thumb"], batch["overlay"],
                                                    batch["prob_artifact_free"], batch["error"]):
-                i = index[str(path)]
+                path = _as_path(path)
+                i = index[path]
                 entry: dict[str, Any] = {"error": str(err), "prob": float(prob)}
                 if not err:
                     # Files are named by position, never by the image's name: nothing from a
                     # file name ends up in a URL.
-                    entry["thumb"] = f"{IMG_DIR}/{i:06d}.jpg"
-                    entry["overlay"] = f"{IMG_DIR}/{i:06d}_cam.jpg"
+                    entry["thumb"] = f"{IMG_DIR}/{token}_{i:06d}.jpg"
+                    entry["overlay"] = f"{IMG_DIR}/{token}_{i:06d}_cam.jpg"
                     for rel, data in ((entry["thumb"], thumb), (entry["overlay"], cam)):
                         with open(os.path.join(tmp, rel), "wb") as f:
                             f.write(bytes(data))
-                results[str(path)] = entry
+                results[shown_of[path]] = entry
 
     def card(r: dict) -> dict[str, Any]:
         res = results.get(r["path"], {"error": "no heatmap returned for this file"})
@@ -317,8 +341,8 @@ def _write_report_anywhere(cfg: Any) -> dict[str, Any]:
     removed first and the new ``index.html`` uploaded last, so a page that exists has all its files.
     """
     output = resolve(cfg.output)
-    kwargs = {"top": cfg.report_top, "uncertain": cfg.report_uncertain,
-              "cpus_per_actor": min(1.0, cfg.cpus_per_actor), "use_gpu": cfg.use_gpu}
+    kwargs = {"top": cfg.report_top, "uncertain": cfg.report_uncertain, "bundle_dir": cfg.model,
+              "input_uri": cfg.input, "cpus_per_actor": min(1.0, cfg.cpus_per_actor), "use_gpu": cfg.use_gpu}
     if output.is_local:
         return write_report(output.path, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:

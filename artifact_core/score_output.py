@@ -5,6 +5,12 @@ it, when, from which input and model, and which entries of the folder it owns.
 ``--overwrite`` deletes only those entries; a non-empty folder without the manifest is
 never written to. ``--resume`` is refused when the model (its weights, precision, int8 file
 or config), threshold, image size or input differ, so one output never mixes two models.
+
+Each claim draws a run id. The manifest names the run that holds the folder now and every
+run whose rows it keeps (the first and its resumes); scoring names its Parquet parts after
+its run id. A second job that claims the same folder while the first runs is found out
+before either publishes: the first sees another run id in the manifest, the second sees
+parts no run of its own wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +35,18 @@ MANIFEST_VERSION = 1
 
 class OutputConflictError(ValueError):
     """The output folder cannot be used as asked; the message says why and what to do."""
+
+
+#: a temporary file :meth:`Location.write_bytes` leaves behind when killed mid-write
+_TEMP_NAME = re.compile(r".+\.tmp\d+\Z", re.S)
+
+
+def is_temp_leftover(name: str, owned: list[str]) -> bool:
+    """Whether ``name`` is the temporary file of an interrupted write of an owned entry or the manifest."""
+    if not _TEMP_NAME.fullmatch(name):
+        return False
+    base = name[:name.rindex(".tmp")]
+    return base in owned or base == MANIFEST_FILE
 
 
 @dataclass
@@ -56,6 +76,10 @@ class Manifest:
     created: str
     updated: str
     complete: bool = False
+    #: the run that holds the folder now ("" in manifests written before run ids)
+    run_id: str = ""
+    #: the runs whose Parquet parts belong to this output (empty before run ids: every part)
+    runs: list[str] = field(default_factory=list)
     writer: str = WRITER
     version: int = MANIFEST_VERSION
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -76,19 +100,31 @@ def read_manifest(output: Location) -> Manifest | None:
         OutputConflictError: the file exists but is not a manifest this version wrote.
     """
     loc = output.join(MANIFEST_FILE)
-    if not loc.exists():
-        return None
     try:
+        if not loc.exists():
+            return None
         raw = json.loads(loc.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, found {type(raw).__name__}")
         if raw.get("writer") != WRITER:
             raise ValueError(f"writer is {raw.get('writer')!r}")
         return Manifest(identity=ScoringIdentity(**raw["identity"]), entries=list(raw["entries"]),
                         created=raw["created"], updated=raw["updated"], complete=bool(raw.get("complete")),
+                        run_id=str(raw.get("run_id", "")), runs=[str(r) for r in raw.get("runs", [])],
                         version=int(raw.get("version", 1)), history=list(raw.get("history", [])))
+    except OSError as exc:
+        # (not "not a manifest": a network error must not send a resumable output away)
+        raise OutputConflictError(f"cannot read {loc.uri} ({exc}); nothing was changed: try again") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise OutputConflictError(
             f"{loc.uri} is not a scoring manifest this version can read ({exc}); "
             f"the folder is left untouched: choose another --output") from exc
+
+
+def scored_input(output: Location) -> str | None:
+    """The input the scoring run in ``output`` scored, or None when it holds none."""
+    manifest = read_manifest(output)
+    return manifest.identity.input if manifest is not None else None
 
 
 def write_manifest(output: Location, manifest: Manifest) -> None:
@@ -134,6 +170,9 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
     if kind == "File":
         raise OutputConflictError(f"--output {output.uri} is a file; expected a folder")
     names = output.children()
+    # A write killed half-way leaves its temporary file; that alone is no foreign content.
+    leftovers = [n for n in names if is_temp_leftover(n, owned)]
+    names = [n for n in names if n not in leftovers]
     manifest = read_manifest(output) if names else None
     if names and manifest is None:
         raise OutputConflictError(
@@ -143,7 +182,11 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
         raise OutputConflictError(
             f"output {output.uri} already holds a scoring run; pass --resume to add the missing rows "
             f"or --overwrite to replace it")
+    for name in leftovers:
+        log.info("removing %s, left by an interrupted write", output.join(name).uri)
+        output.join(name).remove()
     now = _now()
+    run_id = uuid.uuid4().hex[:12]
     if manifest is not None and resume:
         diffs = _differences(manifest.identity, identity)
         if diffs:
@@ -156,7 +199,10 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
             log.warning("--resume: %s has no record of %s; taking this run's", output.uri, ", ".join(unknown))
             manifest.identity = dataclasses.replace(manifest.identity, **unknown)
         manifest.complete = False
-        manifest.history.append({"resumed": now})
+        manifest.run_id = run_id
+        if manifest.runs:  # (none recorded: an output from before run ids, whose parts all count)
+            manifest.runs.append(run_id)
+        manifest.history.append({"resumed": now, "run_id": run_id})
     else:
         if manifest is not None:  # overwrite: only what scoring wrote goes
             for name in sorted(set(manifest.entries) & set(owned)):
@@ -164,17 +210,44 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
                     log.info("--overwrite: removing %s", output.join(name).uri)
                     output.join(name).remove()
         manifest = Manifest(identity=identity, entries=list(owned), created=now, updated=now,
-                            history=[{"started": now}])
+                            run_id=run_id, runs=[run_id], history=[{"started": now, "run_id": run_id}])
     output.makedirs()
     write_manifest(output, manifest)
     return manifest
 
 
-def mark_complete(output: Location, **facts: Any) -> None:
-    """Record in the manifest that every file has its row and the derived files are written."""
+def check_holder(output: Location, run_id: str, *, published: bool = True) -> Manifest:
+    """The manifest, after checking that run ``run_id`` still holds ``output``.
+
+    Raises:
+        OutputConflictError: another run claimed the folder since (two jobs on one
+            ``--output``), or its manifest is gone. ``published``: whether this run has
+            written its CSV and summary yet (the message says so).
+    """
     manifest = read_manifest(output)
-    if manifest is None:
-        return
+    if manifest is None or manifest.run_id != run_id:
+        holder = "its manifest is gone" if manifest is None else f"run {manifest.run_id or '(unknown)'} holds it now"
+        done = ("the CSV and summary it wrote are not marked complete" if published
+                else "nothing was published by this run")
+        raise OutputConflictError(
+            f"another scoring job claimed {output.uri} while this one (run {run_id}) ran ({holder}); {done}. "
+            f"When no other job uses the folder, rerun with --resume (parts of runs that lost the "
+            f"folder are dropped) or --overwrite")
+    return manifest
+
+
+def part_run(name: str) -> str:
+    """The run id a Parquet part's name starts with (scoring writes ``<run id>_...parquet``)."""
+    return name.split("_", 1)[0]
+
+
+def mark_complete(output: Location, run_id: str, **facts: Any) -> None:
+    """Record in the manifest that every file has its row and the derived files are written.
+
+    Raises:
+        OutputConflictError: run ``run_id`` no longer holds the folder.
+    """
+    manifest = check_holder(output, run_id)
     manifest.complete = True
     manifest.history.append({"finished": _now(), **facts})
     write_manifest(output, manifest)

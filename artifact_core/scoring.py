@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data.datasource import FilenameProvider
 
 from artifact_core import plots
 from artifact_core.bundle import CONFIG_FILE, ONNX_INT8_FILE, WEIGHTS_FILE, load_bundle, read_bundle_config
@@ -41,8 +42,10 @@ from artifact_core.decode import decode_array, decode_batch
 from artifact_core.metrics import classification_metrics
 from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, DecodingPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
-from artifact_core.score_output import ScoringIdentity, mark_complete, prepare_output
-from artifact_core.storage import Location, check_apart, display_path, file_sha256, read_file_bytes, resolve
+from artifact_core.score_output import (Manifest, OutputConflictError, ScoringIdentity, check_holder, mark_complete,
+                                        part_run, prepare_output)
+from artifact_core.storage import (Location, check_apart, display_path, file_sha256, read_file_bytes, redact_uri,
+                                   resolve)
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +60,17 @@ DERIVED_ENTRIES = (CSV_FILE, SUMMARY_FILE, HIST_FILE, REPORT_DIR, f"{REPORT_DIR}
 OWNED_ENTRIES = (PARQUET_DIR, *DERIVED_ENTRIES)
 
 
-def list_input(input_uri: str) -> tuple[list[str], pafs.FileSystem | None, str]:
+def list_input(input_uri: str, output_uri: str | None = None) -> tuple[list[str], pafs.FileSystem | None, str]:
     """Image files under a local folder or a pyarrow-filesystem URI (recursive, any case).
 
-    Hidden files and folders are skipped in both cases.
+    Hidden files and folders are skipped in both cases; a linked folder that leads into the
+    (local) output is not followed: the job's own figures are no input.
 
     Returns:
         (sorted paths, filesystem or None for local, normalized root).
     """
-    return list_image_files(input_uri)
+    out = resolve(output_uri) if output_uri else None
+    return list_image_files(input_uri, exclude=[out.path] if out is not None and out.is_local else [])
 
 
 def _check_distinct(shown: Sequence[str]) -> None:
@@ -82,41 +87,75 @@ def _check_distinct(shown: Sequence[str]) -> None:
         seen.add(name)
 
 
-def _existing_rows(parquet_dir: Location) -> set[str]:
-    """Paths already scored; unreadable part files (a crash mid-write) are removed."""
+def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = False) -> list[Location]:
+    """The output's Parquet parts: those of the runs its manifest names.
+
+    Args:
+        drop_foreign: delete the parts of other runs instead (a resume, just after its claim:
+            such a run lost the folder to a later claim and stopped at its finalize, or will).
+
+    Raises:
+        OutputConflictError: a part of another run is there (another job writes into this
+            output); nothing is deleted.
+    """
+    names = parquet_dir.children()
+    parts = [n for n in names if n.endswith(".parquet") and not n.startswith(("_", "."))]
+    if manifest.runs:
+        foreign = [n for n in parts if part_run(n) not in manifest.runs]
+        if foreign and drop_foreign:
+            log.warning("--resume: removing %d Parquet part(s) of runs that lost %s to a later claim, e.g. %s",
+                        len(foreign), parquet_dir.uri, foreign[0])
+            for name in foreign:
+                parquet_dir.join(name).remove()
+            parts = [n for n in parts if n not in foreign]
+            # (and what a compaction killed before its rename left: hidden from readers, but not kept)
+            for name in names:
+                if name.startswith("_") and ".parquet" in name:
+                    parquet_dir.join(name).remove()
+        elif foreign:
+            raise OutputConflictError(
+                f"{parquet_dir.uri} holds {foreign[0]!r}, written by another scoring job (runs of this output: "
+                f"{', '.join(manifest.runs)}); nothing was published by this run. When no other job uses the "
+                f"folder, rerun with --resume (parts of runs that lost the folder are dropped) or --overwrite")
+    return [parquet_dir.join(n) for n in parts]
+
+
+def _existing_rows(parts: list[Location]) -> set[str]:
+    """Paths already scored; a part cut short by a crash mid-write is removed (its rows are scored again)."""
     done: set[str] = set()
-    for name in parquet_dir.children():
-        part = parquet_dir.join(name)
-        if not name.endswith(".parquet"):
-            continue
+    for part in parts:
         try:
             done.update(pq.read_table(part.path, columns=["path"], filesystem=part.fs).column("path").to_pylist())
-        except Exception as exc:  # noqa: BLE001 - any unreadable part is rescored
+        except pa.ArrowInvalid as exc:
+            # Only a file that is not valid Parquet goes: a read that failed for any other reason
+            # (network, permissions, memory) must not delete finished rows.
             log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, exc)
             part.remove()
     return done
 
 
-def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> Location:
-    """Check and claim ``--output`` (see :mod:`artifact_core.score_output`); returns the Parquet folder.
+def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> tuple[Location, Manifest]:
+    """Check and claim ``--output`` (see :mod:`artifact_core.score_output`); returns the Parquet
+    folder and the manifest, which holds this run's id.
 
     Derived files are deleted first: until the run completes nothing may look complete.
     """
     output = resolve(cfg.output)
     check_apart(output, resolve(cfg.input), output_name="--output", source_name="the input")
     model = resolve(cfg.model)
-    identity = ScoringIdentity(input=resolve(cfg.input).uri, model=model.uri,
+    identity = ScoringIdentity(input=redact_uri(resolve(cfg.input).uri), model=redact_uri(model.uri),
                                model_sha256=file_sha256(model.join(WEIGHTS_FILE)),
                                threshold=threshold, image_size=image_size, precision=cfg.precision,
                                int8_sha256=file_sha256(model.join(ONNX_INT8_FILE)) if cfg.precision == "int8"
                                else "not used",
                                config_sha256=file_sha256(model.join(CONFIG_FILE)))
-    prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume, overwrite=cfg.overwrite)
+    manifest = prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume,
+                              overwrite=cfg.overwrite)
     for name in DERIVED_ENTRIES:
         output.join(name).remove()
     parquet_dir = output.join(PARQUET_DIR)
     parquet_dir.makedirs()
-    return parquet_dir
+    return parquet_dir, manifest
 
 
 #: auto picks split only when a CPU split of decode tasks and actors would reach this share of
@@ -358,20 +397,48 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
     return ds.map_batches(ArtifactPredictor, **common, fn_constructor_kwargs=predictor_kwargs)
 
 
+class MissingRowsError(ValueError):
+    """Listed files have no row in the output (a part was lost, or the input changed while scoring)."""
+
+
+def _compact(parquet_dir: Location, parts: list[Location], table: pa.Table, run_id: str) -> None:
+    """Replace ``parts`` by one part holding ``table`` (one row per listed file).
+
+    The new part is complete before any old one goes: a kill in between leaves duplicate
+    rows, which the next finalize removes again, never a file without its row.
+    """
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    final = parquet_dir.join(f"{run_id}_compacted.parquet")
+    # Written under a name Parquet readers skip ('_'), then renamed: a kill mid-write leaves
+    # nothing that breaks reading the folder.
+    staged = parquet_dir.join(f"_{run_id}_compacted.parquet")
+    staged.write_bytes(buf.getvalue())
+    del buf
+    final.fs.move(staged.path, final.path)
+    for part in parts:
+        if part.path != final.path:
+            part.remove()
+
+
 def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_seconds: float,
-             scored_now: int, pipeline: PipelinePlan | None = None,
+             scored_now: int, run_id: str, pipeline: PipelinePlan | None = None,
              stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """Check one row per file, then write the CSV, summary and histogram atomically.
 
     Args:
         expected: the display paths (:func:`display_path`) of every listed file.
         wall_seconds: the run's time so far; the CSV written here is added to it.
+        run_id: this run's id (:func:`artifact_core.score_output.prepare_output`); finalize
+            refuses when another run has claimed the folder since.
         stage_seconds: where that time went (recorded in the summary; ``finalize`` is added).
     """
     t_final = time.time()
     output = resolve(cfg.output)
     parquet_dir = output.join(PARQUET_DIR)
-    table = pq.read_table(parquet_dir.path, columns=list(OUTPUT_COLUMNS), filesystem=parquet_dir.fs)
+    parts = _parts(parquet_dir, check_holder(output, run_id, published=False))
+    table = (pq.read_table([p.path for p in parts], columns=list(OUTPUT_COLUMNS), filesystem=parquet_dir.fs)
+             if parts else pa.table({c: [] for c in OUTPUT_COLUMNS}))
     # A resumed crash may have left a file scored twice: keep its first row.
     paths = table.column("path").to_pylist()
     first: dict[str, int] = {}
@@ -379,8 +446,16 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         first.setdefault(p, i)
     missing = sorted(set(expected) - first.keys())
     if missing:
-        raise RuntimeError(f"{len(missing)} file(s) have no prediction row, e.g. {missing[:3]}; rerun with --resume")
-    table = table.take(pa.array([first[p] for p in expected])).sort_by("filename")
+        raise MissingRowsError(f"{len(missing)} file(s) have no prediction row in {output.uri}, e.g. {missing[:3]}; "
+                               f"rerun with --resume")
+    table = table.take(pa.array([first[p] for p in expected]))
+    if table.num_rows != len(paths):
+        # Rows of files scored twice, or of files gone from the input since an earlier run:
+        # the Parquet output keeps one row per listed file, as the CSV does.
+        log.info("rewriting %s as one row per listed file (%d rows before, %d now)", parquet_dir.uri,
+                 len(paths), table.num_rows)
+        _compact(parquet_dir, parts, table, run_id)
+    table = table.sort_by("filename")
     buf = io.BytesIO()
     pacsv.write_csv(table, buf)
     output.join(CSV_FILE).write_bytes(buf.getvalue())
@@ -396,7 +471,9 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "files": len(expected), "scored": int(ok.sum()), "errors": int((~ok).sum()),
         "predicted": {"0 (artifact)": int((pred == 0).sum()), "1 (artifact-free)": int((pred == 1).sum())},
         "mean_confidence": float(np.mean(conf[ok])) if ok.any() else None,
-        "model": resolve(cfg.model).uri, "threshold": threshold, "input": cfg.input,
+        # (credentials in a URI blanked out: the summary and the page are made to be shared)
+        "model": redact_uri(resolve(cfg.model).uri), "threshold": threshold,
+        "input": redact_uri(resolve(cfg.input).uri),
         "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
         "precision": cfg.precision,
         "pipeline": asdict(pipeline) if pipeline else None,  # None: nothing was left to score
@@ -413,7 +490,7 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
             local = os.path.join(tmp, HIST_FILE)
             plots.confidence_histogram(conf[ok], pred[ok], local)
             output.join(HIST_FILE).upload(local)
-    mark_complete(output, files=len(expected), scored_this_run=scored_now)
+    mark_complete(output, run_id, files=len(expected), scored_this_run=scored_now)
     return summary
 
 
@@ -426,7 +503,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     """
     t0 = time.time()
     cfg.validate()
-    cfg.output = resolve(cfg.output).uri
+    # Absolute paths: the actors may run in another working directory (an attached cluster).
+    cfg.output, cfg.input, cfg.model = (resolve(p).uri for p in (cfg.output, cfg.input, cfg.model))
     # Fail fast here, not in every actor: a bad --engine, a missing ONNX file, a bundle that
     # does not load. Only the torch engine needs torch; with ONNX the driver reads the config
     # alone and never imports torch (seconds of start-up).
@@ -435,13 +513,13 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     if cfg.pipeline not in SCORE_PIPELINES:
         raise ValueError(f"--pipeline must be one of {', '.join(SCORE_PIPELINES)}; got {cfg.pipeline!r}")
     threshold = float(bundle_config.threshold if cfg.threshold is None else cfg.threshold)
-    paths, fs, root = list_input(cfg.input)
+    paths, fs, root = list_input(cfg.input, cfg.output)
     if not paths:
         raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) found under {cfg.input!r}")
     shown = [display_path(p) for p in paths]
     _check_distinct(shown)
-    parquet_dir = _prepare_output(cfg, threshold, bundle_config.image_size)
-    done = _existing_rows(parquet_dir) if cfg.resume else set()
+    parquet_dir, manifest = _prepare_output(cfg, threshold, bundle_config.image_size)
+    done = _existing_rows(_parts(parquet_dir, manifest, drop_foreign=True)) if cfg.resume else set()
     todo = [p for p, d in zip(paths, shown) if d not in done]
     log.info("%d image file(s) under %s; %d already scored, %d to score", len(paths), cfg.input,
              len(paths) - len(todo), len(todo))
@@ -459,12 +537,55 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         t = time.time()
         ds = build_dataset(cfg, todo, fs, display_path(root), bundle_config.image_size, plan,
                            views=2 if bundle_config.test_time_flip else 1)
-        ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs)
+        # Parts named after the run: finalize keeps only the parts of runs this output names.
+        ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs,
+                         filename_provider=FilenameProvider(dataset_uuid=manifest.run_id, file_format="parquet"))
         stages["score"] = time.time() - t
     summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo),
-                       pipeline=plan, stage_seconds=stages)
+                       run_id=manifest.run_id, pipeline=plan, stage_seconds=stages)
     from artifact_core.report import report_after_scoring  # the page reads the finished outputs
     return report_after_scoring(cfg, summary)
+
+
+def read_labels(labels_csv: str) -> list[tuple[str, int]]:
+    """The ``(filename, label)`` rows of a labels CSV (``~`` expanded), checked.
+
+    Called before scoring too: a bad labels file should stop the job before hours of work.
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file and what was expected.
+    """
+    path = os.path.expanduser(labels_csv)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file {labels_csv!r} does not exist (expected CSV with filename,label)")
+    try:
+        # names as text: a file called 007.png must not become the number 7
+        truth = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                               convert_options=pacsv.ConvertOptions(
+                                   column_types={"filename": pa.string(), "label": pa.string()})).to_pydict()
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"labels file {labels_csv!r} is not a readable CSV with filename,label ({exc})") from exc
+    if "filename" not in truth or "label" not in truth:
+        raise ValueError(f"{labels_csv!r} must have columns filename,label; found {sorted(truth)}")
+    rows = []
+    for row, (name, y) in enumerate(zip(truth["filename"], truth["label"]), start=1):
+        value = _label_value(y)
+        if value is None:
+            raise ValueError(f"{labels_csv!r} data row {row} ({name!r}): label {y!r} is not 0 (artifact) or 1 "
+                             f"(artifact-free)")
+        rows.append((str(name), value))
+    if not rows:
+        raise ValueError(f"labels file {labels_csv!r} has no data rows (expected CSV with filename,label)")
+    return rows
+
+
+def _label_value(text: str | None) -> int | None:
+    """0 or 1 from a label cell ("1", " 0 ", "1.0" as a float column writes it), else None."""
+    try:
+        value = float((text or "").strip())
+    except ValueError:
+        return None
+    return int(value) if value in (0.0, 1.0) else None
 
 
 def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
@@ -472,24 +593,13 @@ def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
 
     Error rows count as wrong predictions; files missing from the labels are ignored.
     """
-    if not os.path.isfile(labels_csv):
-        raise FileNotFoundError(f"labels file {labels_csv!r} does not exist (expected CSV with filename,label)")
-    truth = pacsv.read_csv(labels_csv).to_pydict()
-    if "filename" not in truth or "label" not in truth:
-        raise ValueError(f"{labels_csv!r} must have columns filename,label; found {sorted(truth)}")
+    truth = read_labels(labels_csv)
     csv = resolve(output).join(CSV_FILE)
     with csv.fs.open_input_stream(csv.path) as f:
-        pred = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(newlines_in_values=True)).to_pydict()
-    labels = []
-    for row, (name, y) in enumerate(zip(truth["filename"], truth["label"]), start=1):
-        # one bad cell makes pyarrow read the whole column as text
-        value = {"0": 0, "1": 1}.get(y.strip()) if isinstance(y, str) else y
-        if value not in (0, 1) or isinstance(value, bool):
-            raise ValueError(f"{labels_csv!r} data row {row} ({name!r}): label {y!r} is not 0 (artifact) or 1 "
-                             f"(artifact-free)")
-        labels.append(int(value))
+        pred = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                              convert_options=pacsv.ConvertOptions(column_types={"filename": pa.string()})).to_pydict()
     by_name = dict(zip(pred["filename"], pred["predicted_class"]))
-    pairs = [(y, int(by_name[f])) for f, y in zip(truth["filename"], labels) if f in by_name]
+    pairs = [(y, int(by_name[f])) for f, y in truth if f in by_name]
     if not pairs:
         raise ValueError(f"no file in {labels_csv!r} matches a scored filename in {output!r}")
     y_true = [t for t, _ in pairs]

@@ -7,10 +7,13 @@ object stores behave the same.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
+import re
 import stat
+import urllib.parse
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,6 +24,29 @@ import pyarrow.fs as pafs
 def display_path(path: str) -> str:
     """A file name that is valid UTF-8 for Parquet and CSV: undecodable bytes become ``\\xNN``."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def undisplay_path(shown: str) -> str:
+    """The local path :func:`display_path` made ``shown`` from: each ``\\xNN`` of a byte
+    above 0x7f back to that byte (surrogate-escaped, as ``os.fsdecode`` gives it). A name that
+    holds such text literally is found as it is first (see the callers)."""
+    return re.sub(r"\\x([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), shown)
+
+
+_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without credentials (user info, secret query values), for files people share."""
+    if not is_uri(uri):
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    if "@" in parts.netloc:
+        netloc = "***@" + netloc
+    query = "&".join(f"{k}=***" if k.lower() in _SECRET_QUERY_KEYS else (f"{k}={v}" if v else k)
+                     for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def is_uri(path: str) -> bool:
@@ -80,9 +106,15 @@ class Location:
         if self.is_local:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             tmp = f"{self.path}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.path)
+            except BaseException:
+                # (a kill -9 still leaves it: the scoring claim and the run claim clear those)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             return
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)

@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.metrics import SELECT_SCORE, is_diverged, report_score
-from artifact_core.raycluster import check_fits, detect_autoscaler
+from artifact_core.raycluster import check_fits, clear_resource_request, detect_autoscaler, units
 from artifact_core.storage import Location, resolve
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, export_bundle, prepare_run,
                                    storage_args)
@@ -69,7 +69,8 @@ def _concurrency(cfg: SweepConfig) -> int:
                what="one sweep trial", wait_s=b.wait_for_resources)
 
     def trials_in(res: dict[str, float]) -> int:
-        n = int(res.get("CPU", 0.0) // (b.num_workers * b.cpus_per_worker))
+        # in Ray's 1/10000 units: 3 x 0.1 CPU is not 0.30000000000000004
+        n = units(res.get("CPU", 0.0)) // (b.num_workers * units(b.cpus_per_worker))
         return min(n, int(res.get("GPU", 0.0) // b.num_workers)) if b.use_gpu else n
 
     fits = max(1, trials_in(ray.cluster_resources()))
@@ -177,12 +178,17 @@ def best_trial_id(table: pd.DataFrame, metric: str) -> str:
     trials, and drops a trial whose running maximum a NaN report has turned into NaN.
 
     Raises:
-        RuntimeError: no trial qualifies.
+        NoTrialError: no trial qualifies.
     """
     ok = table[table["status"] != "error"].dropna(subset=[f"best_{metric}", f"best_{SELECT_SCORE}"])
     if ok.empty:
-        raise RuntimeError(f"every trial failed, diverged or reported no {metric}")
+        raise NoTrialError(f"every trial failed, diverged or reported no {metric}: lower --lr-max or the "
+                           f"fine-tune ratio if they diverged, else see each trial's error in results.csv")
     return str(ok.iloc[0]["trial_id"])
+
+
+class NoTrialError(ValueError):
+    """No trial of a sweep can be its winner (all errored, diverged or reported nothing)."""
 
 
 def _search_space_identity(cfg: SweepConfig) -> dict[str, Any]:
@@ -252,14 +258,19 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        # A trial killed while it waited for nodes leaves its autoscaler request behind (a
+        # killed actor runs no cleanup): clear it, so the cluster can scale down.
+        clear_resource_request()
     table = results_table(grid, total_epochs, metric)
     table["image_size"] = table["image_size"].fillna(base.image_size).astype(int)
     write_results(sweep, table, metric)
     try:
         best_id = best_trial_id(table, metric)
-    except RuntimeError as exc:
-        raise RuntimeError(f"{exc}; see {sweep.join('results.csv').uri}") from None
+    except NoTrialError as exc:
+        raise NoTrialError(f"{exc} ({sweep.join('results.csv').uri})") from None
     best = next(r for r in grid if (r.metrics or {}).get("trial_id") == best_id)
     best_cfg = trial_config(loop_config["train"], best.config)
     bundle = sweep.join(BUNDLE_FOLDER)

@@ -85,10 +85,21 @@ def score_config(args: argparse.Namespace) -> tuple[ScoreConfig, str | None]:
     # Only the demo as a whole (neither --input nor --output) replaces its own earlier output:
     # another folder scored into the demo's default output must not delete those results.
     demo_rerun = args.input is None and args.output is None and not args.resume
+    # (an empty value, such as an unset shell variable, is an error, not "the demo's")
+    model, input_, output = (os.path.join(demo, DEMO_RUN_NAME, "model") if args.model is None else args.model,
+                             os.path.join(demo, DEMO_DATA_FOLDER, "test") if args.input is None else args.input,
+                             os.path.join(demo, DEMO_RUN_NAME, "predictions") if args.output is None else args.output)
+    if demo_rerun and not args.overwrite:
+        from artifact_core.score_output import OutputConflictError, scored_input
+        from artifact_core.storage import redact_uri, resolve
+
+        other = scored_input(resolve(output))
+        if other is not None and other != redact_uri(resolve(input_).uri):
+            raise OutputConflictError(
+                f"the demo's output {output} holds the scores of another input ({other}); nothing was deleted. "
+                f"Pass --overwrite to replace them, or --output to score the demo elsewhere")
     cfg = ScoreConfig(
-        model=args.model or os.path.join(demo, DEMO_RUN_NAME, "model"),
-        input=args.input or os.path.join(demo, DEMO_DATA_FOLDER, "test"),
-        output=args.output or os.path.join(demo, DEMO_RUN_NAME, "predictions"),
+        model=model, input=input_, output=output,
         batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
         use_gpu=args.use_gpu, engine=args.engine, precision=args.precision, pipeline=args.pipeline, threshold=args.threshold,
         object_store_budget_mb=args.object_store_budget_mb,
@@ -102,9 +113,11 @@ def score_config(args: argparse.Namespace) -> tuple[ScoreConfig, str | None]:
 def main(args: argparse.Namespace) -> None:
     """Score, then print counts, speed and (with labels) micro F1."""
     from artifact_core.raycluster import ensure_ray
-    from artifact_core.scoring import evaluate_against_labels, run_scoring
+    from artifact_core.scoring import evaluate_against_labels, read_labels, run_scoring
 
     cfg, labels = score_config(args)
+    if labels:
+        read_labels(labels)  # checked before the run, not after it
     ensure_ray()
     s = run_scoring(cfg)
     print(f"scored {s['files']} file(s): {s['predicted']['0 (artifact)']} artifact, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -212,3 +214,26 @@ def test_heatmaps_of_a_flipping_model_explain_the_view_that_scored_and_restore_t
     for i, m in enumerate(use_mirror):
         assert np.allclose(heat[i], mirror[i] if m else plain[i], atol=1e-5)
     assert np.allclose(heat[0], heat[1][..., ::-1], atol=1e-5)  # both maps point at the same place
+
+
+def test_cli_names_odd_long_and_clashing_files_and_skips_its_own_output(bundle64, tmp_path):
+    from artifact_core.explain import _output_names
+
+    folder = tmp_path / "in"
+    odd = os.fsdecode(os.fsencode(str(folder)) + b"/bad\xff.png")
+    write_image(Path(odd), size=40)
+    write_image(folder / ("x" * 246 + ".png"), size=40)
+    write_image(folder / "d1" / "a.png", size=40)
+    write_image(folder / "d2" / "a.png", size=40)
+    write_image(folder / "d0" / "a.png.1", size=40, fmt="PNG")  # not an image name: listed only if given
+    out = folder / "explained"  # inside the input: its heatmaps must not become inputs on a rerun
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "artifact_core.explain", bundle64, str(folder), "--out", str(out)],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "explain.csv", encoding="utf-8")))
+    assert len(rows) == 4 and not any(r["error"] for r in rows)
+    assert any(r["file"].endswith("bad\\xff.png") for r in rows)
+    assert len({r["heatmap"] for r in rows}) == 4 and all(len(r["heatmap"].encode()) <= 255 for r in rows)
+    names = _output_names(["/p/A.png", "/q/a.png", "/r/a.png.1", "/s/a.png"])
+    assert len({n.casefold() for n in names}) == 4

@@ -150,6 +150,16 @@ def test_cli_for_an_older_bundle_uses_named_calibration_images(onnx_bundle, tmp_
     assert info["int8"]["calibration_images"] == 8 and os.path.isfile(os.path.join(old, "model.int8.onnx"))
     assert _recorded_source(os.path.join(old, "model.onnx")) == _sha256(os.path.join(old, "model.pt"))
     assert _recorded_source(os.path.join(old, "model.int8.onnx")) == _sha256(os.path.join(old, "model.pt"))
+    # an fp32-only re-export keeps the int8 model's figures beside it
+    assert export_mod.main(export_mod.get_args_parser().parse_args([old])) == 0
+    metrics = json.loads(open(os.path.join(old, "metrics.json")).read())
+    assert metrics["onnx"]["int8"]["calibration_images"] == 8
+    # bad arguments: one line, exit status 2, nothing written
+    capsys.readouterr()
+    for argv, said in (([str(tmp_path / "nope")], "does not exist"), (["s3://bucket/model"], "local copy"),
+                       ([old, "--max-calibration-images", "0"], "at least 1")):
+        assert export_mod.main(export_mod.get_args_parser().parse_args(argv)) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_export_failures_keep_the_torch_bundle(torch_bundle, images, tmp_path, monkeypatch):
@@ -210,7 +220,7 @@ def stale_bundle(onnx_bundle, tmp_path) -> str:
     """The ONNX bundle after training wrote a new model.pt and stopped before its ONNX re-export."""
     path = str(tmp_path / "stale")
     shutil.copytree(onnx_bundle, path)
-    torch.save(calibrated_model(seed=1).state_dict(), os.path.join(path, "model.pt"))
+    save_bundle(path, calibrated_model(seed=1), read_bundle_config(path))  # the ONNX files stay as they were
     return path
 
 
@@ -249,7 +259,7 @@ def test_onnx_without_a_recorded_source_is_used_as_before(onnx_bundle, tmp_path,
     model = onnx.load(os.path.join(old, "model.onnx"))
     del model.metadata_props[:]
     onnx.save(model, os.path.join(old, "model.onnx"))
-    torch.save(calibrated_model(seed=1).state_dict(), os.path.join(old, "model.pt"))  # unknowable: accepted
+    save_bundle(old, calibrated_model(seed=1), read_bundle_config(old))  # unknowable: accepted
     with caplog.at_level(logging.INFO, logger="artifact_core.predict"):
         assert resolve_engine(old) == "onnx" and resolve_engine(old, "onnx") == "onnx"
         assert ArtifactPredictor(old, num_threads=1).engine_name == "onnx"
@@ -297,3 +307,16 @@ def test_bundle_in_object_storage_runs_onnx_like_a_local_one(onnx_bundle, stale_
 def test_gpu_autocast_dtype_follows_compute_capability(monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     assert amp_dtype() == dtype
+
+
+def test_a_non_finite_probability_is_an_error_row_not_an_artifact(tmp_path):
+    model = calibrated_model()
+    with torch.no_grad():
+        model.classifier[1].bias.fill_(float("nan"))
+    bundle = save_bundle(str(tmp_path / "nan"), model, BundleConfig(image_size=32, threshold=0.5))
+    predictor = ArtifactPredictor(bundle, engine="torch", num_threads=1)
+    batch = {"image": np.zeros((2, 3, 32, 32), dtype=np.uint8), "error": np.array(["", "cannot read"], dtype=object),
+             "filename": np.array(["a", "b"], dtype=object), "path": np.array(["a", "b"], dtype=object)}
+    out = predictor(batch)
+    assert out["predicted_class"].tolist() == [-1, -1]
+    assert out["error"].tolist() == ["the model returned a non-finite probability", "cannot read"]

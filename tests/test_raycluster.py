@@ -160,3 +160,71 @@ def test_sweep_concurrency_counts_what_the_autoscaler_may_build(monkeypatch):
     monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
     monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 4.0})
     assert tuning._concurrency(cfg) == 2  # fixed cluster: capped at what fits
+
+
+def test_a_fixed_size_group_counts_as_a_node_type_and_toward_the_largest_cluster(monkeypatch):
+    from types import SimpleNamespace
+
+    from artifact_core import raycluster
+
+    groups = [SimpleNamespace(name="gpu", resources={"CPU": 8.0, "GPU": 1.0}, min_count=1, max_count=1),
+              SimpleNamespace(name="cpu", resources={"CPU": 4.0}, min_count=0, max_count=2)]
+    config = SimpleNamespace(node_group_configs=groups)
+    monkeypatch.setattr(raycluster.ray._private.state.state, "get_cluster_config", lambda: config)
+    scaler = raycluster.detect_autoscaler()
+    # the GPU node is still starting: a GPU worker is feasible, not refused at once
+    assert scaler is not None and not scaler.infeasible({"CPU": 1.0, "GPU": 1.0})
+    assert scaler.max_resources() == {"CPU": 16.0, "GPU": 1.0}
+    groups[1].max_count = 0  # nothing can grow: no autoscaler to wait for
+    assert raycluster.detect_autoscaler() is None
+
+
+def test_the_reserved_cpu_must_fit_on_one_node():
+    # 4 workers x 0.75 CPU on two 2-CPU nodes leave 0.5 CPU on each: no node holds scoring's
+    # 1-CPU decode bundle, although 1 CPU is free in total
+    with pytest.raises(ClusterTooSmallError):
+        FakeCluster([{"CPU": 2.0}, {"CPU": 2.0}]).fits(num_workers=4, cpus_per_worker=0.75, reserved_cpus=1.0,
+                                                       autoscaler=None)
+    FakeCluster([{"CPU": 2.0}, {"CPU": 2.0}]).fits(num_workers=3, cpus_per_worker=1.0, reserved_cpus=1.0,
+                                                   autoscaler=None)
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"null", b"[1, 2]", b'{"autoscaler_report": [1]}'])
+def test_an_unreadable_autoscaler_status_means_no_autoscaler(monkeypatch, raw):
+    import ray.experimental.internal_kv as kv
+
+    from artifact_core import raycluster
+
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda *a, **k: raw)
+    assert raycluster._v1_monitor_has_node_types() is False
+
+
+def test_sweep_flags_out_of_range_are_refused():
+    from artifact_core.config import SweepConfig, TrainConfig
+
+    for kw, flag in (({"lr_max": float("inf")}, "--lr-max"), ({"finetune_lr_ratio_max": float("inf")}, "ratio-max"),
+                     ({"max_concurrent_trials": 0}, "--max-concurrent-trials"),
+                     ({"max_concurrent_trials": -3}, "--max-concurrent-trials")):
+        with pytest.raises(ValueError, match=flag):
+            SweepConfig(base=TrainConfig(), **kw).validate()
+
+
+def test_sweep_concurrency_counts_fractional_cpus_exactly(monkeypatch):
+    from artifact_core import tuning
+    from artifact_core.config import SweepConfig, TrainConfig
+
+    monkeypatch.setattr(tuning, "check_fits", lambda **kw: None)
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
+    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 3.0})
+    assert tuning._concurrency(SweepConfig(base=TrainConfig(num_workers=3, cpus_per_worker=0.1))) == 10
+
+
+def test_a_sweep_with_no_trial_to_pick_is_a_one_line_error():
+    import pandas as pd
+
+    from artifact_core.tuning import best_trial_id
+
+    table = pd.DataFrame({"trial_id": ["a"], "status": ["error"], "best_val_ap_artifact": [0.5],
+                          "best_select_score": [0.5]})
+    with pytest.raises(ValueError, match="every trial failed"):
+        best_trial_id(table, "val_ap_artifact")

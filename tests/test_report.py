@@ -257,7 +257,7 @@ def test_report_upload_stopped_anywhere_leaves_no_page_without_its_images(bundle
 
     monkeypatch.setattr(report_module, "write_report", write_report_once)
     cfg = SimpleNamespace(report=True, report_top=2, report_uncertain=1, output="drill://out", cpus_per_actor=1.0,
-                          use_gpu=False)
+                          use_gpu=False, model=bundle64, input=str(folder))
     summary = json.loads((bucket / "out" / "summary.json").read_text())
     report_after_scoring(cfg, dict(summary))  # the page of an earlier run
     page = bucket / "out" / "report" / "index.html"
@@ -364,7 +364,40 @@ def test_report_in_process_with_a_vanished_file(bundle64, tmp_path):
     data = json.loads(re.search(r'id="report-data">(.*?)</script>', page, re.S).group(1))
     first = data["flagged"][0]
     assert first["f"] == gone["filename"] and first["e"] == "file no longer exists" and first["t"] == ""
-    assert sorted(os.listdir(out / "report" / "img")) == ["000001.jpg", "000001_cam.jpg", "000002.jpg", "000002_cam.jpg"]
+    names = os.listdir(out / "report" / "img")
+    assert sorted(n.split("_", 1)[1] for n in names) == ["000001.jpg", "000001_cam.jpg", "000002.jpg", "000002_cam.jpg"]
+    # named anew by every report: a page left open never shows another run's image beside a name
+    write_report(str(out), top=2, uncertain=1, use_ray=False)
+    assert not set(os.listdir(out / "report" / "img")) & set(names)
+
+
+def test_report_shows_a_file_whose_name_is_not_utf8(bundle64, tmp_path):
+    from artifact_core.storage import display_path
+
+    folder = tmp_path / "in"
+    raw = os.fsdecode(os.fsencode(str(folder)) + b"/bad\xff.png")
+    write_image(Path(raw), size=60, color=(220, 40, 40))
+    out = tmp_path / "out"
+    out.mkdir()
+    prob = float(predict_paths(ArtifactPredictor(bundle64), [raw])[0])
+    shown = display_path(raw)
+    pd.DataFrame([{"filename": "bad\\xff.png", "path": shown, "predicted_class": 0, "confidence": 1 - prob,
+                   "prob_artifact_free": prob, "error": ""}]).to_csv(out / "predictions.csv", index=False)
+    (out / "summary.json").write_text(json.dumps({"files": 1, "scored": 1, "errors": 0, "predicted": {},
+                                                  "mean_confidence": 0.5, "model": bundle64, "threshold": 1.01,
+                                                  "input": str(folder)}))
+    rep = write_report(str(out), top=5, uncertain=0, use_ray=False)
+    assert rep["heatmap_errors"] == 0 and rep["images_shown"] == 1
+
+
+def test_credentials_in_a_uri_stay_out_of_what_is_shared():
+    from artifact_core.storage import redact_uri
+
+    uri = "s3://AKIAEXAMPLE:SECRETKEY@bucket/faces?endpoint_override=http://127.0.0.1:9000&secret_key=XYZ"
+    clean = redact_uri(uri)
+    assert "SECRETKEY" not in clean and "XYZ" not in clean and "AKIAEXAMPLE" not in clean
+    assert "bucket/faces" in clean and "endpoint_override=http://127.0.0.1:9000" in clean
+    assert redact_uri("/data/faces") == "/data/faces"
 
 
 def find_chromium() -> str | None:
@@ -415,7 +448,7 @@ def test_report_in_a_real_browser(bundle64, tmp_path):
     assert "&lt;b&gt;bold&lt;/b&gt;" in dom and "gone &lt;i&gt;.png" in dom
 
     # The check can fail: a missing overlay shows up as broken.
-    os.remove(page.parent / "img" / "000000_cam.jpg")
+    os.remove(next((page.parent / "img").glob("*_000000_cam.jpg")))
     attrs = body_attrs(chromium(page, args=["--dump-dom"]).stdout)
     assert attrs["data-broken"] == "1" and attrs["data-loaded"] == "19", attrs
 

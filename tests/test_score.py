@@ -106,7 +106,8 @@ def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path, pip
     if pipeline == "split":
         return  # --resume picks the missing files before the pipeline is built: checked once, fused
     # a crash left a corrupt part and new files arrived: --resume scores only what is missing
-    (out / "predictions.parquet" / "zz_partial.parquet").write_bytes(b"PAR1 truncated")
+    run_id = json.loads((out / "scoring_manifest.json").read_text())["run_id"]
+    (out / "predictions.parquet" / f"{run_id}_zz_partial.parquet").write_bytes(b"PAR1 truncated")
     new = {write_image(src / f"new_{i}.png", color=(10 * i, 90, 90)).name for i in range(3)}
     cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1, resume=True,
                       pipeline=pipeline)

@@ -147,12 +147,13 @@ def test_labels_csv_is_checked_and_error_rows_count_as_misses(tmp_path):
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "predictions.csv").write_text(
-        "filename,predicted_class\na.png,0\nb.png,1\nc.png,-1\nd.png,1\n")
+        "filename,predicted_class\na.png,0\nb.png,1\nc.png,-1\nd.png,1\n007,0\n")
     good = tmp_path / "labels.csv"
-    good.write_text("filename,label\na.png,0\nb.png,1\nc.png,1\nd.png,0\nunscored.png,1\n")
+    good.write_text("filename,label\na.png,0\nb.png,1\nc.png,1\nd.png,0\nunscored.png,1\n007,0\n")
     m = evaluate_against_labels(str(tmp_path / "out"), str(good))
-    assert m["confusion_matrix"] == [[1, 1], [1, 1]]  # c's error row is a miss whatever its label
-    for bad, shown in [("-1", "-1"), ("2", "2"), ("", "None"), ("yes", "'yes'")]:
+    # c's error row is a miss whatever its label; 007 stays a name, not the number 7
+    assert m["confusion_matrix"] == [[2, 1], [1, 1]]
+    for bad, shown in [("-1", "'-1'"), ("2", "'2'"), ("", "''"), ("yes", "'yes'")]:
         labels = tmp_path / "bad.csv"
         labels.write_text(f"filename,label\na.png,0\nb.png,{bad}\n")
         with pytest.raises(ValueError) as err:
@@ -212,8 +213,8 @@ def test_every_listed_file_gets_one_row_and_overwrite_keeps_user_files(ray_sessi
     import artifact_core.scoring as scoring
     real_list = scoring.list_input
 
-    def list_then_delete(uri):  # the file disappears between listing and reading
-        listed = real_list(uri)
+    def list_then_delete(uri, output=None):  # the file disappears between listing and reading
+        listed = real_list(uri, output)
         vanishing.unlink()
         return listed
 

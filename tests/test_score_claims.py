@@ -1,0 +1,210 @@
+"""The scoring output's claim without Ray: run ids against a second job on one folder, one
+Parquet row per file after a resume, parts that fail to read, leftovers of killed writes,
+and flags checked before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from artifact_core.bundle import BundleConfig, save_bundle
+from artifact_core.score_output import MANIFEST_FILE, OutputConflictError, prepare_output, read_manifest
+from artifact_core.scoring import (OWNED_ENTRIES, PARQUET_DIR, MissingRowsError, ScoreConfig, _existing_rows, _parts,
+                                   _prepare_output, finalize)
+from artifact_core.storage import resolve
+from conftest import calibrated_model, load_job, write_image
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> str:
+    model = calibrated_model()
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.02)
+    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model,
+                       BundleConfig(image_size=32, threshold=0.5))
+
+
+def rows(names: list[str], prob: float = 0.9) -> pa.Table:
+    """Prediction rows as the pipeline writes them."""
+    n = len(names)
+    return pa.table({"filename": names, "path": names, "predicted_class": pa.array([1] * n, pa.int64()),
+                     "confidence": [prob] * n, "prob_artifact_free": [prob] * n,
+                     "error": pa.array([None] * n, pa.string())})
+
+
+def claim(cfg: ScoreConfig, **flags):
+    """The run's claim as run_scoring makes it: (Parquet folder, manifest)."""
+    for k, v in flags.items():
+        setattr(cfg, k, v)
+    return _prepare_output(cfg, 0.5, 32)
+
+
+def write_part(parquet_dir, run_id: str, names: list[str], tag: str = "0") -> None:
+    pq.write_table(rows(names), str(Path(parquet_dir.path) / f"{run_id}_{tag}_000000.parquet"))
+
+
+def done(cfg: ScoreConfig, run_id: str, expected: list[str]) -> dict:
+    return finalize(cfg, expected, threshold=0.5, wall_seconds=1.0, scored_now=len(expected), run_id=run_id)
+
+
+@pytest.fixture
+def cfg(bundle_dir, tmp_path) -> ScoreConfig:
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / "in" / name)
+    return ScoreConfig(model=bundle_dir, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+
+
+def test_a_second_job_on_the_same_output_is_found_out_by_both(cfg, tmp_path):
+    parquet_a, man_a = claim(cfg)
+    write_part(parquet_a, man_a.run_id, ["a.png"])
+    # B claims the folder while A still runs (both saw it free, or B passed --overwrite)
+    parquet_b, man_b = claim(ScoreConfig(**{**cfg.__dict__}), overwrite=True)
+    assert man_b.run_id != man_a.run_id
+    write_part(parquet_a, man_a.run_id, ["b.png"], tag="1")  # A goes on writing
+    write_part(parquet_b, man_b.run_id, ["a.png", "b.png"])
+    with pytest.raises(OutputConflictError, match=f"run {man_a.run_id}.*run {man_b.run_id} holds it now"):
+        done(cfg, man_a.run_id, ["a.png", "b.png"])
+    with pytest.raises(OutputConflictError, match="written by another scoring job"):
+        done(cfg, man_b.run_id, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    assert not (out / "predictions.csv").exists() and not read_manifest(resolve(str(out))).complete
+
+
+def test_resume_keeps_the_parts_of_earlier_runs_and_leaves_one_parquet_row_per_file(cfg, tmp_path):
+    parquet, first = claim(cfg)
+    write_part(parquet, first.run_id, ["a.png", "b.png"])
+    (tmp_path / "in" / "b.png").unlink()  # gone before the rerun
+    parquet, second = claim(cfg, resume=True)
+    assert second.runs == [first.run_id, second.run_id]
+    assert _existing_rows(_parts(parquet, second)) == {"a.png", "b.png"}
+    write_part(parquet, second.run_id, ["a.png"])  # a crash between write and record: scored twice
+    summary = done(cfg, second.run_id, ["a.png"])
+    assert summary["files"] == 1
+    table = pq.read_table(parquet.path)
+    assert table.column("path").to_pylist() == ["a.png"], "the Parquet output keeps one row per listed file"
+    assert pacsv.read_csv(tmp_path / "out" / "predictions.csv").column("path").to_pylist() == ["a.png"]
+    assert read_manifest(resolve(str(tmp_path / "out"))).complete
+
+
+def test_a_lost_row_is_a_one_line_error_naming_the_output(cfg, tmp_path):
+    parquet, man = claim(cfg)
+    write_part(parquet, man.run_id, ["a.png"])
+    with pytest.raises(MissingRowsError, match=f"1 file.*{tmp_path / 'out'}.*--resume"):
+        done(cfg, man.run_id, ["a.png", "b.png"])
+
+
+def test_only_a_part_that_is_not_parquet_is_removed_on_resume(cfg, monkeypatch):
+    parquet, man = claim(cfg)
+    write_part(parquet, man.run_id, ["a.png"])
+    cut = Path(parquet.path) / f"{man.run_id}_cut_000000.parquet"
+    cut.write_bytes(b"PAR1 half a file")
+    assert _existing_rows(_parts(parquet, man)) == {"a.png"}
+    assert not cut.exists()
+    # a read that fails for another reason (network, permissions) deletes nothing
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: (_ for _ in ()).throw(OSError("connection reset")))
+    with pytest.raises(OSError, match="connection reset"):
+        _existing_rows(_parts(parquet, man))
+    assert len(_parts(parquet, man)) == 1
+
+
+def test_leftovers_of_killed_writes_do_not_block_the_folder(cfg, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{MANIFEST_FILE}.tmp4242").write_text('{"writer": "artifact-core scor')  # killed first claim
+    _, man = claim(cfg)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILE, PARQUET_DIR])
+    (out / "predictions.csv.tmp77").write_bytes(b"x" * 1000)  # killed CSV write
+    (out / "notes.tmp1").write_text("not ours")
+    claim(cfg, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert "predictions.csv.tmp77" not in names and "notes.tmp1" in names
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "3"])
+def test_a_manifest_that_is_not_an_object_is_a_conflict_not_a_traceback(tmp_path, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_FILE).write_text(content)
+    with pytest.raises(OutputConflictError, match="not a scoring manifest"):
+        read_manifest(resolve(str(out)))
+
+
+def test_owned_entries_include_everything_a_claim_clears():
+    assert PARQUET_DIR in OWNED_ENTRIES
+
+
+def score_config(*argv: str) -> ScoreConfig:
+    job = load_job("score")
+    return job.score_config(job.get_args_parser().parse_args(list(argv)))[0]
+
+
+@pytest.mark.parametrize("flag", ["--model", "--input", "--output"])
+def test_an_empty_path_is_refused_not_replaced_by_the_demos(flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"{flag} must be a folder path or URI, got ''"):
+        score_config(flag, "")
+
+
+def test_the_demo_does_not_replace_the_scores_of_another_input(cfg, bundle_dir, tmp_path, monkeypatch):
+    job = load_job("score")
+    monkeypatch.chdir(tmp_path)
+    demo_out = tmp_path / job.DEMO_RUNS / job.DEMO_RUN_NAME / "predictions"
+    claim(cfg, output=str(demo_out))  # `score.py --input in` without --output: the demo's folder
+    with pytest.raises(OutputConflictError, match="holds the scores of another input"):
+        score_config()
+    assert score_config("--overwrite").overwrite
+    manifest = json.loads((demo_out / MANIFEST_FILE).read_text())
+    manifest["identity"]["input"] = str(tmp_path / job.DEMO_RUNS / "demo_data" / "test")
+    (demo_out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert score_config().overwrite  # its own earlier output
+
+
+def test_a_bad_labels_file_stops_the_job_before_ray_starts(tmp_path, monkeypatch):
+    job = load_job("score")
+    import artifact_core.raycluster as rc
+
+    monkeypatch.setattr(rc, "ensure_ray", lambda: pytest.fail("Ray started before the labels were checked"))
+    args = job.get_args_parser().parse_args(["--model", "m", "--input", str(tmp_path), "--output",
+                                             str(tmp_path / "o"), "--labels", str(tmp_path / "missing.csv")])
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        job.main(args)
+
+
+def test_unclaimed_output_is_refused_by_prepare_output_without_a_manifest(tmp_path):
+    """(unchanged contract) a folder with user files and no manifest is never claimed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(OutputConflictError, match="not empty"):
+        prepare_output(resolve(str(out)), None, owned=list(OWNED_ENTRIES), resume=False, overwrite=True)
+
+
+def test_after_a_conflict_resume_drops_the_parts_of_the_run_that_lost_the_folder(cfg, tmp_path):
+    parquet, lost = claim(cfg)
+    parquet, winner = claim(ScoreConfig(**{**cfg.__dict__}), overwrite=True)
+    write_part(parquet, lost.run_id, ["a.png"])  # the first job went on writing after losing the claim
+    write_part(parquet, winner.run_id, ["a.png", "b.png"])
+    with pytest.raises(OutputConflictError):
+        done(cfg, winner.run_id, ["a.png", "b.png"])
+    (Path(parquet.path) / f"_{winner.run_id}_compacted.parquet").write_bytes(b"killed mid-write")
+    parquet, resumed = claim(cfg, resume=True)
+    assert _existing_rows(_parts(parquet, resumed, drop_foreign=True)) == {"a.png", "b.png"}
+    assert sorted(p.name.split("_")[0] for p in Path(parquet.path).iterdir()) == [winner.run_id]
+    assert done(cfg, resumed.run_id, ["a.png", "b.png"])["files"] == 2
+    assert pq.read_table(parquet.path).num_rows == 2  # the folder reads as Parquet
+
+
+def test_labels_as_a_float_column_writes_them_are_read_and_an_empty_file_is_refused(tmp_path):
+    from artifact_core.scoring import read_labels
+
+    labels = tmp_path / "l.csv"
+    labels.write_text("filename,label\na.png,1.0\nb.png,0.0\nc.png, 1\n")
+    assert read_labels(str(labels)) == [("a.png", 1), ("b.png", 0), ("c.png", 1)]
+    labels.write_text("filename,label\n")
+    with pytest.raises(ValueError, match="no data rows"):
+        read_labels(str(labels))
