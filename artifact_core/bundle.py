@@ -347,8 +347,8 @@ def _load(local: str, shown: str, device: str | torch.device) -> Bundle:
         state = torch.load(os.path.join(local, WEIGHTS_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+            raise  # (missing, no permission, I/O: not a model mismatch)
         detail = " ".join(str(exc).split())
         raise ValueError(f"{weights} is not the model its {CONFIG_FILE} describes (head {config.head!r}, "
                          f"{config.head_members} member(s), format {config.format}): {type(exc).__name__}: "

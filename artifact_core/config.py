@@ -186,7 +186,9 @@ class TrainConfig:
         name_problem = None if self.name is None else run_name_problem(self.name, in_uri="://" in self.storage_path)
         checks = [
             ("--num-workers", self.num_workers >= 1, "at least 1"),
-            ("--cpus-per-worker", self.cpus_per_worker > 0 and math.isfinite(self.cpus_per_worker), "above 0 and finite"),
+            # (Ray's granularity is 1/10000 of a CPU: less rounds to nothing)
+            ("--cpus-per-worker", self.cpus_per_worker >= 0.0001 and math.isfinite(self.cpus_per_worker),
+             "0.0001 or more and finite"),
             ("--batch-size", self.batch_size >= 1, "at least 1"),
             ("--image-size", self.image_size == "auto" or (isinstance(self.image_size, int) and self.image_size >= 32),
              "'auto' or at least 32"),

@@ -4,6 +4,7 @@ torch Dataset over these files is :mod:`artifact_core.dataset`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -55,6 +56,9 @@ def _check_link(path: str, top: str) -> None:
     except FileNotFoundError:
         log.warning("skipping %s: a link whose target %r does not exist", path, os.readlink(path))
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            log.warning("skipping %s: a link that loops (%s)", path, _reason(exc))
+            return
         raise FolderListingError(path, top, _reason(exc)) from exc
 
 

@@ -61,7 +61,8 @@ def _key_in_pixel_units(img: Image.Image) -> None:
     key = img.info.get("transparency")
     if key is None or img.format != "PNG" or not img.tile:
         return
-    raw = img.tile[0].args
+    tile = img.tile[0]  # (a plain tuple before Pillow 11: index, not .args)
+    raw = tile[3] if len(tile) > 3 else None
     if not isinstance(raw, str):
         return
     if img.mode == "L" and raw in ("L;1", "L;2", "L;4") and isinstance(key, int):

@@ -121,7 +121,8 @@ def _stale_reason(bundle_dir: str, model: Location, recorded: str | None) -> str
 
 
 def _reexport_hint(bundle_dir: str, precision: str) -> str:
-    command = f"python -m artifact_core.export_onnx {bundle_dir}{' --int8' if precision == 'int8' else ''}"
+    command = (f"python -m artifact_core.export_onnx {bundle_dir}"
+               f"{' --int8 --calibration-dir DIR' if precision == 'int8' else ''}")
     if not resolve(bundle_dir).is_local:
         return f"re-export it with '{command}' run on a local copy of the bundle, then upload the .onnx files"
     return f"re-export it with '{command}'"
@@ -159,8 +160,7 @@ def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32
         if not onnx_file.exists():
             raise FileNotFoundError(
                 f"model bundle {bundle_dir!r} has no {posixpath.basename(onnx_file.path)}; "
-                f"{_reexport_hint(bundle_dir, precision).replace('re-export it', 'make it')}"
-                f"{' --calibration-dir DIR' if precision == 'int8' else ''} or use "
+                f"{_reexport_hint(bundle_dir, precision).replace('re-export it', 'make it')} or use "
                 f"{'--precision fp32' if precision == 'int8' else '--engine torch'}")
         stale = _stale_reason(bundle_dir, onnx_file, _recorded_source_of(onnx_file))
         if stale and asked == "auto" and precision == "fp32":

@@ -8,9 +8,10 @@ or config), threshold, image size or input differ, so one output never mixes two
 
 Each claim draws a run id. The manifest names the run that holds the folder now and every
 run whose rows it keeps (the first and its resumes); scoring names its Parquet parts after
-its run id. A second job that claims the same folder while the first runs is found out
-before either publishes: the first sees another run id in the manifest, the second sees
-parts no run of its own wrote.
+its run id. A second job that claims the same folder afresh while the first runs is found
+out before either publishes: the first sees another run id in the manifest, the second
+sees parts no run of its own wrote. (A ``--resume`` adopts the earlier run's parts: it
+cannot tell a running job from a killed one.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from artifact_core.storage import Location
+from artifact_core.storage import Location, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ def _differences(old: ScoringIdentity, new: ScoringIdentity) -> list[str]:
     diffs = []
     for name in ("input", "model_sha256", "threshold", "image_size", *_RECORDED_LATER):
         a, b = getattr(old, name), getattr(new, name)
+        if name == "input":  # (older manifests hold the URI unredacted)
+            a = redact_uri(a)
         if name in _RECORDED_LATER and a == "":
             continue
         same = abs(a - b) < 1e-12 if isinstance(a, float) and isinstance(b, (int, float)) else a == b

@@ -126,9 +126,15 @@ def _existing_rows(parts: list[Location]) -> set[str]:
     for part in parts:
         try:
             done.update(pq.read_table(part.path, columns=["path"], filesystem=part.fs).column("path").to_pylist())
-        except pa.ArrowInvalid as exc:
+        except (pa.ArrowInvalid, OSError) as exc:
             # Only a file that is not valid Parquet goes: a read that failed for any other reason
-            # (network, permissions, memory) must not delete finished rows.
+            # (network, permissions, memory) must not delete finished rows. A cut file is
+            # ArrowInvalid; a local file with a corrupt footer is an OSError that no system call
+            # raised (errno None); remote, that cannot be told from the network, so it stops.
+            corrupt = isinstance(exc, pa.ArrowInvalid) or (part.is_local and exc.errno is None
+                                                           and not isinstance(exc, FileNotFoundError))
+            if not corrupt:
+                raise
             log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, exc)
             part.remove()
     return done

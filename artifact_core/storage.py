@@ -41,11 +41,10 @@ def redact_uri(uri: str) -> str:
     if not is_uri(uri):
         return uri
     parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-    if "@" in parts.netloc:
-        netloc = "***@" + netloc
-    query = "&".join(f"{k}=***" if k.lower() in _SECRET_QUERY_KEYS else (f"{k}={v}" if v else k)
-                     for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    netloc = "***@" + parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    # The query as written (not decoded and re-encoded): only the secrets' values change.
+    keys = "|".join(_SECRET_QUERY_KEYS)
+    query = re.sub(rf"(^|&)({keys})=[^&]*", r"\1\2=***", parts.query, flags=re.I)
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -74,8 +74,8 @@ def demo_data_dir(storage_path: str, *, n_train: int = 400, n_test: int = 100) -
         raise ValueError("demo data needs a local --storage-path; pass --data-dir for remote storage")
     root = os.path.join(storage_path, DEMO_DATA_FOLDER)
     done = os.path.join(root, DEMO_COMPLETE)
-    ours = not os.path.islink(root) and any(os.path.isfile(os.path.join(root, m))
-                                            for m in (DEMO_COMPLETE, DEMO_GENERATING))
+    # (a link to a generated folder is ours too: used as it is, never deleted through)
+    ours = any(os.path.isfile(os.path.join(root, m)) for m in (DEMO_COMPLETE, DEMO_GENERATING))
     if ours and os.path.isfile(done):
         made = _demo_counts(done)
         if made == (n_train, n_test):
@@ -86,6 +86,10 @@ def demo_data_dir(storage_path: str, *, n_train: int = 400, n_test: int = 100) -
         raise ValueError(f"{root} is not demo data this project generated (it has no {DEMO_COMPLETE} or "
                          f"{DEMO_GENERATING} file) and demo data would replace it; nothing was deleted. Move it "
                          f"away, choose another --storage-path, or pass --data-dir")
+    if os.path.islink(root):
+        raise ValueError(f"{root} is a link to demo data of other counts (or an interrupted generation); "
+                         f"generating again would replace what it points to. Remove the link, or pass the "
+                         f"--demo-train-images it was made with")
     log.info("generating demo data (%d train, %d test images) in %s", n_train, n_test, root)
     if ours:
         shutil.rmtree(root)

@@ -305,3 +305,15 @@ def test_links_up_the_tree_into_an_excluded_folder_or_to_nowhere_are_not_followe
     assert [os.path.relpath(p, root) for p in listed] == ["a/b/x_1.png"]
     assert "unmounted" in caplog.text
     assert "outlink/report/thumb.png" in [os.path.relpath(p, root) for p in list_images(root)]
+
+
+def test_a_looping_link_among_the_files_is_skipped_not_fatal(tmp_path, caplog):
+    import logging
+
+    from conftest import write_image
+
+    write_image(tmp_path / "in" / "x_1.png")
+    (tmp_path / "in" / "loop").symlink_to(tmp_path / "in" / "loop")
+    with caplog.at_level(logging.WARNING, logger="artifact_core.data"):
+        assert [os.path.basename(p) for p in list_images(tmp_path / "in")] == ["x_1.png"]
+    assert "loops" in caplog.text

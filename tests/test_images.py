@@ -261,3 +261,18 @@ def test_png_keys_in_file_units_meet_the_pixels_pil_unpacks():
     deep = _png_with_key(2, 16, 2, struct.pack(">HHHHHH", 30000, 30000, 30000, 100, 100, 100),
                          struct.pack(">HHH", 0, 0, 0))
     assert np.asarray(decode_image(deep))[0, 1].tolist() == [0, 0, 0]
+
+
+def test_png_key_units_read_tiles_as_older_pillow_gives_them():
+    """Pillow 10 gives a tile as a plain tuple (no ``.args``); pyproject allows it."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from artifact_core.images import _key_in_pixel_units
+
+    img = Image.open(io.BytesIO(_png_with_key(4, 2, 0, bytes([0b00011011]), struct.pack(">H", 1))))
+    img.tile = [tuple(img.tile[0])]
+    _key_in_pixel_units(img)
+    assert img.info["transparency"] == 85

@@ -156,7 +156,7 @@ def test_training_flags_out_of_range_are_refused_naming_the_flag():
                       ({"weight_decay": math.nan}, "--weight-decay must be 0 or more and finite, got nan"),
                       ({"lr": math.inf}, "--lr must be above 0 and finite, got inf"),
                       ({"finetune_lr": math.nan}, "--finetune-lr must be above 0 and finite, got nan"),
-                      ({"cpus_per_worker": math.inf}, "--cpus-per-worker must be above 0 and finite, got inf"),
+                      ({"cpus_per_worker": math.inf}, "--cpus-per-worker must be 0.0001 or more and finite, got inf"),
                       ({"loader_workers": -1}, "--loader-workers must be 0 or more, got -1"),
                       ({"seed": -5}, "--seed must be in 0..2**32-1, got -5"),
                       ({"seed": 2**32}, "--seed must be in 0..2**32-1, got 4294967296")]:
@@ -164,3 +164,19 @@ def test_training_flags_out_of_range_are_refused_naming_the_flag():
             TrainConfig(**kw).validate()
         assert str(err.value) == named
     TrainConfig(weight_decay=0.0, seed=2**32 - 1, loader_workers=0).validate()
+
+
+def test_a_link_to_generated_demo_data_is_used_and_never_deleted_through(tmp_path):
+    from artifact_core.trainer import DEMO_COMPLETE, demo_data_dir
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (real / DEMO_COMPLETE).write_text("5 2\n")
+    (real / "keep.txt").write_text("x")
+    storage = tmp_path / "runs"
+    storage.mkdir()
+    (storage / "demo_data").symlink_to(real)
+    assert demo_data_dir(str(storage), n_train=5, n_test=2) == str(storage / "demo_data")
+    with pytest.raises(ValueError, match="is a link"):
+        demo_data_dir(str(storage), n_train=6, n_test=2)
+    assert (real / "keep.txt").exists()

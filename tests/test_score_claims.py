@@ -103,11 +103,18 @@ def test_only_a_part_that_is_not_parquet_is_removed_on_resume(cfg, monkeypatch):
     write_part(parquet, man.run_id, ["a.png"])
     cut = Path(parquet.path) / f"{man.run_id}_cut_000000.parquet"
     cut.write_bytes(b"PAR1 half a file")
+    write_part(parquet, man.run_id, ["b.png"], tag="footer")
+    footer = Path(parquet.path) / f"{man.run_id}_footer_000000.parquet"
+    data = bytearray(footer.read_bytes())
+    for i in range(len(data) - 40, len(data) - 8):  # a corrupt footer: an OSError without errno
+        data[i] ^= 0xFF
+    footer.write_bytes(bytes(data))
     assert _existing_rows(_parts(parquet, man)) == {"a.png"}
-    assert not cut.exists()
-    # a read that fails for another reason (network, permissions) deletes nothing
-    monkeypatch.setattr(pq, "read_table", lambda *a, **k: (_ for _ in ()).throw(OSError("connection reset")))
-    with pytest.raises(OSError, match="connection reset"):
+    assert not cut.exists() and not footer.exists()
+    # a read that fails for another reason (permissions, I/O) deletes nothing
+    denied = PermissionError(13, "Permission denied")
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: (_ for _ in ()).throw(denied))
+    with pytest.raises(PermissionError):
         _existing_rows(_parts(parquet, man))
     assert len(_parts(parquet, man)) == 1
 
@@ -208,3 +215,14 @@ def test_labels_as_a_float_column_writes_them_are_read_and_an_empty_file_is_refu
     labels.write_text("filename,label\n")
     with pytest.raises(ValueError, match="no data rows"):
         read_labels(str(labels))
+
+
+def test_an_older_manifest_with_credentials_in_its_input_still_resumes(tmp_path):
+    from artifact_core.score_output import ScoringIdentity, _differences
+    from artifact_core.storage import redact_uri
+
+    old = ScoringIdentity(input="s3://AK:SECRET@bucket/in?endpoint_override=localhost%3A9000", model="m",
+                          model_sha256="x", threshold=0.5, image_size=32)
+    new = ScoringIdentity(**{**old.__dict__, "input": redact_uri(old.input)})
+    assert _differences(old, new) == []
+    assert new.input == "s3://***@bucket/in?endpoint_override=localhost%3A9000"
