@@ -201,8 +201,11 @@ class TrainConfig:
             ("--finetune-schedule", self.finetune_schedule in FINETUNE_SCHEDULES, f"one of {', '.join(FINETUNE_SCHEDULES)}"),
             ("--finetune-bn", self.finetune_bn in FINETUNE_BN, f"one of {', '.join(FINETUNE_BN)}"),
             ("--head", self.head in HEADS, f"one of {', '.join(HEADS)}"),
-            ("--unfreeze-depth", 0 <= self.unfreeze_depth <= feature_blocks(self.head),
-             f"in 0..{feature_blocks(self.head)} for the {self.head} head"),
+            # (0 with phase-2 epochs would be a second head phase without phase 2's schedule)
+            ("--unfreeze-depth", (1 if self.finetune_epochs > 0 else 0) <= self.unfreeze_depth
+             <= feature_blocks(self.head),
+             f"in {1 if self.finetune_epochs > 0 else 0}..{feature_blocks(self.head)} for the {self.head} head"
+             f"{' with phase-2 epochs' if self.finetune_epochs > 0 else ''}"),
             ("--val-fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
             ("--seed", 0 <= self.seed < 2**32, "in 0..2**32-1"),
             ("--loader-workers", self.loader_workers >= 0, "0 or more"),
@@ -426,8 +429,9 @@ class SweepConfig:
             raise ValueError(f"--max-concurrent-trials must be at least 1 (omit it for as many as fit), "
                              f"got {self.max_concurrent_trials}")
         blocks = feature_blocks(self.base.head)
-        if not self.unfreeze_depths or any(not 0 <= d <= blocks for d in self.unfreeze_depths):
-            raise ValueError(f"--unfreeze-depths must be values in 0..{blocks} for the {self.base.head} head, "
+        low = 1 if self.base.finetune_epochs > 0 else 0  # (see TrainConfig.validate)
+        if not self.unfreeze_depths or any(not low <= d <= blocks for d in self.unfreeze_depths):
+            raise ValueError(f"--unfreeze-depths must be values in {low}..{blocks} for the {self.base.head} head, "
                              f"got {self.unfreeze_depths}")
         if self.scheduler not in ("asha", "none"):
             raise ValueError(f"--scheduler must be 'asha' or 'none', got {self.scheduler!r}")

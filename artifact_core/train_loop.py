@@ -805,6 +805,12 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         # The plain model, not DDP: DDP's forward may sync buffers (a collective), and a rank
         # whose validation shard is empty would never join it.
         val_cache = caches[1] if caches is not None else prefix_val
+        if caches is None and world > 1:
+            # Each rank's BatchNorm statistics moved with its own last batch (DDP copies rank 0's
+            # only at the next forward): validate, as the checkpoint saves, with rank 0's.
+            for b in unwrap(ddp_model).buffers():
+                if b.is_floating_point():
+                    dist.broadcast(b, src=0)
         if val_cache is not None:
             probs, labels, vloss, vn = _evaluate_cached(unwrap(ddp_model), val_cache, weights, autocast)
         else:
@@ -834,6 +840,10 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         keep = keep_score({**reported, SELECT_SCORE: select, SELECT_SCORE_METRIC: cfg.select_metric,
                            "diverged": diverged, "epoch": state.global_epoch}, cfg.select_metric, state.history)
         update_patience(state, {**reported, "diverged": diverged}, cfg.select_metric)
+        if caches is not None:
+            # Patience does not apply to cached epochs (below): they must not count toward it
+            # when a resumed phase streams instead (another --head-cache-mb, less disk).
+            state.bad_epochs = 0
         # Not on cached features: their epochs take seconds, and a head that learns a subtle
         # defect from ~100 positives often shows nothing for its first ten epochs; the best
         # epoch is kept by selection anyway.

@@ -30,6 +30,7 @@ from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, best_report, best_threshold,
                                    classification_metrics, precision_recall_curve, predict_labels, ranking_metrics,
                                    selection_key, thin_curve)
+from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.run_identity import Split, claim_run, read_record, stored_split_paths
@@ -166,7 +167,12 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     # Loading here makes a bad --weights fail before any worker starts, and workers need
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
-    initial_state = model_for(cfg, weights=weights_state).state_dict()
+    try:
+        initial_state = model_for(cfg, weights=weights_state).state_dict()
+    except (RuntimeError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsUnavailableError(f"--weights {cfg.weights!r} does not fit MobileNetV2 with the {cfg.head} head: "
+                                      f"{first[:300]}") from exc
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
     if run is None:
         stored = fresh_split()

@@ -27,7 +27,7 @@ TINY = ["--image-size", "32", "--batch-size", "8", "--head-epochs", "1", "--fine
     ("torchvision_offline", "cannot load ImageNet weights"),
     ("too_many_workers", "needs 8 worker(s) x 1 CPU"),
     ("gpu", "asked for GPUs"),
-    ("bad_flag", "--unfreeze-depth must be in 0..14 for the multiscale head, got 25"),
+    ("bad_flag", "--unfreeze-depth must be in 1..14 for the multiscale head with phase-2 epochs, got 25"),
 ])
 def test_train_bad_input_is_one_clear_line(ray_session, tmp_path, capsys, monkeypatch, case, expected):
     data = tmp_path / "data"

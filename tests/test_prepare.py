@@ -44,7 +44,7 @@ def test_config_from_args_absolute_paths_and_names(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--lr must be above 0"):
         TrainConfig(lr=0).validate()
     # the multiscale (default) and local heads' trunk has 14 blocks, the global network 19
-    with pytest.raises(ValueError, match=r"--unfreeze-depth must be in 0\.\.14 for the multiscale head, got 15"):
+    with pytest.raises(ValueError, match=r"--unfreeze-depth must be in 1\.\.14 for the multiscale head with phase-2 epochs, got 15"):
         TrainConfig(unfreeze_depth=15).validate()
     TrainConfig(head="global", unfreeze_depth=19).validate()
     with pytest.raises(ValueError, match="--head must be one of multiscale, local, global"):
@@ -180,3 +180,33 @@ def test_a_link_to_generated_demo_data_is_used_and_never_deleted_through(tmp_pat
     with pytest.raises(ValueError, match="is a link"):
         demo_data_dir(str(storage), n_train=6, n_test=2)
     assert (real / "keep.txt").exists()
+
+
+def test_a_weights_file_of_another_architecture_is_one_line_naming_it(tmp_path):
+    import torch
+
+
+    from artifact_core.errors import WeightsUnavailableError
+
+    data = make_easy_folder(tmp_path / "train", n=12)
+    wrong = tmp_path / "resnet_like.pt"
+    # MobileNetV2's keys with other shapes (a wider model): load_state_dict raises a long RuntimeError
+    from torchvision.models import mobilenet_v2
+    torch.save({k: v for k, v in mobilenet_v2(width_mult=1.4).state_dict().items()}, wrong)
+    cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="w", weights=str(wrong),
+                      image_size=32)
+    with pytest.raises(WeightsUnavailableError) as err:
+        prepare_run(cfg)
+    assert str(wrong) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "runs" / "w" / "run_config.json").exists()
+
+
+
+def test_unfreeze_depth_zero_needs_no_phase_two():
+    from artifact_core.config import SweepConfig
+
+    TrainConfig(unfreeze_depth=0, finetune_epochs=0).validate()
+    with pytest.raises(ValueError, match="--unfreeze-depth must be in 1..*with phase-2 epochs"):
+        TrainConfig(unfreeze_depth=0, finetune_epochs=2).validate()
+    with pytest.raises(ValueError, match="--unfreeze-depths must be values in 1"):
+        SweepConfig(base=TrainConfig(), unfreeze_depths=[0, 2]).validate()

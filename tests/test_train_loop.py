@@ -482,3 +482,31 @@ def test_more_head_epochs_once_phase_two_began_are_refused():
     # patience ended phase 1: more epochs would not have run either
     stopped = [head[0], {**head[1], "early_stopped": True}, state.history[-1]]
     train_loop.check_phase_one_growth(dataclasses.replace(state, history=stopped), 5)
+
+
+def test_cached_head_epochs_leave_no_patience_debt_for_a_resume_that_streams(tmp_path, monkeypatch):
+    """Patience skips cached epochs; counting them anyway cut a resumed phase 1 that streams
+    (less disk, another --head-cache-mb) short at its first epoch."""
+    import ray.train
+    import ray.train.torch
+
+    from conftest import make_easy_folder
+
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: None)
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m: m)
+    data = make_easy_folder(tmp_path / "d", n=12, size=32)
+    paths = sorted(str(p) for p in data.glob("*.png"))
+    labels = [int(p[-5]) for p in paths]
+    split = {"train_paths": paths[:8], "train_labels": labels[:8], "val_paths": paths[8:], "val_labels": labels[8:]}
+    cfg = TrainConfig(image_size=32, batch_size=4, head_members=1, weights="none", decode_cache_mb=0,
+                      head_epochs=3, finetune_epochs=0, patience=1)
+    torch.manual_seed(0)
+    model = train_loop.model_for(cfg)
+    # a best score no epoch can beat: every epoch is one without a gain
+    state = train_loop.LoopState(phase_best_score=float("inf"), phase_best_metric=cfg.select_metric)
+    train_loop.run_phase(train_loop.phases(cfg)[0], model=model, state=state, optimizer_state=None, cfg=cfg,
+                         loop_config={"split": split}, loaders=train_loop._loaders({"split": split}, cfg, 0, 1),
+                         weights=torch.ones(2), device=torch.device("cpu"),
+                         context={"rank": 0, "world": 1, "workers_on_node": 1, "node_ids": []})
+    assert state.history and all(h["features_cached"] for h in state.history)
+    assert state.bad_epochs == 0 and state.phase_epoch == 3
