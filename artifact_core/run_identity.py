@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -189,10 +190,11 @@ def write_split(run: Location, split: Split) -> str:
                 "val": {"files": split.val_files, "labels": [int(y) for y in split.val_labels]}}
         run.join(SPLIT_JSON).write_text(json.dumps(body))
         return SPLIT_JSON
+    # Names as bytes: one that is not UTF-8 (surrogate-escaped) is no Arrow string.
     table = pa.table({"part": ["train"] * len(split.train_files) + ["val"] * len(split.val_files),
-                      "file": split.train_files + split.val_files,
+                      "file": pa.array([os.fsencode(f) for f in split.train_files + split.val_files], pa.binary()),
                       "label": pa.array([*split.train_labels, *split.val_labels], pa.int8())})
-    table = table.replace_schema_metadata({"root": split.root})
+    table = table.replace_schema_metadata({"root": os.fsencode(split.root)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     run.join(SPLIT_PARQUET).write_bytes(buf.getvalue())
@@ -208,8 +210,10 @@ def read_split(run: Location, name: str) -> Split:
     if name == SPLIT_PARQUET:
         with loc.fs.open_input_file(loc.path) as f:
             table = pq.read_table(f)
-        root = (table.schema.metadata or {}).get(b"root", b"").decode()
+        root = os.fsdecode((table.schema.metadata or {}).get(b"root", b""))
         d = table.to_pydict()
+        # (bytes since names that are not UTF-8 are stored; text in splits written before)
+        d["file"] = [os.fsdecode(f) if isinstance(f, bytes) else f for f in d["file"]]
         parts = {p: ([f for f, q in zip(d["file"], d["part"]) if q == p],
                      [int(y) for y, q in zip(d["label"], d["part"]) if q == p]) for p in ("train", "val")}
         return Split(root, *parts["train"], *parts["val"])

@@ -91,6 +91,19 @@ def calibrated_model(seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> str:
+    """A 32 px scoring bundle: calibrated trunk, a random head with varied, unsaturated scores."""
+    import torch
+
+    from artifact_core.bundle import BundleConfig, save_bundle
+
+    model = calibrated_model()
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.02)
+    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model,
+                       BundleConfig(image_size=32, threshold=0.5))
+
+
 @pytest.fixture(scope="session")
 def backbone_weights(tmp_path_factory) -> str:
     """A state-dict file of :func:`calibrated_model`, for ``--weights PATH``."""

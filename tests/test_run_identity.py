@@ -258,3 +258,21 @@ def test_a_sweep_keeps_the_epochs_it_started_with():
         assert differences(old, new), change
     train = {**old, "kind": "train"}
     assert differences(train, {**train, "config": {"head_epochs": 6, "finetune_epochs": 2}}) == []
+
+
+def test_a_large_split_keeps_names_that_are_not_utf8(tmp_path, monkeypatch):
+    import os
+
+    from artifact_core import run_identity
+    from artifact_core.run_identity import SPLIT_PARQUET, Split, read_split, write_split
+    from artifact_core.storage import resolve
+
+    monkeypatch.setattr(run_identity, "SPLIT_JSON_MAX_FILES", 2)  # the Parquet form, as above 50,000 files
+    odd = os.fsdecode(b"caf\xe9_0.png")
+    root = os.fsdecode(os.fsencode(str(tmp_path)) + b"/d\xe9")
+    split = Split(root, [odd, "b_1.png"], [0, 1], ["c_1.png"], [1])
+    run = resolve(str(tmp_path / "run"))
+    run.makedirs()
+    assert write_split(run, split) == SPLIT_PARQUET
+    back = read_split(run, SPLIT_PARQUET)
+    assert back.train_files == [odd, "b_1.png"] and back.root == root and back.val_labels == [1]

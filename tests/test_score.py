@@ -12,27 +12,17 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.export_onnx import export_onnx
 from artifact_core.predict import ArtifactPredictor, predict_paths
 from artifact_core.score_output import OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
-from conftest import REPO, calibrated_model, write_image
+from conftest import REPO, write_image
 
 pytestmark = pytest.mark.ray
 
 BROKEN = {"empty.png", "truncated.jpg", "text.png", "bomb.png"}
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> str:
-    model = calibrated_model()
-    torch.nn.init.normal_(model.classifier[1].weight, std=0.02)  # varied, unsaturated scores
-    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model,
-                       BundleConfig(image_size=32, threshold=0.5))
 
 
 def hostile_folder(root) -> set[str]:

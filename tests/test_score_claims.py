@@ -11,22 +11,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.score_output import MANIFEST_FILE, OutputConflictError, prepare_output, read_manifest
 from artifact_core.scoring import (OWNED_ENTRIES, PARQUET_DIR, MissingRowsError, ScoreConfig, _existing_rows, _parts,
                                    _prepare_output, finalize)
 from artifact_core.storage import resolve
-from conftest import calibrated_model, load_job, write_image
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> str:
-    model = calibrated_model()
-    torch.nn.init.normal_(model.classifier[1].weight, std=0.02)
-    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model,
-                       BundleConfig(image_size=32, threshold=0.5))
+from conftest import load_job, write_image
 
 
 def rows(names: list[str], prob: float = 0.9) -> pa.Table:

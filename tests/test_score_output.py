@@ -9,21 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.score_output import MANIFEST_FILE, OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
 from artifact_core.storage import FileReadError, NestedLocationError, read_file_bytes
-from conftest import calibrated_model, load_job, write_image
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> str:
-    model = calibrated_model()
-    torch.nn.init.normal_(model.classifier[1].weight, std=0.02)
-    return save_bundle(str(tmp_path_factory.mktemp("bundle") / "model"), model,
-                       BundleConfig(image_size=32, threshold=0.5))
+from conftest import load_job, write_image
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
