@@ -550,7 +550,14 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     summary = finalize(cfg, shown, threshold=threshold, wall_seconds=time.time() - t0, scored_now=len(todo),
                        run_id=manifest.run_id, pipeline=plan, stage_seconds=stages)
     from artifact_core.report import report_after_scoring  # the page reads the finished outputs
-    return report_after_scoring(cfg, summary)
+    try:
+        return report_after_scoring(cfg, summary)
+    except Exception as exc:  # noqa: BLE001 - the predictions are complete: a failed page must not fail the job
+        log.warning("the review page could not be written (%s: %s); the predictions are complete", type(exc).__name__,
+                    exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        summary["report"] = {"path": None, "reason": f"failed: {type(exc).__name__}: {exc}"}
+        resolve(cfg.output).join(SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        return summary
 
 
 def read_labels(labels_csv: str) -> list[tuple[str, int]]:

@@ -320,7 +320,7 @@ def test_report_switch_without_scoring(tmp_path):
 
 
 @pytest.mark.ray
-def test_scoring_writes_report(ray_session, bundle64, tmp_path):
+def test_scoring_writes_report(ray_session, bundle64, tmp_path, monkeypatch):
     from artifact_core.scoring import ScoreConfig, run_scoring
 
     folder = image_folder(tmp_path / "in")
@@ -350,6 +350,16 @@ def test_scoring_writes_report(ray_session, bundle64, tmp_path):
     assert (out / "report" / "confidence_hist.png").exists() and 'src="confidence_hist.png"' in page
     assert f"{n_flagged - 3} left out" in page and "broken.png" in page  # the error table
     assert not (out / "report.tmp").exists()
+
+    # A page that fails after the predictions are complete does not fail the job: it says why.
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_module, "_write_report_anywhere", broken)
+    summary = run_scoring(ScoreConfig(**{**cfg.__dict__, "overwrite": True}))
+    assert summary["report"] == {"path": None, "reason": "failed: OSError: disk full"}
+    assert json.loads((out / "summary.json").read_text())["report"] == summary["report"]
+    assert len(pd.read_csv(out / "predictions.csv")) == len(csv)
 
 
 def test_report_in_process_with_a_vanished_file(bundle64, tmp_path):
