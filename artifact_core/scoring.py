@@ -92,7 +92,8 @@ def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = Fa
 
     Args:
         drop_foreign: delete the parts of other runs instead (a resume, just after its claim:
-            such a run lost the folder to a later claim and stopped at its finalize, or will).
+            such a run lost the folder to a later claim and stopped at its finalize, or will),
+            and the staged file of a compaction that was killed.
 
     Raises:
         OutputConflictError: a part of another run is there (another job writes into this
@@ -108,15 +109,16 @@ def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = Fa
             for name in foreign:
                 parquet_dir.join(name).remove()
             parts = [n for n in parts if n not in foreign]
-            # (and what a compaction killed before its rename left: hidden from readers, but not kept)
-            for name in names:
-                if name.startswith("_") and ".parquet" in name:
-                    parquet_dir.join(name).remove()
         elif foreign:
             raise OutputConflictError(
                 f"{parquet_dir.uri} holds {foreign[0]!r}, written by another scoring job (runs of this output: "
                 f"{', '.join(manifest.runs)}); nothing was published by this run. When no other job uses the "
                 f"folder, rerun with --resume (parts of runs that lost the folder are dropped) or --overwrite")
+    if drop_foreign:
+        # What a compaction killed before its rename left: hidden from readers, but not kept.
+        for name in names:
+            if name.startswith("_") and ".parquet" in name:
+                parquet_dir.join(name).remove()
     return [parquet_dir.join(n) for n in parts]
 
 

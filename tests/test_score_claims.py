@@ -216,3 +216,12 @@ def test_an_older_manifest_with_credentials_in_its_input_still_resumes(tmp_path)
     new = ScoringIdentity(**{**old.__dict__, "input": redact_uri(old.input)})
     assert _differences(old, new) == []
     assert new.input == "s3://***@bucket/in?endpoint_override=localhost%3A9000"
+
+
+def test_resume_clears_what_a_killed_compaction_staged(cfg):
+    parquet, first = claim(cfg)
+    write_part(parquet, first.run_id, ["a.png", "b.png"])
+    (Path(parquet.path) / f"_{first.run_id}_compacted.parquet").write_bytes(b"killed before its rename")
+    parquet, resumed = claim(cfg, resume=True)
+    _parts(parquet, resumed, drop_foreign=True)
+    assert [p.name for p in Path(parquet.path).iterdir()] == [f"{first.run_id}_0_000000.parquet"]
