@@ -290,15 +290,20 @@ def weights_sha256(path: str) -> str:
     return _WEIGHTS_SHA256[key]
 
 
+def read_metrics(path: str) -> dict[str, Any]:
+    """A local bundle's ``metrics.json`` ({} when it has none)."""
+    metrics_path = os.path.join(path, METRICS_FILE)
+    if not os.path.isfile(metrics_path):
+        return {}
+    with open(metrics_path) as f:
+        return json.load(f)
+
+
 def update_metrics(path: str, key: str, value: Any) -> dict[str, Any]:
     """Set ``metrics[key] = value`` in a bundle's ``metrics.json`` (atomically); returns the metrics."""
-    metrics_path = os.path.join(path, METRICS_FILE)
-    metrics: dict[str, Any] = {}
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            metrics = json.load(f)
+    metrics = read_metrics(path)
     metrics[key] = value
-    write_json_atomic(metrics_path, metrics)
+    write_json_atomic(os.path.join(path, METRICS_FILE), metrics)
     return metrics
 
 

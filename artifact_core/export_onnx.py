@@ -17,7 +17,6 @@ bypasses an ONNX file that does not match the bundle's ``model.pt``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -28,8 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from artifact_core.bundle import (CALIBRATION_FILE, METRICS_FILE, ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY,
-                                  OPTIONAL_FILES, load_bundle, update_metrics, weights_sha256, write_json_atomic)
+from artifact_core.bundle import (CALIBRATION_FILE, ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY, OPTIONAL_FILES,
+                                  load_bundle, read_metrics, update_metrics, weights_sha256, write_json_atomic)
 from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError
@@ -247,9 +246,7 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
     elif os.path.exists(os.path.join(bundle_dir, ONNX_INT8_FILE)):
         # An fp32-only re-export leaves the int8 model as it is: keep its figures with it.
         # (Scoring checks the model.pt each ONNX file records, so a stale one is never run.)
-        metrics_path = os.path.join(bundle_dir, METRICS_FILE)
-        with open(metrics_path) if os.path.isfile(metrics_path) else contextlib.nullcontext(None) as f:
-            earlier = (json.load(f).get("onnx") or {}).get("int8") if f is not None else None
+        earlier = (read_metrics(bundle_dir).get("onnx") or {}).get("int8")
         if earlier:
             info["int8"] = earlier
     update_metrics(bundle_dir, "onnx", info)

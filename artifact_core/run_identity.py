@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from artifact_core.config import effective_members, mirror_pass_acts
-from artifact_core.storage import Location
+from artifact_core.storage import Location, temp_file_of
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,6 @@ OWNED_NAMES = frozenset({RUN_FILE, SPLIT_JSON, SPLIT_PARQUET, "model", "trials",
                          ".validate_storage_marker"})
 #: Ray Train's checkpoint folders (``checkpoint_<timestamp>``).
 OWNED_PREFIXES = ("checkpoint_",)
-#: The temporary file :meth:`~artifact_core.storage.Location.write_bytes` writes before its rename.
-_TEMP_SUFFIX = re.compile(r"\.tmp\d+$")
 #: What a first start writes before its run record: the split (the record comes last).
 START_FILES = (SPLIT_JSON, SPLIT_PARQUET)
 
@@ -99,14 +96,12 @@ def _now() -> str:
 
 def is_owned(name: str) -> bool:
     """True for a run-folder entry that training or a sweep writes (or the temporary file of one)."""
-    base = _TEMP_SUFFIX.sub("", name)
-    return name in OWNED_NAMES or name.startswith(OWNED_PREFIXES) or (base != name and base in OWNED_NAMES)
+    return name in OWNED_NAMES or name.startswith(OWNED_PREFIXES) or temp_file_of(name) in OWNED_NAMES
 
 
 def _is_start_file(name: str) -> bool:
     """True for what a first start writes before its record: the split, or a temporary file of it or of the record."""
-    base = _TEMP_SUFFIX.sub("", name)
-    return name in START_FILES or (base != name and base in (*START_FILES, RUN_FILE))
+    return name in START_FILES or temp_file_of(name) in (*START_FILES, RUN_FILE)
 
 
 def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -20,12 +20,11 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from artifact_core.storage import Location, redact_uri
+from artifact_core.storage import Location, redact_uri, temp_file_of
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +37,10 @@ class OutputConflictError(ValueError):
     """The output folder cannot be used as asked; the message says why and what to do."""
 
 
-#: a temporary file :meth:`Location.write_bytes` leaves behind when killed mid-write
-_TEMP_NAME = re.compile(r".+\.tmp\d+\Z", re.S)
-
-
 def is_temp_leftover(name: str, owned: list[str]) -> bool:
     """Whether ``name`` is the temporary file of an interrupted write of an owned entry or the manifest."""
-    if not _TEMP_NAME.fullmatch(name):
-        return False
-    base = name[:name.rindex(".tmp")]
-    return base in owned or base == MANIFEST_FILE
+    base = temp_file_of(name)
+    return base is not None and (base in owned or base == MANIFEST_FILE)
 
 
 @dataclass

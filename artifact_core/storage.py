@@ -26,6 +26,17 @@ def display_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+#: the suffix of the temporary file :meth:`Location.write_bytes` writes before its rename
+_TEMP_SUFFIX = re.compile(r"\.tmp\d+\Z")
+
+
+def temp_file_of(name: str) -> str | None:
+    """The file name whose :meth:`Location.write_bytes` temporary file ``name`` is (a kill
+    mid-write leaves it behind), or None when ``name`` is no such file."""
+    base = _TEMP_SUFFIX.sub("", name)
+    return base if base != name and base else None
+
+
 def undisplay_path(shown: str) -> str:
     """The local path :func:`display_path` made ``shown`` from: each ``\\xNN`` of a byte
     above 0x7f back to that byte (surrogate-escaped, as ``os.fsdecode`` gives it). A name that
