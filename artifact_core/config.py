@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from artifact_core.storage import redact_uri
+
 
 #: Validation metrics that may drive selection (``--select-metric``); every epoch reports all
 #: of them and higher is better for each.
@@ -234,6 +236,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-safe)."""
         return dataclasses.asdict(self)
+
+    def shareable_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without credentials in its URIs: for files that travel (bundles, sweep results)."""
+        d = self.to_dict()
+        for key in ("data_dir", "storage_path"):
+            if isinstance(d.get(key), str):
+                d[key] = redact_uri(d[key])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from artifact_core.images import ImageDecodeError, decode_image
-from artifact_core.storage import FileReadError, Location, read_file_bytes, resolve, undisplay_path
+from artifact_core.storage import FileReadError, Location, read_file_bytes, redact_uri, resolve, undisplay_path
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def _write_report_anywhere(cfg: Any) -> dict[str, Any]:
         _remove_report(remote)
         pafs.copy_files(built, remote.path, destination_filesystem=output.fs)
         remote.join(INDEX_FILE).upload(index)
-    entry["path"] = output.join(REPORT_DIR, INDEX_FILE).uri
+    entry["path"] = redact_uri(output.join(REPORT_DIR, INDEX_FILE).uri)  # summary.json is shared
     return entry
 
 

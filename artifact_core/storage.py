@@ -80,7 +80,14 @@ class Location:
     def join(self, *parts: str) -> "Location":
         """A child location (``parts`` use ``/``)."""
         path = posixpath.join(self.path, *parts)
-        uri = posixpath.join(self.uri, *parts) if not self.is_local else os.path.join(self.uri, *parts)
+        if self.is_local:
+            return Location(self.fs, path, os.path.join(self.uri, *parts))
+        # The parts go into the URI's path, before its query (``?endpoint_override=...``), and
+        # percent-encoded: pyarrow decodes a URI's path, so a name holding '%', '?' or '#'
+        # would otherwise name another object (or options) when the URI is resolved again.
+        split = urllib.parse.urlsplit(self.uri)
+        quoted = [urllib.parse.quote(p.encode("utf-8", "surrogateescape"), safe="/") for p in parts]
+        uri = urllib.parse.urlunsplit(split._replace(path=posixpath.join(split.path, *quoted)))
         return Location(self.fs, path, uri)
 
     def info(self) -> pafs.FileInfo:

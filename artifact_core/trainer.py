@@ -377,7 +377,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
         **(extra_metrics or {}),
     }
     config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout, head=cfg.head,
-                          train_config=cfg.to_dict(), weights_source=weights_source,
+                          train_config=cfg.shareable_dict(), weights_source=weights_source,
                           test_time_flip=cfg.flips_at_test_time, head_members=cfg.ensemble_members)
     dest = out_dir if isinstance(out_dir, Location) else resolve(out_dir)
     with tempfile.TemporaryDirectory() as tmp:

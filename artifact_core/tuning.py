@@ -279,7 +279,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                             bundle, extra_metrics={"sweep": base.name, "trial": best_id},
                             weights_source=loop_config["weights_source"], split=loop_config["split"])
     reports = _not_diverged(best.metrics_dataframe)
-    best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.to_dict(),
+    best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.shareable_dict(),
                    "select_metric": metric, f"best_{metric}": float(reports[metric].max()),
                    f"best_{HEADLINE_METRIC}": float(reports[HEADLINE_METRIC].max()),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],

@@ -21,6 +21,7 @@ from conftest import make_easy_folder, write_image
 pytestmark = pytest.mark.ray
 
 BUCKET = "artifact-core-test"
+URI_SECRET = "secret-only-in-the-uri"
 
 
 def _listing(fs: pafs.FileSystem, prefix: str) -> set[str]:
@@ -34,6 +35,7 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
 
     from artifact_core.config import TrainConfig
     from artifact_core.scoring import ScoreConfig, run_scoring
+    from artifact_core.storage import redact_uri
     from artifact_core.trainer import run_training
     from artifact_core.tuning import SweepConfig, run_sweep
 
@@ -52,7 +54,13 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
     (test_dir / "broken.png").write_text("not an image")
     pafs.copy_files(str(tmp_path / "local"), f"{BUCKET}/data", destination_filesystem=fs)
 
-    data, runs = f"s3://{BUCKET}/data/train", f"s3://{BUCKET}/runs"
+    data = f"s3://{BUCKET}/data/train"
+    # The runs' URI also names the store and credentials in its options (as users of MinIO
+    # write it): every path the jobs join onto it (run folder, bundle, trials) must keep them,
+    # and the secret must stay out of every file the jobs write for others.
+    options = (f"endpoint_override={s3_server.removeprefix('http://')}&scheme=http"
+               f"&access_key=testing&secret_key={URI_SECRET}")
+    runs = f"s3://{BUCKET}/runs?{options}"
     ray.shutdown()  # reconnect as a job whose workers, actors and tasks get the S3 variables
     ray.init(address=ray_session["address"], runtime_env={"env_vars": env})
     try:
@@ -60,7 +68,7 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
                      image_size=32, head_epochs=1, finetune_epochs=1, weights=backbone_weights, patience=0,
                      max_failures=0, val_fraction=0.25)
         summary = run_training(TrainConfig(name="exp", **small))
-        assert summary.bundle_dir == f"{runs}/exp/model"
+        assert summary.bundle_dir == f"s3://{BUCKET}/runs/exp/model?{options}"
         in_run = _listing(fs, f"{BUCKET}/runs/exp")
         assert {"run_config.json", "split.json", "model/model.pt", "model/config.json", "model/metrics.json",
                 "model/learning_curves.png"} <= in_run
@@ -76,17 +84,22 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
         assert table["status"] == ["completed"] and table["epochs"] == [2]
         with fs.open_input_stream(f"{BUCKET}/runs/sweep/best_config.json") as f:
             assert json.loads(f.read())["params"]["lr"] == pytest.approx(1e-2)
-        assert sweep["bundle_dir"] == f"{runs}/sweep/model"
+        assert sweep["bundle_dir"] == f"s3://{BUCKET}/runs/sweep/model?{options}"
 
         out = f"s3://{BUCKET}/preds/exp"
         scored = run_scoring(ScoreConfig(model=summary.bundle_dir, input=f"s3://{BUCKET}/data/test", output=out,
                                          num_actors=1, batch_size=4))
-        assert scored["files"] == 6 and scored["errors"] == 1 and scored["model"] == summary.bundle_dir
+        assert scored["files"] == 6 and scored["errors"] == 1 and scored["model"] == redact_uri(summary.bundle_dir)
         in_out = _listing(fs, f"{BUCKET}/preds/exp")
         assert {"predictions.csv", "summary.json", "scoring_manifest.json"} <= in_out
         parts = [p for p in in_out if p.startswith("predictions.parquet/") and p.endswith(".parquet")]
         rows = sum(pq.read_table(f"{BUCKET}/preds/exp/{p}", filesystem=fs).num_rows for p in parts)
         assert rows == 6
+        shared = ["runs/exp/model/config.json", "runs/exp/model/metrics.json", "runs/sweep/best_config.json",
+                  "runs/sweep/model/config.json", "preds/exp/summary.json", "preds/exp/scoring_manifest.json"]
+        for name in shared + [f"preds/exp/{p}" for p in in_out if p.endswith(".html")]:
+            with fs.open_input_stream(f"{BUCKET}/{name}") as f:
+                assert URI_SECRET not in f.read().decode(), f"the URI's secret key was written to {name}"
     finally:
         ray.shutdown()  # the next test reconnects without these variables
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir()), "a URI was written as a local path"

@@ -1,0 +1,54 @@
+"""artifact_core.storage: paths joined onto URIs stay URIs that name the same object."""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+import pytest
+
+from artifact_core.storage import resolve
+
+ODD_NAME = "x?y#z%20.bin"  # '?', '#' and a %-escape: each means something else inside a URI
+
+
+@pytest.mark.parametrize("base", ["s3://bucket?region=us-east-1", "s3://bucket/a%20b?region=us-east-1&scheme=http",
+                                  "s3://bucket/runs/?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"])
+def test_a_joined_uri_resolves_to_the_joined_path(base):
+    child = resolve(base).join("sub dir", ODD_NAME)
+    again = resolve(child.uri)  # as a worker, a trial or a later job gets it: a string
+    assert again.path == child.path and again.path.endswith(f"/sub dir/{ODD_NAME}")
+    assert child.uri.endswith(base.split("?", 1)[1]), "the URI's options must stay on the joined URI"
+
+
+def test_storage_options_in_the_uri_reach_the_server(s3_server, monkeypatch, tmp_path):
+    """A store given only in the URI (``?endpoint_override=``, no AWS_ENDPOINT_URL) is written and read."""
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    host = s3_server.removeprefix("http://")
+    fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("opts")
+    base = f"s3://opts/runs?endpoint_override={host}&scheme=http&region=us-east-1"
+
+    child = resolve(base).join("exp", ODD_NAME)
+    child.write_bytes(b"payload")
+    with fs.open_input_stream(f"opts/runs/exp/{ODD_NAME}") as f:
+        assert f.read() == b"payload"
+    with resolve(child.uri).fs.open_input_stream(resolve(child.uri).path) as f:
+        assert f.read() == b"payload"
+    assert resolve(base).join("exp").children() == [ODD_NAME]
+    assert not list(cwd.iterdir()), "a URI was written as a local path"
+
+
+def test_the_training_config_that_travels_has_no_credentials():
+    from artifact_core.config import TrainConfig
+
+    cfg = TrainConfig(data_dir="s3://KEYID:TOPSECRET@faces/train?region=eu-west-1",
+                      storage_path="s3://runs?endpoint_override=minio:9000&secret_key=TOPSECRET")
+    shared = cfg.shareable_dict()
+    assert "TOPSECRET" not in repr(shared) and "KEYID" not in repr(shared)
+    assert shared["data_dir"].endswith("@faces/train?region=eu-west-1") and "minio:9000" in shared["storage_path"]
+    assert cfg.to_dict()["data_dir"] == cfg.data_dir  # the run's own record keeps the URI as given
