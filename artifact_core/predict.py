@@ -425,6 +425,11 @@ class DecodingPredictor:
             parts = [f.result() for f in [self.pool.submit(self._lane, c) for c in chunks]]
         else:
             futures = [self.pool.submit(decode_batch, {"raw_path": c}, **self.decode_kwargs) for c in chunks]
+            if self.predictor.device == "cuda":
+                # Chunks decode side by side; the GPU then takes the whole batch at once (chunks
+                # of 8 would leave it idle between tiny launches).
+                decoded = [f.result() for f in futures]
+                return self._predict({k: np.concatenate([d[k] for d in decoded]) for k in decoded[0]})
             parts = [self._predict(f.result()) for f in futures]  # in order: chunk k runs while k+1.. decode
         return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_COLUMNS}
 

@@ -224,6 +224,11 @@ def _node_cpus() -> list[int]:
             if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
 
 
+def _node_gpus() -> list[int]:
+    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+
+
 def measure_stage_costs(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | None,
                         image_size: int) -> tuple[float | None, float]:
     """Per-image cost on one core of read + decode and of inference, in ms, on a small probe.
@@ -308,8 +313,12 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
         # One actor per node using all its cores, reserving one CPU less: Ray Data's write
         # tasks need a free CPU (an actor pool that reserves every CPU hangs, #44687).
         if cfg.use_gpu:
-            n = max(1, int(ray.cluster_resources().get("GPU", 0)))
-            plan = PipelinePlan("fused", n, cfg.cpus_per_actor, max(1, cpus - 1), max(1, cpus - 1), reason=reason)
+            # An actor per GPU; the actors of one node share its cores (one left to the writes),
+            # and each reserves the cores its decode threads use.
+            gpus = _node_gpus()
+            threads = max(1, (cpus - 1) // max(gpus or [1]))
+            plan = PipelinePlan("fused", max(1, sum(gpus)), max(cfg.cpus_per_actor, float(threads)), threads, threads,
+                                reason=reason)
         else:
             n = len(big) or max(1, len(node_cpus) - 1)
             plan = PipelinePlan("fused", n, float(max(1, cpus - 1)), cpus, cpus, reason=reason)

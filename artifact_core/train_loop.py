@@ -428,10 +428,12 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
     else:
         train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
                                           num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
-                                          persistent_workers=cfg.loader_workers > 0, collate_fn=collate))
+                                          persistent_workers=cfg.loader_workers > 0, collate_fn=collate,
+                                          pin_memory=cfg.use_gpu))
     val_shard = Subset(val_ds, val_indices)
+    # pinned batches: the non-blocking copies to the GPU (_to_device) then overlap compute
     val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
-                            collate_fn=collate)
+                            collate_fn=collate, pin_memory=cfg.use_gpu)
     return train, SkippingLoader(val_loader)
 
 
@@ -550,7 +552,8 @@ def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, dev
     # phase 2; without drop_last, which guards BatchNorm in training mode (the frozen trunk runs
     # in eval) and would drop the same images from both views for every epoch.
     plain_loader = SkippingLoader(DataLoader(plain, batch_size=inner.batch_size, sampler=inner.sampler,
-                                             num_workers=cfg.loader_workers, collate_fn=inner.collate_fn))
+                                             num_workers=cfg.loader_workers, collate_fn=inner.collate_fn,
+                                             pin_memory=cfg.use_gpu))
     cache = _cache_features(model, plain_loader, device, autocast, first_epoch=first_epoch,
                             mirrors_as_views=cfg.head_cache_views >= 2, spill=spill)
     loader.unreadable.extend(plain_loader.unreadable)  # counted as the training loader's
@@ -886,9 +889,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _setup_logging(rank)
     torch.manual_seed(cfg.seed + rank)
-    if not cfg.use_gpu:
-        # Each worker owns cpus_per_worker cores; more threads only fight each other.
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    # Each worker owns cpus_per_worker cores (GPU workers too: several share a node's cores);
+    # more threads only fight each other.
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     context = {"rank": rank, "world": world, "workers_on_node": ctx.get_local_world_size(),
                "node_ids": sorted(set(_gather([ray.get_runtime_context().get_node_id()])))}

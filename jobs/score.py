@@ -39,8 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="optional CSV filename,label to report micro F1 against (default for the demo: its test_labels.csv)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call (default: %(default)s)")
     p.add_argument("--num-actors", type=int, default=None,
-                   help="predictor actors (default: fused, one per node; split, one per GPU or the "
-                        "CPUs' share that inference takes)")
+                   help="predictor actors (default: fused, one per node or per GPU; split, one per GPU, "
+                        "else the CPUs' share that inference takes when auto measured it, else half the "
+                        "CPUs / --cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs per predictor actor in the split pipeline (default: %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
     p.add_argument("--engine", choices=SCORE_ENGINES, default=d.engine,

@@ -302,6 +302,24 @@ def test_bundle_in_object_storage_runs_onnx_like_a_local_one(onnx_bundle, stale_
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir()), "a URI was read as a local path"
 
 
+def test_fused_actor_on_a_gpu_runs_the_whole_batch_at_once(bundle_dir, images, monkeypatch):
+    """Decode runs in chunks side by side; a GPU engine then gets the batch in one call (on
+    CPU the chunks go one by one). Emulated here: the engine is marked as on a GPU."""
+    root = os.path.dirname(images[0])
+    raw = np.array([os.fsencode(x) for x in images[:7]] + [os.fsencode(f"{root}/gone.png")], dtype=object)
+    cpu = DecodingPredictor(bundle_dir, image_size=32, root=root, engine="torch", chunk=2, decode_threads=2)
+    expected = cpu({"raw_path": raw})
+    gpu = DecodingPredictor(bundle_dir, image_size=32, root=root, engine="torch", chunk=2, decode_threads=2)
+    gpu.predictor.device = "cuda"
+    sizes = []
+    predict = gpu.predictor.engine.predict
+    monkeypatch.setattr(gpu.predictor.engine, "predict", lambda x: (sizes.append(len(x)), predict(x))[1])
+    out = gpu({"raw_path": raw})
+    assert sizes == [7], sizes  # the 7 decoded images in one call (the missing file is an error row)
+    assert list(out["path"]) == list(expected["path"]) and out["predicted_class"][7] == -1
+    np.testing.assert_allclose(out["prob_artifact_free"], expected["prob_artifact_free"], atol=1e-6)
+
+
 @pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                                               ((9, 0), torch.bfloat16), ((6, 1), torch.float16)])
 def test_gpu_autocast_dtype_follows_compute_capability(monkeypatch, capability, dtype):

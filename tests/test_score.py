@@ -200,6 +200,21 @@ def test_fused_plan_gives_onnx_a_lane_per_core_up_to_a_cap(monkeypatch):
     assert scoring.lane_memory_mb(448) > scoring.LANE_MIB_AT_448 >= 4 * (scoring.lane_memory_mb(224) - 1)
 
 
+def test_fused_gpu_plan_gives_each_gpu_an_actor_and_a_share_of_its_node(monkeypatch):
+    import artifact_core.scoring as scoring
+
+    cfg = ScoreConfig(model="m", input="i", output="o", pipeline="fused", use_gpu=True)
+    monkeypatch.setattr(scoring, "_node_cpus", lambda: [32, 32])
+    monkeypatch.setattr(scoring, "_node_gpus", lambda: [4, 4])
+    plan = scoring.plan_pipeline(cfg, ["a.png"], None, 224)
+    # 8 actors, 4 on a node: 31 cores (one left to the writes) shared, each reserving its threads
+    assert (plan.num_actors, plan.decode_threads, plan.actor_cpus) == (8, 7, 7.0)
+    monkeypatch.setattr(scoring, "_node_gpus", lambda: [1])
+    monkeypatch.setattr(scoring, "_node_cpus", lambda: [8])
+    plan = scoring.plan_pipeline(cfg, ["a.png"], None, 224)
+    assert (plan.num_actors, plan.decode_threads, plan.actor_cpus) == (1, 7, 7.0)
+
+
 def test_pipeline_estimates():
     from artifact_core.scoring import _estimates
     # inference-bound (ONNX at 224 px, 512² JPEG): one decode core would idle half the time
