@@ -19,8 +19,21 @@ from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 # plugins already loaded (WebP is not among those PIL loads by itself).
 from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401
 
+from artifact_core.storage import FileReadError, read_file_bytes
+
 # 8k x 8k: far beyond any face crop, far below what exhausts a worker's memory.
 MAX_IMAGE_PIXELS = 64_000_000
+#: The longest side accepted (JPEG's own limit). PIL keeps a pointer and more per row, so a
+#: 1 x 64,000,000 strip, within the pixel limit, would take over a GB to decode.
+MAX_IMAGE_SIDE = 65_535
+#: WebP decodes whole, through about four full-size RGBA copies (16 bytes per pixel against
+#: PNG's 4-5): its pixel limit is this share of ``max_pixels``, for the same memory.
+WEBP_PIXEL_SHARE = 4
+#: Scans in one JPEG (progressive encoders write about 10). Each scan passes over the whole
+#: image, so a small file of thousands of scans would take minutes to decode.
+MAX_JPEG_SCANS = 100
+#: The first bytes of each accepted format, to name it when PIL cannot read its header.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
 
 #: What PIL may open, whatever the file's name says: the content of the listed extensions
 #: (.png .jpg .jpeg .webp .bmp). Left open, PIL would also parse PostScript named .png and
@@ -78,8 +91,7 @@ def _key_to_white(img: Image.Image) -> Image.Image:
     A key makes a pixel fully transparent or fully opaque, so compositing is setting the keyed
     pixels to white: no alpha channel (4 more bytes per pixel, and a premultiplied copy in
     reduce()), and a box reduce afterwards averages what compositing first would. RGB and L
-    are changed in place. 16-bit grey gets the value that its stretch to 8 bits turns white,
-    and the stretch takes its range from the visible pixels (the key is no picture content).
+    are changed in place; 16-bit grey gets its white, 65535.
     """
     key = img.info.get("transparency")
     if img.mode == "L" and isinstance(key, int):
@@ -97,42 +109,28 @@ def _key_to_white(img: Image.Image) -> Image.Image:
         return img
     del img.info["transparency"]
     arr = np.array(img)  # a writable copy, 2 bytes per pixel for 16-bit
-    hidden = arr == key
-    if not hidden.any():
-        return img
-    shown = ~hidden
-    lo = arr.min(where=shown, initial=np.iinfo(arr.dtype).max)
-    hi = arr.max(where=shown, initial=np.iinfo(arr.dtype).min)
-    del shown
-    if not hi > lo:
-        # visible pixels all alike stretch to black (as without a key), the keyed ones are white
-        return Image.fromarray(np.where(hidden, np.uint8(255), np.uint8(0)))
-    arr[hidden] = hi
+    arr[arr == key] = 65535
     return Image.fromarray(arr)
 
 
-def _to_rgb(img: Image.Image, value_range: tuple[float, float] | None = None) -> Image.Image:
+def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
 
     Transparency, from an alpha channel or a tRNS colour key (RGB, L, 16-bit grey, palette),
-    is composited over white. ``value_range``: the (low, high) that 16-bit/float greyscale is
-    stretched from (default: this image's own; :func:`_shrink_before_rgb` passes the
-    full-size image's).
+    is composited over white. 16-bit greyscale comes down by its bit depth (v / 257).
     """
     if _has_key(img):
         img = _key_to_white(img)
     if img.mode == "RGB":
         return img
     if img.mode in _DEEP_GREY:
-        # 16-bit/float greyscale: PIL's convert("RGB") clips to 0..255 instead of
-        # rescaling, which turns most 16-bit images white. Rescale by the actual range.
-        # float32 and in place: a 16-bit file is small on disk, and float64 temporaries made it
-        # cost over 20 bytes per pixel to decode (float32 holds every 16-bit value exactly)
+        # By the bit depth, as viewers show it and as 16-bit RGB comes down: the same picture
+        # saved with 8 or 16 bits gives the model the same pixels (a stretch by each image's
+        # own range would not). PIL's convert("RGB") clips to 0..255 instead, turning most
+        # 16-bit images white. float32 in place: float64 temporaries cost 20+ bytes per pixel.
         arr = np.array(img, dtype=np.float32)  # a writable copy (a float image would give a read-only view)
-        lo, hi = (float(v) for v in value_range) if value_range else (float(np.nanmin(arr)), float(np.nanmax(arr)))
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        arr -= lo
-        arr *= scale
+        arr *= 255.0 / 65535.0
+        np.rint(arr, out=arr)
         np.clip(arr, 0, 255, out=arr)
         return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or _has_key(img):
@@ -177,27 +175,59 @@ def _reduce(img: Image.Image, target_size: int, *, keep_aspect: bool = False) ->
     return img.reduce((max(fx, 1), max(fy, 1)))
 
 
-def _shrink_before_rgb(img: Image.Image, target_size: int, *,
-                       keep_aspect: bool = False) -> tuple[Image.Image, tuple[float, float] | None]:
+def _shrink_before_rgb(img: Image.Image, target_size: int, *, keep_aspect: bool = False) -> Image.Image:
     """Box-reduce the modes whose conversion to RGB takes several full-size copies (alpha
-    composited over white, 16-bit and float greyscale rescaled): 17-26 bytes per pixel.
+    composited over white, 16-bit greyscale rescaled): 17-26 bytes per pixel.
 
     PIL's reduce() premultiplies alpha, so compositing afterwards matches compositing first
-    up to rounding. Returns the image and, for 16-bit/float greyscale, the full-size range
-    to stretch from, so the contrast is that of the whole image whatever the path.
+    up to rounding.
     """
     if _has_key(img):
         img = _key_to_white(img)  # before the reduce, which would blur the key away
     mode = img.mode
     if mode.startswith("I;16"):
         img = img.convert("I")  # reduce() has no 16-bit mode; 32-bit integers keep every value
-    if img.mode in ("I", "F"):
-        return _reduce(img, target_size, keep_aspect=keep_aspect), img.getextrema()
     if mode == "PA" or (mode == "P" and _has_key(img)):
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "L"):
-        return _reduce(img, target_size, keep_aspect=keep_aspect), None
-    return img, None
+    if img.mode in ("I", "F", "RGBA", "LA", "L"):
+        return _reduce(img, target_size, keep_aspect=keep_aspect)
+    return img
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _check_header(img: Image.Image, data: bytes, label: str, max_pixels: int) -> None:
+    """Refuse, before any pixel is decoded, what would cost far more than its file size.
+
+    PIL's own bomb check (in open) only warns below 2x its global limit; this is a hard
+    per-call limit. (Not by turning PIL's warning into an error: warnings.catch_warnings()
+    swaps process-wide state, and fused scoring decodes on several threads at once.)
+    """
+    width, height = img.size
+    limit = max_pixels // WEBP_PIXEL_SHARE if img.format == "WEBP" else max_pixels
+    if width * height > limit:
+        kind = " for WebP, which decodes whole" if img.format == "WEBP" else ""
+        raise ImageDecodeError(label, f"{width}x{height} pixels exceeds the limit of {limit}{kind}")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageDecodeError(label, f"{width}x{height} pixels: a side exceeds the limit of {MAX_IMAGE_SIDE}")
+    if img.format in _DRAFT_FORMATS:
+        # FF DA (start of scan) and FF D9 (end of image) cannot occur inside entropy-coded
+        # data (an FF there is followed by 00 or a restart marker).
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise ImageDecodeError(label, f"{scans} JPEG scans exceed the limit of {MAX_JPEG_SCANS}")
+        if data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0:
+            # libjpeg only warns and fills the rest: a download cut short (or zero-filled
+            # where it stopped) would decode as a half-garbage picture
+            raise ImageDecodeError(label, "truncated JPEG: no end-of-image marker after its last scan")
+    elif img.format == "WEBP" and len(data) > 1024 and not data[-256:].strip(b"\0"):
+        # a file cut short and zero-filled (a preallocated download): PIL decodes the zeros
+        raise ImageDecodeError(label, "truncated WebP: the file ends in a run of zero bytes")
 
 
 def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -226,38 +256,29 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
         raise ValueError("decode_image takes target_size or max_side, not both")
     label = name or (os.fspath(source) if not isinstance(source, bytes) else "<bytes>")
     try:
-        if isinstance(source, bytes):
-            if not source:
-                raise ImageDecodeError(label, "file is empty")
-            stream: io.IOBase = io.BytesIO(source)
-        else:
-            if os.path.getsize(source) == 0:
-                raise ImageDecodeError(label, "file is empty")
-            stream = open(source, "rb")
-        with stream:
-            with Image.open(stream, formats=ACCEPTED_FORMATS) as img:
-                width, height = img.size
-                # PIL's own bomb check (in open) only warns below 2x its global limit; ours is
-                # a hard per-call limit, checked from the header before any pixel is decoded.
-                # (Not by turning PIL's warning into an error: warnings.catch_warnings() swaps
-                # process-wide state, and fused scoring decodes on several threads at once.)
-                if width * height > max_pixels:
-                    raise ImageDecodeError(
-                        label, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
-                    )
-                _key_in_pixel_units(img)
-                # Truncated files fail in load() (PIL's default LOAD_TRUNCATED_IMAGES=False),
-                # never decode silently as half grey.
-                shrink = target_size or max_side
-                if shrink and img.format in _DRAFT_FORMATS:
-                    # DCT-domain downscaling: PIL picks the largest of 1/2, 1/4, 1/8 that keeps
-                    # both sides >= the request, so the resize below still only downsamples.
-                    img.draft(None, (shrink, shrink))
-                img.load()
-                out, value_range = _exif_upright(img), None
-                if shrink:
-                    out, value_range = _shrink_before_rgb(out, shrink, keep_aspect=bool(max_side))
-                out = _to_rgb(out, value_range)
+        # A path is read as scoring reads a listed file: a FIFO or device named like an image
+        # is refused without blocking, and the size limit is the same.
+        data = source if isinstance(source, bytes) else read_file_bytes(os.fspath(source))
+    except FileReadError as exc:
+        raise ImageDecodeError(label, exc.reason) from exc
+    if not data:
+        raise ImageDecodeError(label, "file is empty")
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            _check_header(img, data, label, max_pixels)
+            _key_in_pixel_units(img)
+            # Truncated files fail in load() (PIL's default LOAD_TRUNCATED_IMAGES=False),
+            # never decode silently as half grey.
+            shrink = target_size or max_side
+            if shrink and img.format in _DRAFT_FORMATS:
+                # DCT-domain downscaling: PIL picks the largest of 1/2, 1/4, 1/8 that keeps
+                # both sides >= the request, so the resize below still only downsamples.
+                img.draft(None, (shrink, shrink))
+            img.load()
+            out = _exif_upright(img)
+            if shrink:
+                out = _shrink_before_rgb(out, shrink, keep_aspect=bool(max_side))
+            out = _to_rgb(out)
         if target_size:
             out = resize_image(_reduce(out, target_size), target_size)
         elif max_side:
@@ -268,7 +289,10 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
         raise
     except UnidentifiedImageError as exc:
         # PIL's own message names a stream object by its memory address
-        raise ImageDecodeError(label, NOT_AN_IMAGE) from exc
+        known = _format_by_signature(data)
+        raise ImageDecodeError(label, f"truncated or corrupt {known} header" if known else NOT_AN_IMAGE) from exc
+    except MemoryError as exc:
+        raise ImageDecodeError(label, "out of memory while decoding") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         # PIL raises OSError for truncation, SyntaxError/ValueError for some corrupt headers.

@@ -34,6 +34,19 @@ def test_16bit_greyscale_is_rescaled_not_clipped(tmp_path):
     assert 100 < out.mean() < 155  # a ramp, not a white square
 
 
+@pytest.mark.parametrize("target", [None, 16])
+def test_16bit_greyscale_comes_down_by_bit_depth_like_its_8bit_copy(target):
+    """The same picture saved with 16 bits and with 8 gives the same pixels (not a stretch by
+    each image's own range, which made a flat 16-bit grey black)."""
+    ramp = np.tile(np.linspace(100, 160, 64).round().astype(np.uint8), (64, 1))
+    eight = _saved(Image.fromarray(ramp), "PNG")
+    sixteen = _saved(Image.fromarray(ramp.astype(np.uint16) * 257), "PNG")
+    flat = _saved(Image.fromarray(np.full((64, 64), 40000, np.uint16)), "PNG")
+    a, b = (np.asarray(decode_image(d, target_size=target)).astype(int) for d in (eight, sixteen))
+    assert np.abs(a - b).max() <= 1 and a.min() >= 99 and a.max() <= 161
+    assert (np.asarray(decode_image(flat, target_size=target)) == round(40000 / 257)).all()
+
+
 def test_transparent_pixels_become_white(tmp_path):
     p = tmp_path / "alpha.png"
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(p)
@@ -159,9 +172,8 @@ def test_a_trns_colour_key_is_transparency_in_every_mode(kind, side, target):
     assert (out[:, : n // 2 - 1] == 255).all(), out[0]  # the keyed half is white, not the key's colour
     right = out[:, n // 2 + 1:]
     if kind == "I;16":
-        # a ramp stretched by the visible pixels' range (about 30000..40000), not from the key
-        # value 3 up (which would leave its dark end at about 190)
-        assert right[..., 0].min() < 40 and right[..., 0].max() > 215
+        # the visible ramp (about 30000..40000) by bit depth: about 117..156
+        assert 105 < right[..., 0].min() < 130 and 145 < right[..., 0].max() < 160
     else:
         assert (right < 250).all() and right.max() > 0  # the picture stays
 
@@ -276,3 +288,64 @@ def test_png_key_units_read_tiles_as_older_pillow_gives_them():
     img.tile = [tuple(img.tile[0])]
     _key_in_pixel_units(img)
     assert img.info["transparency"] == 85
+
+
+def _noise(size: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    """Each scan passes over the whole image: a small file repeating one scan would take minutes."""
+    data = _saved(_noise(64), "JPEG", progressive=True)
+    sos = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    dht = data.rfind(b"\xff\xc4", 0, sos[1])  # a refinement scan with its Huffman table
+    scan = data[dht:sos[2]]
+    assert np.asarray(decode_image(data)).shape == (64, 64, 3)  # the honest file: about 10 scans
+    hostile = data[:-2] + scan * 300 + b"\xff\xd9"
+    with pytest.raises(ImageDecodeError, match=r"scans exceed the limit of 100"):
+        decode_image(hostile, name="scans.jpg")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_a_file_cut_short_and_zero_filled_is_refused_not_decoded_as_garbage(fmt):
+    """What a preallocated download leaves when it stops: the right length, zeros at the end.
+    libjpeg and libwebp decode such files without an error."""
+    data = _saved(_noise(96), fmt, **({"quality": 90} if fmt == "JPEG" else {"lossless": True}))
+    cut = len(data) // 2
+    hostile = data[:cut] + bytes(len(data) - cut)
+    with pytest.raises(ImageDecodeError, match=rf"half\.x': truncated {'JPEG' if fmt == 'JPEG' else 'WebP'}"):
+        decode_image(hostile, name="half.x")
+    assert decode_image(data + bytes(64), name="padded").size == (96, 96)  # zeros after the end are fine
+
+
+def test_what_decodes_far_bigger_than_its_pixel_count_is_refused_from_the_header():
+    # WebP decodes whole, at about four times PNG's bytes per pixel: a quarter of the limit
+    webp = _saved(Image.new("RGB", (1100, 1000)), "WEBP", lossless=True)
+    png = _saved(Image.new("RGB", (1100, 1000)), "PNG")
+    with pytest.raises(ImageDecodeError, match=r"1100x1000 pixels exceeds the limit of 1000000 for WebP"):
+        decode_image(webp, max_pixels=4_000_000, target_size=32)
+    assert decode_image(png, max_pixels=4_000_000, target_size=32).size == (32, 32)
+    # a strip within the pixel limit whose rows alone would cost over a GB at 64,000,000 of them
+    strip = _saved(Image.new("L", (1, 70_000)), "PNG")
+    with pytest.raises(ImageDecodeError, match=r"1x70000 pixels: a side exceeds the limit of 65535"):
+        decode_image(strip, target_size=32)
+
+
+def test_a_fifo_or_device_named_like_an_image_is_refused_by_path(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # opening it without O_NONBLOCK would wait for a writer forever
+    link = tmp_path / "zero.png"
+    link.symlink_to("/dev/zero")
+    for p in (fifo, link):
+        with pytest.raises(ImageDecodeError, match=rf"{p.name}.*not a regular file"):
+            decode_image(str(p), target_size=32)
+
+
+def test_a_cut_header_of_an_accepted_format_is_called_truncated():
+    png = _saved(_noise(32), "PNG")
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt PNG header"):
+        decode_image(png[:36], name="cut.png")
+    with pytest.raises(ImageDecodeError, match=NOT_AN_IMAGE.replace("(", r"\(").replace(")", r"\)")):
+        decode_image(b"GIF89a" + bytes(40), name="gif.png")
