@@ -32,7 +32,7 @@ from artifact_core.bundle import Bundle, load_bundle
 from artifact_core.data import LABEL_NAMES, list_images
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError, ImageSource, decode_image
-from artifact_core.storage import display_path
+from artifact_core.storage import FileReadError, display_path, read_file_bytes
 from artifact_core.transforms import normalize
 
 log = logging.getLogger(__name__)
@@ -216,9 +216,11 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
         decoded = []
         for path, name in chunk:
             try:
-                # The preview is decoded here too, so a file that fails either way gets its row.
-                decoded.append((path, name, explainer.pixels(path), decode_image(path, max_side=OVERLAY_MAX_SIDE)))
-            except ImageDecodeError as exc:
+                # Read once; the preview is decoded here too, so a file that fails either way gets its row.
+                data = read_file_bytes(path)
+                decoded.append((path, name, explainer.pixels(data, name=path),
+                                decode_image(data, name=path, max_side=OVERLAY_MAX_SIDE)))
+            except (ImageDecodeError, FileReadError) as exc:
                 rows.append({"file": path, "heatmap": "", "prob_artifact_free": None, "predicted_class": -1,
                              "confidence": None, "error": exc.reason})
             except OSError as exc:  # (a file that vanished or cannot be read: its row, not the run's end)
