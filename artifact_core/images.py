@@ -27,8 +27,9 @@ MAX_IMAGE_PIXELS = 64_000_000
 #: 1 x 64,000,000 strip, within the pixel limit, would take over a GB to decode.
 MAX_IMAGE_SIDE = 65_535
 #: WebP decodes whole, through about four full-size RGBA copies (16 bytes per pixel against
-#: PNG's 4-5): its pixel limit is this share of ``max_pixels``, for the same memory.
-WEBP_PIXEL_SHARE = 4
+#: PNG's 4-5): its pixel limit is this share of ``max_pixels`` (21 MP by default: 4096 x 4096
+#: and 4608 x 4608 pass).
+WEBP_PIXEL_SHARE = 3
 #: Scans in one JPEG (progressive encoders write about 10). Each scan passes over the whole
 #: image, so a small file of thousands of scans would take minutes to decode.
 MAX_JPEG_SCANS = 100
@@ -216,18 +217,53 @@ def _check_header(img: Image.Image, data: bytes, label: str, max_pixels: int) ->
     if max(width, height) > MAX_IMAGE_SIDE:
         raise ImageDecodeError(label, f"{width}x{height} pixels: a side exceeds the limit of {MAX_IMAGE_SIDE}")
     if img.format in _DRAFT_FORMATS:
-        # FF DA (start of scan) and FF D9 (end of image) cannot occur inside entropy-coded
-        # data (an FF there is followed by 00 or a restart marker).
-        scans = data.count(b"\xff\xda")
+        scans, complete = _jpeg_scans(data)
         if scans > MAX_JPEG_SCANS:
-            raise ImageDecodeError(label, f"{scans} JPEG scans exceed the limit of {MAX_JPEG_SCANS}")
-        if data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0:
+            raise ImageDecodeError(label, f"more than {MAX_JPEG_SCANS} JPEG scans (the limit)")
+        if not complete:
             # libjpeg only warns and fills the rest: a download cut short (or zero-filled
             # where it stopped) would decode as a half-garbage picture
-            raise ImageDecodeError(label, "truncated JPEG: no end-of-image marker after its last scan")
-    elif img.format == "WEBP" and len(data) > 1024 and not data[-256:].strip(b"\0"):
-        # a file cut short and zero-filled (a preallocated download): PIL decodes the zeros
-        raise ImageDecodeError(label, "truncated WebP: the file ends in a run of zero bytes")
+            raise ImageDecodeError(label, "truncated JPEG: the data ends before its end-of-image marker")
+
+
+def _jpeg_scans(data: bytes) -> tuple[int, bool]:
+    """(scans, complete) of a JPEG's first image, by walking its markers: segments by their
+    lengths, a scan's entropy-coded data up to the next marker (an FF there is followed by 00
+    or a restart marker). Stops at the first end-of-image marker, so what follows (an MPO's
+    second frame, a motion photo's video) is not read; stops early past the scan limit."""
+    i, n, scans = 2, len(data), 0
+    while i + 1 < n:
+        if data[i] != 0xFF:  # stray bytes between segments: libjpeg skips them, with a warning
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return scans, False
+            continue
+        marker = data[i + 1]
+        if marker == 0xD9:
+            return scans, True
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2  # fill byte, or a marker without a length
+            continue
+        if i + 4 > n:
+            return scans, False
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        if scans > MAX_JPEG_SCANS:
+            return scans, False
+        while True:  # the scan's entropy-coded data
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 1 >= n:
+                return scans, False
+            follower = data[i + 1]
+            if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                i += 2
+            elif follower == 0xFF:
+                i += 1
+            else:
+                break
+    return scans, False
 
 
 def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,

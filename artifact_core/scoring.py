@@ -224,8 +224,9 @@ def _node_cpus() -> list[int]:
             if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
 
 
-def _node_gpus() -> list[int]:
-    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes()
+def _gpu_nodes() -> list[tuple[int, int]]:
+    """(CPUs, GPUs) of each alive node with a GPU."""
+    return [(int(n["Resources"].get("CPU", 0)), int(n["Resources"]["GPU"])) for n in ray.nodes()
             if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
 
 
@@ -315,10 +316,10 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
         if cfg.use_gpu:
             # An actor per GPU; the actors of one node share its cores (one left to the writes),
             # and each reserves the cores its decode threads use.
-            gpus = _node_gpus()
-            threads = max(1, (cpus - 1) // max(gpus or [1]))
-            plan = PipelinePlan("fused", max(1, sum(gpus)), max(cfg.cpus_per_actor, float(threads)), threads, threads,
-                                reason=reason)
+            nodes = _gpu_nodes()
+            threads = max(1, min(((c - 1) // g for c, g in nodes), default=cpus - 1))
+            plan = PipelinePlan("fused", max(1, sum(g for _, g in nodes)), max(cfg.cpus_per_actor, float(threads)),
+                                threads, threads, reason=reason)
         else:
             n = len(big) or max(1, len(node_cpus) - 1)
             plan = PipelinePlan("fused", n, float(max(1, cpus - 1)), cpus, cpus, reason=reason)

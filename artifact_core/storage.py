@@ -86,7 +86,8 @@ class Location:
         # percent-encoded: pyarrow decodes a URI's path, so a name holding '%', '?' or '#'
         # would otherwise name another object (or options) when the URI is resolved again.
         split = urllib.parse.urlsplit(self.uri)
-        quoted = [urllib.parse.quote(p.encode("utf-8", "surrogateescape"), safe="/") for p in parts]
+        # (RFC 3986's sub-delimiters stay as typed: run names may hold them)
+        quoted = [urllib.parse.quote(p.encode("utf-8", "surrogateescape"), safe="/!$&'()*+,;=:@~") for p in parts]
         uri = urllib.parse.urlunsplit(split._replace(path=posixpath.join(split.path, *quoted)))
         return Location(self.fs, path, uri)
 

@@ -6,6 +6,7 @@
 #   2. scores N generated 256x256 JPEGs with --use-gpu (uint8 batches of 256 to the GPU,
 #      normalized there, bf16 autocast on compute capability >= 8.0, else fp16) while
 #      nvidia-smi samples GPU utilisation;
+#      then 2,000 of them again with --pipeline fused (decode threads in the GPU actor);
 #   3. checks the GPU probabilities against the PyTorch CPU engine on 200 of the images:
 #      the job's (autocast) within 1e-2, and the same model on the GPU in float32 within 1e-3
 #      (TF32 convolutions), so a wrong GPU path cannot hide in the autocast's rounding; prints
@@ -93,9 +94,16 @@ T=$SECONDS
 kill "$SMI_PID" 2>/dev/null || true
 wait "$SMI_PID" 2>/dev/null || true
 echo "scoring took $((SECONDS - T)) s"
+# The fused pipeline too (auto chooses split on a GPU): decode threads in the GPU actor, whole batches to the GPU
+N_FUSED=$(( N_IMAGES < 2000 ? N_IMAGES : 2000 ))
+mkdir -p "$WORK/jpegs_fused"
+# (sed reads all of ls's output: head would end the pipe early, which pipefail turns into a failure)
+ls "$WORK/jpegs" | sed -n "1,${N_FUSED}p" | while read -r f; do ln -f "$WORK/jpegs/$f" "$WORK/jpegs_fused/$f"; done
+"$PY" jobs/score.py --model "$BUNDLE" --input "$WORK/jpegs_fused" --output "$WORK/pred_fused" --use-gpu \
+    --pipeline fused --batch-size "$BATCH" --overwrite --no-report
 
 echo "== 3/3 GPU vs CPU probabilities on 200 images, throughput, utilisation"
-"$PY" - "$BUNDLE" "$WORK/pred" "$SMI_LOG" <<'EOF'
+"$PY" - "$BUNDLE" "$WORK/pred" "$SMI_LOG" "$WORK/pred_fused" <<'EOF'
 import json, os, sys
 
 import numpy as np
@@ -103,7 +111,7 @@ import pyarrow.csv as pacsv
 
 from artifact_core.predict import ArtifactPredictor, predict_paths
 
-bundle, pred_dir, smi_log = sys.argv[1:4]
+bundle, pred_dir, smi_log, fused_dir = sys.argv[1:5]
 summary = json.load(open(os.path.join(pred_dir, "summary.json")))
 table = pacsv.read_csv(os.path.join(pred_dir, "predictions.csv")).to_pydict()
 assert summary["errors"] == 0, f"{summary['errors']} error rows: {summary['error_examples']}"
@@ -120,6 +128,13 @@ dtype = fp32.engine.autocast_dtype
 fp32.engine.autocast_dtype = None  # the same GPU path (pinned uint8, normalized on the GPU), no autocast
 diff32 = float(np.max(np.abs(predict_paths(fp32, paths) - cpu)))
 print(f"GPU float32 vs CPU: max abs probability difference {diff32:.2e} (limit 1e-3); the job's autocast: {dtype}")
+fused = json.load(open(os.path.join(fused_dir, "summary.json")))
+ftable = pacsv.read_csv(os.path.join(fused_dir, "predictions.csv")).to_pydict()
+split_by_name = {os.path.basename(p): q for p, q in zip(table["path"], table["prob_artifact_free"])}
+fdiff = max(abs(q - split_by_name[os.path.basename(p)]) for p, q in zip(ftable["path"], ftable["prob_artifact_free"]))
+assert fused["errors"] == 0 and fused["pipeline"]["mode"] == "fused", fused["pipeline"]
+print(f"fused pipeline: {fused['files']} images, {fused['images_per_second']:.0f} img/s whole job; "
+      f"max abs difference to the split pipeline {fdiff:.2e} (limit 1e-2: both autocast, batched apart)")
 
 util = []
 for line in open(smi_log):
@@ -132,7 +147,7 @@ print(f"scoring: {summary['files']} images in {summary['wall_seconds']:.1f} s wh
       f"{summary['images_per_second']:.0f} img/s")
 print(f"GPU utilisation ({len(util)} samples, 250 ms): mean {util.mean():.0f} %, "
       f"mean while busy {busy.mean() if busy.size else 0:.0f} %, max {util.max()} %")
-if not (diff <= 1e-2 and diff32 <= 1e-3):
+if not (diff <= 1e-2 and diff32 <= 1e-3 and fdiff <= 1e-2):
     sys.exit("gpu_check: FAILED, GPU probabilities differ from CPU ones by more than the limits above")
 print("gpu_check: PASSED")
 EOF

@@ -19,6 +19,7 @@ import sys
 from artifact_core.config import (DEMO_DATA_FOLDER, DEMO_RUN_NAME, SCORE_ENGINES, SCORE_PIPELINES, SCORE_PRECISIONS,
                                   WAIT_HELP, ScoreConfig, TrainConfig)
 from artifact_core.jobs_common import run_job
+from artifact_core.storage import redact_uri, resolve
 
 # the demo's train run writes here when started without arguments
 DEMO_RUNS = TrainConfig().storage_path
@@ -129,7 +130,7 @@ def main(args: argparse.Namespace) -> None:
         m = evaluate_against_labels(cfg.output, labels)
         print(f"against {labels}: micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f}, "
               f"confusion matrix [rows true 0/1, cols predicted 0/1] {m['confusion_matrix']}")
-    print(f"predictions: {os.path.join(cfg.output, 'predictions.csv')}")
+    print(f"predictions: {redact_uri(resolve(cfg.output).join('predictions.csv').uri)}")
     report = s.get("report", {})
     print(f"report: {report['path']}" if report.get("path") else f"no report: {report.get('reason')}")
 

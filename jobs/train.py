@@ -18,6 +18,7 @@ import sys
 
 from artifact_core.config import add_training_args, config_from_args
 from artifact_core.jobs_common import run_job
+from artifact_core.storage import redact_uri
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def main(args: argparse.Namespace) -> None:
           f"{summary.metrics['threshold']:.3f}; confusion matrix [rows true 0/1, cols predicted 0/1] "
           f"{v['confusion_matrix']}; artifact AP {summary.metrics['ap_artifact']:.4f}, ROC AUC "
           f"{summary.metrics['roc_auc']:.4f} (checkpoint chosen by {summary.metrics['select_metric']})")
-    print(f"model bundle: {summary.bundle_dir}")
+    print(f"model bundle: {redact_uri(summary.bundle_dir)}")
 
 
 if __name__ == "__main__":

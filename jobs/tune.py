@@ -17,6 +17,7 @@ import sys
 
 from artifact_core.config import add_sweep_args, add_training_args, config_from_args, sweep_from_args
 from artifact_core.jobs_common import run_job
+from artifact_core.storage import redact_uri, resolve
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,8 @@ def main(args: argparse.Namespace) -> None:
                  *[c for c in table.columns if c.startswith("best_")], "epochs", "status"]
     print(table[[c for c in with_cols if c in table]].to_string(index=False))
     print(f"best trial {out['best_config']['trial_id']}: {out['best_config']['params']}")
-    print(f"results: {out['sweep_dir']}/results.csv; best model bundle: {out['bundle_dir']}")
+    results = resolve(out["sweep_dir"]).join("results.csv").uri
+    print(f"results: {redact_uri(results)}; best model bundle: {redact_uri(out['bundle_dir'])}")
 
 
 if __name__ == "__main__":

@@ -204,12 +204,13 @@ def test_fused_gpu_plan_gives_each_gpu_an_actor_and_a_share_of_its_node(monkeypa
     import artifact_core.scoring as scoring
 
     cfg = ScoreConfig(model="m", input="i", output="o", pipeline="fused", use_gpu=True)
-    monkeypatch.setattr(scoring, "_node_cpus", lambda: [32, 32])
-    monkeypatch.setattr(scoring, "_node_gpus", lambda: [4, 4])
+    # a small CPU-only head node beside two GPU nodes: the GPU nodes' cores set the threads
+    monkeypatch.setattr(scoring, "_node_cpus", lambda: [4, 32, 32])
+    monkeypatch.setattr(scoring, "_gpu_nodes", lambda: [(32, 4), (32, 4)])
     plan = scoring.plan_pipeline(cfg, ["a.png"], None, 224)
     # 8 actors, 4 on a node: 31 cores (one left to the writes) shared, each reserving its threads
     assert (plan.num_actors, plan.decode_threads, plan.actor_cpus) == (8, 7, 7.0)
-    monkeypatch.setattr(scoring, "_node_gpus", lambda: [1])
+    monkeypatch.setattr(scoring, "_gpu_nodes", lambda: [(8, 1)])
     monkeypatch.setattr(scoring, "_node_cpus", lambda: [8])
     plan = scoring.plan_pipeline(cfg, ["a.png"], None, 224)
     assert (plan.num_actors, plan.decode_threads, plan.actor_cpus) == (1, 7, 7.0)
