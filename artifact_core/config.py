@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,8 +380,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.data_dir:
         cfg.data_dir = absolute_storage_path(cfg.data_dir)  # a URI stays as it is
     if not cfg.name:
-        cfg.name = os.path.basename(cfg.data_dir.rstrip("/")) if cfg.data_dir else DEMO_RUN_NAME
+        cfg.name = _folder_name(cfg.data_dir) if cfg.data_dir else DEMO_RUN_NAME
     return cfg
+
+
+def _folder_name(path: str) -> str:
+    """The last folder of a path, or of a URI's path (not of its ``?options``), unescaped."""
+    if "://" in path:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+    return os.path.basename(path.rstrip("/"))
 
 
 def absolute_storage_path(path: str) -> str:

@@ -175,7 +175,7 @@ def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32
 
 def onnx_path(bundle_dir: str, precision: str = "fp32") -> str:
     """Path (or URI) of the bundle's ONNX model for ``precision``."""
-    return os.path.join(bundle_dir, ONNX_INT8_FILE if precision == "int8" else ONNX_FILE)
+    return resolve(bundle_dir).join(ONNX_INT8_FILE if precision == "int8" else ONNX_FILE).uri
 
 
 def amp_dtype() -> torch.dtype:

@@ -52,3 +52,19 @@ def test_the_training_config_that_travels_has_no_credentials():
     assert "TOPSECRET" not in repr(shared) and "KEYID" not in repr(shared)
     assert shared["data_dir"].endswith("@faces/train?region=eu-west-1") and "minio:9000" in shared["storage_path"]
     assert cfg.to_dict()["data_dir"] == cfg.data_dir  # the run's own record keeps the URI as given
+
+
+def test_the_default_run_name_of_a_data_uri_is_its_folder_not_its_options():
+    from artifact_core.config import _folder_name
+
+    assert _folder_name("s3://faces/train/?endpoint_override=http://minio:9000&scheme=http") == "train"
+    assert _folder_name("s3://faces/new%20set") == "new set"
+    assert _folder_name("/data/faces/train/") == "train"
+
+
+def test_onnx_paths_of_a_bundle_uri_keep_its_options():
+    from artifact_core.predict import onnx_path
+
+    uri = "s3://models/exp/model?endpoint_override=minio:9000&scheme=http&region=us-east-1"
+    assert onnx_path(uri, "int8") == "s3://models/exp/model/model.int8.onnx?endpoint_override=minio:9000&scheme=http&region=us-east-1"
+    assert resolve(onnx_path(uri)).path == "models/exp/model/model.onnx"
