@@ -22,7 +22,6 @@ interpreter).
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 import queue
 from concurrent.futures import ThreadPoolExecutor

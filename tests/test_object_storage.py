@@ -47,7 +47,7 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
     fs = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", access_key="testing", secret_key="testing",
                            region="us-east-1", allow_bucket_creation=True)
     fs.create_dir(BUCKET)
-    local = make_easy_folder(tmp_path / "local" / "train", n=24)
+    make_easy_folder(tmp_path / "local" / "train", n=24)
     test_dir = tmp_path / "local" / "test"
     for i in range(5):
         write_image(test_dir / f"face_{i}.png", color=(40 * i, 100, 90))

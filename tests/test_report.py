@@ -291,7 +291,7 @@ def test_report_upload_stopped_anywhere_leaves_no_page_without_its_images(bundle
 
 
 def test_heatmap_actor_turns_bad_files_into_error_rows(bundle64, tmp_path):
-    good = write_image(tmp_path / "g.png", size=300)
+    write_image(tmp_path / "g.png", size=300)
     (tmp_path / "junk.png").write_bytes(b"junk")
     (tmp_path / "empty.png").write_bytes(b"")
     names = ["g.png", "junk.png", "empty.png", "gone.png"]
