@@ -1,9 +1,9 @@
 """Find AI-generated face images with visible artifacts: a MobileNetV2 fine-tuned on Ray.
 
-Modules: ``data`` (folders, labels, splits), ``images`` (the one decoder),
-``transforms``, ``model``, ``metrics``, ``bundle`` (model folder IO), ``config``,
-``train_loop`` (per-worker loop), ``trainer`` (driver, ``build_trainer``), ``tuning``,
-``predict``, ``scoring``, ``plots``, ``raycluster``, ``demo_data``.
+One module per concern; the README's "Library" section lists them all (``data``: folders,
+labels, splits; ``images``: the one decoder; ``storage``: local paths and URIs; ``model``;
+``train_loop`` and ``trainer``: training; ``tuning``: sweeps; ``predict`` and ``scoring``:
+scoring; ``bundle``: the model folder; ...).
 Importing this package does nothing else: no Ray, no logging set-up, no files.
 """
 

@@ -9,11 +9,10 @@ import dataclasses
 import json
 import math
 import os
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from artifact_core.storage import redact_uri
+from artifact_core.storage import folder_name, is_uri, redact_uri
 
 
 #: Validation metrics that may drive selection (``--select-metric``); every epoch reports all
@@ -186,7 +185,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
-        name_problem = None if self.name is None else run_name_problem(self.name, in_uri="://" in self.storage_path)
+        name_problem = None if self.name is None else run_name_problem(self.name, in_uri=is_uri(self.storage_path))
         checks = [
             ("--num-workers", self.num_workers >= 1, "at least 1"),
             # (Ray's granularity is 1/10000 of a CPU: less rounds to nothing)
@@ -380,15 +379,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.data_dir:
         cfg.data_dir = absolute_storage_path(cfg.data_dir)  # a URI stays as it is
     if not cfg.name:
-        cfg.name = _folder_name(cfg.data_dir) if cfg.data_dir else DEMO_RUN_NAME
+        cfg.name = folder_name(cfg.data_dir) if cfg.data_dir else DEMO_RUN_NAME
     return cfg
 
-
-def _folder_name(path: str) -> str:
-    """The last folder of a path, or of a URI's path (not of its ``?options``), unescaped."""
-    if "://" in path:
-        path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
-    return os.path.basename(path.rstrip("/"))
 
 
 def absolute_storage_path(path: str) -> str:
@@ -397,7 +390,7 @@ def absolute_storage_path(path: str) -> str:
     Ray Train workers change directory into the session folder, so a relative
     path would land somewhere else on every worker.
     """
-    if "://" in path:
+    if is_uri(path):
         return path
     return os.path.abspath(os.path.expanduser(path))
 
@@ -488,7 +481,10 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def sweep_from_args(args: argparse.Namespace, base: TrainConfig) -> SweepConfig:
-    """Fill a :class:`SweepConfig` from parsed ``jobs/tune.py`` flags."""
+    """Fill a :class:`SweepConfig` from parsed ``jobs/tune.py`` flags. Without ``--name`` the
+    sweep's folder is ``<run name>-sweep``, apart from a training run on the same data."""
+    if args.name is None:
+        base.name = f"{base.name}-sweep"
     names = {f.name for f in dataclasses.fields(SweepConfig)} - {"base"}
     return SweepConfig(base=base, **{k: v for k, v in vars(args).items() if k in names})
 
@@ -553,3 +549,93 @@ class ScoreConfig:
             if not ok:
                 raise ValueError(f"{flag} must be {expected}, got {value!r}")
         return self
+
+
+#: where the demo's training run writes (``jobs/train.py`` without arguments)
+DEMO_STORAGE = TrainConfig().storage_path
+
+
+def add_score_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``jobs/score.py``'s flags to ``p``; omitted paths mean the demo's (see :func:`score_from_args`)."""
+    d = ScoreConfig(model="", input="", output="")
+    p.add_argument("--model", default=None, help=f"model bundle folder (default: ./{DEMO_STORAGE}/{DEMO_RUN_NAME}/model)")
+    p.add_argument("--input", default=None,
+                   help=f"image folder, searched recursively; local path or pyarrow URI such as s3://bucket/dir "
+                        f"(default: ./{DEMO_STORAGE}/{DEMO_DATA_FOLDER}/test)")
+    p.add_argument("--output", default=None,
+                   help=f"output folder (default: ./{DEMO_STORAGE}/{DEMO_RUN_NAME}/predictions, which the demo, run "
+                        f"with neither --input nor --output, replaces)")
+    p.add_argument("--labels", default=None,
+                   help="optional CSV filename,label to report micro F1 against (default for the demo: its test_labels.csv)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call (default: %(default)s)")
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="predictor actors (default: fused, one per node or per GPU; split, one per GPU, "
+                        "else the CPUs' share that inference takes when auto measured it, else half the "
+                        "CPUs / --cpus-per-actor)")
+    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs per predictor actor in the split pipeline (default: %(default)s)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
+    p.add_argument("--engine", choices=SCORE_ENGINES, default=d.engine,
+                   help="inference engine; auto: ONNX Runtime on CPU when the bundle has model.onnx, "
+                        "else PyTorch; PyTorch on GPU (default: %(default)s)")
+    p.add_argument("--precision", choices=SCORE_PRECISIONS, default=d.precision,
+                   help="int8: the bundle's model.int8.onnx in ONNX Runtime (CPU); see README (default: %(default)s)")
+    p.add_argument("--pipeline", choices=SCORE_PIPELINES, default=d.pipeline,
+                   help="fused: each actor decodes in threads while its engine runs, using its node's CPUs; "
+                        "split: decode tasks feed predictor actors; auto: measures decode and inference "
+                        "cost on a few files and picks (see README) (default: %(default)s)")
+    p.add_argument("--object-store-budget-mb", type=int, default=d.object_store_budget_mb,
+                   help="object store memory the pipeline's blocks may use; keeps memory flat (default: %(default)s)")
+    p.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS", help=WAIT_HELP)
+    p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
+    g = p.add_argument_group("review page (<output>/report/index.html)")
+    r = g.add_mutually_exclusive_group()
+    r.add_argument("--report", dest="report", action="store_const", const=True, default=d.report,
+                   help="always write the page (with more than --report-top flagged: the top ones and a count of the rest)")
+    r.add_argument("--no-report", dest="report", action="store_const", const=False, help="never write it")
+    g.add_argument("--report-top", type=int, default=d.report_top,
+                   help="flagged images shown, most confident first; without --report/--no-report the page is "
+                        "written when at most this many are flagged (default: %(default)s)")
+    g.add_argument("--report-uncertain", type=int, default=d.report_uncertain,
+                   help="images closest to the threshold shown as well (default: %(default)s)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="score only files without a row in an existing output")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p
+
+
+def score_from_args(args: argparse.Namespace) -> tuple[ScoreConfig, str | None]:
+    """The run's settings and labels CSV (if any); omitted paths are the demo's.
+
+    Raises:
+        ValueError: a flag out of range (:meth:`ScoreConfig.validate`).
+    """
+    demo = os.path.abspath(DEMO_STORAGE)
+    labels = args.labels
+    if args.input is None:
+        labels = labels or os.path.join(demo, DEMO_DATA_FOLDER, "test_labels.csv")
+    # Only the demo as a whole (neither --input nor --output) replaces its own earlier output:
+    # another folder scored into the demo's default output must not delete those results.
+    demo_rerun = args.input is None and args.output is None and not args.resume
+    # (an empty value, such as an unset shell variable, is an error, not "the demo's")
+    model, input_, output = (os.path.join(demo, DEMO_RUN_NAME, "model") if args.model is None else args.model,
+                             os.path.join(demo, DEMO_DATA_FOLDER, "test") if args.input is None else args.input,
+                             os.path.join(demo, DEMO_RUN_NAME, "predictions") if args.output is None else args.output)
+    if demo_rerun and not args.overwrite:
+        from artifact_core.score_output import OutputConflictError, scored_input
+        from artifact_core.storage import resolve
+
+        other = scored_input(resolve(output))
+        if other is not None and other != redact_uri(resolve(input_).uri):
+            raise OutputConflictError(
+                f"the demo's output {output} holds the scores of another input ({other}); nothing was deleted. "
+                f"Pass --overwrite to replace them, or --output to score the demo elsewhere")
+    cfg = ScoreConfig(
+        model=model, input=input_, output=output,
+        batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
+        use_gpu=args.use_gpu, engine=args.engine, precision=args.precision, pipeline=args.pipeline, threshold=args.threshold,
+        object_store_budget_mb=args.object_store_budget_mb,
+        resume=args.resume, overwrite=args.overwrite or demo_rerun,
+        report=args.report, report_top=args.report_top, report_uncertain=args.report_uncertain,
+        wait_for_resources=args.wait_for_resources,
+    )
+    return cfg.validate(), labels

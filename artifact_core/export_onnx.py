@@ -33,6 +33,7 @@ from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError
 from artifact_core.metrics import classification_metrics, predict_labels
+from artifact_core.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    if "://" in args.bundle:
+    if is_uri(args.bundle):
         raise ValueError(f"{args.bundle!r}: export a local copy of the bundle, then upload the .onnx files "
                          f"(and metrics.json) beside its model.pt")
     if not os.path.isdir(args.bundle):

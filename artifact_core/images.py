@@ -286,7 +286,9 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
         An RGB ``PIL.Image.Image`` with its pixels loaded and its EXIF orientation applied.
 
     Raises:
-        ImageDecodeError: empty, truncated, not an image of :data:`ACCEPTED_FORMATS`, or too large.
+        ImageDecodeError: empty, unreadable, truncated, not an image of :data:`ACCEPTED_FORMATS`,
+            or too costly to decode (see :func:`_check_header`).
+        ValueError: both ``target_size`` and ``max_side`` given.
     """
     if target_size and max_side:
         raise ValueError("decode_image takes target_size or max_side, not both")

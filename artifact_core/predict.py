@@ -380,7 +380,9 @@ class DecodingPredictor:
       small batch, and a lane never waits for another;
     - ``lanes`` = 1: one engine with ``num_threads`` intra-op threads, fed by
       ``decode_threads`` threads that decode chunks ahead while it runs the current one (the
-      torch engine, whose thread pool is per process).
+      torch engine, whose thread pool is per process). On a GPU the chunks decode side by side
+      and the engine then takes the whole batch in one call; decoding overlaps inference there
+      across the actor's concurrent calls (``scoring.FUSED_CONCURRENT_CALLS``).
 
     Decode and inference overlap for real: PIL and ONNX Runtime (and torch) release the GIL
     in their C code.

@@ -5,9 +5,10 @@ Two pipeline shapes (``--pipeline``, chosen by :func:`plan_pipeline`):
 - split: list files -> read + decode + resize in parallel torch-free tasks
   (:func:`artifact_core.decode.decode_batch`; a broken file becomes an error row)
   -> :class:`ArtifactPredictor` actors (torch or ONNX Runtime) -> Parquet;
-- fused: list files -> :class:`DecodingPredictor`, one actor per node whose threads decode
-  and infer (no object-store hop for the pixels): with ONNX Runtime one lane per core, each
-  decoding a chunk and running it through its own single-threaded session -> Parquet.
+- fused: list files -> :class:`DecodingPredictor`, one actor per node (per GPU with
+  ``--use-gpu``) whose threads decode and infer (no object-store hop for the pixels): with
+  ONNX Runtime one lane per core, each decoding a chunk and running it through its own
+  single-threaded session -> Parquet.
 
 The CSV and ``summary.json`` are derived from the Parquet files once every file has a row,
 so a CSV only exists when it is complete.
@@ -279,10 +280,13 @@ def _estimates(cpus: int, decode_ms: float, inference_ms: float) -> tuple[float,
 
 def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | None,
                   image_size: int) -> PipelinePlan:
-    """Lay out the pipeline: ``--pipeline fused|split`` as asked; ``auto`` measures the stage
-    costs (:func:`measure_stage_costs`) and picks split only when its best CPU split reaches
-    :data:`SPLIT_MIN_SHARE` of the fused estimate. With ``--use-gpu`` auto is split (one GPU
-    actor each, decode spread over the CPUs).
+    """Lay out the pipeline: ``--pipeline fused|split`` as asked; ``auto`` is split with
+    ``--use-gpu`` (one GPU actor each, decode spread over the CPUs) or when no node has 2+
+    CPUs, fused when no probe file decodes, and otherwise measures the stage costs
+    (:func:`measure_stage_costs`) and picks split only when its best CPU split reaches
+    :data:`SPLIT_MIN_SHARE` of the fused estimate. Fused on GPUs: one actor per GPU, each with
+    (CPUs - 1) // GPUs decode threads of the smallest GPU node; fused with ONNX Runtime on CPU:
+    a lane per core, up to :data:`MAX_LANES`. ``--num-actors`` overrides the actor count.
 
     Raises:
         ValueError: an unknown ``--pipeline``.
@@ -311,8 +315,8 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
             mode = "split" if split >= SPLIT_MIN_SHARE * fused else "fused"
             reason = f"split would reach {split / fused:.0%} of fused (split needs {SPLIT_MIN_SHARE:.0%})"
     if mode == "fused":
-        # One actor per node using all its cores, reserving one CPU less: Ray Data's write
-        # tasks need a free CPU (an actor pool that reserves every CPU hangs, #44687).
+        # Actors reserve one CPU less than a node has: Ray Data's write tasks need a free CPU
+        # (an actor pool that reserves every CPU hangs, ray-project/ray#44687).
         if cfg.use_gpu:
             # An actor per GPU; the actors of one node share its cores (one left to the writes),
             # and each reserves the cores its decode threads use.
@@ -320,7 +324,7 @@ def plan_pipeline(cfg: ScoreConfig, paths: Sequence[str], fs: pafs.FileSystem | 
             threads = max(1, min(((c - 1) // g for c, g in nodes), default=cpus - 1))
             plan = PipelinePlan("fused", max(1, sum(g for _, g in nodes)), max(cfg.cpus_per_actor, float(threads)),
                                 threads, threads, reason=reason)
-        else:
+        else:  # one actor per node using all its cores
             n = len(big) or max(1, len(node_cpus) - 1)
             plan = PipelinePlan("fused", n, float(max(1, cpus - 1)), cpus, cpus, reason=reason)
             if resolve_engine(cfg.model, cfg.engine, cfg.precision) == "onnx":

@@ -64,6 +64,13 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def folder_name(path: str) -> str:
+    """The last folder of a path, or of a URI's path (not of its ``?options``), unescaped."""
+    if is_uri(path):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+    return os.path.basename(path.rstrip("/"))
+
+
 @dataclass(frozen=True)
 class Location:
     """A path on a pyarrow filesystem, with the string the user would recognise."""
@@ -78,7 +85,9 @@ class Location:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def join(self, *parts: str) -> "Location":
-        """A child location (``parts`` use ``/``)."""
+        """A child location; ``parts`` use ``/``. Under a URI they are percent-encoded into its
+        path (RFC 3986 sub-delimiters kept), before any ``?options``, so the URI resolves to the
+        same object again."""
         path = posixpath.join(self.path, *parts)
         if self.is_local:
             return Location(self.fs, path, os.path.join(self.uri, *parts))

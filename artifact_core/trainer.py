@@ -34,7 +34,7 @@ from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.run_identity import Split, claim_run, read_record, stored_split_paths
-from artifact_core.storage import Location, check_apart, resolve
+from artifact_core.storage import Location, check_apart, is_uri, resolve
 from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
                                       read_val_scores, train_loop_per_worker)
 
@@ -71,7 +71,7 @@ def demo_data_dir(storage_path: str, *, n_train: int = 400, n_test: int = 100) -
     Raises:
         ValueError: ``storage_path`` is a URI, or ``<storage>/demo_data`` holds something else.
     """
-    if "://" in storage_path:
+    if is_uri(storage_path):
         raise ValueError("demo data needs a local --storage-path; pass --data-dir for remote storage")
     root = os.path.join(storage_path, DEMO_DATA_FOLDER)
     done = os.path.join(root, DEMO_COMPLETE)

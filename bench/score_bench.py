@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _write_one(args: tuple[int, str, int, str]) -> None:
     seed, folder, size, fmt = args
-    defect = DEFECTS[seed % len(DEFECTS)] if seed % 10 == 0 else None  # about 1:9, as the task
+    defect = DEFECTS[seed % len(DEFECTS)] if seed % 10 == 0 else None  # 1 in 10, as the demo data's artifact share
     img = render_face(seed, size=size, defect=defect)
     ext = "png" if fmt == "PNG" else "jpg"
     img.save(os.path.join(folder, f"image_{seed:05d}.{ext}"), format=fmt, quality=90)

@@ -32,11 +32,9 @@ def main(args: argparse.Namespace) -> None:
     from artifact_core.raycluster import ensure_ray
     from artifact_core.tuning import run_sweep
 
-    base = config_from_args(args)
-    if args.name is None:
-        base.name = f"{base.name}-sweep"
+    sweep = sweep_from_args(args, config_from_args(args))
     ensure_ray()
-    out = run_sweep(sweep_from_args(args, base))
+    out = run_sweep(sweep)
     table = out["results"]
     with_cols = ["trial_id", "lr", "finetune_lr", "unfreeze_depth", "image_size",
                  *[c for c in table.columns if c.startswith("best_")], "epochs", "status"]

@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from artifact_core.config import DEMO_RUN_NAME, DEMO_STORAGE, score_from_args
 from artifact_core.score_output import MANIFEST_FILE, OutputConflictError, prepare_output, read_manifest
 from artifact_core.scoring import (OWNED_ENTRIES, PARQUET_DIR, MissingRowsError, ScoreConfig, _existing_rows, _parts,
                                    _prepare_output, finalize)
@@ -137,7 +138,7 @@ def test_owned_entries_include_everything_a_claim_clears():
 
 def score_config(*argv: str) -> ScoreConfig:
     job = load_job("score")
-    return job.score_config(job.get_args_parser().parse_args(list(argv)))[0]
+    return score_from_args(job.get_args_parser().parse_args(list(argv)))[0]
 
 
 @pytest.mark.parametrize("flag", ["--model", "--input", "--output"])
@@ -148,15 +149,14 @@ def test_an_empty_path_is_refused_not_replaced_by_the_demos(flag, tmp_path, monk
 
 
 def test_the_demo_does_not_replace_the_scores_of_another_input(cfg, bundle_dir, tmp_path, monkeypatch):
-    job = load_job("score")
     monkeypatch.chdir(tmp_path)
-    demo_out = tmp_path / job.DEMO_RUNS / job.DEMO_RUN_NAME / "predictions"
+    demo_out = tmp_path / DEMO_STORAGE / DEMO_RUN_NAME / "predictions"
     claim(cfg, output=str(demo_out))  # `score.py --input in` without --output: the demo's folder
     with pytest.raises(OutputConflictError, match="holds the scores of another input"):
         score_config()
     assert score_config("--overwrite").overwrite
     manifest = json.loads((demo_out / MANIFEST_FILE).read_text())
-    manifest["identity"]["input"] = str(tmp_path / job.DEMO_RUNS / "demo_data" / "test")
+    manifest["identity"]["input"] = str(tmp_path / DEMO_STORAGE / "demo_data" / "test")
     (demo_out / MANIFEST_FILE).write_text(json.dumps(manifest))
     assert score_config().overwrite  # its own earlier output
 

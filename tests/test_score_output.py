@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from artifact_core.config import DEMO_RUN_NAME, DEMO_STORAGE, score_from_args
 from artifact_core.score_output import MANIFEST_FILE, OutputConflictError
 from artifact_core.scoring import ScoreConfig, run_scoring
 from artifact_core.storage import FileReadError, NestedLocationError, read_file_bytes
@@ -78,9 +79,9 @@ def test_only_the_whole_demo_replaces_its_output(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
     def config(*argv: str) -> ScoreConfig:
-        return job.score_config(job.get_args_parser().parse_args(list(argv)))[0]
+        return score_from_args(job.get_args_parser().parse_args(list(argv)))[0]
 
-    demo_output = str(tmp_path / job.DEMO_RUNS / job.DEMO_RUN_NAME / "predictions")
+    demo_output = str(tmp_path / DEMO_STORAGE / DEMO_RUN_NAME / "predictions")
     assert config().overwrite and config().output == demo_output
     assert config("--model", "m").overwrite  # the demo's folder scored again, with another bundle
     other = config("--input", "/data/B")

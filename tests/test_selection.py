@@ -152,6 +152,9 @@ def test_sweep_searches_the_image_size():
     args = p.parse_args(["--image-sizes", "224", "320", "448"])
     sweep = sweep_from_args(args, config_from_args(args))
     assert sweep.image_sizes == [224, 320, 448] and sweep.validate()
+    assert sweep.base.name == "demo-sweep"  # apart from the training run's folder
+    named = p.parse_args(["--name", "grid"])
+    assert sweep_from_args(named, config_from_args(named)).base.name == "grid"
     space = _param_space(sweep)
     assert isinstance(space["image_size"], tune.search.sample.Categorical)
     assert space["image_size"].categories == [224, 320, 448]

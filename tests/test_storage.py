@@ -55,11 +55,11 @@ def test_the_training_config_that_travels_has_no_credentials():
 
 
 def test_the_default_run_name_of_a_data_uri_is_its_folder_not_its_options():
-    from artifact_core.config import _folder_name
+    from artifact_core.storage import folder_name
 
-    assert _folder_name("s3://faces/train/?endpoint_override=http://minio:9000&scheme=http") == "train"
-    assert _folder_name("s3://faces/new%20set") == "new set"
-    assert _folder_name("/data/faces/train/") == "train"
+    assert folder_name("s3://faces/train/?endpoint_override=http://minio:9000&scheme=http") == "train"
+    assert folder_name("s3://faces/new%20set") == "new set"
+    assert folder_name("/data/faces/train/") == "train"
 
 
 def test_onnx_paths_of_a_bundle_uri_keep_its_options():

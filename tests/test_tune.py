@@ -24,7 +24,7 @@ def test_asha_stops_a_trial_later_trials_run_and_a_killed_sweep_resumes(ray_sess
     # One learning rate that learns the easy set, two that cannot move the head: at the
     # default rung (epoch 3, the first of phase 2 after 2 head epochs) ASHA must stop the
     # hopeless ones, and the third trial must still start after the second was stopped
-    # (its workers freed, Ray bug #54305). Selected by micro F1 here: the calibrated random
+    # (its workers freed, ray-project/ray#54305). Selected by micro F1 here: the calibrated random
     # features rank this easy set well even with an untrained head (AP about 0.9), so only
     # the decisions at 0.5 tell the hopeless trials apart. The driver is killed while the
     # third trial runs; the rerun sweep must run only that trial again.
