@@ -48,9 +48,15 @@ def test_tuned_malloc_reuses_freed_activation_memory_instead_of_faulting_it_in_a
     assert default > 5000, f"glibc's defaults faulted only {default} pages in: the premise no longer holds"
 
 
-def test_tune_malloc_is_idempotent():
+def test_tune_malloc_is_idempotent(monkeypatch):
+    """The C library is asked once per process, whatever the number of engines built."""
+    opened = []
+    cdll = cpu_memory.ctypes.CDLL
+    monkeypatch.setattr(cpu_memory, "_tuned", None)
+    monkeypatch.setattr(cpu_memory.ctypes, "CDLL", lambda *a, **k: (opened.append(a), cdll(*a, **k))[1])
     first = cpu_memory.tune_malloc()
     assert cpu_memory.tune_malloc() is first
+    assert len(opened) == (1 if sys.platform.startswith("linux") else 0)
 
 
 def test_images_per_pass_keeps_each_activation_within_the_limit():

@@ -188,13 +188,27 @@ def test_cli_user_errors(bundle64, tmp_path):
 
 
 def test_heatmaps_of_the_local_head_follow_its_evidence():
+    """The heat peaks in the cell whose evidence decides the image's score."""
     from artifact_core.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(weights="none", head="local", dropout=0.0).eval()
-    x = torch.randn(2, 3, 128, 128)
+    model = build_model(weights="bundled", head="local", dropout=0.0)
+    x = torch.randn(3, 3, 128, 128)
+    model.classifier[0].momentum = None  # the head's BatchNorm statistics from x: the cells differ
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
     heat = gradcam_heatmaps(model, x)
-    assert heat.shape == (2, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0
+    assert heat.shape == (3, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0
+    with torch.no_grad():
+        cells = model.evidence_map(x)[:, 0]
+    assert float(cells.flatten(1).std(1).min()) > 1e-3, "no evidence to follow: the check would prove nothing"
+    cell = 128 // cells.shape[-1]
+    for i in range(len(x)):
+        cy, cx = np.unravel_index(int(cells[i].argmax()), cells[i].shape)
+        top = heat[i, cy * cell:(cy + 1) * cell, cx * cell:(cx + 1) * cell].mean()
+        assert top > 2 * heat[i].mean(), (i, top, heat[i].mean())
 
 
 def test_heatmaps_of_a_flipping_model_explain_the_view_that_scored_and_restore_the_flip():

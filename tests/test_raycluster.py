@@ -189,14 +189,20 @@ def test_the_reserved_cpu_must_fit_on_one_node():
                                                    autoscaler=None)
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"null", b"[1, 2]", b'{"autoscaler_report": [1]}'])
-def test_an_unreadable_autoscaler_status_means_no_autoscaler(monkeypatch, raw):
+@pytest.mark.parametrize("raw, expected", [
+    (b"not json", False), (b"null", False), (b"[1, 2]", False), (b'{"autoscaler_report": [1]}', False),
+    (b'{"autoscaler_report": {"active_nodes": {"node_1a2b3c": 1}}}', False),  # made-up types: no config
+    (b'{"autoscaler_report": {"active_nodes": {"cpu_worker": 1}}}', True),
+    (b'{"autoscaler_report": {"pending_launches": {"gpu_worker": 2}}}', True),
+    (b'{"autoscaler_report": {"node_type_mapping": {"10.0.0.2": "cpu_worker"}}}', True),
+])
+def test_the_v1_autoscaler_status_is_read_and_an_unreadable_one_means_no_autoscaler(monkeypatch, raw, expected):
     import ray.experimental.internal_kv as kv
 
     from artifact_core import raycluster
 
     monkeypatch.setattr(kv, "_internal_kv_get", lambda *a, **k: raw)
-    assert raycluster._v1_monitor_has_node_types() is False
+    assert raycluster._v1_monitor_has_node_types() is expected
 
 
 def test_sweep_flags_out_of_range_are_refused():

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,23 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     assert os.path.exists(tmp_path / "runs" / "basic" / "run_config.json")
     out = bundle.model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 1) and torch.isfinite(out).all()
+    # the exported weights are the kept checkpoint's: scored again in process, the validation
+    # images give the scores the threshold was tuned on (gathered over the ranks: compared as sets)
+    from artifact_core.predict import ArtifactPredictor, predict_paths
+    from artifact_core.run_identity import SPLIT_JSON, read_split
+    from artifact_core.storage import resolve
+    from artifact_core.train_loop import read_val_scores
+
+    split = read_split(resolve(str(tmp_path / "runs" / "basic")), SPLIT_JSON)
+    rescored = predict_paths(ArtifactPredictor(summary.bundle_dir, engine="torch"),
+                             [os.path.join(split.root, f) for f in split.val_files])
+    kept = [d for d in os.listdir(tmp_path / "runs" / "basic") if d.startswith("checkpoint_")
+            and json.load(open(tmp_path / "runs" / "basic" / d / "state.json"))["history"][-1]["epoch"]
+            == saved["best_epoch"]]
+    assert len(kept) == 1, kept
+    _, tuned_on = read_val_scores(str(tmp_path / "runs" / "basic" / kept[0]))
+    assert rescored.std() > 1e-4, "scores do not vary: the comparison would prove nothing"
+    np.testing.assert_allclose(np.sort(rescored), np.sort(tuned_on), atol=1e-4)
 
 
 def test_worker_failure_resumes_and_rerun_continues(ray_session, easy_folder, tmp_path):
