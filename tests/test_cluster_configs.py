@@ -149,7 +149,9 @@ def test_launcher_validation_catches_a_bad_key():
 
     cfg = docs(CLUSTER / "launcher" / "aws-gpu.yaml")[0]
     cfg["available_node_types"]["gpu_worker"]["max_worker"] = 8
-    with pytest.raises(Exception, match="max_worker"):
+    from jsonschema import ValidationError
+
+    with pytest.raises(ValidationError, match="max_worker"):
         validate_config(prepare_config(cfg))
 
 

@@ -137,6 +137,13 @@ def test_int8_export_reports_metrics_and_scores(onnx_bundle, images):
     p32 = predict_paths(ArtifactPredictor(onnx_bundle), images)  # auto: ONNX fp32 on CPU
     assert np.abs(p8 - p32).max() < 0.2 and not np.array_equal(p8, p32)
     assert np.isclose(np.abs(p8 - p32).max(), int8["max_abs_prob_diff_vs_fp32"], atol=1e-4)
+    # the figures reported are those of these scores at the bundle's threshold
+    from artifact_core.metrics import classification_metrics, predict_labels
+
+    labels, threshold = [parse_label(p) for p in images], read_bundle_config(onnx_bundle).threshold
+    for probs, part in ((p8, int8["validation"]), (p32, metrics["fp32_validation"])):
+        expected = classification_metrics(labels, predict_labels(probs, threshold))
+        assert part["micro_f1"] == pytest.approx(expected["micro_f1"]) and part["macro_f1"] == pytest.approx(expected["macro_f1"])
 
 
 def test_cli_for_an_older_bundle_uses_named_calibration_images(onnx_bundle, tmp_path, capsys):
