@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
+import logging
 import math
 import multiprocessing
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -593,24 +596,32 @@ def save_defect_gallery(path: str, *, size: int = 1024, seed: int = 0, tile: int
     return path
 
 
-def main() -> None:
-    """Command-line entry: ``python -m artifact_core.demo_data OUT``."""
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags of ``python -m artifact_core.demo_data OUT`` (defaults: :func:`generate`'s)."""
+    d = {k: v.default for k, v in inspect.signature(generate).parameters.items()}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="folder to write train/, test/, test_labels.csv, sample_grid.png into")
-    p.add_argument("--n-train", type=int, default=400, help="labelled images (default: %(default)s)")
-    p.add_argument("--n-test", type=int, default=100, help="unlabelled images (default: %(default)s)")
-    p.add_argument("--difficulty", choices=DIFFICULTIES, default="easy",
+    p.add_argument("--n-train", type=int, default=d["n_train"], help="labelled images (default: %(default)s)")
+    p.add_argument("--n-test", type=int, default=d["n_test"], help="unlabelled images (default: %(default)s)")
+    p.add_argument("--difficulty", choices=DIFFICULTIES, default=d["difficulty"],
                    help="easy: blatant defects; subtle: small, low-contrast ones (default: %(default)s)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: 256 easy, 1024 subtle)")
+    p.add_argument("--size", type=int, default=d["size"], help="image side in pixels (default: 256 easy, 1024 subtle)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="rendering processes; the files do not depend on it (default: %(default)s)")
-    p.add_argument("--artifact-fraction", type=float, default=0.1, help="share of artifact images (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    a = p.parse_args()
+    p.add_argument("--artifact-fraction", type=float, default=d["artifact_fraction"],
+                   help="share of artifact images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="(default: %(default)s)")
+    return p
+
+
+def main(a: argparse.Namespace) -> None:
+    """Generate the data set the flags describe and say where it went."""
     info = generate(a.out_dir, n_train=a.n_train, n_test=a.n_test, size=a.size,
                     artifact_fraction=a.artifact_fraction, seed=a.seed, difficulty=a.difficulty, workers=a.workers)
     print(f"wrote {info['train']} {info['counts']['train']} and {info['test']} {info['counts']['test']}")
 
 
 if __name__ == "__main__":
-    main()
+    from artifact_core.jobs_common import run_job
+
+    sys.exit(run_job(main, get_args_parser().parse_args(), logging.getLogger(__name__)))

@@ -184,6 +184,7 @@ class MultiScaleTrunk(nn.Sequential):
         return self[self.tap].out_channels + self[-1].out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H', W') joined map: the tap's pooled map, then the last block's."""
         return trunk_suffix(self, 0, x)
 
     def join(self, skip: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -316,6 +317,8 @@ class LocalEvidenceNet(nn.Module):
         return self.classifier(self.trunk(x)).mean(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1) "artifact-free" logit ((N, members) in training); with the test-time flip, the
+        lower of the image's and its mirror's."""
         if self.test_time_flip and not self.training:
             # One pass over the image and its mirror; the lower "artifact-free" logit wins, so a
             # defect the cells see better from one side is not averaged away by the other.
