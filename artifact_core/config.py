@@ -383,7 +383,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-
 def absolute_storage_path(path: str) -> str:
     """Absolute local path, or a URI (``s3://``, ``gs://``...) unchanged.
 
