@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from artifact_core.images import ImageDecodeError, decode_image
 from artifact_core.storage import FileReadError, read_file_bytes
@@ -19,6 +19,38 @@ class Unreadable(NamedTuple):
 
     path: str
     reason: str
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2 ** 63 - 1)
+
+
+class EpochSampler(Sampler):
+    """A sampler's indices tagged with the epoch, ``(index, epoch)``, for :class:`ImageFileDataset`.
+
+    Each image's augmentation is then drawn from its own seed (:func:`item_seed`): a resumed
+    epoch augments as the uninterrupted one would have, whichever DataLoader process reads the
+    image (persistent loader processes would otherwise carry their random streams on from
+    epoch to epoch, and a restart begins them anew).
+    """
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch to tag with; passed on to the wrapped sampler (its shuffle)."""
+        self.epoch = epoch
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((int(i), epoch) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 class DecodeCache:
@@ -65,12 +97,14 @@ class ImageFileDataset(Dataset):
     decoder also resizes (at reduced scale where it can), exactly as scoring's decode tasks
     do, so validation and scoring see the same pixels. With a :class:`DecodeCache`, decoded
     images are kept for later epochs (files that fail are read again each time, so each
-    epoch counts them).
+    epoch counts them). Indexed by ``(index, epoch)`` (:class:`EpochSampler`), the transform
+    draws from that image's own seed for the epoch (:func:`item_seed` of ``seed``); indexed
+    by a plain index, from the process's random stream.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
                  transform: Callable, fs: pafs.FileSystem | None = None, *,
-                 target_size: int | None = None, cache: DecodeCache | None = None) -> None:
+                 target_size: int | None = None, cache: DecodeCache | None = None, seed: int = 0) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
@@ -79,11 +113,13 @@ class ImageFileDataset(Dataset):
         self.target_size = target_size
         self.fs = fs
         self.cache = cache
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Unreadable:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int] | Unreadable:
+        i, epoch = item if isinstance(item, tuple) else (item, None)
         path = self.paths[i]
         img = self.cache.get(path, self.target_size) if self.cache is not None else None
         if img is None:
@@ -93,7 +129,11 @@ class ImageFileDataset(Dataset):
                 return Unreadable(path, exc.reason)
             if self.cache is not None:
                 self.cache.put(path, self.target_size, img)
-        return self.transform(img), self.labels[i]
+        if epoch is None:
+            return self.transform(img), self.labels[i]
+        with torch.random.fork_rng(devices=[]):  # (the process's own stream is left as it was)
+            torch.manual_seed(item_seed(self.seed, epoch, i))
+            return self.transform(img), self.labels[i]
 
 
 def collate_readable(items: list, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[Unreadable]]:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from artifact_core.config import TrainConfig
 from artifact_core.cpu_memory import images_per_pass, largest_output_bytes, use_cpu_passes
 from artifact_core.data import ARTIFACT
-from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
+from artifact_core.dataset import DecodeCache, EpochSampler, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, classification_metrics,
                                    keep_score, predict_labels, ranking_metrics, selection_score)
 from artifact_core.model import (frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
@@ -409,7 +409,7 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
     train_cache, val_cache = _decode_caches(cfg, n_val=len(val_indices))
     train_ds = ImageFileDataset(split["train_paths"], split["train_labels"],
                                 train_transform(image_size=cfg.image_size), fs=fs, target_size=cfg.image_size,
-                                cache=train_cache)
+                                cache=train_cache, seed=cfg.seed)
     val_ds = ImageFileDataset(split["val_paths"], split["val_labels"], eval_transform(image_size=cfg.image_size), fs=fs,
                               target_size=cfg.image_size, cache=val_cache)
     collate = partial(collate_readable, image_size=cfg.image_size)
@@ -426,7 +426,7 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
         train: Any = ShardLoader(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
                                  drop_last=len(train_ds) // world > cfg.batch_size)
     else:
-        train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+        train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=EpochSampler(sampler),
                                           num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
                                           persistent_workers=cfg.loader_workers > 0, collate_fn=collate,
                                           pin_memory=cfg.use_gpu))
@@ -778,6 +778,10 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
     train_loader, val_loader = loaders
     while state.phase_epoch < spec.epochs and not state.stopped_early and not state.diverged_at:
         _maybe_inject_failure(loop_config, state, rank, world)
+        # Dropout and whatever else draws from the process's stream: seeded by (seed, epoch,
+        # rank) at each epoch, so a resumed epoch runs as the uninterrupted one would have
+        # (augmentations have their own seeds: dataset.EpochSampler).
+        torch.manual_seed(((cfg.seed * 1_000_003 + state.global_epoch) * 1_009 + rank) % (2 ** 63 - 1))
         t0 = time.time() - setup_seconds
         setup_seconds = 0.0
         if caches is not None:

@@ -10,8 +10,8 @@ import torch
 
 from artifact_core.data import (ARTIFACT, CLEAN, FolderListingError, check_split, class_weights, list_image_files,
                                 list_images, parse_label, scan_labeled_folder, stratified_split)
-from artifact_core.dataset import DecodeCache, ImageFileDataset, Unreadable, collate_readable
-from artifact_core.transforms import eval_transform
+from artifact_core.dataset import DecodeCache, EpochSampler, ImageFileDataset, Unreadable, collate_readable
+from artifact_core.transforms import eval_transform, train_transform
 from conftest import write_image
 
 
@@ -317,3 +317,41 @@ def test_a_looping_link_among_the_files_is_skipped_not_fatal(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="artifact_core.data"):
         assert [os.path.basename(p) for p in list_images(tmp_path / "in")] == ["x_1.png"]
     assert "loops" in caplog.text
+
+
+def test_each_images_augmentation_is_fixed_by_seed_epoch_and_index(tmp_path):
+    """What makes a resumed epoch augment as the uninterrupted one: not the process's random
+    stream (a restart begins it anew; persistent loader processes carry theirs on), but the
+    image's own seed for the epoch, whichever process draws it."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    paths = [str(write_image(tmp_path / f"image_{i}_{i % 2}.png", size=40, color=(30 * i, 90, 200 - 30 * i)))
+             for i in range(6)]
+    ds = ImageFileDataset(paths, [i % 2 for i in range(6)], train_transform(image_size=32), target_size=32, seed=7)
+    torch.manual_seed(0)
+    first = ds[(3, 5)][0]
+    torch.rand(1000)  # whatever the stream did in between
+    assert torch.equal(ds[(3, 5)][0], first)
+    assert not torch.equal(ds[(3, 6)][0], first), "another epoch must draw another augmentation"
+    before = torch.random.get_rng_state()
+    ds[(2, 5)]
+    assert torch.equal(torch.random.get_rng_state(), before), "the process's stream must be left as it was"
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        sampler = EpochSampler(SequentialSampler(ds))
+        loader = DataLoader(ds, batch_size=3, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                            collate_fn=partial(collate_readable, image_size=32))
+        out = []
+        for epoch in (4, 5):
+            sampler.set_epoch(epoch)
+            out += [x for x, _, _ in loader]
+        return out
+
+    torch.manual_seed(1)
+    in_process = epochs(0)
+    torch.manual_seed(2)
+    for a, b in zip(in_process, epochs(2)):  # two persistent loader processes, another start
+        assert torch.equal(a, b)
+    assert not torch.equal(in_process[0], in_process[2]), "epochs 4 and 5 augmented alike"

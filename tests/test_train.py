@@ -98,6 +98,12 @@ def test_worker_failure_resumes_and_rerun_continues(ray_session, easy_folder, tm
     assert marker.exists(), "the failure drill did not fire"
     assert summary.metrics["resumed_after_epochs"] == [3], "the group restarted from scratch, not from epoch 3"
     assert [h["epoch"] for h in summary.metrics["history"]] == [1, 2, 3, 4]
+    # the resumed epoch ran as it would have without the failure: the same augmentations,
+    # dropout and order (seeded by seed, epoch and rank), so the same loss and scores
+    straight = run_training(small_config(easy_folder, tmp_path / "runs", "ft-straight"))
+    for resumed, plain in zip(summary.metrics["history"], straight.metrics["history"]):
+        assert resumed["train_loss"] == pytest.approx(plain["train_loss"], abs=1e-5), (resumed, plain)
+        assert resumed["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-5), (resumed, plain)
 
     # the same name again, one more fine-tune epoch: continues at epoch 5, not from 1
     cfg2 = small_config(easy_folder, tmp_path / "runs", "ft", finetune_epochs=3)

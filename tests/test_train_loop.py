@@ -379,7 +379,7 @@ def test_phase1_caches_the_plain_images_and_their_mirrors_or_augmented_draws(tmp
     train, val = train_loop._head_caches(model, cfg, loaders, torch.device("cpu"), nullcontext,
                                          train_loop.LoopState(), 1)
 
-    order = list(loaders[0].sampler)  # the epoch-0 order the cache was read in, every image (no drop_last)
+    order = [i for i, _ in loaders[0].sampler]  # the epoch-0 (index, epoch) order the cache was read in, every image (no drop_last)
     x = torch.stack([eval_transform(image_size=64)(Image.open(paths[i]).convert("RGB")) for i in order])
     with torch.inference_mode():
         want = torch.cat([model.features(x), model.features(x.flip(-1))])
