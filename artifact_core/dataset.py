@@ -21,22 +21,25 @@ class Unreadable(NamedTuple):
     reason: str
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one image's augmentation in one epoch."""
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2 ** 63 - 1)
+def item_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
+    """The seed of one draw of one image's augmentation in one epoch."""
+    return (((seed * 1_000_003 + epoch) * 1_000_033 + index) * 1_000_037 + draw) % (2 ** 63 - 1)
 
 
 class EpochSampler(Sampler):
-    """A sampler's indices tagged with the epoch, ``(index, epoch)``, for :class:`ImageFileDataset`.
+    """A sampler's indices tagged with the epoch and the draw, ``(index, epoch, draw)``, for
+    :class:`ImageFileDataset`; ``draw`` is the index's place in this rank's order, so that an
+    image drawn twice (oversampling, or on two ranks) is augmented twice anew.
 
-    Each image's augmentation is then drawn from its own seed (:func:`item_seed`): a resumed
-    epoch augments as the uninterrupted one would have, whichever DataLoader process reads the
-    image (persistent loader processes would otherwise carry their random streams on from
-    epoch to epoch, and a restart begins them anew).
+    Each draw's augmentation then comes from its own seed (:func:`item_seed`): a resumed epoch
+    augments as the uninterrupted one would have, whichever DataLoader process reads the image
+    (persistent loader processes would otherwise carry their random streams on from epoch to
+    epoch, and a restart begins them anew).
     """
 
-    def __init__(self, inner: Sampler) -> None:
+    def __init__(self, inner: Sampler, *, rank: int = 0) -> None:
         self.inner = inner
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,9 +48,9 @@ class EpochSampler(Sampler):
         if hasattr(self.inner, "set_epoch"):
             self.inner.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return ((int(i), epoch) for i in self.inner)
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch, first = self.epoch, self.rank * len(self.inner)
+        return ((int(i), epoch, first + k) for k, i in enumerate(self.inner))
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -97,9 +100,9 @@ class ImageFileDataset(Dataset):
     decoder also resizes (at reduced scale where it can), exactly as scoring's decode tasks
     do, so validation and scoring see the same pixels. With a :class:`DecodeCache`, decoded
     images are kept for later epochs (files that fail are read again each time, so each
-    epoch counts them). Indexed by ``(index, epoch)`` (:class:`EpochSampler`), the transform
-    draws from that image's own seed for the epoch (:func:`item_seed` of ``seed``); indexed
-    by a plain index, from the process's random stream.
+    epoch counts them). Indexed by ``(index, epoch, draw)`` (:class:`EpochSampler`), the
+    transform draws from that draw's own seed (:func:`item_seed` of ``seed``); indexed by a
+    plain index, from the process's random stream.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
@@ -118,8 +121,8 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int] | Unreadable:
-        i, epoch = item if isinstance(item, tuple) else (item, None)
+    def __getitem__(self, item: int | tuple[int, int, int]) -> tuple[torch.Tensor, int] | Unreadable:
+        i, epoch, draw = item if isinstance(item, tuple) else (item, None, 0)
         path = self.paths[i]
         img = self.cache.get(path, self.target_size) if self.cache is not None else None
         if img is None:
@@ -131,8 +134,10 @@ class ImageFileDataset(Dataset):
                 self.cache.put(path, self.target_size, img)
         if epoch is None:
             return self.transform(img), self.labels[i]
-        with torch.random.fork_rng(devices=[]):  # (the process's own stream is left as it was)
-            torch.manual_seed(item_seed(self.seed, epoch, i))
+        # The CPU generator alone (torch.manual_seed would reseed the GPUs' too, and costs more),
+        # restored afterwards: the process's own stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(item_seed(self.seed, epoch, i, draw))
             return self.transform(img), self.labels[i]
 
 

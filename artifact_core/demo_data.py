@@ -621,7 +621,13 @@ def main(a: argparse.Namespace) -> None:
     print(f"wrote {info['train']} {info['counts']['train']} and {info['test']} {info['counts']['test']}")
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """``python -m artifact_core.demo_data`` and the ``artifact-demo-data`` command: exit status 2
+    with one line for bad input."""
     from artifact_core.jobs_common import run_job
 
-    sys.exit(run_job(main, get_args_parser().parse_args(), logging.getLogger(__name__)))
+    return run_job(main, get_args_parser().parse_args(), logging.getLogger(__name__))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

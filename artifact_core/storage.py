@@ -67,7 +67,8 @@ def is_uri(path: str) -> bool:
 def folder_name(path: str) -> str:
     """The last folder of a path, or of a URI's path (not of its ``?options``), unescaped."""
     if is_uri(path):
-        path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+        split = urllib.parse.urlsplit(path)
+        path = urllib.parse.unquote(split.path).rstrip("/") or split.netloc  # a bucket's root: the bucket
     return os.path.basename(path.rstrip("/"))
 
 

@@ -426,14 +426,17 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
         train: Any = ShardLoader(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
                                  drop_last=len(train_ds) // world > cfg.batch_size)
     else:
-        train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=EpochSampler(sampler),
+        # generator: the loaders draw their processes' seeds from a stream of their own, not the
+        # process's (persistent loader processes draw once, so a restart would shift dropout)
+        train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size,
+                                          sampler=EpochSampler(sampler, rank=rank),
                                           num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
                                           persistent_workers=cfg.loader_workers > 0, collate_fn=collate,
-                                          pin_memory=cfg.use_gpu))
+                                          pin_memory=cfg.use_gpu, generator=torch.Generator().manual_seed(cfg.seed)))
     val_shard = Subset(val_ds, val_indices)
     # pinned batches: the non-blocking copies to the GPU (_to_device) then overlap compute
     val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
-                            collate_fn=collate, pin_memory=cfg.use_gpu)
+                            collate_fn=collate, pin_memory=cfg.use_gpu, generator=torch.Generator().manual_seed(cfg.seed))
     return train, SkippingLoader(val_loader)
 
 
@@ -553,7 +556,7 @@ def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, dev
     # in eval) and would drop the same images from both views for every epoch.
     plain_loader = SkippingLoader(DataLoader(plain, batch_size=inner.batch_size, sampler=inner.sampler,
                                              num_workers=cfg.loader_workers, collate_fn=inner.collate_fn,
-                                             pin_memory=cfg.use_gpu))
+                                             pin_memory=cfg.use_gpu, generator=torch.Generator().manual_seed(cfg.seed)))
     cache = _cache_features(model, plain_loader, device, autocast, first_epoch=first_epoch,
                             mirrors_as_views=cfg.head_cache_views >= 2, spill=spill)
     loader.unreadable.extend(plain_loader.unreadable)  # counted as the training loader's
@@ -616,11 +619,13 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
         log.info("phase 1: its training views (%.0f MiB per worker) are over --head-cache-mb: cached on disk in %s",
                  train_bytes / 2**20, spill)
     t0 = time.time()
+    # The views are those of the phase's first epochs, also when a restart builds them again.
+    phase_start = state.global_epoch - state.phase_epoch
     if cfg.head_cache_augment:
         train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
-                                first_epoch=state.global_epoch, spill=spill)
+                                first_epoch=phase_start, spill=spill)
     else:
-        train = _plain_views(model, train_loader, cfg, device, autocast, first_epoch=state.global_epoch, spill=spill)
+        train = _plain_views(model, train_loader, cfg, device, autocast, first_epoch=phase_start, spill=spill)
     val = _cache_features(model, val_loader, device, autocast, mirrored=mirrored)
     cached = train.features.numel() + val.features.numel() + (val.mirrored.numel() if val.mirrored is not None else 0)
     log.info("phase 1: trunk features of %d training views and %d validation images%s cached (%.0f MiB%s) in %.1fs",
@@ -781,7 +786,8 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         # Dropout and whatever else draws from the process's stream: seeded by (seed, epoch,
         # rank) at each epoch, so a resumed epoch runs as the uninterrupted one would have
         # (augmentations have their own seeds: dataset.EpochSampler).
-        torch.manual_seed(((cfg.seed * 1_000_003 + state.global_epoch) * 1_009 + rank) % (2 ** 63 - 1))
+        # (another formula than OversamplingSampler's, whose draws dropout must not repeat)
+        torch.manual_seed(((cfg.seed * 1_000_003 + state.global_epoch) * 1_013 + rank + 1) % (2 ** 63 - 1))
         t0 = time.time() - setup_seconds
         setup_seconds = 0.0
         if caches is not None:

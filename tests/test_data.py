@@ -331,12 +331,13 @@ def test_each_images_augmentation_is_fixed_by_seed_epoch_and_index(tmp_path):
              for i in range(6)]
     ds = ImageFileDataset(paths, [i % 2 for i in range(6)], train_transform(image_size=32), target_size=32, seed=7)
     torch.manual_seed(0)
-    first = ds[(3, 5)][0]
+    first = ds[(3, 5, 0)][0]
     torch.rand(1000)  # whatever the stream did in between
-    assert torch.equal(ds[(3, 5)][0], first)
-    assert not torch.equal(ds[(3, 6)][0], first), "another epoch must draw another augmentation"
+    assert torch.equal(ds[(3, 5, 0)][0], first)
+    assert not torch.equal(ds[(3, 6, 0)][0], first), "another epoch must draw another augmentation"
+    assert not torch.equal(ds[(3, 5, 1)][0], first), "a second draw (oversampling) must be augmented anew"
     before = torch.random.get_rng_state()
-    ds[(2, 5)]
+    ds[(2, 5, 0)]
     assert torch.equal(torch.random.get_rng_state(), before), "the process's stream must be left as it was"
 
     def epochs(workers: int) -> list[torch.Tensor]:

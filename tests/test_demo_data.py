@@ -114,3 +114,21 @@ def test_generate_subtle(tmp_path):
 def test_defect_gallery(tmp_path):
     path = save_defect_gallery(str(tmp_path / "g.png"), size=128, tile=64)
     assert Image.open(path).size[1] > len(SUBTLE_DEFECTS) * 64
+
+
+def test_the_installed_commands_take_their_arguments_from_the_command_line():
+    """Each [project.scripts] entry is called with no arguments by its console script."""
+    import importlib
+    import inspect
+    import tomllib
+
+    from conftest import REPO
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        fn = getattr(importlib.import_module(module), func)
+        required = [p for p in inspect.signature(fn).parameters.values() if p.default is p.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        assert not required, f"{name} -> {target} needs {[p.name for p in required]}"

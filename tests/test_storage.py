@@ -60,6 +60,7 @@ def test_the_default_run_name_of_a_data_uri_is_its_folder_not_its_options():
     assert folder_name("s3://faces/train/?endpoint_override=http://minio:9000&scheme=http") == "train"
     assert folder_name("s3://faces/new%20set") == "new set"
     assert folder_name("/data/faces/train/") == "train"
+    assert folder_name("s3://faces-bucket") == folder_name("s3://faces-bucket/?region=x") == "faces-bucket"
 
 
 def test_onnx_paths_of_a_bundle_uri_keep_its_options():

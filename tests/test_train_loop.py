@@ -379,7 +379,7 @@ def test_phase1_caches_the_plain_images_and_their_mirrors_or_augmented_draws(tmp
     train, val = train_loop._head_caches(model, cfg, loaders, torch.device("cpu"), nullcontext,
                                          train_loop.LoopState(), 1)
 
-    order = [i for i, _ in loaders[0].sampler]  # the epoch-0 (index, epoch) order the cache was read in, every image (no drop_last)
+    order = [i for i, _, _ in loaders[0].sampler]  # the epoch-0 (index, epoch, draw) order the cache was read in, every image (no drop_last)
     x = torch.stack([eval_transform(image_size=64)(Image.open(paths[i]).convert("RGB")) for i in order])
     with torch.inference_mode():
         want = torch.cat([model.features(x), model.features(x.flip(-1))])
@@ -395,6 +395,13 @@ def test_phase1_caches_the_plain_images_and_their_mirrors_or_augmented_draws(tmp
                                            torch.device("cpu"), nullcontext, train_loop.LoopState(), 1)
     assert len(augmented) == 8
     assert min(float((view.float() - plain).abs().max()) for view in augmented.features for plain in want) > 1e-2
+    # a restart at phase 1's third epoch builds the views of the phase's first epochs again,
+    # whatever the process's random stream holds
+    torch.manual_seed(123)
+    resumed, _ = train_loop._head_caches(model, dataclasses.replace(cfg, head_cache_augment=True), loaders,
+                                         torch.device("cpu"), nullcontext,
+                                         train_loop.LoopState(global_epoch=3, phase_epoch=3), 1)
+    assert torch.equal(resumed.labels, augmented.labels) and torch.equal(resumed.features, augmented.features)
 
     # training views over the budget go to disk (validation still fits): the same features,
     # mapped from a file in the temp dir that has no name
