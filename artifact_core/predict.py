@@ -35,7 +35,7 @@ from artifact_core.bundle import (ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY, Bu
 from artifact_core.config import SCORE_ENGINES as ENGINES
 from artifact_core.config import SCORE_PRECISIONS as PRECISIONS
 from artifact_core.decode import decode_batch, decode_paths
-from artifact_core.storage import Location, resolve
+from artifact_core.storage import Location, join_uri, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -174,7 +174,7 @@ def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32
 
 def onnx_path(bundle_dir: str, precision: str = "fp32") -> str:
     """Path (or URI) of the bundle's ONNX model for ``precision``."""
-    return resolve(bundle_dir).join(ONNX_INT8_FILE if precision == "int8" else ONNX_FILE).uri
+    return join_uri(bundle_dir, ONNX_INT8_FILE if precision == "int8" else ONNX_FILE)
 
 
 def amp_dtype() -> torch.dtype:

@@ -64,6 +64,21 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def join_uri(path_or_uri: str, *parts: str) -> str:
+    """``parts`` (``/``-separated) joined onto a local path, or into a URI's path.
+
+    In a URI they go before its query (``?endpoint_override=...``), percent-encoded: pyarrow
+    decodes a URI's path, so a name holding '%', '?' or '#' would otherwise name another object
+    (or options) when the URI is resolved again. A string operation: nothing is resolved.
+    """
+    if not is_uri(path_or_uri):
+        return os.path.join(path_or_uri, *parts)
+    split = urllib.parse.urlsplit(path_or_uri)
+    # (RFC 3986's sub-delimiters stay as typed: run names may hold them)
+    quoted = [urllib.parse.quote(p.encode("utf-8", "surrogateescape"), safe="/!$&'()*+,;=:@~") for p in parts]
+    return urllib.parse.urlunsplit(split._replace(path=posixpath.join(split.path, *quoted)))
+
+
 def folder_name(path: str) -> str:
     """The last folder of a path, or of a URI's path (not of its ``?options``), unescaped."""
     if is_uri(path):
@@ -89,17 +104,7 @@ class Location:
         """A child location; ``parts`` use ``/``. Under a URI they are percent-encoded into its
         path (RFC 3986 sub-delimiters kept), before any ``?options``, so the URI resolves to the
         same object again."""
-        path = posixpath.join(self.path, *parts)
-        if self.is_local:
-            return Location(self.fs, path, os.path.join(self.uri, *parts))
-        # The parts go into the URI's path, before its query (``?endpoint_override=...``), and
-        # percent-encoded: pyarrow decodes a URI's path, so a name holding '%', '?' or '#'
-        # would otherwise name another object (or options) when the URI is resolved again.
-        split = urllib.parse.urlsplit(self.uri)
-        # (RFC 3986's sub-delimiters stay as typed: run names may hold them)
-        quoted = [urllib.parse.quote(p.encode("utf-8", "surrogateescape"), safe="/!$&'()*+,;=:@~") for p in parts]
-        uri = urllib.parse.urlunsplit(split._replace(path=posixpath.join(split.path, *quoted)))
-        return Location(self.fs, path, uri)
+        return Location(self.fs, posixpath.join(self.path, *parts), join_uri(self.uri, *parts))
 
     def info(self) -> pafs.FileInfo:
         """pyarrow's file info (type NotFound when missing)."""
