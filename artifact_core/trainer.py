@@ -168,7 +168,10 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
     try:
-        initial_state = model_for(cfg, weights=weights_state).state_dict()
+        # --seed is the split's and the initialisation's: the same seed starts from the same head
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(cfg.seed)
+            initial_state = model_for(cfg, weights=weights_state).state_dict()
     except (RuntimeError, ValueError, AttributeError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsUnavailableError(f"--weights {cfg.weights!r} does not fit MobileNetV2 with the {cfg.head} head: "

@@ -82,6 +82,7 @@ def test_two_phases_bundle_and_learning(ray_session, easy_folder, backbone_weigh
     rescored = predict_paths(ArtifactPredictor(summary.bundle_dir, engine="torch"),
                              [os.path.join(split.root, f) for f in split.val_files])
     kept = [d for d in os.listdir(tmp_path / "runs" / "basic") if d.startswith("checkpoint_")
+            and os.path.isdir(tmp_path / "runs" / "basic" / d)
             and json.load(open(tmp_path / "runs" / "basic" / d / "state.json"))["history"][-1]["epoch"]
             == saved["best_epoch"]]
     assert len(kept) == 1, kept
