@@ -55,12 +55,11 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
     pafs.copy_files(str(tmp_path / "local"), f"{BUCKET}/data", destination_filesystem=fs)
 
     data = f"s3://{BUCKET}/data/train"
-    # The runs' URI also names the store and credentials in its options (as users of MinIO
-    # write it): every path the jobs join onto it (run folder, bundle, trials) must keep them,
-    # and the secret must stay out of every file the jobs write for others.
-    options = (f"endpoint_override={s3_server.removeprefix('http://')}&scheme=http"
-               f"&access_key=testing&secret_key={URI_SECRET}")
-    runs = f"s3://{BUCKET}/runs?{options}"
+    # The runs' URI also names the store in its options and carries credentials (as users of
+    # MinIO write it): every path the jobs join onto it (run folder, bundle, trials) must keep
+    # both, and the secret must stay out of every file the jobs write for others.
+    options = f"endpoint_override={s3_server.removeprefix('http://')}&scheme=http"
+    runs = f"s3://testing:{URI_SECRET}@{BUCKET}/runs?{options}"
     ray.shutdown()  # reconnect as a job whose workers, actors and tasks get the S3 variables
     ray.init(address=ray_session["address"], runtime_env={"env_vars": env})
     try:
@@ -68,7 +67,7 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
                      image_size=32, head_epochs=1, finetune_epochs=1, weights=backbone_weights, patience=0,
                      max_failures=0, val_fraction=0.25)
         summary = run_training(TrainConfig(name="exp", **small))
-        assert summary.bundle_dir == f"s3://{BUCKET}/runs/exp/model?{options}"
+        assert summary.bundle_dir == f"s3://testing:{URI_SECRET}@{BUCKET}/runs/exp/model?{options}"
         in_run = _listing(fs, f"{BUCKET}/runs/exp")
         assert {"run_config.json", "split.json", "model/model.pt", "model/config.json", "model/metrics.json",
                 "model/learning_curves.png"} <= in_run
@@ -84,7 +83,7 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
         assert table["status"] == ["completed"] and table["epochs"] == [2]
         with fs.open_input_stream(f"{BUCKET}/runs/sweep/best_config.json") as f:
             assert json.loads(f.read())["params"]["lr"] == pytest.approx(1e-2)
-        assert sweep["bundle_dir"] == f"s3://{BUCKET}/runs/sweep/model?{options}"
+        assert sweep["bundle_dir"] == f"s3://testing:{URI_SECRET}@{BUCKET}/runs/sweep/model?{options}"
 
         out = f"s3://{BUCKET}/preds/exp"
         scored = run_scoring(ScoreConfig(model=summary.bundle_dir, input=f"s3://{BUCKET}/data/test", output=out,
