@@ -400,6 +400,12 @@ def _release_validation_decode_cache(loaders: tuple) -> None:
     val_ds.cache = None
 
 
+def _loader_generator(cfg: TrainConfig) -> torch.Generator:
+    # A DataLoader draws its processes' seeds from this stream of its own, not the process's:
+    # persistent loader processes draw once, so a restart would shift the dropout masks.
+    return torch.Generator().manual_seed(cfg.seed)
+
+
 def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tuple[Any, SkippingLoader]:
     split = loop_config["split"]
     fs = loop_config.get("data_fs")  # a pyarrow filesystem for data in object storage, else None
@@ -426,17 +432,15 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
         train: Any = ShardLoader(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
                                  drop_last=len(train_ds) // world > cfg.batch_size)
     else:
-        # generator: the loaders draw their processes' seeds from a stream of their own, not the
-        # process's (persistent loader processes draw once, so a restart would shift dropout)
         train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size,
                                           sampler=EpochSampler(sampler, rank=rank),
                                           num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
                                           persistent_workers=cfg.loader_workers > 0, collate_fn=collate,
-                                          pin_memory=cfg.use_gpu, generator=torch.Generator().manual_seed(cfg.seed)))
+                                          pin_memory=cfg.use_gpu, generator=_loader_generator(cfg)))
     val_shard = Subset(val_ds, val_indices)
     # pinned batches: the non-blocking copies to the GPU (_to_device) then overlap compute
     val_loader = DataLoader(val_shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
-                            collate_fn=collate, pin_memory=cfg.use_gpu, generator=torch.Generator().manual_seed(cfg.seed))
+                            collate_fn=collate, pin_memory=cfg.use_gpu, generator=_loader_generator(cfg))
     return train, SkippingLoader(val_loader)
 
 
@@ -556,7 +560,7 @@ def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, dev
     # in eval) and would drop the same images from both views for every epoch.
     plain_loader = SkippingLoader(DataLoader(plain, batch_size=inner.batch_size, sampler=inner.sampler,
                                              num_workers=cfg.loader_workers, collate_fn=inner.collate_fn,
-                                             pin_memory=cfg.use_gpu, generator=torch.Generator().manual_seed(cfg.seed)))
+                                             pin_memory=cfg.use_gpu, generator=_loader_generator(cfg)))
     cache = _cache_features(model, plain_loader, device, autocast, first_epoch=first_epoch,
                             mirrors_as_views=cfg.head_cache_views >= 2, spill=spill)
     loader.unreadable.extend(plain_loader.unreadable)  # counted as the training loader's
