@@ -255,6 +255,17 @@ def frozen_prefix(model: nn.Module) -> int:
     return count
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on ``device``: None on CPU, bf16 on GPUs of compute capability
+    8.0+ (Ampere and later), else fp16 (which needs grad scaling)."""
+    if device.type != "cuda":
+        return None
+    # Not torch.cuda.is_bf16_supported(): it also says yes where bf16 is only emulated
+    # (e.g. Turing, 7.5), which is slow and skips the fp16 tensor cores.
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
 class LocalEvidenceNet(nn.Module):
     """MobileNetV2's first :data:`LOCAL_TRUNK_BLOCKS` blocks, a per-location classifier and top-k pooling.
 

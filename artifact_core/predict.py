@@ -177,15 +177,6 @@ def onnx_path(bundle_dir: str, precision: str = "fp32") -> str:
     return join_uri(bundle_dir, ONNX_INT8_FILE if precision == "int8" else ONNX_FILE)
 
 
-def amp_dtype() -> torch.dtype:
-    """Autocast dtype on the current GPU: bf16 from compute capability 8.0 (Ampere) on, else fp16
-    (older GPUs emulate bf16 slowly or not at all)."""
-    import torch
-
-    major, _ = torch.cuda.get_device_capability()
-    return torch.bfloat16 if major >= 8 else torch.float16
-
-
 class TorchEngine:
     """The bundle's model in PyTorch eager mode (channels-last), on CPU or one GPU.
 
@@ -211,7 +202,9 @@ class TorchEngine:
         self.micro_batch = micro_batch
         self.mean = torch.tensor(bundle.config.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(bundle.config.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.autocast_dtype = amp_dtype() if device.type == "cuda" else None
+        from artifact_core.model import amp_dtype
+
+        self.autocast_dtype = amp_dtype(device)
 
     def _to_device(self, chunk: torch.Tensor) -> torch.Tensor:
         # (torch is already imported: only predict() calls this)

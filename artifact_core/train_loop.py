@@ -34,7 +34,7 @@ from artifact_core.data import ARTIFACT
 from artifact_core.dataset import DecodeCache, EpochSampler, ImageFileDataset, Unreadable, collate_readable
 from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, classification_metrics,
                                    keep_score, predict_labels, ranking_metrics, selection_score)
-from artifact_core.model import (frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
+from artifact_core.model import (amp_dtype, frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
                                  trunk_suffix, unwrap)
 from artifact_core.spill import SpillFile, spill_room
 from artifact_core.transforms import eval_transform, train_transform
@@ -157,17 +157,6 @@ def _setup_logging(rank: int) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype on ``device``: None on CPU, bf16 on GPUs of compute capability
-    8.0+ (Ampere and later), else fp16 (which needs grad scaling)."""
-    if device.type != "cuda":
-        return None
-    # Not torch.cuda.is_bf16_supported(): it also says yes where bf16 is only emulated
-    # (e.g. Turing, 7.5), which is slow and skips the fp16 tensor cores.
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def _amp(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:

@@ -35,9 +35,9 @@ nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv
 "$PY" - <<'EOF'
 import torch
 assert torch.cuda.is_available(), "torch sees no CUDA device"
-from artifact_core.predict import amp_dtype
+from artifact_core.model import amp_dtype
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, capability "
-      f"{torch.cuda.get_device_capability()}, scoring autocast {amp_dtype()}")
+      f"{torch.cuda.get_device_capability()}, autocast {amp_dtype(torch.device('cuda'))}")
 EOF
 
 echo "== 1/3 training: 2 epochs, 1 GPU worker ($WORK/runs)"

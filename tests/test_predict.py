@@ -23,7 +23,7 @@ from artifact_core.bundle import ONNX_SOURCE_KEY, BundleConfig, read_bundle_conf
 from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_paths
 from artifact_core.model import build_model
-from artifact_core.predict import (ArtifactPredictor, DecodingPredictor, OnnxEngine, StaleOnnxError, amp_dtype,
+from artifact_core.predict import (ArtifactPredictor, DecodingPredictor, OnnxEngine, StaleOnnxError,
                                    predict_paths, resolve_engine)
 from conftest import calibrated_model, make_easy_folder
 
@@ -325,13 +325,6 @@ def test_fused_actor_on_a_gpu_runs_the_whole_batch_at_once(bundle_dir, images, m
     assert sizes == [7], sizes  # the 7 decoded images in one call (the missing file is an error row)
     assert list(out["path"]) == list(expected["path"]) and out["predicted_class"][7] == -1
     np.testing.assert_allclose(out["prob_artifact_free"], expected["prob_artifact_free"], atol=1e-6)
-
-
-@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
-                                              ((9, 0), torch.bfloat16), ((6, 1), torch.float16)])
-def test_gpu_autocast_dtype_follows_compute_capability(monkeypatch, capability, dtype):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
-    assert amp_dtype() == dtype
 
 
 def test_a_non_finite_probability_is_an_error_row_not_an_artifact(tmp_path):
