@@ -416,10 +416,13 @@ class SweepConfig:
     resume: bool = False
 
     def resolved_grace_period(self) -> int:
-        """``grace_period``, or by default the first epoch of phase 2 (``head_epochs + 1``),
-        capped at the run's length."""
-        total = self.base.head_epochs + self.base.finetune_epochs
-        g = self.grace_period if self.grace_period is not None else self.base.head_epochs + 1
+        """``grace_period``, or by default the first phase-2 epoch at its full rate: the second
+        (``head_epochs + 2``) under the cosine schedule, whose first epoch is its warm-up from
+        0, when phase 2 has a third epoch left to run; else the first. Capped at the run's length."""
+        b = self.base
+        total = b.head_epochs + b.finetune_epochs
+        warm_up = 1 if b.finetune_schedule == "cosine" and b.finetune_epochs >= 3 else 0
+        g = self.grace_period if self.grace_period is not None else b.head_epochs + 1 + warm_up
         return max(1, min(g, total))
 
     def validate(self) -> "SweepConfig":
@@ -456,7 +459,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the sweep flags of jobs/tune.py (training flags come from :func:`add_training_args`)."""
     d = SweepConfig(base=TrainConfig())
     g = parser.add_argument_group("sweep")
-    g.add_argument("--num-samples", type=int, default=d.num_samples, help="trials (default: %(default)s)")
+    g.add_argument("--num-samples", type=int, default=d.num_samples, help="trials, or with --lrs trials per rate (default: %(default)s)")
     g.add_argument("--max-concurrent-trials", type=int, default=d.max_concurrent_trials,
                    help="(default: as many as fit the cluster)")
     g.add_argument("--lr-min", type=float, default=d.lr_min, help="phase-1 LR, log-uniform lower bound (default: %(default)s)")
@@ -471,8 +474,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--image-sizes", type=int, nargs="+", default=d.image_sizes,
                    help="choices of the square input size, e.g. 224 320 448 (default: --image-size only)")
     g.add_argument("--grace-period", type=int, default=d.grace_period,
-                   help="epochs before ASHA may stop a trial (default: --head-epochs + 1, the first "
-                        "rung after one phase-2 epoch, where unfreeze depth and phase-2 LR act)")
+                   help="epochs before ASHA may stop a trial (default: the first phase-2 epoch at the full "
+                        "rate, where unfreeze depth and phase-2 LR act: --head-epochs + 2 under the cosine "
+                        "schedule, whose first epoch is its warm-up, else + 1)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of the same --name (a plain rerun does too; this only "
                         "warns when there is nothing to continue)")

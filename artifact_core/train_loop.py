@@ -142,6 +142,17 @@ def phases(cfg: TrainConfig) -> list[PhaseSpec]:
             PhaseSpec("finetune", cfg.finetune_epochs, cfg.finetune_lr, cfg.unfreeze_depth, cfg.finetune_schedule)]
 
 
+#: Report field: the epoch as the phases plan it (see :func:`schedule_epoch`); ASHA's clock.
+SCHEDULE_EPOCH = "schedule_epoch"
+
+
+def schedule_epoch(cfg: TrainConfig, phase_index: int, phase_epoch: int) -> int:
+    """Epoch ``phase_epoch`` of phase ``phase_index`` counted as if every earlier phase ran all
+    its planned epochs: the global epoch, unless patience stopped an earlier phase. Phase 2's
+    n-th epoch is then the same number in every run, whenever its phase 1 ended."""
+    return sum(p.epochs for p in phases(cfg)[:phase_index]) + phase_epoch
+
+
 def _setup_logging(rank: int) -> None:
     # Each worker is its own process: the driver's logging set-up does not reach it.
     # Ray Train 2.60 logs every report's whole metrics dict from every rank at INFO under a
@@ -858,6 +869,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         state.stopped_early = stop_early
         metrics = {
             "epoch": state.global_epoch, "phase": spec.name, "phase_epoch": state.phase_epoch,
+            SCHEDULE_EPOCH: schedule_epoch(cfg, state.phase_index, state.phase_epoch),
             "train_loss": train_loss, "val_loss": val_loss,
             **reported, SELECT_SCORE: select, SELECT_SCORE_METRIC: cfg.select_metric, KEEP_SCORE: keep,
             "diverged": diverged,

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 BUNDLE_FOLDER = "model"
 #: The headline metric, reported beside the selection metric (``TrainConfig.select_metric``).
 HEADLINE_METRIC = "val_micro_f1"
+#: CPUs of each ``--ingest ray-data`` decode task (a run needs one free beside its workers).
+DATA_TASK_CPUS = 1.0
 
 
 @dataclass
@@ -205,12 +207,18 @@ def storage_args(storage_path: str) -> dict[str, Any]:
     return {"storage_path": loc.path, "storage_filesystem": loc.fs}
 
 
+def data_task_cpus(cfg: TrainConfig) -> float:
+    """CPUs a run needs beside its workers: one for ``--ingest ray-data``'s decode tasks
+    (workers that take every CPU would wait for their data forever), none otherwise."""
+    return DATA_TASK_CPUS if cfg.ingest == "ray-data" else 0.0
+
+
 def _ingest_args(cfg: TrainConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     """``datasets``/``dataset_config`` for ``--ingest ray-data`` (only the training part is split)."""
     if cfg.ingest != "ray-data":
         return {}
     from artifact_core.ingest import train_datasets
-    return {"datasets": train_datasets(loop_config, image_size=cfg.image_size),
+    return {"datasets": train_datasets(loop_config, image_size=cfg.image_size, cpus_per_task=DATA_TASK_CPUS),
             "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
 
 
@@ -222,7 +230,8 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     nodes (``--wait-for-resources``): Ray Train would otherwise wait for them forever.
     """
     check_fits(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-               gpus_per_worker=1.0 if cfg.use_gpu else 0.0, wait_s=cfg.wait_for_resources)
+               gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=data_task_cpus(cfg),
+               wait_s=cfg.wait_for_resources)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
     score_attribute = checkpoint_score_attribute(resolve(storage_path).join(name), cfg.select_metric)
     return TorchTrainer(

@@ -27,11 +27,12 @@ from ray.tune.schedulers import ASHAScheduler
 
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
-from artifact_core.metrics import SELECT_SCORE, is_diverged, report_score
+from artifact_core.metrics import SELECT_SCORE, best_report, is_diverged, report_score, selection_key
 from artifact_core.raycluster import check_fits, clear_resource_request, detect_autoscaler, units
 from artifact_core.storage import Location, resolve
-from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, export_bundle, prepare_run,
-                                   storage_args)
+from artifact_core.train_loop import SCHEDULE_EPOCH
+from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, data_task_cpus, export_bundle,
+                                   prepare_run, storage_args)
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,13 @@ def _concurrency(cfg: SweepConfig) -> int:
     cluster it may build (at least 1). Waits (``--wait-for-resources``) until one trial fits."""
     b = cfg.base
     gpus = 1.0 if b.use_gpu else 0.0
+    data_cpus = data_task_cpus(b)
     check_fits(num_workers=b.num_workers, cpus_per_worker=b.cpus_per_worker, gpus_per_worker=gpus,
-               what="one sweep trial", wait_s=b.wait_for_resources)
+               reserved_cpus=data_cpus, what="one sweep trial", wait_s=b.wait_for_resources)
 
     def trials_in(res: dict[str, float]) -> int:
         # in Ray's 1/10000 units: 3 x 0.1 CPU is not 0.30000000000000004
-        n = units(res.get("CPU", 0.0)) // (b.num_workers * units(b.cpus_per_worker))
+        n = units(res.get("CPU", 0.0)) // (b.num_workers * units(b.cpus_per_worker) + units(data_cpus))
         return min(n, int(res.get("GPU", 0.0) // b.num_workers)) if b.use_gpu else n
 
     fits = max(1, trials_in(ray.cluster_resources()))
@@ -88,6 +90,17 @@ def _concurrency(cfg: SweepConfig) -> int:
     return fits
 
 
+def _warn_restored_concurrency(tuner: tune.Tuner, wanted: int) -> None:
+    """Say so when a restored sweep will run another number of trials at once than asked:
+    Tune restores its search state whole, trial limit included, and takes no new one."""
+    restored = getattr(getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None),
+                       "max_concurrent_trials", None)
+    if restored is not None and restored != wanted:
+        log.warning("the restored sweep keeps running at most %d trial(s) at once, as it started (%d now fit "
+                    "or were asked for with --max-concurrent-trials); --overwrite starts the sweep anew",
+                    restored, wanted)
+
+
 def _param_space(cfg: SweepConfig) -> dict[str, Any]:
     return {
         "lr": tune.grid_search(cfg.lrs) if cfg.lrs else tune.loguniform(cfg.lr_min, cfg.lr_max),
@@ -99,14 +112,17 @@ def _param_space(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def build_scheduler(cfg: SweepConfig) -> ASHAScheduler | None:
-    """ASHA on the selection metric, its first rung after one phase-2 epoch by default.
+    """ASHA on the selection metric, its first rung in phase 2, after the warm-up, by default.
 
     Rungs sit at grace, 2 x grace, 4 x grace ... epochs (reduction factor 2), counted over
     both phases. With grace 1 and 4 head epochs every rung would fall in phase 1, where
     the swept unfreeze depth and phase-2 LR have not acted yet: trials would be stopped by
-    their head-only epochs. The default grace is therefore ``head_epochs + 1``
-    (:meth:`SweepConfig.resolved_grace_period`); the time unit stays the global epoch so
-    ``--grace-period`` keeps its plain meaning.
+    their head-only epochs. The default grace is therefore in phase 2
+    (:meth:`SweepConfig.resolved_grace_period`).
+
+    The clock is the loop's ``schedule_epoch``: the epoch as the phases plan it, so a trial
+    whose phase 1 patience stopped early still meets the rungs at the same phase-2 epoch as
+    the others (the global epoch would put them in another phase, or never reach them).
     """
     if cfg.scheduler != "asha":
         return None
@@ -115,9 +131,9 @@ def build_scheduler(cfg: SweepConfig) -> ASHAScheduler | None:
     if grace <= base.head_epochs and base.finetune_epochs > 0:
         log.warning("--grace-period %d puts ASHA's first rung in the head phase (%d epochs): trials are "
                     "then stopped before unfreeze depth and phase-2 LR act", grace, base.head_epochs)
-    # The loop's own global epoch, not Tune's training_iteration: a trial restored after a
+    # The loop's own epoch count, not Tune's training_iteration: a trial restored after a
     # kill restarts its iteration count at 0 while its Train run resumes at epoch k.
-    return ASHAScheduler(time_attr="epoch", max_t=base.head_epochs + base.finetune_epochs,
+    return ASHAScheduler(time_attr=SCHEDULE_EPOCH, max_t=base.head_epochs + base.finetune_epochs,
                          grace_period=grace, reduction_factor=2)
 
 
@@ -127,49 +143,61 @@ def asha_rungs(scheduler: ASHAScheduler) -> list[int]:
 
 
 def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select_metric) -> pd.DataFrame:
-    """One row per trial: config, best selection metric, best micro F1 and AP beside it, best
-    ``select_score``, epochs run and how the trial ended; best first (by ``select_score``)."""
+    """One row per trial: config, the selection metric, micro F1, AP and ``select_score`` of the
+    trial's selected epoch (the one its bundle would keep: ``best_epoch``), epochs run and how
+    the trial ended; best first, by the selected epoch's
+    :func:`~artifact_core.metrics.selection_key` (the ties a run breaks, trials break alike)."""
     shown = list(dict.fromkeys([metric, HEADLINE_METRIC, "val_ap_artifact"]))
-    rows = []
+    rows, keys = [], []
     for r in grid:
         df = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        reports = df.to_dict("records")
         epochs = int(df["epoch"].max()) if "epoch" in df else 0
-        usable = _not_diverged(df)  # a diverged epoch's metrics come from NaN scores
-        if r.error is not None:
-            status = "error"
-        elif epochs >= total_epochs or (len(df) and bool(df["early_stopped"].iloc[-1]) and df["phase"].iloc[-1] == "finetune"):
-            status = "completed"
-        else:
-            status = "stopped early"
-        cfg = r.config or {}
+        # A diverged epoch's metrics come from NaN scores: never the selected one.
+        usable = [row for row in reports if not is_diverged(row)]
+        best = usable[best_report(usable, metric)] if usable else {}
         rows.append({
-            "trial_id": (r.metrics or {}).get("trial_id", ""), "lr": cfg.get("lr"), "finetune_lr": (cfg.get("lr") or 0) * (cfg.get("finetune_lr_ratio") or 0),
-            "unfreeze_depth": cfg.get("unfreeze_depth"), "image_size": cfg.get("image_size"),
-            **{f"best_{k}": float(usable[k].max()) if k in usable else math.nan for k in shown},
-            f"best_{SELECT_SCORE}": _best_select_score(df, metric),
-            "epochs": epochs, "status": status,
+            "trial_id": (r.metrics or {}).get("trial_id", ""), **_trial_params(r.config or {}),
+            **{f"best_{k}": _number(best.get(k)) for k in shown},
+            f"best_{SELECT_SCORE}": report_score(best, metric) if best else math.nan,
+            "best_epoch": int(best["epoch"]) if best else 0,
+            "epochs": epochs, "status": _status(r, reports, total_epochs),
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else "",
         })
-    # by the selection score (the metric, one-class and diverged epochs last), ties to the
-    # better artifact AP; a stable sort keeps trial order after that
-    return pd.DataFrame(rows).sort_values([f"best_{SELECT_SCORE}", "best_val_ap_artifact"], ascending=False,
-                                          na_position="last", kind="mergesort")
+        keys.append(selection_key(best, metric) if best else (-math.inf,) * 3 + (0,))
+    order = sorted(range(len(rows)), key=lambda i: keys[i], reverse=True)  # stable: trial order after that
+    return pd.DataFrame([rows[i] for i in order], columns=list(rows[0]) if rows else None)
 
 
-def _not_diverged(df: pd.DataFrame) -> pd.DataFrame:
-    """The reports of epochs that did not diverge."""
-    if df.empty:
-        return df
-    return df[[not is_diverged(row) for row in df.to_dict("records")]]
+def _trial_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"lr": cfg.get("lr"), "finetune_lr": (cfg.get("lr") or 0) * (cfg.get("finetune_lr_ratio") or 0),
+            "unfreeze_depth": cfg.get("unfreeze_depth"), "image_size": cfg.get("image_size")}
 
 
-def _best_select_score(df: pd.DataFrame, metric: str) -> float:
-    """A trial's best :func:`~artifact_core.metrics.report_score` over its reports (computed
-    from the metrics for reports that predate ``select_score`` or scored another metric)."""
-    if df.empty:
+def _number(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
         return math.nan
-    scores = pd.Series([report_score(row, metric) for row in df.to_dict("records")], dtype=float)
-    return float(scores.max())  # NaN only when every report is
+
+
+def _status(result: Any, reports: list[dict[str, Any]], total_epochs: int) -> str:
+    """"error", "diverged", "completed" (its last phase ran out or patience ended it) or
+    "stopped early" (ASHA, or a sweep cut short)."""
+    if result.error is not None:
+        return "error"
+    if any(is_diverged(row) for row in reports):
+        return "diverged"
+    if not reports:
+        return "stopped early"
+    last = reports[-1]
+    # The planned epoch, not the global one: phase 1 may have stopped early (patience), and
+    # the trial then ran all of phase 2 in fewer epochs. Reports from before it: the epoch.
+    clock = _number(last.get(SCHEDULE_EPOCH))
+    clock = last.get("epoch", 0) if math.isnan(clock) else clock
+    if clock >= total_epochs or (bool(last.get("early_stopped")) and last.get("phase") == "finetune"):
+        return "completed"
+    return "stopped early"
 
 
 def best_trial_id(table: pd.DataFrame, metric: str) -> str:
@@ -198,7 +226,11 @@ def _search_space_identity(cfg: SweepConfig) -> dict[str, Any]:
                              "finetune_lr_ratio_max": cfg.finetune_lr_ratio_max,
                              "unfreeze_depths": list(cfg.unfreeze_depths), "image_sizes": cfg.image_sizes,
                              "scheduler": cfg.scheduler, "grace_period": cfg.grace_period,
-                             "num_samples": cfg.num_samples}}
+                             "num_samples": cfg.num_samples},
+            # What ASHA judged and the trials' checkpoint keepers kept by: under another metric
+            # the finished trials' kept checkpoints may not hold the newly selected epochs.
+            # (Top level: a sweep recorded before it compares with its own config's value.)
+            "select_metric": cfg.base.select_metric}
 
 
 def write_results(sweep: Location, table: pd.DataFrame, metric: str) -> None:
@@ -244,6 +276,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         log.info("resuming sweep %s", sweep.join("tune").uri)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
+        _warn_restored_concurrency(tuner, concurrent)
     else:
         if cfg.resume:
             log.warning("nothing to resume at %s; starting a new sweep", experiment)
@@ -278,10 +311,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     metrics = export_bundle(ray.train.Result.from_path(best_run, storage_filesystem=fs), best_cfg,
                             bundle, extra_metrics={"sweep": base.name, "trial": best_id},
                             weights_source=loop_config["weights_source"], split=loop_config["split"])
-    reports = _not_diverged(best.metrics_dataframe)
+    row = table[table["trial_id"] == best_id].iloc[0]
+    # the selected epoch's figures (the bundle's epoch), not each column's best over epochs
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.shareable_dict(),
-                   "select_metric": metric, f"best_{metric}": float(reports[metric].max()),
-                   f"best_{HEADLINE_METRIC}": float(reports[HEADLINE_METRIC].max()),
+                   "select_metric": metric, "best_epoch": int(row["best_epoch"]),
+                   f"best_{metric}": float(row[f"best_{metric}"]),
+                   f"best_{HEADLINE_METRIC}": float(row[f"best_{HEADLINE_METRIC}"]),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
                    "wall_seconds": time.time() - t0}
     sweep.join("best_config.json").write_text(json.dumps(best_config, indent=2, default=float))

@@ -127,6 +127,25 @@ def test_sweep_identity_ignores_sampled_rates_but_not_the_space(tmp_path):
         prepare_run(cfg(data, tmp_path / "runs"), extra_identity=space)
 
 
+def test_sweep_identity_holds_the_selection_metric_and_old_sweeps_compare_with_their_config(tmp_path):
+    from artifact_core.config import SweepConfig
+    from artifact_core.tuning import _search_space_identity
+
+    data = make_easy_folder(tmp_path / "train", n=16)
+    ap = cfg(data, tmp_path / "runs")
+    prepare_run(ap, kind="sweep", extra_identity=_search_space_identity(SweepConfig(base=ap)))
+    f1 = cfg(data, tmp_path / "runs", select_metric="val_micro_f1")
+    with pytest.raises(RunConflictError, match="select_metric: 'val_ap_artifact' before, 'val_micro_f1' now"):
+        prepare_run(f1, kind="sweep", extra_identity=_search_space_identity(SweepConfig(base=f1)))
+    # a sweep recorded before the metric was part of its identity: its config says which it used
+    old = tmp_path / "old"
+    legacy = _search_space_identity(SweepConfig(base=cfg(data, old)))
+    legacy.pop("select_metric")
+    prepare_run(cfg(data, old), kind="sweep", extra_identity=legacy)
+    again = cfg(data, old)
+    prepare_run(again, kind="sweep", extra_identity=_search_space_identity(SweepConfig(base=again)))
+
+
 def test_runs_recorded_before_a_field_existed_compare_with_its_old_meaning():
     from artifact_core.run_identity import differences, identity_of
 

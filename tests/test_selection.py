@@ -80,23 +80,35 @@ def test_old_loop_state_loads_and_resets_its_best_for_a_new_metric():
     assert LoopState.from_dict({}) == LoopState()
 
 
-@pytest.mark.parametrize("head,finetune,expected", [(4, 4, [5]), (2, 2, [3]), (4, 12, [5, 10]), (0, 4, [1, 2, 4])])
-def test_asha_rungs_fall_after_the_head_phase_by_default(head, finetune, expected):
-    cfg = SweepConfig(base=TrainConfig(head_epochs=head, finetune_epochs=finetune))
-    rungs = asha_rungs(build_scheduler(cfg))
-    assert rungs == expected and min(rungs) > head
+@pytest.mark.parametrize("head,finetune,schedule,expected", [
+    (4, 4, "cosine", [6]),        # after the warm-up epoch (phase 2's first ramps its rate up from 0)
+    (60, 4, "cosine", [62]),      # the defaults
+    (60, 4, "constant", [61]),    # no warm-up: the first phase-2 epoch runs at the full rate
+    (2, 2, "cosine", [3]),        # no third epoch would be left to run after the second
+    (4, 12, "cosine", [6, 12]),
+    (0, 4, "cosine", [2, 4]),
+])
+def test_asha_rungs_fall_in_phase_two_at_its_full_rate_by_default(head, finetune, schedule, expected):
+    cfg = SweepConfig(base=TrainConfig(head_epochs=head, finetune_epochs=finetune, finetune_schedule=schedule))
+    assert asha_rungs(build_scheduler(cfg)) == expected
 
 
-def test_asha_counts_the_loops_global_epoch():
-    # Tune's training_iteration restarts at 0 when a killed sweep restores a trial whose Train
-    # run resumes at epoch k: the rungs must count the epoch the loop reports.
-    scheduler = build_scheduler(SweepConfig(base=TrainConfig(head_epochs=2, finetune_epochs=2)))
+def test_asha_clock_is_the_planned_epoch():
+    # A trial whose phase 1 patience stopped after 1 of 2 epochs reports global epoch 3 in its
+    # last phase-2 epoch: the rungs count the epoch as planned (4 = max_t), so it meets them
+    # in the same phase-2 epoch as every other trial. Tune's training_iteration restarts at 0
+    # when a killed sweep restores a trial, so neither counts that.
+    from artifact_core.train_loop import SCHEDULE_EPOCH, schedule_epoch
+
+    base = TrainConfig(head_epochs=2, finetune_epochs=2)
+    assert [schedule_epoch(base, 0, 1), schedule_epoch(base, 1, 1), schedule_epoch(base, 1, 2)] == [1, 3, 4]
+    scheduler = build_scheduler(SweepConfig(base=base))
     scheduler.set_search_properties("select_score", "max")
     trial = SimpleNamespace(trial_id="t")
     scheduler.on_trial_add(None, trial)
-    assert scheduler.on_trial_result(None, trial, {"training_iteration": 1, "epoch": 4, "select_score": 0.5}) \
-        == "STOP"  # epoch 4 = max_t, whatever the iteration count says
-    assert scheduler._time_attr == "epoch"
+    assert scheduler.on_trial_result(None, trial, {"training_iteration": 1, "epoch": 3, SCHEDULE_EPOCH: 4,
+                                                   "select_score": 0.5}) == "STOP"
+    assert scheduler._time_attr == SCHEDULE_EPOCH
 
 
 def _trial(trial_id, rows, error=None, lr=1e-3):
@@ -132,6 +144,49 @@ def test_sweep_winner_is_never_errored_one_class_or_diverged():
         best_trial_id(table[table["trial_id"].isin(["errored", "diverged"])], "val_micro_f1")
 
 
+def test_sweep_table_shows_the_selected_epoch_and_breaks_ties_as_a_run_does():
+    one_class, two_class = [[0, 10], [0, 90]], [[6, 4], [8, 82]]
+
+    def row(epoch, phase, f1, ap, cm=two_class, **extra):
+        return {"epoch": epoch, "phase": phase, "early_stopped": False, "val_micro_f1": f1, "val_ap_artifact": ap,
+                "val_confusion_matrix": cm, **extra}
+
+    grid = [
+        # selected by micro F1: the all-clean epoch 1 (0.90) loses to the two-class epoch 2 (0.88),
+        # and the table must show epoch 2's figures, not each column's best over the epochs
+        _trial("first", [row(1, "head", 0.90, 0.95, one_class), row(2, "finetune", 0.88, 0.70)]),
+        # the same selection score; the higher AP breaks the tie, as within a run, whatever the trial order
+        _trial("second", [row(1, "head", 0.80, 0.60), row(2, "finetune", 0.88, 0.80)]),
+    ]
+    table = results_table(grid, total_epochs=2, metric="val_micro_f1").set_index("trial_id")
+    assert table.index.tolist() == ["second", "first"]
+    assert table.loc["first", "best_val_micro_f1"] == 0.88 and table.loc["first", "best_val_ap_artifact"] == 0.70
+    assert table.loc["first", "best_epoch"] == 2 and table.loc["second", "best_val_ap_artifact"] == 0.80
+    assert best_trial_id(table.reset_index(), "val_micro_f1") == "second"
+
+
+def test_sweep_status_follows_the_planned_epochs():
+    from artifact_core.train_loop import SCHEDULE_EPOCH
+
+    two_class = [[6, 4], [8, 82]]
+
+    def row(epoch, phase, planned, early=False, **extra):
+        return {"epoch": epoch, "phase": phase, SCHEDULE_EPOCH: planned, "early_stopped": early,
+                "val_micro_f1": 0.9, "val_ap_artifact": 0.5, "val_confusion_matrix": two_class, **extra}
+
+    grid = [
+        # patience ended phase 1 after 1 of 4 epochs; phase 2 then ran all 2 of its epochs (global epoch 3 of 6)
+        _trial("short_head", [row(1, "head", 1, early=True), row(2, "finetune", 5), row(3, "finetune", 6)]),
+        _trial("asha", [row(e, "head", e) for e in (1, 2, 3, 4)] + [row(5, "finetune", 5)]),
+        _trial("patience", [row(e, "head", e) for e in (1, 2, 3, 4)] + [row(5, "finetune", 5, early=True)]),
+        _trial("nan", [row(1, "head", 1), row(2, "head", 2, diverged=True)]),
+        _trial("old", [{k: v for k, v in row(e, "finetune", e).items() if k != SCHEDULE_EPOCH} for e in (5, 6)]),
+    ]
+    status = results_table(grid, total_epochs=6).set_index("trial_id")["status"].to_dict()
+    assert status == {"short_head": "completed", "asha": "stopped early", "patience": "completed",
+                      "nan": "diverged", "old": "completed"}
+
+
 def test_asha_explicit_grace_period_in_head_phase_warns(caplog):
     cfg = SweepConfig(base=TrainConfig(head_epochs=4, finetune_epochs=4), grace_period=1)
     with caplog.at_level(logging.WARNING, logger="artifact_core.tuning"):
@@ -151,7 +206,7 @@ def test_sweep_searches_the_image_size():
     p = add_training_args(add_sweep_args(argparse.ArgumentParser()))
     args = p.parse_args(["--image-sizes", "224", "320", "448"])
     sweep = sweep_from_args(args, config_from_args(args))
-    assert sweep.image_sizes == [224, 320, 448] and sweep.validate()
+    assert sweep.image_sizes == [224, 320, 448] and sweep.validate() is sweep
     assert sweep.base.name == "demo-sweep"  # apart from the training run's folder
     named = p.parse_args(["--name", "grid"])
     assert sweep_from_args(named, config_from_args(named)).base.name == "grid"
@@ -319,3 +374,44 @@ def test_checkpoints_that_cannot_be_read_keep_the_cautious_key(tmp_path):
     (run / "checkpoint_2026-01-01_00-00-01.000000" / "state.json").write_text("{not json")
     assert checkpoint_score_attribute(resolve(str(run)), "val_ap_artifact") == "val_ap_artifact"
     assert checkpoint_score_attribute(resolve(str(tmp_path / "new")), "val_ap_artifact") == "keep_score"
+
+
+def test_sweep_concurrency_leaves_a_cpu_per_trial_for_ray_data_decode(monkeypatch):
+    from artifact_core import tuning
+
+    asked = []
+    monkeypatch.setattr(tuning, "check_fits", lambda **kw: asked.append(kw))
+    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
+    loader = TrainConfig(num_workers=2, cpus_per_worker=0.5)
+    assert tuning._concurrency(SweepConfig(base=loader)) == 4 and asked[-1]["reserved_cpus"] == 0
+    # each trial's workers take 1 CPU, its Ray Data decode tasks 1 more: 2 trials, not 4 that would wait forever
+    streamed = TrainConfig(num_workers=2, cpus_per_worker=0.5, ingest="ray-data")
+    assert tuning._concurrency(SweepConfig(base=streamed)) == 2 and asked[-1]["reserved_cpus"] == 1.0
+
+
+def test_a_restored_sweep_says_it_keeps_its_concurrency(caplog):
+    from artifact_core.tuning import _warn_restored_concurrency
+
+    tuner = SimpleNamespace(_local_tuner=SimpleNamespace(_tune_config=SimpleNamespace(max_concurrent_trials=1)))
+    with caplog.at_level(logging.WARNING, logger="artifact_core.tuning"):
+        _warn_restored_concurrency(tuner, 1)
+        assert not caplog.records
+        _warn_restored_concurrency(tuner, 3)
+    assert "keeps running at most 1 trial(s) at once" in caplog.text
+
+
+def test_training_with_ray_data_asks_for_a_cpu_beside_its_workers(monkeypatch):
+    from artifact_core import trainer
+
+    class Asked(Exception):
+        pass
+
+    def fake_check_fits(**kw):
+        raise Asked(kw)
+
+    monkeypatch.setattr(trainer, "check_fits", fake_check_fits)
+    for ingest, reserved in (("dataloader", 0.0), ("ray-data", 1.0)):
+        with pytest.raises(Asked) as info:
+            trainer.build_trainer(TrainConfig(ingest=ingest), {}, name="r", storage_path="/tmp/unused")
+        assert info.value.args[0]["reserved_cpus"] == reserved
