@@ -230,6 +230,12 @@ def clear_run(run: Location) -> list[str]:
         raise RunConflictError(
             f"--overwrite refused: {run.uri} holds no {RUN_FILE}, so it is not a run folder; "
             f"nothing was deleted (found e.g. {names[:3]}); choose another --name or --storage-path")
+    record = read_record(run)
+    # Another tool's run_config.json is no licence to delete its model/ or results.csv.
+    if record is not None and record.get("writer") != WRITER and not _is_legacy(record):
+        raise RunConflictError(
+            f"--overwrite refused: {run.join(RUN_FILE).uri} was not written by this project's training "
+            f"or sweeps; nothing was deleted; choose another --name or --storage-path")
     removed = [n for n in names if is_owned(n)]
     for name in removed:
         log.info("--overwrite: removing %s", run.join(name).uri)
@@ -240,23 +246,36 @@ def clear_run(run: Location) -> list[str]:
     return removed
 
 
-def clear_interrupted_start(run: Location) -> list[str]:
+def clear_interrupted_start(run: Location, data_root: str) -> list[str]:
     """Delete what a first start killed before it wrote its record left in ``run``; returns the names.
 
     A first start writes the split, then the record (each through a temporary file), and
     trains only after that: a folder that holds nothing but such files, and no record, is an
-    interrupted first start with nothing trained in it. Any other folder is left as it is.
+    interrupted first start with nothing trained in it, provided its split is one of this
+    project's of ``data_root`` (a user's own ``split.json`` is no such thing). Any other folder
+    is left as it is.
     """
     if run.join(RUN_FILE).exists():
         return []
     names = run.children()
     if not names or not all(_is_start_file(n) and run.join(n).info().type == pafs.FileType.File for n in names):
         return []
+    for name in names:
+        if name in START_FILES and not _split_of(run, name, data_root):
+            return []
     log.warning("%s holds %s but no %s: its first start was interrupted; clearing it and starting again",
                 run.uri, names, RUN_FILE)
     for name in names:
         run.join(name).remove()
     return names
+
+
+def _split_of(run: Location, name: str, data_root: str) -> bool:
+    """Whether ``run``'s file ``name`` is a split this project wrote of ``data_root``."""
+    try:
+        return read_split(run, name).root == data_root
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return False
 
 
 def stored_split_paths(run: Location, data_root: str, root: str) -> list[str] | None:
@@ -296,7 +315,7 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     """
     new = {"writer": WRITER, "version": RECORD_VERSION, "kind": kind,
            "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config}
-    clear_interrupted_start(run)
+    clear_interrupted_start(run, data_root)
     if overwrite:
         clear_run(run)
     old = read_record(run)

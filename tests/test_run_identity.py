@@ -197,20 +197,46 @@ def test_a_first_start_killed_before_its_record_starts_again(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         prepare_run(cfg(data, tmp_path / "runs"))
     monkeypatch.undo()
-    for name in os.listdir(run):
-        os.remove(run / name)
-    for name in left:
-        (run / name).write_text("{")  # (a temporary file is half written)
+    split = (run / SPLIT_JSON).read_text()  # (written whole, through a temporary file)
+
+    def leave():
+        for name in os.listdir(run):
+            os.remove(run / name)
+        for name in left:
+            (run / name).write_text(split if name == SPLIT_JSON else "{")  # (a temporary file is half written)
+
+    leave()
     for overwrite in (False, True):
         with caplog.at_level(logging.WARNING, logger="artifact_core.run_identity"):
             prepare_run(cfg(data, tmp_path / "runs", overwrite=overwrite))
         assert "first start was interrupted" in caplog.text
         assert sorted(os.listdir(run)) == [RUN_FILE, SPLIT_JSON]
-        for name in os.listdir(run):
-            os.remove(run / name)
-        for name in left:
-            (run / name).write_text("{")
+        leave()
         caplog.clear()
+
+
+@pytest.mark.parametrize("content", ["{}", json.dumps({"root": "/elsewhere", "train": {"files": [], "labels": []},
+                                                        "val": {"files": [], "labels": []}})])
+def test_a_users_own_split_file_is_not_taken_for_an_interrupted_start(tmp_path, content):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / SPLIT_JSON).write_text(content)
+    for overwrite in (False, True):
+        with pytest.raises(RunConflictError, match="nothing was deleted|not a run of this project"):
+            prepare_run(cfg(data, tmp_path / "runs", overwrite=overwrite))
+    assert (run / SPLIT_JSON).read_text() == content
+
+
+def test_overwrite_refuses_a_run_record_another_tool_wrote(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    run = tmp_path / "runs" / "r"
+    (run / "model").mkdir(parents=True)
+    (run / RUN_FILE).write_text(json.dumps({"writer": "some other tool", "lr": 0.1}))
+    (run / "results.csv").write_text("theirs")
+    with pytest.raises(RunConflictError, match="not written by this project.*nothing was deleted"):
+        prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+    assert sorted(os.listdir(run)) == sorted([RUN_FILE, "model", "results.csv"])
 
 
 def test_an_interrupted_start_beside_other_files_is_not_cleared(tmp_path):
