@@ -32,7 +32,7 @@ from artifact_core.bundle import Bundle, load_bundle
 from artifact_core.data import LABEL_NAMES, list_images
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError, ImageSource, decode_image
-from artifact_core.storage import FileReadError, display_path, read_file_bytes
+from artifact_core.storage import FileReadError, display_path, read_file_bytes, redact_uri
 from artifact_core.transforms import normalize
 
 log = logging.getLogger(__name__)
@@ -243,12 +243,14 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
     for r in rows:  # a name with bytes that are not UTF-8 is written as \xNN, as scoring writes it
         r["file"] = display_path(r["file"])
     fields = ["file", "heatmap", "predicted_class", "confidence", "prob_artifact_free", "error"]
-    with open(os.path.join(out_dir, "explain.csv"), "w", newline="") as f:
+    # UTF-8 whatever the locale: a name the locale cannot encode must not fail after the heatmaps
+    with open(os.path.join(out_dir, "explain.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.join(out_dir, "explain.json"), "w") as f:
-        json.dump({"model": explainer.bundle.path, "threshold": explainer.threshold,
+    with open(os.path.join(out_dir, "explain.json"), "w", encoding="utf-8") as f:
+        # (credentials in a bundle URI blanked out, as in scoring's summary)
+        json.dump({"model": redact_uri(explainer.bundle.path), "threshold": explainer.threshold,
                    "labels": {str(k): v for k, v in LABEL_NAMES.items()}, "images": rows}, f, indent=2)
     return rows
 

@@ -295,16 +295,29 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
             "heatmap_errors": sum(1 for c in cards_flagged + cards_unsure if c["e"])}
 
 
-def report_after_scoring(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+def report_after_scoring(cfg: Any, summary: dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
     """The scoring job's hook: write the page if ``cfg`` asks for it, record it in summary.json.
 
     ``cfg.report``: True always, False never, None when at most ``cfg.report_top`` images are
     flagged. A report left from an earlier run of the same output is removed when no new one is
-    written, so the page never disagrees with the predictions.
+    written, so the page never disagrees with the predictions. With ``run_id`` (the scoring
+    run's), nothing is written unless that run still holds the output.
 
     Returns:
         ``summary`` with its ``report`` entry.
+
+    Raises:
+        OutputConflictError: another job claimed the output since (its files stay untouched).
     """
+    from artifact_core.score_output import check_holder
+
+    def still_ours() -> None:
+        # The page is built minutes after the run marked its output complete: a job that
+        # claimed the folder meanwhile (--overwrite) must not get this run's page or summary.
+        if run_id is not None:
+            check_holder(resolve(cfg.output), run_id)
+
+    still_ours()
     n_flagged = int(summary["predicted"]["0 (artifact)"])
     if cfg.report is False:
         entry: dict[str, Any] = {"path": None, "reason": "turned off (--no-report)"}
@@ -315,11 +328,13 @@ def report_after_scoring(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
         entry = _write_report_anywhere(cfg)
     output = resolve(cfg.output)
     if entry["path"] is None:
+        still_ours()
         _remove_report(output.join(REPORT_DIR))
         log.info("no report: %s", entry["reason"])
     else:
         log.info("report: %s (%d image(s))", entry["path"], entry["images_shown"])
     summary["report"] = entry
+    still_ours()
     output.join(_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -147,21 +147,16 @@ def _differences(old: ScoringIdentity, new: ScoringIdentity) -> list[str]:
     return diffs
 
 
-def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[str],
-                   resume: bool, overwrite: bool) -> Manifest:
-    """Make ``output`` ready for a run and return its manifest (already written).
+def check_claimable(output: Location, identity: ScoringIdentity, *, owned: list[str], resume: bool,
+                    overwrite: bool) -> None:
+    """Raise what :func:`prepare_output` would raise, writing and deleting nothing: a job checks
+    this before its other checks, and claims (``--overwrite``: deletes) only after them."""
+    _inspect(output, identity, owned=owned, resume=resume, overwrite=overwrite)
 
-    Args:
-        output: the ``--output`` folder.
-        identity: this run's input, model, precision and threshold.
-        owned: the entries (direct children) a scoring run writes; only these are ever deleted.
-        resume: keep existing rows (same identity required; see :func:`_differences`).
-        overwrite: delete the entries an earlier run listed in its manifest first.
 
-    Raises:
-        OutputConflictError: the folder is not empty and has no manifest, it exists and
-            neither flag was given, or ``resume`` meets another identity.
-    """
+def _inspect(output: Location, identity: ScoringIdentity, *, owned: list[str], resume: bool,
+             overwrite: bool) -> tuple[list[str], list[str], Manifest | None]:
+    """(entries, leftovers of killed writes, manifest) of ``output``, after the conflict checks."""
     kind = output.info().type.name
     if kind == "File":
         raise OutputConflictError(f"--output {output.uri} is a file; expected a folder")
@@ -178,17 +173,38 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
         raise OutputConflictError(
             f"output {output.uri} already holds a scoring run; pass --resume to add the missing rows "
             f"or --overwrite to replace it")
-    for name in leftovers:
-        log.info("removing %s, left by an interrupted write", output.join(name).uri)
-        output.join(name).remove()
-    now = _now()
-    run_id = uuid.uuid4().hex[:12]
     if manifest is not None and resume:
         diffs = _differences(manifest.identity, identity)
         if diffs:
             raise OutputConflictError(
                 f"cannot --resume {output.uri}: it was scored with other settings ({'; '.join(diffs)}); "
                 f"pass --overwrite to replace it or choose another --output")
+    return names, leftovers, manifest
+
+
+def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[str],
+                   resume: bool, overwrite: bool) -> Manifest:
+    """Make ``output`` ready for a run and return its manifest (already written).
+
+    Args:
+        output: the ``--output`` folder.
+        identity: this run's input, model, precision and threshold.
+        owned: the entries (direct children) a scoring run writes, in the order it writes them
+            (``--overwrite`` deletes them in reverse); only these are ever deleted.
+        resume: keep existing rows (same identity required; see :func:`_differences`).
+        overwrite: delete the entries an earlier run listed in its manifest first.
+
+    Raises:
+        OutputConflictError: the folder is not empty and has no manifest, it exists and
+            neither flag was given, or ``resume`` meets another identity.
+    """
+    names, leftovers, manifest = _inspect(output, identity, owned=owned, resume=resume, overwrite=overwrite)
+    for name in leftovers:
+        log.info("removing %s, left by an interrupted write", output.join(name).uri)
+        output.join(name).remove()
+    now = _now()
+    run_id = uuid.uuid4().hex[:12]
+    if manifest is not None and resume:
         # A manifest from before a field was recorded learns it now, so later resumes check it.
         unknown = {k: getattr(identity, k) for k in _RECORDED_LATER if getattr(manifest.identity, k) == ""}
         if unknown:
@@ -200,13 +216,19 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
             manifest.runs.append(run_id)
         manifest.history.append({"resumed": now, "run_id": run_id})
     else:
-        if manifest is not None:  # overwrite: only what scoring wrote goes
-            for name in sorted(set(manifest.entries) & set(owned)):
-                if name in names:
-                    log.info("--overwrite: removing %s", output.join(name).uri)
-                    output.join(name).remove()
+        old = manifest
         manifest = Manifest(identity=identity, entries=list(owned), created=now, updated=now,
                             run_id=run_id, runs=[run_id], history=[{"started": now, "run_id": run_id}])
+        if old is not None:  # overwrite: only what scoring wrote goes
+            # Claimed first (not complete, this run's parts only): a kill or a failed delete
+            # below leaves an output that says it is unfinished, never the old "complete"
+            # manifest over half-deleted predictions. Then the derived files go before the
+            # rows they were made from (``owned`` lists them in the order they are written).
+            write_manifest(output, manifest)
+            for name in reversed(owned):
+                if name in old.entries and name in names:
+                    log.info("--overwrite: removing %s", output.join(name).uri)
+                    output.join(name).remove()
     output.makedirs()
     write_manifest(output, manifest)
     return manifest

@@ -43,8 +43,8 @@ from artifact_core.decode import decode_array, decode_batch
 from artifact_core.metrics import classification_metrics
 from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, DecodingPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
-from artifact_core.score_output import (Manifest, OutputConflictError, ScoringIdentity, check_holder, mark_complete,
-                                        part_run, prepare_output)
+from artifact_core.score_output import (Manifest, OutputConflictError, ScoringIdentity, check_claimable, check_holder,
+                                        mark_complete, part_run, prepare_output)
 from artifact_core.storage import (Location, check_apart, display_path, file_sha256, read_file_bytes, redact_uri,
                                    resolve)
 
@@ -143,12 +143,9 @@ def _existing_rows(parts: list[Location]) -> set[str]:
     return done
 
 
-def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> tuple[Location, Manifest]:
-    """Check and claim ``--output`` (see :mod:`artifact_core.score_output`); returns the Parquet
-    folder and the manifest, which holds this run's id.
-
-    Derived files are deleted first: until the run completes nothing may look complete.
-    """
+def _check_output(cfg: ScoreConfig, threshold: float, image_size: int) -> ScoringIdentity:
+    """Check that ``--output`` can be claimed, deleting nothing (see :func:`check_claimable`);
+    returns this run's identity."""
     output = resolve(cfg.output)
     check_apart(output, resolve(cfg.input), output_name="--output", source_name="the input")
     model = resolve(cfg.model)
@@ -158,6 +155,20 @@ def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int) -> tupl
                                int8_sha256=file_sha256(model.join(ONNX_INT8_FILE)) if cfg.precision == "int8"
                                else "not used",
                                config_sha256=file_sha256(model.join(CONFIG_FILE)))
+    check_claimable(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume, overwrite=cfg.overwrite)
+    return identity
+
+
+def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int,
+                    identity: ScoringIdentity | None = None) -> tuple[Location, Manifest]:
+    """Check and claim ``--output`` (see :mod:`artifact_core.score_output`); returns the Parquet
+    folder and the manifest, which holds this run's id.
+
+    Derived files are deleted first: until the run completes nothing may look complete.
+    """
+    output = resolve(cfg.output)
+    if identity is None:
+        identity = _check_output(cfg, threshold, image_size)
     manifest = prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume,
                               overwrite=cfg.overwrite)
     for name in DERIVED_ENTRIES:
@@ -540,22 +551,21 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) found under {cfg.input!r}")
     shown = [display_path(p) for p in paths]
     _check_distinct(shown)
-    parquet_dir, manifest = _prepare_output(cfg, threshold, bundle_config.image_size)
+    identity = _check_output(cfg, threshold, bundle_config.image_size)
+    plan = None
+    stages = {"setup": time.time() - t0}
+    if not cfg.resume:
+        # Planned and fitted to the cluster before the claim: --overwrite deletes the earlier
+        # results, and a cluster too small for this run must not have cost them.
+        plan = _plan_and_fit(cfg, paths, fs, bundle_config, stages)
+    parquet_dir, manifest = _prepare_output(cfg, threshold, bundle_config.image_size, identity)
     done = _existing_rows(_parts(parquet_dir, manifest, drop_foreign=True)) if cfg.resume else set()
     todo = [p for p, d in zip(paths, shown) if d not in done]
     log.info("%d image file(s) under %s; %d already scored, %d to score", len(paths), cfg.input,
              len(paths) - len(todo), len(todo))
-    plan = None
-    stages = {"setup": time.time() - t0}
     if todo:
-        t = time.time()
-        plan = plan_pipeline(cfg, todo, fs, bundle_config.image_size)
-        stages["plan"] = time.time() - t
-        check_fits(num_workers=plan.num_actors, cpus_per_worker=plan.actor_cpus,
-                   gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring",
-                   memory_per_worker=actor_memory_bytes(cfg, plan, bundle_config.image_size,
-                                                        2 if bundle_config.test_time_flip else 1),
-                   wait_s=cfg.wait_for_resources)
+        if plan is None:
+            plan = _plan_and_fit(cfg, todo, fs, bundle_config, stages)
         t = time.time()
         ds = build_dataset(cfg, todo, fs, display_path(root), bundle_config.image_size, plan,
                            views=2 if bundle_config.test_time_flip else 1)
@@ -567,13 +577,38 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
                        run_id=manifest.run_id, pipeline=plan, stage_seconds=stages)
     from artifact_core.report import report_after_scoring  # the page reads the finished outputs
     try:
-        return report_after_scoring(cfg, summary)
+        return report_after_scoring(cfg, summary, run_id=manifest.run_id)
+    except OutputConflictError as exc:
+        # This run's rows were complete, then another job claimed the folder: its files are not ours to touch.
+        log.warning("no review page: %s", exc)
+        summary["report"] = {"path": None, "reason": "another scoring job claimed the output"}
+        return summary
     except Exception as exc:  # noqa: BLE001 - the predictions are complete: a failed page must not fail the job
         log.warning("the review page could not be written (%s: %s); the predictions are complete", type(exc).__name__,
                     exc, exc_info=log.isEnabledFor(logging.DEBUG))
         summary["report"] = {"path": None, "reason": f"failed: {type(exc).__name__}: {exc}"}
+        try:
+            check_holder(resolve(cfg.output), manifest.run_id)
+        except OutputConflictError as lost:
+            log.warning("summary.json not rewritten: %s", lost)
+            return summary
         resolve(cfg.output).join(SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _plan_and_fit(cfg: ScoreConfig, todo: list[str], fs: pafs.FileSystem | None, bundle_config: Any,
+                  stages: dict[str, float]) -> PipelinePlan:
+    """The pipeline for ``todo`` (its probe's time in ``stages["plan"]``), once it fits the
+    cluster (waiting for an autoscaler, ``--wait-for-resources``)."""
+    t = time.time()
+    plan = plan_pipeline(cfg, todo, fs, bundle_config.image_size)
+    stages["plan"] = time.time() - t
+    check_fits(num_workers=plan.num_actors, cpus_per_worker=plan.actor_cpus,
+               gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=1.0, what="scoring",
+               memory_per_worker=actor_memory_bytes(cfg, plan, bundle_config.image_size,
+                                                    2 if bundle_config.test_time_flip else 1),
+               wait_s=cfg.wait_for_resources)
+    return plan
 
 
 def read_labels(labels_csv: str) -> list[tuple[str, int]]:

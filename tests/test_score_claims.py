@@ -132,8 +132,40 @@ def test_a_manifest_that_is_not_an_object_is_a_conflict_not_a_traceback(tmp_path
         read_manifest(resolve(str(out)))
 
 
-def test_owned_entries_include_everything_a_claim_clears():
-    assert PARQUET_DIR in OWNED_ENTRIES
+def test_owned_entries_are_what_a_run_writes_in_the_order_it_writes_them():
+    from artifact_core.scoring import CSV_FILE, HIST_FILE, REPORT_DIR, SUMMARY_FILE
+
+    # --overwrite deletes them in reverse: the page, summary and CSV before the rows they came from
+    assert OWNED_ENTRIES == (PARQUET_DIR, CSV_FILE, SUMMARY_FILE, HIST_FILE, REPORT_DIR, f"{REPORT_DIR}.tmp")
+
+
+def test_an_overwrite_cut_short_leaves_an_unfinished_claim_not_the_old_complete_one(cfg, tmp_path, monkeypatch):
+    from artifact_core.storage import Location
+
+    parquet, man = claim(cfg)
+    write_part(parquet, man.run_id, ["a.png", "b.png"])
+    done(cfg, man.run_id, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    (out / "report").mkdir()
+    (out / "report" / "index.html").write_text("the old run's page")
+    assert read_manifest(resolve(str(out))).complete
+    removed = []
+    real_remove = Location.remove
+
+    def remove(self):
+        if self.path.endswith(PARQUET_DIR):
+            raise OSError("throttled")  # an object store gives up on the rows half-way
+        removed.append(self.path.rsplit("/", 1)[-1])
+        real_remove(self)
+
+    monkeypatch.setattr(Location, "remove", remove)
+    with pytest.raises(OSError, match="throttled"):
+        claim(ScoreConfig(**{**cfg.__dict__}), overwrite=True)
+    after = read_manifest(resolve(str(out)))
+    assert not after.complete and after.run_id != man.run_id and after.runs == [after.run_id]
+    # what described the old run went first; its rows are no longer this output's (another run id)
+    assert removed == ["report", "confidence_hist.png", "summary.json", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILE, PARQUET_DIR])
 
 
 def score_config(*argv: str) -> ScoreConfig:
@@ -225,3 +257,41 @@ def test_resume_clears_what_a_killed_compaction_staged(cfg):
     parquet, resumed = claim(cfg, resume=True)
     _parts(parquet, resumed, drop_foreign=True)
     assert [p.name for p in Path(parquet.path).iterdir()] == [f"{first.run_id}_0_000000.parquet"]
+
+
+def test_an_overwrite_that_does_not_fit_the_cluster_deletes_nothing(cfg, tmp_path, monkeypatch):
+    from artifact_core import scoring
+    from artifact_core.raycluster import ClusterTooSmallError
+
+    parquet, man = claim(cfg)
+    write_part(parquet, man.run_id, ["a.png", "b.png"])
+    done(cfg, man.run_id, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr(scoring, "plan_pipeline", lambda *a, **k: scoring.PipelinePlan(
+        mode="fused", num_actors=64, actor_cpus=1.0, engine_threads=1))
+
+    def too_small(**kw):
+        raise ClusterTooSmallError(f"scoring needs {kw['num_workers']} actors")
+
+    monkeypatch.setattr(scoring, "check_fits", too_small)
+    with pytest.raises(ClusterTooSmallError):
+        scoring.run_scoring(ScoreConfig(**{**cfg.__dict__, "overwrite": True, "num_actors": 64}))
+    assert sorted(p.name for p in out.iterdir()) == before
+    kept = read_manifest(resolve(str(out)))
+    assert kept.complete and kept.run_id == man.run_id
+
+
+def test_the_review_page_is_written_only_while_the_run_holds_the_output(cfg, tmp_path):
+    from artifact_core.report import report_after_scoring
+
+    parquet, man = claim(cfg)
+    write_part(parquet, man.run_id, ["a.png", "b.png"])
+    summary = done(cfg, man.run_id, ["a.png", "b.png"])
+    # another job takes the folder (--overwrite) while this one would build its page
+    _, other = claim(ScoreConfig(**{**cfg.__dict__}), overwrite=True)
+    out = tmp_path / "out"
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OutputConflictError, match=f"run {other.run_id} holds it now"):
+        report_after_scoring(ScoreConfig(**{**cfg.__dict__, "report": True}), dict(summary), run_id=man.run_id)
+    assert sorted(p.name for p in out.iterdir()) == before and "summary.json" not in before
