@@ -124,11 +124,15 @@ def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = Fa
 
 
 def _existing_rows(parts: list[Location]) -> set[str]:
-    """Paths already scored; a part cut short by a crash mid-write is removed (its rows are scored again)."""
+    """Paths already scored without an error; a part cut short by a crash mid-write is removed
+    (its rows are scored again). Error rows are tried again: a read may have failed for a
+    passing reason (a network timeout), and a file that is still broken gets its error row again."""
     done: set[str] = set()
     for part in parts:
         try:
-            done.update(pq.read_table(part.path, columns=["path"], filesystem=part.fs).column("path").to_pylist())
+            rows = pq.read_table(part.path, columns=["path", "error"], filesystem=part.fs)
+            ok = pc.fill_null(pc.equal(rows.column("error"), ""), True)
+            done.update(rows.column("path").filter(ok).to_pylist())
         except (pa.ArrowInvalid, OSError) as exc:
             # Only a file that is not valid Parquet goes: a read that failed for any other reason
             # (network, permissions, memory) must not delete finished rows. A cut file is
@@ -472,11 +476,14 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
     parts = _parts(parquet_dir, check_holder(output, run_id, published=False))
     table = (pq.read_table([p.path for p in parts], columns=list(OUTPUT_COLUMNS), filesystem=parquet_dir.fs)
              if parts else pa.table({c: [] for c in OUTPUT_COLUMNS}))
-    # A resumed crash may have left a file scored twice: keep its first row.
+    # A resumed crash may have left a file scored twice: keep its first row. A file whose error
+    # row a --resume scored again keeps the new score (its first row without an error).
     paths = table.column("path").to_pylist()
+    failed = pc.fill_null(pc.not_equal(table.column("error"), ""), False).to_pylist()
     first: dict[str, int] = {}
     for i, p in enumerate(paths):
-        first.setdefault(p, i)
+        if p not in first or (failed[first[p]] and not failed[i]):
+            first[p] = i
     missing = sorted(set(expected) - first.keys())
     if missing:
         raise MissingRowsError(f"{len(missing)} file(s) have no prediction row in {output.uri}, e.g. {missing[:3]}; "

@@ -95,14 +95,15 @@ def test_score_hostile_folder_then_resume(ray_session, bundle_dir, tmp_path, pip
 
     if pipeline == "split":
         return  # --resume picks the missing files before the pipeline is built: checked once, fused
-    # a crash left a corrupt part and new files arrived: --resume scores only what is missing
+    # a crash left a corrupt part and new files arrived: --resume scores only what is missing,
+    # and tries the error rows again (a read may have failed for a passing reason)
     run_id = json.loads((out / "scoring_manifest.json").read_text())["run_id"]
     (out / "predictions.parquet" / f"{run_id}_zz_partial.parquet").write_bytes(b"PAR1 truncated")
     new = {write_image(src / f"new_{i}.png", color=(10 * i, 90, 90)).name for i in range(3)}
     cfg = ScoreConfig(model=bundle_dir, input=str(src), output=str(out), batch_size=4, num_actors=1, resume=True,
                       pipeline=pipeline)
     resumed = run_scoring(cfg)
-    assert resumed["scored_this_run"] == 3
+    assert resumed["scored_this_run"] == 3 + len(BROKEN) and resumed["errors"] == len(BROKEN)
     csv2 = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     assert sorted(csv2["filename"]) == sorted(expected | new) and csv2["filename"].is_unique
     old = csv2[csv2["filename"].isin(good["filename"])].set_index("filename")["prob_artifact_free"].astype(float)

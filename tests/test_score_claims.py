@@ -82,6 +82,20 @@ def test_resume_keeps_the_parts_of_earlier_runs_and_leaves_one_parquet_row_per_f
     assert read_manifest(resolve(str(tmp_path / "out"))).complete
 
 
+def test_resume_scores_error_rows_again_and_keeps_the_new_score(cfg, tmp_path):
+    parquet, first = claim(cfg)
+    failed = rows(["a.png"]).set_column(2, "predicted_class", pa.array([-1], pa.int64())) \
+        .set_column(5, "error", pa.array(["read failed: timed out"]))
+    pq.write_table(pa.concat_tables([failed, rows(["b.png"])]), str(Path(parquet.path) / f"{first.run_id}_0_000000.parquet"))
+    parquet, second = claim(cfg, resume=True)
+    assert _existing_rows(_parts(parquet, second)) == {"b.png"}  # the error row is tried again
+    write_part(parquet, second.run_id, ["a.png"], tag="1")
+    summary = done(cfg, second.run_id, ["a.png", "b.png"])
+    assert summary["errors"] == 0 and summary["scored"] == 2
+    table = pq.read_table(parquet.path).sort_by("path")
+    assert table.column("path").to_pylist() == ["a.png", "b.png"] and table.column("predicted_class").to_pylist() == [1, 1]
+
+
 def test_a_lost_row_is_a_one_line_error_naming_the_output(cfg, tmp_path):
     parquet, man = claim(cfg)
     write_part(parquet, man.run_id, ["a.png"])
