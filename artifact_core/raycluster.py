@@ -2,8 +2,8 @@
 
 On a fixed cluster the jobs stop at once with one line when the workers cannot fit (Ray
 would wait for them forever). On a cluster with an autoscaler (KubeRay, ``ray up``, a
-0-CPU head that grows on demand) they ask the autoscaler for what they need
-(``ray.autoscaler.sdk.request_resources``), wait for it up to ``--wait-for-resources``
+0-CPU head that grows on demand) they ask the autoscaler for what they need (a placement
+group that stands in for the work), wait for it up to ``--wait-for-resources``
 seconds and log what is still pending; the same one-line error comes only when the
 cluster cannot grow enough or the wait runs out.
 """
@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,9 +56,9 @@ class NodeGroup:
 class Autoscaler:
     """What the driver can learn about the cluster's autoscaler.
 
-    ``groups`` is None when the node types are not published to the driver (Ray's v1
-    autoscaler keeps its config to itself); every request then counts as feasible and
-    only the wait limits it.
+    ``groups`` is None when the node types are not published to the driver (Ray 2.60's
+    autoscalers, v1, v2 and KubeRay's, keep their config to themselves); every request then
+    counts as feasible and only the wait limits it.
     """
 
     source: str
@@ -88,10 +89,11 @@ def ensure_ray() -> None:
 def detect_autoscaler() -> Autoscaler | None:
     """The cluster's autoscaler, or None when the cluster cannot grow.
 
-    Asks, in order: the cluster config the autoscaler publishes in the GCS (node groups
-    with their resources and maximum counts; KubeRay and autoscaler v2), the GCS flag of
-    autoscaler v2, and the status the v1 autoscaler monitor writes (a cluster started
-    without ``--autoscaling-config`` only has made-up ``node_<id>`` types there).
+    Asks, in order: a cluster config reported to the GCS (node groups with their resources
+    and maximum counts; the GCS has room for one, though Ray 2.60's own autoscalers report
+    none), the GCS flag of autoscaler v2 (``ray up`` and KubeRay with v2), and the status the
+    v1 autoscaler monitor writes (a cluster started without ``--autoscaling-config`` only has
+    made-up ``node_<id>`` types there).
     """
     groups = _published_groups()
     if groups is not None:
@@ -197,19 +199,19 @@ def _live_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
-def _request(bundles: list[dict[str, float]]) -> None:
-    from ray.autoscaler.sdk import request_resources
+def _request(bundles: list[dict[str, float]]) -> Callable[[], None]:
+    """Ask for ``bundles`` as the job's own work will: a placement group that waits for them,
+    which any autoscaler (v1, v2, KubeRay) counts as pending demand; returns its withdrawal.
 
-    request_resources(bundles=bundles)
+    Not ``request_resources``: that is one standing floor for the whole cluster that every
+    call replaces, so two jobs waiting at once would cancel each other's demand, and one left
+    by a killed driver keeps nodes up. A placement group is this job's alone, and Ray removes
+    it with the job.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-
-def clear_resource_request() -> None:
-    """Withdraw this cluster's standing autoscaler request (best effort, never raises)."""
-    try:
-        if detect_autoscaler() is not None:
-            _request([])
-    except Exception:  # noqa: BLE001 - never hide the job's own outcome
-        log.warning("could not clear the resource request", exc_info=True)
+    group = placement_group(bundles, strategy="PACK", name=f"artifact-core-wait-{uuid.uuid4().hex[:8]}")
+    return lambda: remove_placement_group(group)
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
@@ -217,7 +219,7 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
                wait_s: float | None = None,
                autoscaler: Autoscaler | None | Callable[[], Autoscaler | None] = detect_autoscaler,
                nodes: Callable[[], list[dict[str, float]]] = _live_nodes,
-               request: Callable[[list[dict[str, float]]], None] = _request,
+               request: Callable[[list[dict[str, float]]], Callable[[], None]] = _request,
                clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
     """Return once ``num_workers`` bundles (plus ``reserved_cpus``) fit the cluster, else raise.
 
@@ -261,7 +263,7 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
     # --wait-for-resources still waits for nodes started by hand or by an outside scaler.
     log.info("%s needs %s, but %s; %s, waiting up to %gs (--wait-for-resources)", what, need, have,
              f"asked the {scaler.source} for it" if scaler else "no autoscaler found, waiting for nodes to join", wait)
-    request(bundles)
+    withdraw = request(bundles)
     start = last_log = clock()
     try:
         while True:
@@ -282,9 +284,9 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
                 log.info("%s: waiting for resources (%.0fs of %gs): pending %s, %s, room for %d worker(s)",
                          what, now - start, wait, need, have, placed)
     finally:
-        # The request is a floor the autoscaler keeps until it is replaced: clear it so the
-        # cluster can scale down once the job is done (the job's own tasks keep their nodes).
+        # The stand-in goes once the nodes are there (the job's own work takes them) or the
+        # wait is over (so the cluster can scale down again).
         try:
-            request([])
+            withdraw()
         except Exception:  # noqa: BLE001 - never hide the job's own outcome
-            log.warning("could not clear the resource request", exc_info=True)
+            log.warning("could not withdraw the resource request", exc_info=True)

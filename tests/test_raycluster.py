@@ -18,6 +18,7 @@ class FakeCluster:
     def __init__(self, nodes, *, grow_to=None, grow_after=None):
         self.current, self.grow_to, self.grow_after = list(nodes), grow_to, grow_after
         self.requests: list[list[dict]] = []
+        self.withdrawn = 0
         self.now = 0.0
         self.polls = 0
 
@@ -26,6 +27,10 @@ class FakeCluster:
 
     def request(self, bundles):
         self.requests.append(bundles)
+
+        def withdraw():
+            self.withdrawn += 1
+        return withdraw
 
     def clock(self):
         return self.now
@@ -88,7 +93,7 @@ def test_no_autoscaler_fails_at_once():
 def test_explicit_wait_without_autoscaler_waits_for_nodes_started_by_hand():
     c = FakeCluster(HEAD_ONLY, grow_to=[{"CPU": 0.0}, {"CPU": 2.0}], grow_after=5)
     c.fits(num_workers=2, cpus_per_worker=1, autoscaler=None, wait_s=120)
-    assert c.polls == 5 and c.requests[-1] == []
+    assert c.polls == 5 and len(c.requests) == 1 and c.withdrawn == 1
 
 
 def test_gpu_on_a_fixed_cpu_cluster_names_the_flag():
@@ -118,8 +123,8 @@ def test_waits_asks_and_clears_when_nodes_join(caplog):
     with caplog.at_level(logging.INFO, logger="artifact_core.raycluster"):
         c.fits(num_workers=1, cpus_per_worker=1, reserved_cpus=1, what="scoring",
                autoscaler=Autoscaler("cluster config", CPU_GROUP))  # default wait with an autoscaler
-    # one bundle per worker plus the reserved CPUs, then the request is cleared for scale-down
-    assert c.requests == [[{"CPU": 1.0}, {"CPU": 1.0}], []]
+    # one bundle per worker plus the reserved CPUs, then the request is withdrawn for scale-down
+    assert c.requests == [[{"CPU": 1.0}, {"CPU": 1.0}]] and c.withdrawn == 1
     assert c.polls == 40
     waiting = [r.getMessage() for r in caplog.records if "waiting for resources" in r.getMessage()]
     assert len(waiting) == 2 and "pending 1 worker(s) x 1 CPU, plus 1 CPU" in waiting[0]  # every 15 s of 40
@@ -129,7 +134,7 @@ def test_wait_runs_out_names_what_is_pending():
     c = FakeCluster(HEAD_ONLY)
     with pytest.raises(ClusterTooSmallError, match=r"waited 30s for more nodes, still pending: 2 worker\(s\) x 1 CPU \+ 1 GPU"):
         c.fits(num_workers=2, cpus_per_worker=1, gpus_per_worker=1, autoscaler=Autoscaler("autoscaler v2"), wait_s=30)
-    assert c.requests == [[{"CPU": 1.0, "GPU": 1.0}] * 2, []]  # cleared on failure too
+    assert c.requests == [[{"CPU": 1.0, "GPU": 1.0}] * 2] and c.withdrawn == 1  # withdrawn on failure too
     assert 30 <= c.now <= 32
 
 
