@@ -54,6 +54,14 @@ def test_kuberay_manifests(name):
     assert gpu["minReplicas"] <= gpu["maxReplicas"]
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        # the CRD's rayStartParams is map[string]string: an unquoted number is refused by the API server
+        assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values()), group["rayStartParams"]
+        for c in group["template"]["spec"]["containers"]:
+            res = c.get("resources", {})
+            # Kubernetes requires GPU requests equal to limits; CPU and memory the same, so Ray's
+            # --num-cpus/--memory (from the limits) match what the pod is guaranteed
+            assert res.get("requests", {}) == res.get("limits", {}), c["name"]
     assert all(f":{ray_version()}-" in image for image in _pod_images(spec))
     mounts = [m["mountPath"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"] for m in c["volumeMounts"]]
     assert "/mnt/runs" in mounts  # shared --storage-path
@@ -132,7 +140,9 @@ def test_cluster_launcher(name):
     assert cfg["head_node_type"] in cfg["available_node_types"]
     assert cfg["docker"]["image"].startswith(f"rayproject/ray:{ray_version()}-")
     assert cfg["provider"]["type"] == ("aws" if name.startswith("aws") else "local")
-    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] if "ray start" in c)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
     workers = [t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]]
     if name.startswith("aws"):
         # autoscaling from zero: a 0-CPU head and a worker type that can grow
@@ -155,8 +165,18 @@ def test_launcher_validation_catches_a_bad_key():
         validate_config(prepare_config(cfg))
 
 
-def test_dockerfile_pins_ray():
-    assert f"rayproject/ray:{ray_version()}-" in (CLUSTER / "Dockerfile").read_text()
+def test_dockerfile_pins_ray_and_torch():
+    lines = [ln.strip() for ln in (CLUSTER / "Dockerfile").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    args = dict(ln[len("ARG "):].split("=", 1) for ln in lines if ln.startswith("ARG ") and "=" in ln)
+    assert args["BASE"].startswith(f"rayproject/ray:{ray_version()}-")
+    assert [ln for ln in lines if ln.startswith("FROM ")] == ["FROM ${BASE}"]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    install = next(ln for ln in lines if ln.startswith("RUN pip install"))
+    for name in ("torch", "torchvision"):  # the versions pyproject.toml allows at most
+        top = re.search(r"<=([\d.]+)", next(d for d in deps if re.match(rf"{name}\b[<>=]", d))).group(1)
+        assert f'"{name}=={top}"' in install
+    assert all("--chown=ray:users" in ln for ln in lines if ln.startswith("COPY "))
 
 
 def test_runtime_env_upload_keeps_the_package_and_its_weights(tmp_path):
