@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from typing import Callable
 
 # Torch-free imports only: the scoring job's driver never needs torch (ONNX engine).
@@ -29,6 +31,18 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _raised_outside_project(exc: BaseException) -> bool:
+    """Whether a plain ``ValueError`` came from a library (numpy, torch, pyarrow...) rather
+    than from a ``raise`` of this project's checks: then it is more likely a bug than bad input."""
+    if type(exc) is not ValueError or exc.__traceback__ is None:
+        return False
+    last = traceback.extract_tb(exc.__traceback__)[-1]
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package's parent: jobs/ too
+    # (a library written in C raises from the calling line of our code, which is no raise)
+    ours = os.path.abspath(last.filename).startswith(here + os.sep)
+    return not (ours and (last.line or "").lstrip().startswith("raise "))
+
+
 def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace,
             logger: logging.Logger) -> int:
     """Configure logging, run ``main(args)``, turn user errors into one line and exit code 2."""
@@ -42,7 +56,11 @@ def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace
         cause = _user_error(exc)
         if cause is None:
             raise
-        logger.debug("details", exc_info=True)
+        if _raised_outside_project(cause):
+            # One line would hide where it came from: the traceback goes with it.
+            traceback.print_exception(cause, file=sys.stderr)
+        else:
+            logger.debug("details", exc_info=True)
         print(f"error: {cause}", file=sys.stderr)
         return 2
     return 0
