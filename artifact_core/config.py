@@ -222,6 +222,9 @@ class TrainConfig:
             ("--dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("--select-metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}"),
             ("--oversample", 0 <= self.oversample < 1, "0 (off) or a share in (0, 1)"),
+            # Ray Data's shards are the split as it is: the oversampler would never draw
+            ("--oversample", self.oversample == 0 or self.ingest == "dataloader",
+             "0 with --ingest ray-data (its shards are not oversampled)"),
             ("--wait-for-resources", self.wait_for_resources is None or self.wait_for_resources >= 0, "0 or more seconds"),
             ("--ingest", self.ingest in ("dataloader", "ray-data"), "'dataloader' or 'ray-data'"),
             ("--name", name_problem is None, f"one folder name, {name_problem}"),

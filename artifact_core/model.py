@@ -412,7 +412,7 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
                                  test_time_flip=test_time_flip, members=members)
     state, source = (weights, "state dict") if isinstance(weights, Mapping) else resolve_weights(weights)
     if state is not None:
-        # A 1000-class ImageNet file: keep its head out; our own head layout: load all.
+        # The trunk first; the head below, once it has its final layout.
         backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         if head in TRUNK_HEADS:  # the trunk ends before the stride-32 blocks
             backbone = {k: v for k, v in backbone.items()
@@ -428,7 +428,20 @@ def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet"
     if head == "global":
         in_features = model.classifier[-1].in_features
         model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(in_features, num_outputs))
+    if state is not None:
+        _load_head(model, state, source)
     return model
+
+
+def _load_head(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load the state dict's head when it has this model's head layout (a model of this project,
+    same head and member count); ImageNet's 1000-class head, or another layout, is left out."""
+    head = {k: v for k, v in state.items() if k.startswith("classifier.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("classifier.")}
+    if head and head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
+        model.load_state_dict(head, strict=False)
+    elif head and not any(v.shape == (1000, 1280) for v in head.values()):
+        log.info("weights from %s: their head has another layout than this model's; the head starts fresh", source)
 
 
 def model_for(cfg: Any, *, weights: str | Mapping[str, torch.Tensor] | None = "none") -> nn.Module:

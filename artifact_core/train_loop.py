@@ -324,6 +324,17 @@ class OversamplingSampler(Sampler[int]):
         return self.num_samples
 
 
+def epoch_steps(cfg: TrainConfig, n_train: int, world: int) -> int:
+    """Batches each rank runs per epoch on images, as its loader yields them: from the split,
+    not the loader (a Ray Data shard has no length), the same on every rank. The phase-2
+    schedule counts its steps by it, so it warms up over exactly the first epoch and ends at
+    its floor on the last step."""
+    # DataLoader: ceil(n / world) per rank (DistributedSampler pads, the oversampler draws that
+    # many); Ray Data's streaming_split: floor(n / world). drop_last once there is more than a batch.
+    per_rank = n_train // world if cfg.ingest == "ray-data" else math.ceil(n_train / world)
+    return max(1, per_rank // cfg.batch_size if per_rank > cfg.batch_size else 1)
+
+
 def loss_weights(cfg: TrainConfig, folder_weights: list[float]) -> list[float]:
     """Class weights of the loss: the folder's balanced weights, or with ``--oversample R``
     the balanced weights of the drawn mix (artifact share R), so sampling and weighting
@@ -548,6 +559,19 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
                             skip=joined("skip"), mirrored_skip=joined("mirrored_skip"))
 
 
+def _shard_loader(loader: SkippingLoader, cfg: TrainConfig, world: int) -> SkippingLoader:
+    """The training loader's dataset over this rank's shard of the split, every image once (a
+    shuffled :class:`DistributedSampler`, as without oversampling), for phase 1's cache."""
+    inner = loader.loader
+    rank = inner.sampler.rank  # (an EpochSampler)
+    sampler = EpochSampler(DistributedSampler(inner.dataset, num_replicas=world, rank=rank, shuffle=True,
+                                              seed=cfg.seed), rank=rank)
+    return SkippingLoader(DataLoader(inner.dataset, batch_size=inner.batch_size, sampler=sampler,
+                                     num_workers=cfg.loader_workers, collate_fn=inner.collate_fn,
+                                     drop_last=inner.drop_last, pin_memory=cfg.use_gpu,
+                                     generator=_loader_generator(cfg)))
+
+
 def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, device: torch.device,
                  autocast: Any, *, first_epoch: int, spill: str | None = None) -> FeatureCache:
     """Trunk features of the training images as validation and scoring see them (the eval
@@ -625,11 +649,17 @@ def _head_caches(model: nn.Module, cfg: TrainConfig, loaders: tuple, device: tor
     t0 = time.time()
     # The views are those of the phase's first epochs, also when a restart builds them again.
     phase_start = state.global_epoch - state.phase_epoch
+    # Oversampling draws with replacement: one draw cached for every head epoch would leave
+    # most clean images out of phase 1. The cache holds each image of the rank's shard once
+    # instead, and every epoch draws its mix from it (_cached_order).
+    source = _shard_loader(train_loader, cfg, world) if cfg.oversample > 0 else train_loader
     if cfg.head_cache_augment:
-        train = _cache_features(model, train_loader, device, autocast, passes=cfg.head_cache_views,
+        train = _cache_features(model, source, device, autocast, passes=cfg.head_cache_views,
                                 first_epoch=phase_start, spill=spill)
     else:
-        train = _plain_views(model, train_loader, cfg, device, autocast, first_epoch=phase_start, spill=spill)
+        train = _plain_views(model, source, cfg, device, autocast, first_epoch=phase_start, spill=spill)
+    if source is not train_loader:
+        train_loader.unreadable.extend(source.unreadable)
     val = _cache_features(model, val_loader, device, autocast, mirrored=mirrored)
     cached = train.features.numel() + val.features.numel() + (val.mirrored.numel() if val.mirrored is not None else 0)
     log.info("phase 1: trunk features of %d training views and %d validation images%s cached (%.0f MiB%s) in %.1fs",
@@ -702,14 +732,30 @@ def _average_buffers(module: nn.Module, world: int) -> None:
     _allreduce_mean_([b for b in module.buffers() if b.is_floating_point()], world)
 
 
+def _cached_order(labels: torch.Tensor, *, steps: int, batch_size: int, seed: int,
+                  oversample: float = 0.0) -> torch.Tensor | None:
+    """The views an epoch on cached features trains on, in order (None: no views on this rank):
+    a fresh shuffle, or with ``oversample`` R, ``steps * batch_size`` draws with replacement of
+    which about R are artifact views (as :class:`OversamplingSampler` draws images)."""
+    if not len(labels):
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    y = labels.cpu()
+    n_art = int((y == ARTIFACT).sum())
+    if oversample > 0 and 0 < n_art < len(y):
+        w = torch.where(y == ARTIFACT, oversample / n_art, (1 - oversample) / (len(y) - n_art)).double()
+        return torch.multinomial(w, steps * batch_size, replacement=True, generator=generator).to(labels.device)
+    return torch.randperm(len(y), generator=generator).to(labels.device)
+
+
 def _train_epoch_cached(model: nn.Module, cache: FeatureCache, *, steps: int, batch_size: int,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, weights: torch.Tensor,
-                        autocast: Any, world: int, seed: int) -> tuple[float, int]:
+                        autocast: Any, world: int, seed: int, oversample: float = 0.0) -> tuple[float, int]:
     """One epoch of the head on cached features: ``steps`` batches (the same count on every
-    rank, so the gradient collectives match), drawn from a fresh shuffle of the views."""
+    rank, so the gradient collectives match), drawn from a fresh shuffle of the views, or
+    oversampled from them (:func:`_cached_order`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(cache), generator=generator).to(cache.labels.device) if len(cache) else None
+    order = _cached_order(cache.labels, steps=steps, batch_size=batch_size, seed=seed, oversample=oversample)
     total, count = 0.0, 0
     train_mode(model)
     for step in range(steps):
@@ -797,14 +843,13 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
         if caches is not None:
             total, count = _train_epoch_cached(ddp_model, caches[0], steps=len(train_loader), batch_size=cfg.batch_size,
                                                optimizer=optimizer, scaler=scaler, weights=weights, autocast=autocast,
-                                               world=world, seed=cfg.seed * 100_003 + state.global_epoch * 101 + rank)
+                                               world=world, seed=cfg.seed * 100_003 + state.global_epoch * 101 + rank,
+                                               oversample=cfg.oversample)
         else:
             train_loader.sampler.set_epoch(state.global_epoch)
             train_mode(ddp_model, trunk_bn_frozen=cfg.finetune_bn == "frozen")
             total, count = 0.0, 0
-            # From the split, not the loader: a Ray Data shard has no length, and the schedule
-            # must be the same on every rank.
-            steps = max(1, math.ceil(len(loop_config["split"]["train_paths"]) / world / cfg.batch_size))
+            steps = epoch_steps(cfg, len(loop_config["split"]["train_paths"]), world)
             for i, (x, y) in enumerate(train_loader):
                 for group in optimizer.param_groups:
                     group["lr"] = scheduled_lr(spec, state.phase_epoch * steps + i, steps)

@@ -168,8 +168,21 @@ def test_local_head_keeps_only_the_stride16_trunk_of_imagenet_weights(tmp_path):
     assert torch.equal(m.features[13].conv[0][0].weight, ref.features[13].conv[0][0].weight)
     assert not any(k.startswith("features.14.") for k in m.state_dict())
     # its own layout (a local-head state dict) loads back whole, head included
+    with torch.no_grad():
+        for p in m.classifier.parameters():
+            p.add_(1.0)  # a head no fresh initialisation could give
     own = build_model(weights=m.state_dict(), head="local")
     assert torch.equal(own.features[5].conv[0][0].weight, m.features[5].conv[0][0].weight)
+    for k, v in m.classifier.state_dict().items():
+        assert torch.equal(own.classifier.state_dict()[k], v), k
+    # ImageNet's 1000-class head, and a head of another layout (5 members), start fresh
+    assert build_model(weights=str(path), head="global").classifier[1].weight.shape == (1, 1280)
+    other = build_model(weights=m.state_dict(), head="local", members=5)
+    assert other.classifier[2].weight.shape[0] == 5 * 64
+    glob = build_model(weights="none", head="global")
+    with torch.no_grad():
+        glob.classifier[1].weight.fill_(0.25)
+    assert torch.equal(build_model(weights=glob.state_dict(), head="global").classifier[1].weight, glob.classifier[1].weight)
 
 
 def test_local_head_freezing_and_errors():

@@ -517,3 +517,58 @@ def test_cached_head_epochs_leave_no_patience_debt_for_a_resume_that_streams(tmp
                          context={"rank": 0, "world": 1, "workers_on_node": 1, "node_ids": []})
     assert state.history and all(h["features_cached"] for h in state.history)
     assert state.bad_epochs == 0 and state.phase_epoch == 3
+
+
+def test_oversampling_caches_every_image_once_and_draws_each_epochs_mix_from_the_cache(tmp_path):
+    """With --oversample, phase 1's cache holds each image of the rank's shard once (one
+    with-replacement draw cached for every head epoch would leave most clean images out),
+    and each epoch on the cache draws about the asked share of artifact views."""
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    from artifact_core.model import build_model, set_trainable
+    from artifact_core.transforms import eval_transform
+
+    rng = torch.Generator().manual_seed(1)
+    paths, labels = [], [0, 0] + [1] * 10
+    for i, y in enumerate(labels):
+        path = tmp_path / f"image_{i}_{y}.png"
+        Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=rng).numpy()).save(path)
+        paths.append(str(path))
+    split = {"train_paths": paths, "train_labels": labels, "val_paths": paths[:2], "val_labels": [0, 1]}
+    cfg = TrainConfig(image_size=64, batch_size=4, head_cache_views=1, decode_cache_mb=0, oversample=0.5)
+    loaders = train_loop._loaders({"split": split}, cfg, 0, 1)
+    assert isinstance(loaders[0].loader.sampler.inner, train_loop.OversamplingSampler)  # training still oversamples
+    torch.manual_seed(0)
+    model = build_model(weights="bundled", head="multiscale", dropout=0.0, members=1).eval()
+    set_trainable(model, unfreeze_depth=0)
+    train, _ = train_loop._head_caches(model, cfg, loaders, torch.device("cpu"), nullcontext,
+                                       train_loop.LoopState(), 1)
+    x = torch.stack([eval_transform(image_size=64)(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        want = model.features(x).float()
+    cached = train.features.float()
+    assert len(train) == len(paths) - len(paths) % cfg.batch_size  # (drop_last, as the training loader)
+    nearest = [int(min(range(len(paths)), key=lambda j: float((c - want[j]).abs().max()))) for c in cached]
+    assert len(set(nearest)) == len(nearest), f"an image cached twice: {nearest}"
+
+    order = train_loop._cached_order(torch.tensor(labels), steps=200, batch_size=8, seed=3, oversample=0.5)
+    share = float((torch.tensor(labels)[order] == 0).float().mean())
+    assert len(order) == 1600 and 0.45 < share < 0.55  # 2 artifacts in 12, drawn half the time
+    plain = train_loop._cached_order(torch.tensor(labels), steps=3, batch_size=4, seed=3)
+    assert sorted(plain.tolist()) == list(range(12))  # without oversampling: a shuffle of the views
+    assert train_loop._cached_order(torch.tensor([], dtype=torch.int64), steps=3, batch_size=4, seed=3) is None
+
+
+@pytest.mark.parametrize("n,world,ingest,steps", [(100, 2, "dataloader", 3), (101, 2, "dataloader", 3),
+                                                   (97, 2, "ray-data", 3), (20, 2, "dataloader", 1),
+                                                   (128, 1, "dataloader", 8)])
+def test_the_schedule_counts_the_batches_the_loader_yields(n, world, ingest, steps, tmp_path):
+    cfg = TrainConfig(batch_size=16, ingest=ingest, image_size=32, decode_cache_mb=0)
+    assert train_loop.epoch_steps(cfg, n, world) == steps
+    if ingest == "dataloader":  # the DataLoader's own count
+        paths = [str(tmp_path / f"image_{i}_{int(i % 10 != 0)}.png") for i in range(n)]
+        split = {"train_paths": paths, "train_labels": [int(i % 10 != 0) for i in range(n)],
+                 "val_paths": paths[:2], "val_labels": [0, 1]}
+        assert len(train_loop._loaders({"split": split}, cfg, 0, world)[0]) == steps
