@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import tempfile
@@ -148,6 +149,11 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig,
     config_path = os.path.join(out_dir, CONFIG_FILE)
     if os.path.lexists(config_path):
         os.remove(config_path)
+    # So do the files an earlier export derived from its model (ONNX, int8 calibration set):
+    # a kill before the new ones are made must not leave them beside the new weights.
+    for name in OPTIONAL_FILES:
+        if os.path.lexists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
     torch.save(state, tmp)
     config.weights_sha256 = file_sha256(resolve(tmp))
@@ -351,9 +357,14 @@ def _load(local: str, shown: str, device: str | torch.device) -> Bundle:
     try:
         state = torch.load(os.path.join(local, WEIGHTS_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, EOFError, OSError) as exc:
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, EOFError, OSError,
+            pickle.UnpicklingError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
             raise  # (missing, no permission, I/O: not a model mismatch)
+        if isinstance(exc, pickle.UnpicklingError):
+            # torch's own advice would be to load with weights_only=False: never for a bundle
+            raise ValueError(f"{weights} holds pickled objects, not a state dict of tensors; it is not loaded "
+                             f"(a bundle's weights are a state dict: export the bundle again)") from None
         detail = " ".join(str(exc).split())
         raise ValueError(f"{weights} is not the model its {CONFIG_FILE} describes (head {config.head!r}, "
                          f"{config.head_members} member(s), format {config.format}): {type(exc).__name__}: "

@@ -25,6 +25,7 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from artifact_core.bundle import (CALIBRATION_FILE, ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY, OPTIONAL_FILES,
@@ -33,7 +34,7 @@ from artifact_core.data import list_images, parse_label
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError
 from artifact_core.metrics import classification_metrics, predict_labels
-from artifact_core.storage import is_uri
+from artifact_core.storage import is_uri, read_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,20 @@ OPSET = 17
 FP32_TOLERANCE = 1e-3
 #: MinMax calibration needs a few hundred images, not the whole validation set.
 MAX_CALIBRATION_IMAGES = 256
+#: Below this many calibration images the int8 export warns (MinMax ranges from a handful of images).
+FEW_CALIBRATION_IMAGES = 32
 INPUT_NAME = "input"
 OUTPUT_NAME = "logit"
 
 
-def _decode_all(paths: Sequence[str], labels: Sequence[int] | None, image_size: int
-                ) -> tuple[np.ndarray, list[str], list[int] | None]:
-    """Decode what can be decoded; files that fail (moved, broken) are skipped with a warning."""
+def _decode_all(paths: Sequence[str], labels: Sequence[int] | None, image_size: int,
+                fs: pafs.FileSystem | None = None) -> tuple[np.ndarray, list[str], list[int] | None]:
+    """Decode what can be decoded (paths on ``fs``, e.g. a bucket's keys, when given); files that
+    fail (moved, broken) are skipped with a warning."""
     images, kept, kept_labels, bad = [], [], [], []
     for i, p in enumerate(paths):
         try:
-            images.append(decode_array(p, image_size))
+            images.append(decode_array(read_file_bytes(p, fs) if fs is not None else p, image_size, name=p))
         except (ImageDecodeError, OSError) as exc:
             bad.append(f"{os.path.basename(p)}: {exc}")
             continue
@@ -166,7 +170,8 @@ def _quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch
 
 def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
                 calibration_labels: Sequence[int] | None = None, *, int8: bool = False, opset: int = OPSET,
-                max_calibration_images: int = MAX_CALIBRATION_IMAGES) -> dict[str, Any]:
+                max_calibration_images: int = MAX_CALIBRATION_IMAGES,
+                fs: pafs.FileSystem | None = None, require_int8: bool = True) -> dict[str, Any]:
     """Write ``model.onnx`` (and with ``int8`` ``model.int8.onnx``) into a bundle folder.
 
     Args:
@@ -202,10 +207,7 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
         calibration_paths, calibration_labels = named.get("paths") or [], named.get("labels")
     if calibration_labels is not None and len(calibration_labels) != len(calibration_paths or []):
         raise ValueError(f"{len(calibration_paths or [])} calibration paths but {len(calibration_labels)} labels")
-    images, paths, labels = _decode_all(calibration_paths or [], calibration_labels, cfg.image_size)
-    if int8 and not len(images):
-        raise ValueError(f"int8 needs calibration images and {bundle_dir!r} names none that decode: "
-                         f"pass --calibration-dir DIR (images like the ones to score)")
+    images, paths, labels = _decode_all(calibration_paths or [], calibration_labels, cfg.image_size, fs)
     if len(images):
         check = images
     else:  # no image to hand: random pixels still catch an exporter that changed the graph
@@ -241,6 +243,15 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
         info["fp32_validation"] = _summary_metrics(labels, fp32_probs, cfg.threshold)
     log.info("wrote %s (max abs logit difference to PyTorch %.2e on %s)", fp32_path, logit_diff, info["checked_on"])
 
+    if int8 and not len(images) and not require_int8:
+        log.warning("no int8 model for %s: none of its %d calibration image(s) decodes", bundle_dir,
+                    len(calibration_paths or []))
+        info["int8"] = {"skipped": f"none of {len(calibration_paths or [])} calibration image(s) decodes"}
+        int8 = False
+    if int8 and not len(images):
+        update_metrics(bundle_dir, "onnx", info)  # the fp32 model is written and checked: keep its record
+        raise ValueError(f"int8 needs calibration images and {bundle_dir!r} names none that decode: "
+                         f"pass --calibration-dir DIR (images like the ones to score); {ONNX_FILE} was written")
     if int8:
         info["int8"] = _int8_step(bundle_dir, fp32_path, x, fp32_probs, paths, labels, cfg.threshold,
                                   max_calibration_images, source)
@@ -275,7 +286,13 @@ def _int8_step(bundle_dir: str, fp32_path: str, x: np.ndarray, fp32_probs: np.nd
         "note": f"int8 calibrated on 'calibrated_on' ({len(pick)} images); metrics on all 'paths'",
     })
     out: dict[str, Any] = {"file": ONNX_INT8_FILE, "calibration_images": int(len(pick)), "evaluated_on": len(paths),
-                           "max_abs_prob_diff_vs_fp32": float(np.max(np.abs(probs - fp32_probs)))}
+                           "max_abs_prob_diff_vs_fp32": float(np.max(np.abs(probs - fp32_probs))),
+                           # (in training's export: the validation images, which also chose the
+                           # checkpoint and the threshold, and some of which set the int8 ranges)
+                           "note": "figures on the calibration images' set, not a held-out one"}
+    if len(pick) < FEW_CALIBRATION_IMAGES:
+        log.warning("int8 of %s calibrated on %d image(s) only: its value ranges may not hold for other images; "
+                    "check it on a held-out folder (or score with --precision fp32)", bundle_dir, len(pick))
     if labels is not None:
         out["validation"] = _summary_metrics(labels, probs, threshold)
     log.info("wrote %s (max abs probability change vs fp32 %.3f)", int8_path, out["max_abs_prob_diff_vs_fp32"])
@@ -283,7 +300,8 @@ def _int8_step(bundle_dir: str, fp32_path: str, x: np.ndarray, fp32_probs: np.nd
 
 
 def export_onnx_or_log(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
-                       calibration_labels: Sequence[int] | None = None, *, int8: bool = True) -> dict[str, Any]:
+                       calibration_labels: Sequence[int] | None = None, *, int8: bool = True,
+                       fs: pafs.FileSystem | None = None) -> dict[str, Any]:
     """:func:`export_onnx` for training's export, right after ``model.pt`` was written.
 
     ONNX files left from an earlier model in the folder are removed first (they record that
@@ -296,7 +314,7 @@ def export_onnx_or_log(bundle_dir: str, calibration_paths: Sequence[str] | None 
             os.remove(os.path.join(bundle_dir, stale))
     try:
         return export_onnx(bundle_dir, calibration_paths, calibration_labels,
-                           int8=int8 and bool(calibration_paths))
+                           int8=int8 and bool(calibration_paths), fs=fs, require_int8=False)
     except Exception as exc:  # noqa: BLE001 - the torch bundle must survive any export problem
         log.warning("ONNX export of %s failed; the bundle has the PyTorch model only: %s: %s",
                     bundle_dir, type(exc).__name__, exc)

@@ -35,7 +35,7 @@ from artifact_core.bundle import (ONNX_FILE, ONNX_INT8_FILE, ONNX_SOURCE_KEY, Bu
 from artifact_core.config import SCORE_ENGINES as ENGINES
 from artifact_core.config import SCORE_PRECISIONS as PRECISIONS
 from artifact_core.decode import decode_batch, decode_paths
-from artifact_core.storage import Location, join_uri, resolve
+from artifact_core.storage import Location, join_uri, redact_uri, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -109,18 +109,23 @@ def _recorded_source_of(model: Location) -> str | None:
 def _stale_reason(bundle_dir: str, model: Location, recorded: str | None) -> str | None:
     """Why the ONNX file ``model`` must not stand for the bundle's model.pt, or None when it may."""
     if recorded is None:
-        _log_once(logging.INFO, f"{model.uri} does not record the model.pt it was exported from (an older "
-                                f"export); using it as it is")
+        # Exports have recorded their source since before config.json recorded the weights'
+        # hash: a bundle whose config has that hash had its ONNX file replaced or rewritten.
+        if read_bundle_config(bundle_dir).weights_sha256 is not None:
+            return (f"{redact_uri(model.uri)} does not record the model.pt it was exported from, though the "
+                    f"bundle was written by a version whose exports do (replaced or rewritten since)")
+        _log_once(logging.INFO, f"{redact_uri(model.uri)} does not record the model.pt it was exported from "
+                                f"(an older export); using it as it is")
         return None
     actual = weights_sha256(bundle_dir)
     if recorded == actual:
         return None
-    return (f"{model.uri} was exported from another model.pt (sha256 {recorded[:12]}...) than the bundle's "
-            f"(sha256 {actual[:12]}...)")
+    return (f"{redact_uri(model.uri)} was exported from another model.pt (sha256 {recorded[:12]}...) than the "
+            f"bundle's (sha256 {actual[:12]}...)")
 
 
 def _reexport_hint(bundle_dir: str, precision: str) -> str:
-    command = (f"python -m artifact_core.export_onnx {bundle_dir}"
+    command = (f"python -m artifact_core.export_onnx {redact_uri(bundle_dir)}"
                f"{' --int8 --calibration-dir DIR' if precision == 'int8' else ''}")
     if not resolve(bundle_dir).is_local:
         return f"re-export it with '{command}' run on a local copy of the bundle, then upload the .onnx files"
@@ -158,7 +163,7 @@ def resolve_engine(bundle_dir: str, engine: str = "auto", precision: str = "fp32
             raise ValueError("--engine onnx runs on CPU; drop --use-gpu or use --engine torch (or auto)")
         if not onnx_file.exists():
             raise FileNotFoundError(
-                f"model bundle {bundle_dir!r} has no {posixpath.basename(onnx_file.path)}; "
+                f"model bundle {redact_uri(bundle_dir)!r} has no {posixpath.basename(onnx_file.path)}; "
                 f"{_reexport_hint(bundle_dir, precision).replace('re-export it', 'make it')} or use "
                 f"{'--precision fp32' if precision == 'int8' else '--engine torch'}")
         stale = _stale_reason(bundle_dir, onnx_file, _recorded_source_of(onnx_file))
@@ -274,6 +279,13 @@ class OnnxEngine:
         if stale:
             raise StaleOnnxError(f"{stale}; {_reexport_hint(bundle_dir, precision)}")
         self.input_name = self.session.get_inputs()[0].name
+        # The exported graph has the training size fixed in it: a config.json that says another
+        # size would fail every batch inside the actors, after the job has started.
+        size = self.session.get_inputs()[0].shape[2:]
+        if all(isinstance(d, int) for d in size) and list(size) != [self.config.image_size] * 2:
+            raise StaleOnnxError(f"{redact_uri(model.uri)} takes {size[0]} x {size[1]} images but the bundle's "
+                                 f"config.json says image_size {self.config.image_size}; "
+                                 f"{_reexport_hint(bundle_dir, precision)}")
         self.mean = np.asarray(self.config.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(self.config.std, dtype=np.float32).reshape(1, -1, 1, 1)
 

@@ -175,7 +175,9 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
             torch.default_generator.manual_seed(cfg.seed)
             initial_state = model_for(cfg, weights=weights_state).state_dict()
     except (RuntimeError, ValueError, AttributeError, KeyError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        # torch's first line is often only "Error(s) in loading state_dict for ...": show the first that says what
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
+        first = next((ln for ln in lines if not ln.startswith("Error(s) in loading")), lines[0])
         raise WeightsUnavailableError(f"--weights {cfg.weights!r} does not fit MobileNetV2 with the {cfg.head} head: "
                                       f"{first[:300]}") from exc
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
@@ -341,7 +343,7 @@ def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
 
 def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
                   extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None,
-                  split: dict[str, Any] | None = None) -> dict[str, Any]:
+                  split: dict[str, Any] | None = None, data_fs: Any = None) -> dict[str, Any]:
     """Write the best checkpoint of ``result`` as a model bundle with a tuned threshold.
 
     ``out_dir`` may be local or a URI (a :class:`~artifact_core.storage.Location` is never
@@ -401,7 +403,9 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
         plots.pr_curve(curve, os.path.join(local, "pr_curve.png"), ap=ranking["ap_artifact"],
                        prevalence=ranking["prevalence_artifact"],
                        operating_point=(at_threshold["recall_artifact"], at_threshold["precision_artifact"]))
-        metrics["onnx"] = export_onnx_or_log(local, (split or {}).get("val_paths"), (split or {}).get("val_labels"))
+        # (the split's paths are on the data's filesystem: a bucket's keys for s3:// data)
+        metrics["onnx"] = export_onnx_or_log(local, (split or {}).get("val_paths"), (split or {}).get("val_labels"),
+                                             fs=data_fs)
         if not dest.is_local:
             upload_bundle(local, dest)
     return metrics
@@ -437,5 +441,6 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     metrics = export_bundle(result, cfg, bundle, extra_metrics={
         "counts": loop_config["counts"], "unreadable_skipped": sorted(unreadable),
         "unreadable_reasons": unreadable, "wall_seconds": time.time() - t0},
-        weights_source=loop_config.get("weights_source"), split=loop_config["split"])
+        weights_source=loop_config.get("weights_source"), split=loop_config["split"],
+        data_fs=loop_config.get("data_fs"))
     return TrainSummary(bundle_dir=bundle_dir, metrics=metrics, result=result)

@@ -307,7 +307,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     best_run = f"{storage_args(shared['trials_path'])['storage_path']}/{best_id}"
     metrics = export_bundle(ray.train.Result.from_path(best_run, storage_filesystem=fs), best_cfg,
                             bundle, extra_metrics={"sweep": base.name, "trial": best_id},
-                            weights_source=loop_config["weights_source"], split=loop_config["split"])
+                            weights_source=loop_config["weights_source"], split=loop_config["split"],
+                            data_fs=loop_config.get("data_fs"))
     row = table[table["trial_id"] == best_id].iloc[0]
     # the selected epoch's figures (the bundle's epoch), not each column's best over epochs
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.shareable_dict(),

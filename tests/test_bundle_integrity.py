@@ -149,3 +149,13 @@ def test_upload_replaces_a_remote_bundle_config_last_and_drops_stale_onnx(tmp_pa
         read_bundle_config(uri)
     with pytest.raises(ValueError, match=rf"model bundle '{uri}': its model\.pt"):
         load_bundle(uri)
+
+
+def test_a_model_pt_of_pickled_objects_is_refused_naming_it(tmp_path):
+    out = tmp_path / "b"
+    save_bundle(str(out), _model(0), BundleConfig(threshold=0.5))
+    torch.save(_model(0), out / WEIGHTS_FILE)  # a whole module, not a state dict
+    _edit_config(out, weights_sha256=None)  # (as a bundle from before the weights were hashed)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out / WEIGHTS_FILE))} holds pickled objects") as err:
+        load_bundle(str(out))
+    assert "weights_only=False" not in str(err.value)

@@ -70,7 +70,9 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
         assert summary.bundle_dir == f"s3://testing:{URI_SECRET}@{BUCKET}/runs/exp/model?{options}"
         in_run = _listing(fs, f"{BUCKET}/runs/exp")
         assert {"run_config.json", "split.json", "model/model.pt", "model/config.json", "model/metrics.json",
-                "model/learning_curves.png"} <= in_run
+                "model/learning_curves.png", "model/model.onnx", "model/model.int8.onnx"} <= in_run
+        # int8 calibrated on the validation images, read from the bucket
+        assert summary.metrics["onnx"]["int8"]["calibration_images"] > 0, summary.metrics["onnx"]
         assert any(p.startswith("checkpoint_") and p.endswith("/model.pt") for p in in_run), sorted(in_run)
         assert [h["epoch"] for h in summary.metrics["history"]] == [1, 2]
 
@@ -89,6 +91,7 @@ def test_train_tune_score_with_everything_in_a_bucket(ray_session, s3_server, tm
         scored = run_scoring(ScoreConfig(model=summary.bundle_dir, input=f"s3://{BUCKET}/data/test", output=out,
                                          num_actors=1, batch_size=4))
         assert scored["files"] == 6 and scored["errors"] == 1 and scored["model"] == redact_uri(summary.bundle_dir)
+        assert scored["engine"] == "onnx"  # auto: the bundle's ONNX model, on CPU
         in_out = _listing(fs, f"{BUCKET}/preds/exp")
         assert {"predictions.csv", "summary.json", "scoring_manifest.json"} <= in_out
         parts = [p for p in in_out if p.startswith("predictions.parquet/") and p.endswith(".parquet")]

@@ -189,8 +189,16 @@ def test_export_failures_keep_the_torch_bundle(torch_bundle, images, tmp_path, m
     assert "quantization unsupported" in info["error"] and not os.path.exists(os.path.join(c, "model.onnx"))
     assert json.load(open(os.path.join(c, "metrics.json")))["onnx"] == info
     assert ArtifactPredictor(c).engine_name == "torch"
-    with pytest.raises(ValueError, match="calibration"):
+    monkeypatch.undo()
+    # int8 asked for without a calibration image: refused, after the fp32 model is written
+    with pytest.raises(ValueError, match="calibration.*model.onnx was written"):
         export_mod.export_onnx(c, None, int8=True)
+    assert os.path.isfile(os.path.join(c, "model.onnx")) and not os.path.exists(os.path.join(c, "model.int8.onnx"))
+    # training's export: no calibration image decodes (moved since): fp32 all the same, int8 skipped and said so
+    d = str(tmp_path / "d")
+    shutil.copytree(torch_bundle, d)
+    info = export_mod.export_onnx_or_log(d, [str(tmp_path / "gone.png")], [0])
+    assert os.path.isfile(os.path.join(d, "model.onnx")) and "decodes" in info["int8"]["skipped"]
 
 
 def test_resolve_engine(torch_bundle, onnx_bundle):
@@ -224,10 +232,15 @@ def _recorded_source(path: str) -> str | None:
 
 @pytest.fixture
 def stale_bundle(onnx_bundle, tmp_path) -> str:
-    """The ONNX bundle after training wrote a new model.pt and stopped before its ONNX re-export."""
+    """The ONNX bundle with another model.pt, its ONNX files as they were: new weights copied or
+    uploaded into it by hand (save_bundle itself deletes the ONNX files before new weights)."""
     path = str(tmp_path / "stale")
     shutil.copytree(onnx_bundle, path)
-    save_bundle(path, calibrated_model(seed=1), read_bundle_config(path))  # the ONNX files stay as they were
+    save_bundle(path, calibrated_model(seed=1), read_bundle_config(path))
+    # (what an earlier export derived from the old weights goes before the new weights are written)
+    assert not any(os.path.exists(os.path.join(path, n)) for n in ("model.onnx", "model.int8.onnx", "calibration.json"))
+    for name in ("model.onnx", "model.int8.onnx", "calibration.json"):
+        shutil.copy(os.path.join(onnx_bundle, name), path)
     return path
 
 
@@ -259,18 +272,30 @@ def test_onnx_of_other_weights_is_never_run(stale_bundle, images, caplog):
                                predict_paths(ArtifactPredictor(stale_bundle, engine="torch"), images), atol=1e-4)
 
 
-def test_onnx_without_a_recorded_source_is_used_as_before(onnx_bundle, tmp_path, caplog):
-    """Bundles exported before the source was recorded keep scoring with ONNX."""
+def test_onnx_without_a_recorded_source_is_used_only_in_bundles_from_before_it_was_recorded(onnx_bundle, tmp_path,
+                                                                                          caplog):
+    """Bundles exported before the source was recorded (their config.json has no weights hash
+    either) keep scoring with ONNX; in a bundle whose config records the weights, an ONNX file
+    without its source was replaced or rewritten since, and is not run for that model.pt."""
     old = str(tmp_path / "old")
     shutil.copytree(onnx_bundle, old)
     model = onnx.load(os.path.join(old, "model.onnx"))
     del model.metadata_props[:]
-    onnx.save(model, os.path.join(old, "model.onnx"))
-    save_bundle(old, calibrated_model(seed=1), read_bundle_config(old))  # unknowable: accepted
+    save_bundle(old, calibrated_model(seed=1), read_bundle_config(old))  # another model.pt: unknowable to ONNX
+    onnx.save(model, os.path.join(old, "model.onnx"))  # (put back by hand: save_bundle deletes it)
+    with caplog.at_level(logging.WARNING, logger="artifact_core.predict"):
+        assert resolve_engine(old) == "torch"
+    assert "does not record the model.pt" in caplog.text
+    with pytest.raises(StaleOnnxError, match="replaced or rewritten"):
+        resolve_engine(old, "onnx")
+    # the bundle as an older version wrote it: no weights hash in its config
+    config = json.load(open(os.path.join(old, "config.json")))
+    del config["weights_sha256"]
+    json.dump(config, open(os.path.join(old, "config.json"), "w"))
     with caplog.at_level(logging.INFO, logger="artifact_core.predict"):
         assert resolve_engine(old) == "onnx" and resolve_engine(old, "onnx") == "onnx"
         assert ArtifactPredictor(old, num_threads=1).engine_name == "onnx"
-    assert "does not record the model.pt" in caplog.text
+    assert "an older export" in caplog.text
 
 
 S3_BUCKET = "artifact-core-predict"
@@ -338,3 +363,26 @@ def test_a_non_finite_probability_is_an_error_row_not_an_artifact(tmp_path):
     out = predictor(batch)
     assert out["predicted_class"].tolist() == [-1, -1]
     assert out["error"].tolist() == ["the model returned a non-finite probability", "cannot read"]
+
+
+def test_calibration_images_are_read_from_the_datas_filesystem(torch_bundle, images, tmp_path):
+    # s3:// training data: the split holds the bucket's keys, readable only through its filesystem
+    root = os.path.dirname(images[0])
+    keys = [os.path.basename(p) for p in images[:4]]
+    fs = pafs.SubTreeFileSystem(root, pafs.LocalFileSystem())
+    b = str(tmp_path / "b")
+    shutil.copytree(torch_bundle, b)
+    info = export_mod.export_onnx_or_log(b, keys, [parse_label(p) for p in keys], fs=fs)
+    assert info["checked_on"] == "4 calibration images" and info["int8"]["calibration_images"] == 4
+    assert os.path.isfile(os.path.join(b, "model.int8.onnx"))
+
+
+def test_onnx_whose_input_size_is_not_the_configs_is_refused_when_the_engine_is_made(onnx_bundle, tmp_path):
+    edited = str(tmp_path / "edited")
+    shutil.copytree(onnx_bundle, edited)
+    config = json.load(open(os.path.join(edited, "config.json")))
+    config["image_size"] *= 2  # the graph keeps the training size
+    json.dump(config, open(os.path.join(edited, "config.json"), "w"))
+    with pytest.raises(StaleOnnxError, match=f"takes .* images but the bundle's config.json says image_size "
+                                             f"{config['image_size']}"):
+        OnnxEngine(edited)
