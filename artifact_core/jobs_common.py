@@ -37,10 +37,11 @@ def _raised_outside_project(exc: BaseException) -> bool:
     if type(exc) is not ValueError or exc.__traceback__ is None:
         return False
     last = traceback.extract_tb(exc.__traceback__)[-1]
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package's parent: jobs/ too
+    package = os.path.dirname(os.path.abspath(__file__))
+    # This package and the job scripts beside it (a checkout), not whatever else lives there (a venv)
+    ours = tuple(d + os.sep for d in (package, os.path.join(os.path.dirname(package), "jobs")))
     # (a library written in C raises from the calling line of our code, which is no raise)
-    ours = os.path.abspath(last.filename).startswith(here + os.sep)
-    return not (ours and (last.line or "").lstrip().startswith("raise "))
+    return not (os.path.abspath(last.filename).startswith(ours) and (last.line or "").lstrip().startswith("raise "))
 
 
 def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace,

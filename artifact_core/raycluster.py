@@ -210,8 +210,36 @@ def _request(bundles: list[dict[str, float]]) -> Callable[[], None]:
     """
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    group = placement_group(bundles, strategy="PACK", name=f"artifact-core-wait-{uuid.uuid4().hex[:8]}")
+    group = placement_group(bundles, strategy="PACK", name=f"{_wait_group_prefix()}{uuid.uuid4().hex[:8]}")
     return lambda: remove_placement_group(group)
+
+
+#: Names of the stand-in placement groups start with this, the job's id and a dash.
+WAIT_GROUP_PREFIX = "artifact-core-wait-"
+
+
+def _wait_group_prefix() -> str:
+    return f"{WAIT_GROUP_PREFIX}{ray.get_runtime_context().get_job_id()}-"
+
+
+def remove_wait_groups() -> list[str]:
+    """Remove the stand-in placement groups of this job's waits that are still there; returns
+    their names. A sweep calls it when its trials are done: a trial actor that died while it
+    waited (a preempted node) ran no cleanup, and Ray removes a group only with its job, so
+    the group, once placed, would hold a trial's resources until the sweep ends. Never raises."""
+    from ray.util.placement_group import get_placement_group, placement_group_table, remove_placement_group
+
+    removed = []
+    try:
+        prefix = _wait_group_prefix()
+        for info in placement_group_table().values():
+            name = info.get("name") or ""
+            if name.startswith(prefix) and info.get("state") != "REMOVED":
+                remove_placement_group(get_placement_group(name))
+                removed.append(name)
+    except Exception:  # noqa: BLE001 - never hide the job's own outcome
+        log.warning("could not remove the placement groups left by waits for nodes", exc_info=True)
+    return removed
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,

@@ -44,7 +44,7 @@ from artifact_core.metrics import classification_metrics
 from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, DecodingPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
 from artifact_core.score_output import (Manifest, OutputConflictError, ScoringIdentity, check_claimable, check_holder,
-                                        mark_complete, part_run, prepare_output)
+                                        mark_complete, part_run, prepare_output, read_manifest)
 from artifact_core.storage import (Location, check_apart, display_path, file_sha256, read_file_bytes, redact_uri,
                                    resolve)
 
@@ -88,13 +88,15 @@ def _check_distinct(shown: Sequence[str]) -> None:
         seen.add(name)
 
 
-def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = False) -> list[Location]:
+def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = False,
+           skip_foreign: bool = False) -> list[Location]:
     """The output's Parquet parts: those of the runs its manifest names.
 
     Args:
         drop_foreign: delete the parts of other runs instead (a resume, just after its claim:
             such a run lost the folder to a later claim and stopped at its finalize, or will),
             and the staged file of a compaction that was killed.
+        skip_foreign: leave the parts of other runs out, deleting nothing (a look before the claim).
 
     Raises:
         OutputConflictError: a part of another run is there (another job writes into this
@@ -104,7 +106,9 @@ def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = Fa
     parts = [n for n in names if n.endswith(".parquet") and not n.startswith(("_", "."))]
     if manifest.runs:
         foreign = [n for n in parts if part_run(n) not in manifest.runs]
-        if foreign and drop_foreign:
+        if foreign and skip_foreign and not drop_foreign:
+            parts = [n for n in parts if n not in foreign]
+        elif foreign and drop_foreign:
             log.warning("--resume: removing %d Parquet part(s) of runs that lost %s to a later claim, e.g. %s",
                         len(foreign), parquet_dir.uri, foreign[0])
             for name in foreign:
@@ -123,10 +127,11 @@ def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = Fa
     return [parquet_dir.join(n) for n in parts]
 
 
-def _existing_rows(parts: list[Location]) -> set[str]:
+def _existing_rows(parts: list[Location], *, remove_corrupt: bool = True) -> set[str]:
     """Paths already scored without an error; a part cut short by a crash mid-write is removed
-    (its rows are scored again). Error rows are tried again: a read may have failed for a
-    passing reason (a network timeout), and a file that is still broken gets its error row again."""
+    (its rows are scored again; left in place and skipped without ``remove_corrupt``). Error
+    rows are tried again: a read may have failed for a passing reason (a network timeout),
+    and a file that is still broken gets its error row again."""
     done: set[str] = set()
     for part in parts:
         try:
@@ -142,9 +147,21 @@ def _existing_rows(parts: list[Location]) -> set[str]:
                                                            and not isinstance(exc, FileNotFoundError))
             if not corrupt:
                 raise
-            log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, exc)
-            part.remove()
+            if remove_corrupt:
+                log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, exc)
+                part.remove()
     return done
+
+
+def _rows_before_claim(cfg: ScoreConfig) -> set[str]:
+    """What :func:`_existing_rows` will find after a ``--resume`` claims the output, read
+    without writing or deleting anything (the claim may still be refused or not happen)."""
+    output = resolve(cfg.output)
+    manifest = read_manifest(output)
+    parquet_dir = output.join(PARQUET_DIR)
+    if manifest is None or not parquet_dir.exists():
+        return set()
+    return _existing_rows(_parts(parquet_dir, manifest, skip_foreign=True), remove_corrupt=False)
 
 
 def _check_output(cfg: ScoreConfig, threshold: float, image_size: int) -> ScoringIdentity:
@@ -561,10 +578,13 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     identity = _check_output(cfg, threshold, bundle_config.image_size)
     plan = None
     stages = {"setup": time.time() - t0}
-    if not cfg.resume:
-        # Planned and fitted to the cluster before the claim: --overwrite deletes the earlier
-        # results, and a cluster too small for this run must not have cost them.
-        plan = _plan_and_fit(cfg, paths, fs, bundle_config, stages)
+    # Planned and fitted to the cluster before the claim: --overwrite deletes the earlier
+    # results, and a claim, --resume's too, unpublishes the CSV, summary and page; a cluster
+    # too small for this run must cost neither.
+    before = _rows_before_claim(cfg) if cfg.resume else set()
+    todo = [p for p, d in zip(paths, shown) if d not in before]
+    if todo:
+        plan = _plan_and_fit(cfg, todo, fs, bundle_config, stages)
     parquet_dir, manifest = _prepare_output(cfg, threshold, bundle_config.image_size, identity)
     done = _existing_rows(_parts(parquet_dir, manifest, drop_foreign=True)) if cfg.resume else set()
     todo = [p for p, d in zip(paths, shown) if d not in done]

@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.metrics import SELECT_SCORE, best_report, is_diverged, report_score, selection_key
-from artifact_core.raycluster import check_fits, detect_autoscaler, units
+from artifact_core.raycluster import check_fits, detect_autoscaler, remove_wait_groups, units
 from artifact_core.storage import Location, resolve
 from artifact_core.train_loop import SCHEDULE_EPOCH
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, data_task_cpus, export_bundle,
@@ -291,9 +291,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
-    # (a trial killed while it waited for nodes leaves its stand-in placement group behind,
-    # a killed actor runs no cleanup: Ray removes it with this job)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        # A trial killed while it waited for nodes leaves its stand-in placement group behind
+        # (a killed actor runs no cleanup; Ray would remove it only with this job).
+        remove_wait_groups()
     table = results_table(grid, total_epochs, metric)
     table["image_size"] = table["image_size"].fillna(base.image_size).astype(int)
     write_results(sweep, table, metric)

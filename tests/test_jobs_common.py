@@ -28,3 +28,12 @@ def test_a_check_of_the_project_is_one_line_and_a_librarys_value_error_keeps_its
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "library_bug" in err
     assert err.rstrip().splitlines()[-1].startswith("error: cannot reshape array")
+
+    def python_library_bug(_):
+        import pandas as pd
+
+        pd.DataFrame({"a": [1, 2], "b": [1]})  # pandas raises from its own Python code, in the venv
+
+    assert run_job(python_library_bug, argparse.Namespace(), log) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "pandas" in err

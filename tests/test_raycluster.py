@@ -239,3 +239,29 @@ def test_a_sweep_with_no_trial_to_pick_is_a_one_line_error():
                           "best_select_score": [0.5]})
     with pytest.raises(ValueError, match="every trial failed"):
         best_trial_id(table, "val_ap_artifact")
+
+
+@pytest.mark.ray
+def test_the_stand_in_placement_group_is_pending_demand_and_goes_when_withdrawn_or_left(ray_session):
+    """The real request: a placement group of the job's own (pending: no node holds 1000 CPUs),
+    removed by its withdrawal, and one left behind (a trial killed while it waited) by
+    remove_wait_groups."""
+    from ray.util.placement_group import placement_group_table
+
+    from artifact_core.raycluster import WAIT_GROUP_PREFIX, _request, remove_wait_groups
+
+    def states():
+        return {i["name"]: i["state"] for i in placement_group_table().values()
+                if i["name"].startswith(WAIT_GROUP_PREFIX)}
+
+    before = set(states())
+    withdraw = _request([{"CPU": 1000.0}, {"CPU": 1.0, "memory": float(2**20)}])
+    left = _request([{"CPU": 1000.0}])
+    mine = {n: s for n, s in states().items() if n not in before}
+    assert len(mine) == 2 and set(mine.values()) == {"PENDING"}, mine
+    withdraw()
+    removed = remove_wait_groups()
+    assert len(removed) == 1 and removed[0] in mine
+    assert all(states()[n] == "REMOVED" for n in mine)
+    assert remove_wait_groups() == []
+    del left

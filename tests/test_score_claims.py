@@ -5,6 +5,7 @@ and flags checked before any work."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -309,3 +310,30 @@ def test_the_review_page_is_written_only_while_the_run_holds_the_output(cfg, tmp
     with pytest.raises(OutputConflictError, match=f"run {other.run_id} holds it now"):
         report_after_scoring(ScoreConfig(**{**cfg.__dict__, "report": True}), dict(summary), run_id=man.run_id)
     assert sorted(p.name for p in out.iterdir()) == before and "summary.json" not in before
+
+
+def test_a_resume_that_does_not_fit_the_cluster_unpublishes_nothing(cfg, tmp_path, monkeypatch):
+    from artifact_core import scoring
+    from artifact_core.raycluster import ClusterTooSmallError
+
+    parquet, man = claim(cfg)
+    a = str(tmp_path / "in" / "a.png")  # (rows carry the listed file's path)
+    write_part(parquet, man.run_id, [a])
+    (tmp_path / "in" / "b.png").unlink()
+    done(cfg, man.run_id, [a])  # complete, then a new file arrives
+    write_image(tmp_path / "in" / "c.png")
+    out = tmp_path / "out"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    planned = []
+
+    def plan(cfg, todo, *a, **k):
+        planned.append(sorted(os.path.basename(p) for p in todo))
+        return scoring.PipelinePlan(mode="fused", num_actors=64, actor_cpus=1.0, engine_threads=1)
+
+    monkeypatch.setattr(scoring, "plan_pipeline", plan)
+    monkeypatch.setattr(scoring, "check_fits", lambda **kw: (_ for _ in ()).throw(ClusterTooSmallError("too small")))
+    with pytest.raises(ClusterTooSmallError):
+        scoring.run_scoring(ScoreConfig(**{**cfg.__dict__, "resume": True, "num_actors": 64}))
+    assert planned == [["c.png"]]  # only what is missing, counted before the claim
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert read_manifest(resolve(str(out))).complete
