@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # torch is imported where weights are written or read: readin
 
 from artifact_core.config import ARCHITECTURE, HEADS, IMAGENET_MEAN, IMAGENET_STD, TRUNK_HEADS
 from artifact_core.labels import LABEL_NAMES
-from artifact_core.storage import Location, file_sha256, is_uri, resolve
+from artifact_core.storage import Location, file_sha256, is_uri, redact_uri, resolve
 
 #: the newest format this version reads; 2 = the model also scores the mirrored image
 #: (``test_time_flip``), which a reader of format 1 would silently skip; 3 = several per-cell
@@ -194,7 +194,7 @@ def read_bundle_config(path: str) -> BundleConfig:
         ValueError: the config is not a bundle this version can read (naming the file and the
             field), or belongs to other weights than the bundle's ``model.pt``.
     """
-    return _read_config(resolve(path), path)
+    return _read_config(resolve(path), redact_uri(path))  # (messages reach logs: no credentials)
 
 
 def _read_config(bundle: Location, shown: str) -> BundleConfig:
@@ -317,7 +317,7 @@ def _download_bundle(uri: str, local: str) -> None:
     """Copy a bundle's files from a URI (``s3://``...) into the local folder ``local``."""
     remote = resolve(uri)
     if not remote.is_dir():
-        raise FileNotFoundError(f"model bundle {uri!r} does not exist (expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE})")
+        raise FileNotFoundError(f"model bundle {redact_uri(uri)!r} does not exist (expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE})")
     for name in (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE):
         src = remote.join(name)
         if src.exists():
@@ -336,7 +336,7 @@ def load_bundle(path: str, *, device: str | torch.device = "cpu") -> Bundle:
     if is_uri(path) and not resolve(path).is_local:
         with tempfile.TemporaryDirectory() as tmp:
             _download_bundle(path, tmp)
-            bundle = _load(tmp, path, device)
+            bundle = _load(tmp, redact_uri(path), device)
         bundle.path = path
         return bundle
     local = resolve(path).path  # file:// URIs become local paths

@@ -249,9 +249,15 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
         info["int8"] = {"skipped": f"none of {len(calibration_paths or [])} calibration image(s) decodes"}
         int8 = False
     if int8 and not len(images):
-        update_metrics(bundle_dir, "onnx", info)  # the fp32 model is written and checked: keep its record
+        # The fp32 model is written and checked: keep its record, and that of an int8 model
+        # still there from before (scoring checks the model.pt it records).
+        earlier = (read_metrics(bundle_dir).get("onnx") or {}).get("int8")
+        if earlier and os.path.exists(os.path.join(bundle_dir, ONNX_INT8_FILE)):
+            info["int8"] = earlier
+        update_metrics(bundle_dir, "onnx", info)
         raise ValueError(f"int8 needs calibration images and {bundle_dir!r} names none that decode: "
-                         f"pass --calibration-dir DIR (images like the ones to score); {ONNX_FILE} was written")
+                         f"pass --calibration-dir DIR (images like the ones to score; a bundle trained on "
+                         f"object storage names its images by their keys in the bucket); {ONNX_FILE} was written")
     if int8:
         info["int8"] = _int8_step(bundle_dir, fp32_path, x, fp32_probs, paths, labels, cfg.threshold,
                                   max_calibration_images, source)

@@ -246,14 +246,15 @@ def clear_run(run: Location) -> list[str]:
     return removed
 
 
-def clear_interrupted_start(run: Location, data_root: str) -> list[str]:
+def clear_interrupted_start(run: Location, data_root: str, *, any_root: bool = False) -> list[str]:
     """Delete what a first start killed before it wrote its record left in ``run``; returns the names.
 
     A first start writes the split, then the record (each through a temporary file), and
     trains only after that: a folder that holds nothing but such files, and no record, is an
     interrupted first start with nothing trained in it, provided its split is one of this
-    project's of ``data_root`` (a user's own ``split.json`` is no such thing). Any other folder
-    is left as it is.
+    project's of ``data_root`` (a user's own ``split.json`` is no such thing), or of any data
+    folder with ``any_root`` (``--overwrite``: the data folder may be spelled another way now).
+    Any other folder is left as it is.
     """
     if run.join(RUN_FILE).exists():
         return []
@@ -261,7 +262,7 @@ def clear_interrupted_start(run: Location, data_root: str) -> list[str]:
     if not names or not all(_is_start_file(n) and run.join(n).info().type == pafs.FileType.File for n in names):
         return []
     for name in names:
-        if name in START_FILES and not _split_of(run, name, data_root):
+        if name in START_FILES and not _split_of(run, name, None if any_root else data_root):
             return []
     log.warning("%s holds %s but no %s: its first start was interrupted; clearing it and starting again",
                 run.uri, names, RUN_FILE)
@@ -270,10 +271,11 @@ def clear_interrupted_start(run: Location, data_root: str) -> list[str]:
     return names
 
 
-def _split_of(run: Location, name: str, data_root: str) -> bool:
-    """Whether ``run``'s file ``name`` is a split this project wrote of ``data_root``."""
+def _split_of(run: Location, name: str, data_root: str | None) -> bool:
+    """Whether ``run``'s file ``name`` is a split this project wrote (of ``data_root``, if given)."""
     try:
-        return read_split(run, name).root == data_root
+        split = read_split(run, name)
+        return isinstance(split.root, str) and bool(split.files()) and data_root in (None, split.root)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return False
 
@@ -315,7 +317,7 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     """
     new = {"writer": WRITER, "version": RECORD_VERSION, "kind": kind,
            "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config}
-    clear_interrupted_start(run, data_root)
+    clear_interrupted_start(run, data_root, any_root=overwrite)
     if overwrite:
         clear_run(run)
     old = read_record(run)

@@ -166,7 +166,9 @@ def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select
         })
         keys.append(selection_key(best, metric) if best else (-math.inf,) * 3 + (0,))
     order = sorted(range(len(rows)), key=lambda i: keys[i], reverse=True)  # stable: trial order after that
-    return pd.DataFrame([rows[i] for i in order], columns=list(rows[0]) if rows else None)
+    columns = ["trial_id", *_trial_params({}), *[f"best_{k}" for k in shown], f"best_{SELECT_SCORE}", "best_epoch",
+               "epochs", "status", "error"]
+    return pd.DataFrame([rows[i] for i in order], columns=columns)
 
 
 def _trial_params(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -321,3 +321,17 @@ def test_a_large_split_keeps_names_that_are_not_utf8(tmp_path, monkeypatch):
     assert write_split(run, split) == SPLIT_PARQUET
     back = read_split(run, SPLIT_PARQUET)
     assert back.train_files == [odd, "b_1.png"] and back.root == root and back.val_labels == [1]
+
+
+def test_overwrite_clears_an_interrupted_start_whose_data_folder_was_spelled_otherwise(tmp_path):
+    data = make_easy_folder(tmp_path / "train", n=16)
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    split = {"root": "/mnt/old-mount/train", "train": {"files": ["image_1_1.png"], "labels": [1]},
+             "val": {"files": ["image_2_0.png"], "labels": [0]}}
+    (run / SPLIT_JSON).write_text(json.dumps(split))
+    with pytest.raises(RunConflictError, match="not a run of this project"):
+        prepare_run(cfg(data, tmp_path / "runs"))
+    prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+    assert sorted(os.listdir(run)) == [RUN_FILE, SPLIT_JSON]
+    assert json.loads((run / SPLIT_JSON).read_text())["root"] != split["root"]

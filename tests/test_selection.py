@@ -415,3 +415,12 @@ def test_training_with_ray_data_asks_for_a_cpu_beside_its_workers(monkeypatch):
         with pytest.raises(Asked) as info:
             trainer.build_trainer(TrainConfig(ingest=ingest), {}, name="r", storage_path="/tmp/unused")
         assert info.value.args[0]["reserved_cpus"] == reserved
+
+
+def test_a_sweep_without_results_has_a_table_with_its_columns_and_no_winner():
+    from artifact_core.tuning import NoTrialError
+
+    table = results_table([], total_epochs=4)
+    assert table.empty and {"trial_id", "image_size", "status", "best_val_ap_artifact", "best_epoch"} <= set(table)
+    with pytest.raises(NoTrialError):
+        best_trial_id(table, "val_ap_artifact")
