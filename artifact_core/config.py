@@ -339,7 +339,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "0 = always stream (default: %(default)s)")
     g.add_argument("--oversample", type=float, default=d.oversample,
                    help="share of artifact images among each epoch's draws, e.g. 0.3 (drawn with replacement; "
-                        "the loss weights balance the drawn mix); 0 = off (default: %(default)s)")
+                        "the loss weights balance the drawn mix); 0 = off; not with --ingest ray-data "
+                        "(default: %(default)s)")
     g.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=d.test_time_flip,
                    help="local and multiscale heads: validation, the bundle and scoring also score each image's mirror "
                         "and keep the stronger artifact evidence, at twice the inference (default: on)")
@@ -412,9 +413,9 @@ class SweepConfig:
     lrs: list[float] | None = None  # a grid instead of log-uniform sampling
     image_sizes: list[int] | None = None  # a choice of input sizes instead of base.image_size
     scheduler: str = "asha"
-    # None: head_epochs + 1, so ASHA's first rung comes after one phase-2 epoch. The swept
-    # unfreeze depth and phase-2 rate act only in phase 2; rungs inside phase 1 would stop
-    # trials on head-only epochs that those parameters never touched.
+    # None: phase 2's first epoch at the full rate (SweepConfig.resolved_grace_period). The
+    # swept unfreeze depth and phase-2 rate act only in phase 2; rungs inside phase 1 would
+    # stop trials on head-only epochs that those parameters never touched.
     grace_period: int | None = None
     resume: bool = False
 
@@ -604,7 +605,8 @@ def add_score_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--report-uncertain", type=int, default=d.report_uncertain,
                    help="images closest to the threshold shown as well (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="score only files without a row in an existing output")
+    g.add_argument("--resume", action="store_true", help="score the files without a row, or with an error row, in an existing output "
+                                                                "(same model and settings)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p
 

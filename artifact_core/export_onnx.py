@@ -184,6 +184,10 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
         int8: also quantize.
         opset: ONNX opset of the export.
         max_calibration_images: int8 calibrates on an evenly spaced subset of this size.
+        fs: the filesystem ``calibration_paths`` are on (a bucket's, for object-storage
+            data); None: local paths.
+        require_int8: with ``int8`` and no calibration image that decodes, raise (after
+            ``model.onnx`` is written); False: skip int8 and record why.
 
     Returns:
         What was written to ``metrics.json`` under ``onnx``. An int8 failure is recorded
@@ -192,7 +196,8 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
     Raises:
         RuntimeError: ONNX Runtime's fp32 probabilities differ from PyTorch's by more
             than :data:`FP32_TOLERANCE` (no ``model.onnx`` is left behind).
-        ValueError: ``int8`` without any calibration image.
+        ValueError: ``int8`` and ``require_int8`` without any calibration image that decodes
+            (``model.onnx`` is written first).
     """
     import onnxruntime
 

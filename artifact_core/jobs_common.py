@@ -1,4 +1,5 @@
-"""What every job entry script shares: logging set-up and one-line errors for users."""
+"""What every job entry script shares: logging set-up and one-line errors for users (a plain
+``ValueError`` from inside a library keeps its traceback: more likely a bug than bad input)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _raised_outside_project(exc: BaseException) -> bool:
 
 def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace,
             logger: logging.Logger) -> int:
-    """Configure logging, run ``main(args)``, turn user errors into one line and exit code 2."""
+    """Configure logging, run ``main(args)``, turn user errors into one line and exit code 2
+    (a library's plain ``ValueError`` with its traceback above that line)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:

@@ -374,7 +374,8 @@ def _block_index(key: str) -> int | None:
 def build_model(*, weights: str | Mapping[str, torch.Tensor] | None = "imagenet", dropout: float = 0.2,
                 num_outputs: int = 1, head: str = "global", test_time_flip: bool = False,
                 members: int = 1) -> nn.Module:
-    """MobileNetV2 whose ImageNet classifier is replaced by a fresh binary head.
+    """MobileNetV2 with a binary head in place of ImageNet's classifier: fresh, or the one in
+    ``weights`` when that state dict has this model's head layout (a model of this project).
 
     Args:
         weights: a ``--weights`` value as :func:`resolve_weights` reads it (``"imagenet"``,

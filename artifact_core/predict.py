@@ -13,6 +13,9 @@ read into memory, never from a path ONNX Runtime would have to reach.
 An ONNX model that records the sha256 of another ``model.pt`` than the bundle's (a
 re-export that was interrupted or not copied along) is never run: ``auto`` falls back to
 torch with a warning, an explicit ONNX engine or int8 is an error (:class:`StaleOnnxError`).
+So is one that records no source in a bundle whose ``config.json`` records its weights (a
+version that records both wrote it: the file was replaced since); one without a source in an
+older bundle is used as it is. An ONNX model whose input size is not the config's is refused.
 
 Torch is imported only by the torch engine: an ONNX Runtime actor starts without it
 (about 0.9 GB and seconds less per actor; ``tests/test_predict.py`` checks that in a fresh
@@ -252,7 +255,8 @@ class OnnxEngine:
     share the cores (:class:`DecodingPredictor`), else they burn the cores the decoders need.
 
     Raises:
-        StaleOnnxError: the ONNX file was exported from another ``model.pt`` than the bundle's.
+        StaleOnnxError: the ONNX file was exported from another ``model.pt`` than the bundle's
+            (see :func:`_stale_reason`), or takes another input size than ``config.json`` says.
     """
 
     name = "onnx"

@@ -287,8 +287,9 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
             f"{what} needs {need}, but {have} (room for {placed} worker(s)) and no node type its autoscaler "
             f"({scaler.source}) can launch holds one worker; lower --cpus-per-worker or add a node type")
     bundles = [dict(bundle) for _ in range(num_workers)] + ([{"CPU": float(reserved_cpus)}] if reserved_cpus else [])
-    # Without a detected autoscaler the request is harmless (nobody reads it) and an explicit
-    # --wait-for-resources still waits for nodes started by hand or by an outside scaler.
+    # Without a detected autoscaler the stand-in does no harm (placed for a moment once nodes
+    # join), and an explicit --wait-for-resources still waits for nodes started by hand or by
+    # an outside scaler.
     log.info("%s needs %s, but %s; %s, waiting up to %gs (--wait-for-resources)", what, need, have,
              f"asked the {scaler.source} for it" if scaler else "no autoscaler found, waiting for nodes to join", wait)
     withdraw = request(bundles)
@@ -317,4 +318,4 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
         try:
             withdraw()
         except Exception:  # noqa: BLE001 - never hide the job's own outcome
-            log.warning("could not withdraw the resource request", exc_info=True)
+            log.warning("could not remove the placement group that stood in for the work", exc_info=True)

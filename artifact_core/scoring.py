@@ -555,8 +555,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every image under ``cfg.input`` into ``cfg.output``; returns the summary.
 
     Every listed file gets exactly one row: files that cannot be read or decoded at their
-    turn get an error row. The output folder is claimed with a manifest first
-    (:mod:`artifact_core.score_output`), so ``--overwrite`` only ever deletes what scoring wrote.
+    turn get an error row. The output folder is checked, the run planned and fitted to the
+    cluster, and only then claimed with a manifest (:mod:`artifact_core.score_output`), so
+    ``--overwrite`` only ever deletes what scoring wrote, and only once the run can start.
     """
     t0 = time.time()
     cfg.validate()

@@ -62,8 +62,10 @@ def tune_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
 
 
 def _concurrency(cfg: SweepConfig) -> int:
-    """Trials run at once: as many as fit the cluster, or, with an autoscaler, the largest
-    cluster it may build (at least 1). Waits (``--wait-for-resources``) until one trial fits."""
+    """Trials run at once: as many as fit the cluster (each trial's workers, plus a CPU for
+    Ray Data's decode with ``--ingest ray-data``), or, where an autoscaler's node limits are
+    reported, as many as fit the largest cluster it may build (at least 1). Waits
+    (``--wait-for-resources``) until one trial fits."""
     b = cfg.base
     gpus = 1.0 if b.use_gpu else 0.0
     data_cpus = data_task_cpus(b)
