@@ -1,9 +1,16 @@
-"""Where the model sees the artifact: Grad-CAM heatmaps (Captum) and overlays.
+"""Where the model sees the artifact: heatmaps and overlays.
 
-The bundle's model has one logit, ``sigmoid(logit) = P(artifact-free)``. Evidence for the
-*artifact* class is the gradient of the negated logit, so Grad-CAM runs on a wrapper whose
-output is ``-logit``; only positive evidence is kept (ReLU), upsampled to the input size and
-scaled to [0, 1] per image (an all-zero map: nothing in the image speaks for an artifact).
+The multiscale and local heads decide from per-cell evidence (an artifact logit for each 16 px
+cell, the image's score pooled from the strongest cells), so their heatmap is that evidence
+itself (:func:`evidence_heatmaps`): the sigmoid of each cell's logit, on one absolute scale
+for every image, so a clean image comes out cold and the hottest cells are the ones that
+decided the score.
+
+The global head pools the whole map first, so it has no cells of its own: its heatmap is
+Grad-CAM (Captum, :func:`gradcam_heatmaps`) of the artifact class. The bundle's model has one
+logit, ``sigmoid(logit) = P(artifact-free)``; evidence for the *artifact* class is the
+gradient of the negated logit, so Grad-CAM runs on a wrapper whose output is ``-logit``; only
+positive evidence is kept (ReLU), upsampled to the input size and scaled to [0, 1] per image.
 
 In-process use on files or folders::
 
@@ -130,6 +137,59 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
     return maps.clamp_(0, 1).numpy().astype(np.float32)
 
 
+def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, micro_batch: int = 8) -> np.ndarray:
+    """The per-cell artifact evidence of a multiscale or local head, as a heatmap.
+
+    Args:
+        model: a :class:`~artifact_core.model.LocalEvidenceNet` bundle model. With a test-time
+            flip, each image's map is of the view (the image or its mirror) that gave its
+            score, mirrored back where it was the mirror.
+        x: normalized images, (N, 3, H, W) float.
+        micro_batch: images per pass.
+
+    Returns:
+        float32 array (N, H, W) in [0, 1]: the sigmoid of each cell's artifact logit (the
+        members' mean), upsampled bilinearly. One scale for all images: the cells that decided
+        an artifact score are near 1, a clean image's cells near 0.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a normalized (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+    device = next(model.parameters()).device
+    height, width = int(x.shape[2]), int(x.shape[3])
+    flips = bool(getattr(model, "test_time_flip", False))
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for chunk in x.split(max(1, micro_batch)):
+                chunk = chunk.to(device).float()
+                features = model.trunk(chunk)
+                cells = model.classifier(features).mean(dim=1, keepdim=True)  # as evidence_map, one trunk pass
+                if flips:
+                    # The view whose evidence gave the score: the lower artifact-free logit.
+                    mirror_features = model.trunk(chunk.flip(-1))
+                    mirrored = (model.head(mirror_features) < model.head(features))[:, 0]
+                    mirror_cells = model.classifier(mirror_features).mean(dim=1, keepdim=True).flip(-1)
+                    cells = torch.where(mirrored[:, None, None, None], mirror_cells, cells)
+                heat = torch.sigmoid(nn.functional.interpolate(cells.float(), size=(height, width), mode="bilinear",
+                                                               align_corners=False))
+                out.append(heat[:, 0].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).clamp_(0, 1).numpy().astype(np.float32)
+
+
+def heatmaps(model: nn.Module, x: torch.Tensor, *, micro_batch: int = 8) -> np.ndarray:
+    """The heatmap of where ``model`` sees the artifact: its own per-cell evidence for the
+    multiscale and local heads (:func:`evidence_heatmaps`), Grad-CAM for the global head."""
+    from artifact_core.model import LocalEvidenceNet
+
+    if isinstance(model, LocalEvidenceNet):
+        return evidence_heatmaps(model, x, micro_batch=micro_batch)
+    return gradcam_heatmaps(model, x, micro_batch=micro_batch)
+
+
 def overlay(image: np.ndarray | Image.Image, heatmap: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
             cmap: str = DEFAULT_CMAP) -> np.ndarray:
     """Blend a colour-mapped heatmap over an image.
@@ -189,7 +249,7 @@ class Explainer:
         x = self.normalize(images).to(self.device)
         with torch.inference_mode():
             prob = torch.sigmoid(self.model(x).squeeze(1).float()).cpu().numpy().astype(np.float64)
-        return prob, gradcam_heatmaps(self.model, x, micro_batch=self.micro_batch)
+        return prob, heatmaps(self.model, x, micro_batch=self.micro_batch)
 
 
 def _overlay_png(image: Image.Image, heatmap: np.ndarray, path: str) -> None:
@@ -230,6 +290,10 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
             continue
         probs, maps = explainer.explain_uint8(torch.stack([x for _, _, x, _ in decoded]))
         for (path, name, _, preview), prob, heat in zip(decoded, probs, maps):
+            if not np.isfinite(prob):  # as scoring: an error row, not an "artifact" of NaN confidence
+                rows.append({"file": path, "heatmap": "", "prob_artifact_free": None, "predicted_class": -1,
+                             "confidence": None, "error": "the model returned a non-finite probability"})
+                continue
             pred = int(prob >= explainer.threshold)
             heatmap_file = f"{name}.heatmap.png"
             # Over the image with its aspect kept (the map is resized to it), at most

@@ -2,8 +2,9 @@
 
 After scoring, the flagged images (the most confident first, up to ``top``) and the most
 uncertain ones (probability closest to the threshold) are decoded again in a Ray Data actor
-that loads the bundle once and returns, per image, a JPEG thumbnail and a Grad-CAM overlay of
-where the model sees the artifact (:mod:`artifact_core.explain`). The driver writes them under
+that loads the bundle once and returns, per image, a JPEG thumbnail and an overlay of where the
+model sees the artifact (:mod:`artifact_core.explain`: the head's per-cell evidence, or Grad-CAM
+for the global head). The driver writes them under
 ``report/img/`` and renders one static page: no server, no CDN, no external script or style,
 images as relative files, so the folder works from a shared drive or a bucket. The grid's data
 sits in an embedded JSON block and is paged by a small inline script (100 cards a page,
@@ -11,7 +12,7 @@ sits in an embedded JSON block and is paged by a small inline script (100 cards 
 reach the page as JSON (``<``, ``>``, ``&`` escaped) read with ``JSON.parse`` and shown through
 ``textContent``, or through :func:`html.escape`, so a file name cannot inject markup or script.
 
-Torch (Grad-CAM) is imported by the heatmap actors only: the scoring job's driver, which calls
+Torch (the heatmaps) is imported by the heatmap actors only: the scoring job's driver, which calls
 :func:`report_after_scoring` at its end, stays free of it (seconds of start-up and about 1 GB).
 """
 
@@ -281,8 +282,15 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
     if has_hist:
         shutil.copyfile(hist, os.path.join(tmp, _HIST_FILE))
     errors = table.filter(pc.not_equal(table.column("error"), "")).select(["filename", "error"])
+    from artifact_core.bundle import read_bundle_config
+
+    try:
+        trunk_head = read_bundle_config(bundle_dir).head in ("multiscale", "local")
+    except (OSError, ValueError):  # (every card then says why it has no heatmap)
+        trunk_head = True
     page = render_page(summary, cards_flagged, cards_unsure, n_flagged=n_flagged,
-                       errors=errors.slice(0, 200).to_pylist(), n_errors=errors.num_rows, has_hist=has_hist)
+                       errors=errors.slice(0, 200).to_pylist(), n_errors=errors.num_rows, has_hist=has_hist,
+                       heatmap="evidence" if trunk_head else "grad-cam")
     with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
         f.write(page)
     # Swap in the finished folder: a report that exists is complete.
@@ -390,8 +398,10 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 
 def render_page(summary: dict[str, Any], flagged: Sequence[dict], uncertain: Sequence[dict], *, n_flagged: int,
-                errors: Sequence[dict], n_errors: int, has_hist: bool) -> str:
-    """The self-contained HTML of the report (inline CSS and JS, images as relative files)."""
+                errors: Sequence[dict], n_errors: int, has_hist: bool, heatmap: str = "evidence") -> str:
+    """The self-contained HTML of the report (inline CSS and JS, images as relative files).
+    ``heatmap`` says what the overlays show: ``"evidence"`` (the multiscale and local heads'
+    per-cell evidence) or ``"grad-cam"`` (the global head)."""
     e = html.escape
     pred = summary.get("predicted", {})
     left_out = n_flagged - len(flagged)
@@ -421,7 +431,17 @@ def render_page(summary: dict[str, Any], flagged: Sequence[dict], uncertain: Seq
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return fill_template(_PAGE, {"TABLE": table_html, "NOTE": note, "ERRORS": err_html, "HIST": hist_html,
                                  "CREATED": e(created), "NFLAGGED": str(n_flagged),
-                                 "NUNSURE": str(len(uncertain)), "DATA": data})
+                                 "NUNSURE": str(len(uncertain)), "DATA": data, "HEATMAP": _HEATMAP_NOTES[heatmap]})
+
+
+#: What the overlays show, by head (the page's note under the summary).
+_HEATMAP_NOTES = {
+    "evidence": "the model's own evidence for an artifact in each 16 px cell (the cells its score is pooled "
+                "from), on one scale for every image: red = a cell read as artifact, blue = clean, so a clean "
+                "image stays blue.",
+    "grad-cam": "a Grad-CAM heatmap of where the model sees artifact evidence (last feature block, scaled per "
+                "image: red = strongest in this image, also in a clean one).",
+}
 
 
 _PLACEHOLDER = re.compile(r"%%(\w+)%%")
@@ -477,8 +497,7 @@ img.broken{outline:2px solid #b42318}
 </head>
 <body>
 <h1>Scoring report</h1>
-<p class="note">Created %%CREATED%%. Each card: the image and, beside it, a Grad-CAM heatmap of where the model
-sees artifact evidence (last feature block, scaled per image: red = strongest).</p>
+<p class="note">Created %%CREATED%%. Each card: the image and, beside it, %%HEATMAP%%</p>
 <div class="top">
 <table class="summary">
 %%TABLE%%

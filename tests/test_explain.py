@@ -187,47 +187,81 @@ def test_cli_user_errors(bundle64, tmp_path):
         explain_paths(bundle64, [str(tmp_path / "nope.png")], str(tmp_path / "o"), batch_size=0)
 
 
-def test_heatmaps_of_the_local_head_follow_its_evidence():
-    """The heat peaks in the cell whose evidence decides the image's score."""
-    from artifact_core.model import build_model
-
-    torch.manual_seed(0)
-    model = build_model(weights="bundled", head="local", dropout=0.0)
-    x = torch.randn(3, 3, 128, 128)
+def _calibrated(model, x):
     model.classifier[0].momentum = None  # the head's BatchNorm statistics from x: the cells differ
     model.train()
     with torch.no_grad():
         model(x)
-    model.eval()
-    heat = gradcam_heatmaps(model, x)
-    assert heat.shape == (3, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_heatmaps_of_the_trunk_heads_are_their_evidence_on_one_scale(seed):
+    """The multiscale head as shipped (5 members, test-time flip): the heat peaks in the cell
+    with the strongest evidence of the view that scored, and it is on one absolute scale: the
+    same images with the evidence lowered come out cold (a per-image scale would not change)."""
+    from artifact_core.explain import heatmaps
+    from artifact_core.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(weights="bundled", head="multiscale", dropout=0.0, members=5, test_time_flip=True)
+    x = torch.randn(3, 3, 128, 128)
+    model = _calibrated(model, x)
+    heat = heatmaps(model, x)
+    assert heat.shape == (3, 128, 128) and 0.0 <= heat.min() and heat.max() <= 1.0 and model.test_time_flip
+    model.test_time_flip = False
     with torch.no_grad():
-        cells = model.evidence_map(x)[:, 0]
+        use_mirror = (model(x.flip(-1)) < model(x))[:, 0]
+        cells = torch.where(use_mirror[:, None, None], model.evidence_map(x.flip(-1))[:, 0].flip(-1),
+                            model.evidence_map(x)[:, 0])
+    model.test_time_flip = True
     assert float(cells.flatten(1).std(1).min()) > 1e-3, "no evidence to follow: the check would prove nothing"
     cell = 128 // cells.shape[-1]
     for i in range(len(x)):
         cy, cx = np.unravel_index(int(cells[i].argmax()), cells[i].shape)
-        top = heat[i, cy * cell:(cy + 1) * cell, cx * cell:(cx + 1) * cell].mean()
-        assert top > 2 * heat[i].mean(), (i, top, heat[i].mean())
+        peak = np.unravel_index(int(heat[i].argmax()), heat[i].shape)
+        assert abs(peak[0] // cell - cy) <= 1 and abs(peak[1] // cell - cx) <= 1, (i, peak, (cy, cx))
+        # the peak cell's value is the sigmoid of its evidence, not 1 by construction
+        centre = heat[i, cy * cell + cell // 2, cx * cell + cell // 2]
+        assert abs(float(centre) - float(torch.sigmoid(cells[i, cy, cx]))) < 0.05
+    with torch.no_grad():
+        model.classifier[-1].bias.sub_(8.0)  # every cell says "clean" much more strongly
+        prob_artifact = 1 - torch.sigmoid(model(x)[:, 0])
+    cold = heatmaps(model, x)
+    assert float(prob_artifact.max()) < 0.01 and cold.max() < heat.max() * 0.05 + 1e-3
 
 
-def test_heatmaps_of_a_flipping_model_explain_the_view_that_scored_and_restore_the_flip():
+def test_a_global_head_is_explained_by_grad_cam():
+    from artifact_core.explain import heatmaps
     from artifact_core.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(weights="bundled", head="multiscale", dropout=0.0, test_time_flip=True).eval()
+    model = build_model(weights="bundled", head="global", dropout=0.0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    np.testing.assert_allclose(heatmaps(model, x), gradcam_heatmaps(model, x), atol=1e-6)
+
+
+def test_heatmaps_of_a_flipping_model_explain_the_view_that_scored_and_restore_the_flip():
+    from artifact_core.explain import heatmaps
+    from artifact_core.model import build_model
+
+    torch.manual_seed(0)
     a = torch.randn(1, 3, 64, 64)
     x = torch.cat([a, a.flip(-1)])  # one image and its mirror: exactly one scores by its mirror view
-    heat = gradcam_heatmaps(model, x)
-    assert heat.shape == (2, 64, 64) and model.test_time_flip
-    model.test_time_flip = False
-    with torch.no_grad():
-        use_mirror = (model(x.flip(-1)) < model(x))[:, 0].tolist()
-    assert sorted(use_mirror) == [False, True]
-    plain, mirror = gradcam_heatmaps(model, x), gradcam_heatmaps(model, x.flip(-1))[..., ::-1]
-    for i, m in enumerate(use_mirror):
-        assert np.allclose(heat[i], mirror[i] if m else plain[i], atol=1e-5)
-    assert np.allclose(heat[0], heat[1][..., ::-1], atol=1e-5)  # both maps point at the same place
+    model = _calibrated(build_model(weights="bundled", head="multiscale", dropout=0.0, test_time_flip=True),
+                        torch.randn(4, 3, 64, 64))
+    for explain in (heatmaps, gradcam_heatmaps):
+        heat = explain(model, x)
+        assert heat.shape == (2, 64, 64) and model.test_time_flip
+        model.test_time_flip = False
+        with torch.no_grad():
+            use_mirror = (model(x.flip(-1)) < model(x))[:, 0].tolist()
+        assert sorted(use_mirror) == [False, True]
+        plain, mirror = explain(model, x), explain(model, x.flip(-1))[..., ::-1]
+        model.test_time_flip = True
+        for i, m in enumerate(use_mirror):
+            assert np.allclose(heat[i], mirror[i] if m else plain[i], atol=1e-5), explain.__name__
+        assert np.allclose(heat[0], heat[1][..., ::-1], atol=1e-5)  # both maps point at the same place
 
 
 def test_cli_names_odd_long_and_clashing_files_and_skips_its_own_output(bundle64, tmp_path):
@@ -251,3 +285,16 @@ def test_cli_names_odd_long_and_clashing_files_and_skips_its_own_output(bundle64
     assert len({r["heatmap"] for r in rows}) == 4 and all(len(r["heatmap"].encode()) <= 255 for r in rows)
     names = _output_names(["/p/A.png", "/q/a.png", "/r/a.png.1", "/s/a.png"])
     assert len({n.casefold() for n in names}) == 4
+
+
+def test_the_cli_gives_a_non_finite_probability_an_error_row_as_scoring_does(tmp_path):
+    from artifact_core.bundle import BundleConfig, save_bundle
+
+    model = calibrated_model()
+    with torch.no_grad():
+        model.classifier[1].bias.fill_(float("nan"))
+    bundle = save_bundle(str(tmp_path / "nan"), model, BundleConfig(image_size=32, threshold=0.5))
+    write_image(tmp_path / "in" / "a.png", size=40)
+    rows = explain_paths(bundle, [str(tmp_path / "in" / "a.png")], str(tmp_path / "out"))
+    assert rows[0]["predicted_class"] == -1 and rows[0]["error"] == "the model returned a non-finite probability"
+    json.loads((tmp_path / "out" / "explain.json").read_text())  # valid JSON: no bare NaN
