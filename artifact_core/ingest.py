@@ -12,6 +12,7 @@ as on the DataLoader path.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator
 
 import numpy as np
@@ -55,9 +56,12 @@ def train_datasets(loop_config: dict[str, Any], *, image_size: int, cpus_per_tas
     import ray.data
 
     split = loop_config["split"]
-    ds = ray.data.from_items([{"path": p, "label": int(y)}
-                              for p, y in zip(split["train_paths"], split["train_labels"])])
-    # A new block order every epoch; rows are shuffled further in the worker's buffer.
+    rows = [{"path": p, "label": int(y)} for p, y in zip(split["train_paths"], split["train_labels"])]
+    # Blocks are runs of consecutive rows and the split lists files in name order: a folder of
+    # artifact/... then clean/... would give blocks of one class. Shuffled once here (seeded),
+    # then a new block order every epoch, and rows mixed further in the worker's buffer.
+    random.Random(int(loop_config.get("train", {}).get("seed", 0))).shuffle(rows)
+    ds = ray.data.from_items(rows)
     ds = ds.randomize_block_order()
     return {"train": ds.map_batches(decode_train_batch, batch_size=DECODE_BATCH, batch_format="numpy",
                                     num_cpus=cpus_per_task,

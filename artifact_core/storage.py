@@ -297,7 +297,9 @@ def _read_local(path: str | bytes, max_bytes: int) -> bytes:
     try:
         if st.st_size > max_bytes:
             raise FileReadError(os.fsdecode(path), f"{st.st_size} bytes exceeds the limit of {max_bytes}")
-        chunks, left = [], st.st_size + 1  # one byte more: a file that grew is read whole or refused
+        # To the end of the file as it is now, at most one byte over the limit: a file that
+        # grew since its size was read is read whole, or refused when it grew too large.
+        chunks, left = [], max_bytes + 1
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 22))
             if not chunk:
@@ -331,7 +333,10 @@ def read_file_bytes(path: str | bytes, fs: pafs.FileSystem | None = None, *,
         if info.size is not None and info.size > max_bytes:
             raise FileReadError(name, f"{info.size} bytes exceeds the limit of {max_bytes}")
         with fs.open_input_stream(name) as f:
-            return f.read()
+            data = f.read(max_bytes + 1)  # bounded: an object replaced since, or of no reported size
+        if len(data) > max_bytes:
+            raise FileReadError(name, f"file grew beyond the limit of {max_bytes} bytes")
+        return data
     except FileReadError:
         raise
     except FileNotFoundError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow.fs as pafs
 import pytest
 
@@ -69,3 +71,21 @@ def test_onnx_paths_of_a_bundle_uri_keep_its_options():
     uri = "s3://models/exp/model?endpoint_override=minio:9000&scheme=http&region=us-east-1"
     assert onnx_path(uri, "int8") == "s3://models/exp/model/model.int8.onnx?endpoint_override=minio:9000&scheme=http&region=us-east-1"
     assert resolve(onnx_path(uri)).path == "models/exp/model/model.onnx"
+
+
+def test_a_file_that_grew_since_its_size_was_read_is_read_whole_or_refused(tmp_path, monkeypatch):
+    from artifact_core import storage
+
+    path = tmp_path / "grows.png"
+    path.write_bytes(b"x" * 1000)
+    real = storage._open_regular
+
+    def stale_size(p):  # the size as fstat saw it before the writer appended 900 bytes
+        fd, st = real(p)
+        return fd, os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, 100,
+                                   st.st_atime, st.st_mtime, st.st_ctime))
+
+    monkeypatch.setattr(storage, "_open_regular", stale_size)
+    assert len(storage.read_file_bytes(str(path))) == 1000
+    with pytest.raises(storage.FileReadError, match="grew beyond the limit of 500 bytes"):
+        storage.read_file_bytes(str(path), max_bytes=500)
