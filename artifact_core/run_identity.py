@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from artifact_core.config import effective_members, mirror_pass_acts
-from artifact_core.storage import Location, temp_file_of
+from artifact_core.storage import Location, redact_uri, temp_file_of
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str,
     """The fields of ``config`` that define a run of ``kind`` ("train" or "sweep"), plus ``extra``."""
     fields = [f for f in IDENTITY_FIELDS if not (kind == "sweep" and f in SWEEP_SAMPLED_FIELDS)]
     identity = {f: config.get(f) for f in fields}
+    # The data folder without credentials: a rotated key is the same data (and no secret is
+    # stored in the record's identity or printed in a difference).
+    if isinstance(identity.get("data_dir"), str):
+        identity["data_dir"] = redact_uri(identity["data_dir"])
     # Whether validation (so checkpoint choice and the threshold) scored the mirror too: the
     # flag only acts on the trunk heads, so a global-head run is the same run either way.
     identity["test_time_flip"] = mirror_pass_acts(config.get("test_time_flip"), config.get("head"))
@@ -129,6 +133,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two stored records' identity and epoch counts."""
     diffs = []
     old_id, new_id = dict(old.get("identity", {})), new.get("identity", {})
+    if isinstance(old_id.get("data_dir"), str):  # (recorded before it was stored without credentials)
+        old_id["data_dir"] = redact_uri(old_id["data_dir"])
     for key in set(new_id) - set(old_id):  # recorded before the field existed
         old_id[key] = old.get("config", {}).get(key, LEGACY_IDENTITY.get(key))
     for key in sorted(set(old_id) | set(new_id)):
@@ -275,7 +281,7 @@ def _split_of(run: Location, name: str, data_root: str | None) -> bool:
     """Whether ``run``'s file ``name`` is a split this project wrote (of ``data_root``, if given)."""
     try:
         split = read_split(run, name)
-        return isinstance(split.root, str) and bool(split.files()) and data_root in (None, split.root)
+        return isinstance(split.root, str) and bool(split.files()) and data_root in (None, redact_uri(split.root))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return False
 
@@ -291,7 +297,7 @@ def stored_split_paths(run: Location, data_root: str, root: str) -> list[str] | 
         split = read_split(run, record.get("data", {}).get("split_file", SPLIT_JSON))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # claim_run names what is wrong
-    if split.root != data_root:
+    if redact_uri(split.root) != data_root:  # (a split stored before roots were redacted: its credentials)
         return None
     prefix = root.rstrip("/") + "/"
     return sorted(prefix + name for name in split.files())

@@ -198,7 +198,8 @@ def resolve(path_or_uri: str) -> Location:
     if "#" in path_or_uri:
         # pyarrow reads '#' as the start of a fragment and drops the rest: the data would go to
         # (or come from) another folder without a word
-        raise ValueError(f"{path_or_uri!r}: '#' cannot appear in a URI (it starts a fragment); "
+        # (not echoed: a '#' in a password would keep redact_uri from finding the user info)
+        raise ValueError(f"a {path_or_uri.split(':', 1)[0]}:// URI cannot contain '#' (it starts a fragment); "
                          f"write it as %23 or rename the folder")
     fs, path = pafs.FileSystem.from_uri(path_or_uri)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -247,7 +248,7 @@ def check_apart(output: Location, source: Location, *, output_name: str, source_
     relation = nesting(output, source)
     if relation is not None:
         raise NestedLocationError(
-            f"{output_name} {output.uri} is {relation} {source_name} {source.uri}; "
+            f"{output_name} {redact_uri(output.uri)} is {relation} {source_name} {redact_uri(source.uri)}; "
             f"choose a folder outside it")
 
 

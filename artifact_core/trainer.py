@@ -34,7 +34,7 @@ from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.run_identity import Split, claim_run, read_record, stored_split_paths
-from artifact_core.storage import Location, check_apart, is_uri, resolve
+from artifact_core.storage import Location, check_apart, is_uri, redact_uri, resolve
 from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
                                       read_val_scores, train_loop_per_worker)
 
@@ -137,6 +137,9 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     cfg.validate()
     data_dir = cfg.data_dir or os.path.join(demo_data_dir(cfg.storage_path, n_train=cfg.demo_train_images), "train")
     data = resolve(data_dir)
+    # The data folder as runs record and print it: without credentials (the key may rotate;
+    # records and logs are read by others). The URI with them stays in memory for reading.
+    data_root = redact_uri(data.uri)
     run = resolve(cfg.storage_path).join(cfg.name) if cfg.name else None
     # The run folder (checkpoints, bundle, plots) must not mix with the data it trains on.
     if run is not None:
@@ -147,7 +150,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     if cfg.image_size == "auto":
         # A rerun samples the files its first start did (its stored split): files added since
         # must not change the size, and so the run's identity.
-        stored = None if run is None or cfg.overwrite else stored_split_paths(run, data.uri, folder.root)
+        stored = None if run is None or cfg.overwrite else stored_split_paths(run, data_root, folder.root)
         side = native_short_side(stored or folder.paths, folder.fs)
         cfg.image_size = auto_image_size(side)
         log.info("image size: auto -> %d px (the short side of %s is %s)", cfg.image_size,
@@ -161,7 +164,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         for warning in check_split([folder.labels[i] for i in train_idx], [folder.labels[i] for i in val_idx],
                                    cfg.val_fraction):
             log.warning("%s", warning)
-        return Split(data.uri, [relative[i] for i in train_idx], [folder.labels[i] for i in train_idx],
+        return Split(data_root, [relative[i] for i in train_idx], [folder.labels[i] for i in train_idx],
                      [relative[i] for i in val_idx], [folder.labels[i] for i in val_idx])
 
     if run is not None and not cfg.overwrite:
@@ -184,12 +187,12 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     if run is None:
         stored = fresh_split()
     else:
-        stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data.uri,
+        stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data_root,
                            make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity)
     split = stored.absolute(folder.root)
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
-    log.info("data %s: train %s, val %s", data.uri, counts["train"], counts["val"])
+    log.info("data %s: train %s, val %s", data_root, counts["train"], counts["val"])
     # data_fs: the pyarrow filesystem of data in object storage (None for local files); it
     # pickles to the workers, which read each image through it at its turn.
     return {"train": {**train_dict, "overwrite": False}, "split": split, "data_fs": folder.fs,

@@ -179,8 +179,11 @@ def test_run_names_and_uris_that_would_land_in_another_folder_are_refused(tmp_pa
         with pytest.raises(ValueError, match="--name must be one folder name"):
             TrainConfig(name=name, storage_path=str(tmp_path)).validate()
     TrainConfig(name="lr=1e-3,depth:6@v2", storage_path="s3://bucket/runs").validate()
-    with pytest.raises(ValueError, match=r"'#' cannot appear in a URI .* %23"):
+    with pytest.raises(ValueError, match=r"an? s3:// URI cannot contain '#' .* %23"):
         resolve("s3://bucket/preds#2")
+    with pytest.raises(ValueError) as err:  # a '#' in a password: nothing of it is echoed
+        resolve("s3://minio:pa#ss@bucket/runs")
+    assert "pa" not in str(err.value).replace("path", "") and "ss@" not in str(err.value)
     assert resolve("s3://bucket/a%23b?endpoint_override=127.0.0.1:1&scheme=http").path == "bucket/a#b"
 
 
@@ -335,3 +338,18 @@ def test_overwrite_clears_an_interrupted_start_whose_data_folder_was_spelled_oth
     prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
     assert sorted(os.listdir(run)) == [RUN_FILE, SPLIT_JSON]
     assert json.loads((run / SPLIT_JSON).read_text())["root"] != split["root"]
+
+
+def test_a_rotated_key_in_the_data_uri_is_the_same_run_and_no_secret_is_recorded_or_printed():
+    from artifact_core.run_identity import differences, identity_of
+
+    base = {"data_dir": "s3://AK:OLDSECRET@b/train?endpoint_override=m:9000", "image_size": 224}
+    new = {"identity": identity_of({**base, "data_dir": "s3://AK:NEWSECRET@b/train?endpoint_override=m:9000"}),
+           "kind": "train", "config": {}}
+    assert "SECRET" not in json.dumps(new["identity"])
+    # a record from before identities were stored without credentials
+    old = {"identity": {**identity_of(base), "data_dir": base["data_dir"]}, "kind": "train", "config": {}}
+    assert differences(old, new) == []
+    other = {"identity": identity_of({**base, "data_dir": "s3://AK:NEWSECRET@b/other"}), "kind": "train", "config": {}}
+    diffs = differences(old, other)
+    assert len(diffs) == 1 and "data_dir" in diffs[0] and "SECRET" not in diffs[0]
