@@ -2,9 +2,9 @@
 
 The multiscale and local heads decide from per-cell evidence (an artifact logit for each 16 px
 cell, the image's score pooled from the strongest cells), so their heatmap is that evidence
-itself (:func:`evidence_heatmaps`): the sigmoid of each cell's logit, on one absolute scale
-for every image, so a clean image comes out cold and the hottest cells are the ones that
-decided the score.
+itself (:func:`evidence_heatmaps`): each cell's logit, anchored to the image's score, through
+a sigmoid centred on the decision threshold; one scale for every image, so a clean image
+comes out cold and a flagged one's strongest cells pass the middle.
 
 The global head pools the whole map first, so it has no cells of its own: its heatmap is
 Grad-CAM (Captum, :func:`gradcam_heatmaps`) of the artifact class. The bundle's model has one
@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -137,7 +138,8 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
     return maps.clamp_(0, 1).numpy().astype(np.float32)
 
 
-def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, micro_batch: int = 8) -> np.ndarray:
+def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, threshold: float = 0.5,
+                      micro_batch: int = 8) -> np.ndarray:
     """The per-cell artifact evidence of a multiscale or local head, as a heatmap.
 
     Args:
@@ -145,18 +147,28 @@ def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, micro_batch: int = 8
             flip, each image's map is of the view (the image or its mirror) that gave its
             score, mirrored back where it was the mirror.
         x: normalized images, (N, 3, H, W) float.
+        threshold: the decision threshold on P(artifact-free) (the bundle's, or scoring's
+            ``--threshold``): 0.5 on the map is where an image is flagged.
         micro_batch: images per pass.
 
     Returns:
-        float32 array (N, H, W) in [0, 1]: the sigmoid of each cell's artifact logit (the
-        members' mean), upsampled bilinearly. One scale for all images: the cells that decided
-        an artifact score are near 1, a clean image's cells near 0.
+        float32 array (N, H, W) in [0, 1]: ``sigmoid(cell logit - decision logit)`` of each cell
+        (the members' mean artifact logit, shifted by one constant per image so that the
+        mean of its strongest cells, the pooling the score uses, equals the image's own
+        artifact logit: with several members the mean map pools a little lower than the
+        members do), upsampled bilinearly over the cells' own 16 px grid. One scale for all
+        images: an image whose strongest cells pass 0.5 is one the threshold flags, and a
+        clean image's cells stay low.
     """
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected a normalized (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+    # (--threshold may be 0 or above 1: flags nothing or everything; the scale still needs a middle)
+    threshold = min(max(float(threshold), 1e-6), 1.0 - 1e-6)
     device = next(model.parameters()).device
     height, width = int(x.shape[2]), int(x.shape[3])
     flips = bool(getattr(model, "test_time_flip", False))
+    # P(artifact-free) < threshold flags an image: artifact logit > logit(1 - threshold)
+    decision = math.log((1.0 - threshold) / threshold)
     was_training = model.training
     model.eval()
     out = []
@@ -166,27 +178,38 @@ def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, micro_batch: int = 8
                 chunk = chunk.to(device).float()
                 features = model.trunk(chunk)
                 cells = model.classifier(features).mean(dim=1, keepdim=True)  # as evidence_map, one trunk pass
+                score = -model.head(features)  # the image's artifact logit (eval: the members' mean)
                 if flips:
                     # The view whose evidence gave the score: the lower artifact-free logit.
                     mirror_features = model.trunk(chunk.flip(-1))
-                    mirrored = (model.head(mirror_features) < model.head(features))[:, 0]
+                    mirror_score = -model.head(mirror_features)
+                    mirrored = (mirror_score > score)[:, 0]
                     mirror_cells = model.classifier(mirror_features).mean(dim=1, keepdim=True).flip(-1)
                     cells = torch.where(mirrored[:, None, None, None], mirror_cells, cells)
-                heat = torch.sigmoid(nn.functional.interpolate(cells.float(), size=(height, width), mode="bilinear",
-                                                               align_corners=False))
-                out.append(heat[:, 0].cpu())
+                    score = torch.maximum(score, mirror_score)
+                flat = cells.flatten(1).float()
+                k = max(1, int(model.top_fraction * flat.shape[1] + 0.5))
+                pooled = flat.topk(k, dim=1).values.mean(dim=1)
+                cells = cells.float() + (score[:, 0].float() - pooled)[:, None, None, None] - decision
+                # Over the cells' own grid (16 px each), then cut to the image: an input that is
+                # not a multiple of 16 has a last cell that runs past its edge.
+                cell_h, cell_w = math.ceil(height / cells.shape[-2]), math.ceil(width / cells.shape[-1])
+                grid = (cell_h * cells.shape[-2], cell_w * cells.shape[-1])
+                heat = torch.sigmoid(nn.functional.interpolate(cells, size=grid, mode="bilinear", align_corners=False))
+                out.append(heat[:, 0, :height, :width].cpu())
     finally:
         model.train(was_training)
     return torch.cat(out).clamp_(0, 1).numpy().astype(np.float32)
 
 
-def heatmaps(model: nn.Module, x: torch.Tensor, *, micro_batch: int = 8) -> np.ndarray:
+def heatmaps(model: nn.Module, x: torch.Tensor, *, threshold: float = 0.5, micro_batch: int = 8) -> np.ndarray:
     """The heatmap of where ``model`` sees the artifact: its own per-cell evidence for the
-    multiscale and local heads (:func:`evidence_heatmaps`), Grad-CAM for the global head."""
+    multiscale and local heads (:func:`evidence_heatmaps`, 0.5 at ``threshold``), Grad-CAM for
+    the global head."""
     from artifact_core.model import LocalEvidenceNet
 
     if isinstance(model, LocalEvidenceNet):
-        return evidence_heatmaps(model, x, micro_batch=micro_batch)
+        return evidence_heatmaps(model, x, threshold=threshold, micro_batch=micro_batch)
     return gradcam_heatmaps(model, x, micro_batch=micro_batch)
 
 
@@ -225,12 +248,14 @@ class Explainer:
     plain resize of the full image would differ by up to ~20 levels), then the normalization.
     """
 
-    def __init__(self, bundle: Bundle | str, *, device: str | torch.device = "cpu", micro_batch: int = 8) -> None:
+    def __init__(self, bundle: Bundle | str, *, device: str | torch.device = "cpu", micro_batch: int = 8,
+                 threshold: float | None = None) -> None:
         self.device = torch.device(device)
         self.bundle = load_bundle(bundle, device=self.device) if isinstance(bundle, str) else bundle
         self.model = self.bundle.model.to(self.device).eval()
         cfg = self.bundle.config
-        self.threshold = float(cfg.threshold)
+        # the decision threshold on P(artifact-free): the bundle's, or the one scoring used
+        self.threshold = float(cfg.threshold if threshold is None else threshold)
         self.image_size = int(cfg.image_size)
         self.normalize = normalize(mean=tuple(cfg.mean), std=tuple(cfg.std))
         self.micro_batch = micro_batch
@@ -249,7 +274,7 @@ class Explainer:
         x = self.normalize(images).to(self.device)
         with torch.inference_mode():
             prob = torch.sigmoid(self.model(x).squeeze(1).float()).cpu().numpy().astype(np.float64)
-        return prob, heatmaps(self.model, x, micro_batch=self.micro_batch)
+        return prob, heatmaps(self.model, x, threshold=self.threshold, micro_batch=self.micro_batch)
 
 
 def _overlay_png(image: Image.Image, heatmap: np.ndarray, path: str) -> None:

@@ -63,7 +63,8 @@ class HeatmapActor:
     """
 
     def __init__(self, bundle_dir: str, *, thumb_size: int = 192, use_gpu: bool = False,
-                 num_threads: int | None = None, jpeg_quality: int = 85, fs: pafs.FileSystem | None = None) -> None:
+                 num_threads: int | None = None, jpeg_quality: int = 85, fs: pafs.FileSystem | None = None,
+                 threshold: float | None = None) -> None:
         import torch
 
         from artifact_core.explain import Explainer
@@ -71,7 +72,8 @@ class HeatmapActor:
         self.fs = fs
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.explainer = Explainer(bundle_dir, device="cuda" if use_gpu else "cpu")
+        # (the threshold scoring used: the evidence maps' middle is where an image is flagged)
+        self.explainer = Explainer(bundle_dir, device="cuda" if use_gpu else "cpu", threshold=threshold)
         self.thumb_size = thumb_size
         self.jpeg_quality = jpeg_quality
 
@@ -179,7 +181,8 @@ def _missing(paths: Sequence[str], fs: pafs.FileSystem | None) -> set[str]:
 
 
 def _heatmaps_ray(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | None, *, thumb_size: int,
-                  num_actors: int, cpus_per_actor: float, use_gpu: bool, batch_size: int) -> Iterable[dict[str, np.ndarray]]:
+                  num_actors: int, cpus_per_actor: float, use_gpu: bool, batch_size: int,
+                  threshold: float | None = None) -> Iterable[dict[str, np.ndarray]]:
     import ray.data
 
     # From the path list, not read_binary_files: the actor reads each file and turns a failure
@@ -193,14 +196,14 @@ def _heatmaps_ray(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | None,
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"bundle_dir": bundle_dir, "thumb_size": thumb_size, "use_gpu": use_gpu,
-                               "num_threads": max(1, int(cpus_per_actor)), "fs": fs},
+                               "num_threads": max(1, int(cpus_per_actor)), "fs": fs, "threshold": threshold},
     )
     yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
 def _heatmaps_local(paths: list[str], bundle_dir: str, fs: pafs.FileSystem | None, *, thumb_size: int,
-                    batch_size: int) -> Iterable[dict[str, np.ndarray]]:
-    actor = HeatmapActor(bundle_dir, thumb_size=thumb_size, fs=fs)
+                    batch_size: int, threshold: float | None = None) -> Iterable[dict[str, np.ndarray]]:
+    actor = HeatmapActor(bundle_dir, thumb_size=thumb_size, fs=fs, threshold=threshold)
     for start in range(0, len(paths), batch_size):
         yield actor({"path": np.array(paths[start:start + batch_size], dtype=object)})
 
@@ -252,8 +255,10 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
         log.info("report: heatmaps for %d image(s) (%d flagged of %d, %d uncertain)", len(paths), len(flagged),
                  n_flagged, len(unsure))
         batches = (_heatmaps_ray(paths, bundle_dir, fs, thumb_size=thumb_size, num_actors=num_actors,
-                                 cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, batch_size=batch_size)
-                   if use_ray else _heatmaps_local(paths, bundle_dir, fs, thumb_size=thumb_size, batch_size=batch_size))
+                                 cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, batch_size=batch_size,
+                                 threshold=threshold)
+                   if use_ray else _heatmaps_local(paths, bundle_dir, fs, thumb_size=thumb_size, batch_size=batch_size,
+                                                   threshold=threshold))
         for batch in batches:
             for path, thumb, cam, prob, err in zip(batch["path"], batch["thumb"], batch["overlay"],
                                                    batch["prob_artifact_free"], batch["error"]):
@@ -437,8 +442,8 @@ def render_page(summary: dict[str, Any], flagged: Sequence[dict], uncertain: Seq
 #: What the overlays show, by head (the page's note under the summary).
 _HEATMAP_NOTES = {
     "evidence": "the model's own evidence for an artifact in each 16 px cell (the cells its score is pooled "
-                "from), on one scale for every image: red = a cell read as artifact, blue = clean, so a clean "
-                "image stays blue.",
+                "from), on one scale for every image with its middle at the decision threshold: red = a cell "
+                "that reads as artifact at this threshold, blue = clean, so a clean image stays blue.",
     "grad-cam": "a Grad-CAM heatmap of where the model sees artifact evidence (last feature block, scaled per "
                 "image: red = strongest in this image, also in a clean one).",
 }
