@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from artifact_core.config import effective_members, mirror_pass_acts
-from artifact_core.storage import Location, redact_uri, temp_file_of
+from artifact_core.storage import Location, redact_uri, temp_file_of, uri_without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def identity_of(config: dict[str, Any], *, kind: str = "train", extra: dict[str,
     # The data folder without credentials: a rotated key is the same data (and no secret is
     # stored in the record's identity or printed in a difference).
     if isinstance(identity.get("data_dir"), str):
-        identity["data_dir"] = redact_uri(identity["data_dir"])
+        identity["data_dir"] = uri_without_credentials(identity["data_dir"])
     # Whether validation (so checkpoint choice and the threshold) scored the mirror too: the
     # flag only acts on the trunk heads, so a global-head run is the same run either way.
     identity["test_time_flip"] = mirror_pass_acts(config.get("test_time_flip"), config.get("head"))
@@ -134,7 +134,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     diffs = []
     old_id, new_id = dict(old.get("identity", {})), new.get("identity", {})
     if isinstance(old_id.get("data_dir"), str):  # (recorded before it was stored without credentials)
-        old_id["data_dir"] = redact_uri(old_id["data_dir"])
+        old_id["data_dir"] = uri_without_credentials(old_id["data_dir"])
     for key in set(new_id) - set(old_id):  # recorded before the field existed
         old_id[key] = old.get("config", {}).get(key, LEGACY_IDENTITY.get(key))
     for key in sorted(set(old_id) | set(new_id)):
@@ -165,9 +165,9 @@ def read_record(run: Location) -> dict[str, Any] | None:
     try:
         raw = json.loads(loc.read_text())
     except ValueError as exc:
-        raise RunConflictError(f"{loc.uri} is not readable JSON ({exc}); choose a new --name") from exc
+        raise RunConflictError(f"{redact_uri(loc.uri)} is not readable JSON ({exc}); choose a new --name") from exc
     if not isinstance(raw, dict):
-        raise RunConflictError(f"{loc.uri} is not a run record; choose a new --name")
+        raise RunConflictError(f"{redact_uri(loc.uri)} is not a run record; choose a new --name")
     return raw
 
 
@@ -206,7 +206,7 @@ def read_split(run: Location, name: str) -> Split:
     """Read the split stored as ``name`` (:data:`SPLIT_JSON` or :data:`SPLIT_PARQUET`)."""
     loc = run.join(name)
     if not loc.exists():
-        raise RunConflictError(f"run folder {run.uri} lists its split as {name} but the file is missing; "
+        raise RunConflictError(f"run folder {redact_uri(run.uri)} lists its split as {name} but the file is missing; "
                                f"pass --overwrite to restart the run or choose a new --name")
     if name == SPLIT_PARQUET:
         with loc.fs.open_input_file(loc.path) as f:
@@ -234,21 +234,21 @@ def clear_run(run: Location) -> list[str]:
         return []
     if RUN_FILE not in names:
         raise RunConflictError(
-            f"--overwrite refused: {run.uri} holds no {RUN_FILE}, so it is not a run folder; "
+            f"--overwrite refused: {redact_uri(run.uri)} holds no {RUN_FILE}, so it is not a run folder; "
             f"nothing was deleted (found e.g. {names[:3]}); choose another --name or --storage-path")
     record = read_record(run)
     # Another tool's run_config.json is no licence to delete its model/ or results.csv.
     if record is not None and record.get("writer") != WRITER and not _is_legacy(record):
         raise RunConflictError(
-            f"--overwrite refused: {run.join(RUN_FILE).uri} was not written by this project's training "
+            f"--overwrite refused: {redact_uri(run.join(RUN_FILE).uri)} was not written by this project's training "
             f"or sweeps; nothing was deleted; choose another --name or --storage-path")
     removed = [n for n in names if is_owned(n)]
     for name in removed:
-        log.info("--overwrite: removing %s", run.join(name).uri)
+        log.info("--overwrite: removing %s", redact_uri(run.join(name).uri))
         run.join(name).remove()
     kept = [n for n in names if not is_owned(n)]
     if kept:
-        log.info("--overwrite: kept %d entr(y/ies) not written by runs in %s, e.g. %s", len(kept), run.uri, kept[:3])
+        log.info("--overwrite: kept %d entr(y/ies) not written by runs in %s, e.g. %s", len(kept), redact_uri(run.uri), kept[:3])
     return removed
 
 
@@ -271,7 +271,7 @@ def clear_interrupted_start(run: Location, data_root: str, *, any_root: bool = F
         if name in START_FILES and not _split_of(run, name, None if any_root else data_root):
             return []
     log.warning("%s holds %s but no %s: its first start was interrupted; clearing it and starting again",
-                run.uri, names, RUN_FILE)
+                redact_uri(run.uri), names, RUN_FILE)
     for name in names:
         run.join(name).remove()
     return names
@@ -281,7 +281,7 @@ def _split_of(run: Location, name: str, data_root: str | None) -> bool:
     """Whether ``run``'s file ``name`` is a split this project wrote (of ``data_root``, if given)."""
     try:
         split = read_split(run, name)
-        return isinstance(split.root, str) and bool(split.files()) and data_root in (None, redact_uri(split.root))
+        return isinstance(split.root, str) and bool(split.files()) and data_root in (None, uri_without_credentials(split.root))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return False
 
@@ -297,10 +297,16 @@ def stored_split_paths(run: Location, data_root: str, root: str) -> list[str] | 
         split = read_split(run, record.get("data", {}).get("split_file", SPLIT_JSON))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # claim_run names what is wrong
-    if redact_uri(split.root) != data_root:  # (a split stored before roots were redacted: its credentials)
+    if uri_without_credentials(split.root) != data_root:  # (a split stored before roots were redacted: its credentials)
         return None
     prefix = root.rstrip("/") + "/"
     return sorted(prefix + name for name in split.files())
+
+
+def _without_credentials(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the credentials in its data and storage URIs blanked out."""
+    return {**config, **{k: uri_without_credentials(config[k]) for k in ("data_dir", "storage_path")
+                         if isinstance(config.get(k), str)}}
 
 
 def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[str], data_root: str,
@@ -321,6 +327,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     Raises:
         RunConflictError: naming the differences, with ``--name``/``--overwrite`` offered.
     """
+    config = _without_credentials(config)  # (records are read by others; a key may rotate)
+    shown = redact_uri(run.uri)
     new = {"writer": WRITER, "version": RECORD_VERSION, "kind": kind,
            "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config}
     clear_interrupted_start(run, data_root, any_root=overwrite)
@@ -331,36 +339,37 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
         names = run.children()
         if names and not overwrite:  # after --overwrite only entries runs do not write are left
             raise RunConflictError(
-                f"run folder {run.uri} is not empty and holds no {RUN_FILE}, so it is not a run of this "
+                f"run folder {shown} is not empty and holds no {RUN_FILE}, so it is not a run of this "
                 f"project (found e.g. {names[:3]}); choose a new --name or --storage-path")
         return _start(run, new, make_split())
     if _is_legacy(old):
         raise RunConflictError(
-            f"run folder {run.uri} was written before runs stored their split, so resuming it could mix "
+            f"run folder {shown} was written before runs stored their split, so resuming it could mix "
             f"data; pass --overwrite to restart it, or choose a new --name")
     if old.get("writer") != WRITER:
-        raise RunConflictError(f"{run.join(RUN_FILE).uri} is not a run record of this project; choose a new --name")
+        raise RunConflictError(f"{redact_uri(run.join(RUN_FILE).uri)} is not a run record of this project; choose a new --name")
     diffs = differences(old, new)
     if diffs:
         raise RunConflictError(
-            f"run {run.uri} was started with other settings ({'; '.join(diffs)}); resuming would mix two "
+            f"run {shown} was started with other settings ({'; '.join(diffs)}); resuming would mix two "
             f"experiments. Choose a new --name, or pass --overwrite to delete that run and start again")
     split = read_split(run, old.get("data", {}).get("split_file", SPLIT_JSON))
     now = set(listed)
     gone = sorted(split.files() - now)
     if gone:
         raise RunConflictError(
-            f"{len(gone)} file(s) of run {run.uri}'s split are no longer in {data_root}, e.g. {gone[:3]}; "
+            f"{len(gone)} file(s) of run {shown}'s split are no longer in {data_root}, e.g. {gone[:3]}; "
             f"the data changed. Choose a new --name, or pass --overwrite to start the run again")
     added = sorted(now - split.files())
     if added:
         log.info("%d file(s) were added to %s since run %s started, e.g. %s; they are ignored: the run keeps "
-                 "its stored split (start a new --name to train on them)", len(added), data_root, run.uri, added[:3])
-    changed = {k: (old["config"].get(k), v) for k, v in config.items() if not _same(old["config"].get(k), v)}
+                 "its stored split (start a new --name to train on them)", len(added), data_root, shown, added[:3])
+    before = _without_credentials(old.get("config", {}))  # (a record from before they were left out)
+    changed = {k: (before.get(k), v) for k, v in config.items() if not _same(before.get(k), v)}
     old.update(config=config)
     old.setdefault("history", []).append({"resumed": _now(), **({"changed": changed} if changed else {})})
     write_record(run, old)
-    log.info("resuming run %s with its stored split (%d train, %d val)", run.uri,
+    log.info("resuming run %s with its stored split (%d train, %d val)", shown,
              len(split.train_files), len(split.val_files))
     return split
 

@@ -59,6 +59,13 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def uri_without_credentials(uri: str) -> str:
+    """``uri`` with no user info at all and secret query values blanked: what names a folder
+    whoever reads it, with a key in the URI, another key, or one in the environment."""
+    redacted = redact_uri(uri)
+    return redacted.replace("://***@", "://", 1) if is_uri(redacted) else redacted
+
+
 def is_uri(path: str) -> bool:
     """True for ``scheme://...`` strings (``s3://``, ``file://``...), false for plain paths."""
     return "://" in path
@@ -333,8 +340,18 @@ def read_file_bytes(path: str | bytes, fs: pafs.FileSystem | None = None, *,
             raise FileReadError(name, "not a regular file")
         if info.size is not None and info.size > max_bytes:
             raise FileReadError(name, f"{info.size} bytes exceeds the limit of {max_bytes}")
+        # Bounded (an object replaced since, or of no reported size), in steps of the listed size
+        # or 16 MiB: pyarrow reserves the whole amount asked for before it reads.
+        step = (info.size + 1) if info.size is not None else 16 << 20
+        chunks, total = [], 0
         with fs.open_input_stream(name) as f:
-            data = f.read(max_bytes + 1)  # bounded: an object replaced since, or of no reported size
+            while total <= max_bytes:
+                chunk = f.read(min(step, max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        data = b"".join(chunks)
         if len(data) > max_bytes:
             raise FileReadError(name, f"file grew beyond the limit of {max_bytes} bytes")
         return data

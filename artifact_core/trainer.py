@@ -34,7 +34,7 @@ from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
 from artifact_core.run_identity import Split, claim_run, read_record, stored_split_paths
-from artifact_core.storage import Location, check_apart, is_uri, redact_uri, resolve
+from artifact_core.storage import Location, check_apart, is_uri, resolve, uri_without_credentials
 from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
                                       read_val_scores, train_loop_per_worker)
 
@@ -139,7 +139,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     data = resolve(data_dir)
     # The data folder as runs record and print it: without credentials (the key may rotate;
     # records and logs are read by others). The URI with them stays in memory for reading.
-    data_root = redact_uri(data.uri)
+    data_root = uri_without_credentials(data.uri)
     run = resolve(cfg.storage_path).join(cfg.name) if cfg.name else None
     # The run folder (checkpoints, bundle, plots) must not mix with the data it trains on.
     if run is not None:

@@ -350,6 +350,30 @@ def test_a_rotated_key_in_the_data_uri_is_the_same_run_and_no_secret_is_recorded
     # a record from before identities were stored without credentials
     old = {"identity": {**identity_of(base), "data_dir": base["data_dir"]}, "kind": "train", "config": {}}
     assert differences(old, new) == []
+    # the key moved from the URI into the environment: the same data too
+    env = {"identity": identity_of({**base, "data_dir": "s3://b/train?endpoint_override=m:9000"}), "kind": "train",
+           "config": {}}
+    assert differences(old, env) == []
     other = {"identity": identity_of({**base, "data_dir": "s3://AK:NEWSECRET@b/other"}), "kind": "train", "config": {}}
     diffs = differences(old, other)
     assert len(diffs) == 1 and "data_dir" in diffs[0] and "SECRET" not in diffs[0]
+
+
+def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation(tmp_path):
+    from artifact_core.run_identity import Split, claim_run
+    from artifact_core.storage import resolve
+
+    run = resolve(str(tmp_path / "runs" / "r"))
+    split = Split("s3://b/train", ["image_1_1.png"], [1], ["image_2_0.png"], [0])
+
+    def config(secret):
+        return {**TrainConfig(image_size=64, weights="none").to_dict(),
+                "data_dir": f"s3://AK:{secret}@b/train", "storage_path": f"s3://AK:{secret}@b/runs"}
+
+    for secret in ("OLDSECRET", "NEWSECRET"):  # the second start resumes: the same data, another key
+        got = claim_run(run, config=config(secret), kind="train", listed=["image_1_1.png", "image_2_0.png"],
+                        data_root="s3://b/train", make_split=lambda: split)
+        assert got.files() == split.files()
+    record = (tmp_path / "runs" / "r" / RUN_FILE).read_text()
+    assert "SECRET" not in record and "SECRET" not in (tmp_path / "runs" / "r" / SPLIT_JSON).read_text()
+    assert len(json.loads(record)["history"]) == 2
