@@ -23,6 +23,7 @@ import html
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -173,6 +174,20 @@ def _source_path(shown: str, fs: pafs.FileSystem | None) -> str:
     return raw if raw != shown and os.path.lexists(raw) else shown
 
 
+#: Larger differences between the heatmap's probability and the row's are shown on the card.
+PROB_DRIFT = 0.02
+
+
+def _drift(heatmap: dict[str, Any], row_prob: float) -> str:
+    """Why a card's heatmap may not explain its row: the model that drew it gives another
+    P(artifact) for the file ("" when within :data:`PROB_DRIFT`, or no heatmap)."""
+    prob = heatmap.get("prob")
+    if heatmap.get("error") or prob is None or not math.isfinite(prob) or abs(prob - row_prob) <= PROB_DRIFT:
+        return ""
+    return (f"the heatmap's model gives P(artifact) {1.0 - prob:.3f} for this file, the row {1.0 - row_prob:.3f}: "
+            f"the file changed since scoring, or it was scored another way (int8, GPU)")
+
+
 def _missing(paths: Sequence[str], fs: pafs.FileSystem | None) -> set[str]:
     """The paths that are not (or no longer) files."""
     if fs is None:
@@ -277,8 +292,12 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
 
     def card(r: dict) -> dict[str, Any]:
         res = results.get(r["path"], {"error": "no heatmap returned for this file"})
-        return {"f": r["filename"], "c": round(r["confidence"], 4), "pa": round(1.0 - r["prob_artifact_free"], 4),
-                "p": r["predicted_class"], "t": res.get("thumb", ""), "o": res.get("overlay", ""), "e": res["error"]}
+        out = {"f": r["filename"], "c": round(r["confidence"], 4), "pa": round(1.0 - r["prob_artifact_free"], 4),
+               "p": r["predicted_class"], "t": res.get("thumb", ""), "o": res.get("overlay", ""), "e": res["error"]}
+        drift = _drift(res, r["prob_artifact_free"])
+        if drift:
+            out["d"] = drift
+        return out
 
     cards_flagged = [card(r) for r in flagged]
     cards_unsure = [card(r) for r in unsure]
@@ -561,6 +580,7 @@ img.broken{outline:2px solid #b42318}
     cap.appendChild(el("div", "", (item.p === 0 ? "artifact" : "artifact-free") + ", confidence " +
       item.c.toFixed(3) + ", P(artifact) " + item.pa.toFixed(3)));
     if (item.e) cap.appendChild(el("div", "err", "no heatmap: " + item.e));
+    if (item.d) cap.appendChild(el("div", "err", item.d));
     fig.appendChild(cap);
     return fig;
   }

@@ -507,3 +507,19 @@ def test_score_flags(capsys):
         assert run_job(job.main, p.parse_args(flags), logging.getLogger("test")) == 2, flags
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, (flags, err)
+
+
+def test_a_card_says_when_its_heatmap_model_disagrees_with_the_row(bundle64, tmp_path):
+    """A file replaced since scoring, or a run scored by int8: the card names both probabilities."""
+    folder = image_folder(tmp_path / "in", n=6)
+    out = tmp_path / "out"
+    df = fake_scoring_output(out, folder, bundle64, median_threshold(bundle64, folder))
+    first = df[df["predicted_class"] == 0].sort_values("confidence").iloc[-1]  # the first card
+    df.loc[df["path"] == first["path"], "prob_artifact_free"] = 0.0  # what another model said
+    df.loc[df["path"] == first["path"], "confidence"] = 1.0
+    df.to_csv(out / "predictions.csv", index=False)
+    write_report(str(out), top=2, uncertain=1, use_ray=False)
+    data = page_data((out / "report" / "index.html").read_text())
+    cards = {c["f"]: c for c in data["flagged"] + data["uncertain"]}
+    assert "P(artifact)" in cards[first["filename"]]["d"] and "the row 1.000" in cards[first["filename"]]["d"]
+    assert all("d" not in c for name, c in cards.items() if name != first["filename"])
