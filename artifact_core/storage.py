@@ -15,7 +15,7 @@ import re
 import stat
 import urllib.parse
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -300,24 +300,28 @@ def open_listed_file(path: str, fs: pafs.FileSystem | None = None) -> BinaryIO |
     return fs.open_input_file(path)
 
 
+def _read_capped(read: Callable[[int], bytes], name: str, step: int, max_bytes: int) -> bytes:
+    """Read to the end of the file as it is now, ``step`` bytes at a time and at most one byte
+    over ``max_bytes``: a file that grew since its size was read is read whole, or refused
+    when it grew too large."""
+    chunks, total = [], 0
+    while total <= max_bytes:
+        chunk = read(min(step, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > max_bytes:
+        raise FileReadError(name, f"file grew beyond the limit of {max_bytes} bytes")
+    return b"".join(chunks)
+
+
 def _read_local(path: str | bytes, max_bytes: int) -> bytes:
     fd, st = _open_regular(path)
     try:
         if st.st_size > max_bytes:
             raise FileReadError(os.fsdecode(path), f"{st.st_size} bytes exceeds the limit of {max_bytes}")
-        # To the end of the file as it is now, at most one byte over the limit: a file that
-        # grew since its size was read is read whole, or refused when it grew too large.
-        chunks, left = [], max_bytes + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 22))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > max_bytes:
-            raise FileReadError(os.fsdecode(path), f"file grew beyond the limit of {max_bytes} bytes")
-        return data
+        return _read_capped(lambda n: os.read(fd, n), os.fsdecode(path), 1 << 22, max_bytes)
     finally:
         os.close(fd)
 
@@ -343,18 +347,8 @@ def read_file_bytes(path: str | bytes, fs: pafs.FileSystem | None = None, *,
         # Bounded (an object replaced since, or of no reported size), in steps of the listed size
         # or 16 MiB: pyarrow reserves the whole amount asked for before it reads.
         step = (info.size + 1) if info.size is not None else 16 << 20
-        chunks, total = [], 0
         with fs.open_input_stream(name) as f:
-            while total <= max_bytes:
-                chunk = f.read(min(step, max_bytes + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-        data = b"".join(chunks)
-        if len(data) > max_bytes:
-            raise FileReadError(name, f"file grew beyond the limit of {max_bytes} bytes")
-        return data
+            return _read_capped(f.read, name, step, max_bytes)
     except FileReadError:
         raise
     except FileNotFoundError as exc:

@@ -324,15 +324,22 @@ class OversamplingSampler(Sampler[int]):
         return self.num_samples
 
 
+def _rows_per_rank(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, bool]:
+    """Training rows each rank reads per epoch, and whether its loader drops the last short
+    batch (once there is more than one batch: a batch of one sample breaks BatchNorm in the
+    unfrozen blocks). DataLoader: ceil(n / world) (DistributedSampler pads, the oversampler
+    draws that many); Ray Data's streaming_split: floor(n / world)."""
+    per_rank = n_train // world if cfg.ingest == "ray-data" else math.ceil(n_train / world)
+    return per_rank, per_rank > cfg.batch_size
+
+
 def epoch_steps(cfg: TrainConfig, n_train: int, world: int) -> int:
     """Batches each rank runs per epoch on images, as its loader yields them: from the split,
     not the loader (a Ray Data shard has no length), the same on every rank. The phase-2
     schedule counts its steps by it, so it warms up over exactly the first epoch and ends at
     its floor on the last step."""
-    # DataLoader: ceil(n / world) per rank (DistributedSampler pads, the oversampler draws that
-    # many); Ray Data's streaming_split: floor(n / world). drop_last once there is more than a batch.
-    per_rank = n_train // world if cfg.ingest == "ray-data" else math.ceil(n_train / world)
-    return max(1, per_rank // cfg.batch_size if per_rank > cfg.batch_size else 1)
+    per_rank, drop_last = _rows_per_rank(cfg, n_train, world)
+    return max(1, per_rank // cfg.batch_size if drop_last else 1)
 
 
 def loss_weights(cfg: TrainConfig, folder_weights: list[float]) -> list[float]:
@@ -436,16 +443,15 @@ def _loaders(loop_config: dict, cfg: TrainConfig, rank: int, world: int) -> tupl
                                       seed=cfg.seed)
     else:
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    # drop_last: a final batch of one sample breaks BatchNorm in the unfrozen blocks.
-    per_rank = len(sampler)
+    _, drop_last = _rows_per_rank(cfg, len(train_ds), world)
     if cfg.ingest == "ray-data":  # this worker's streaming_split shard (artifact_core.ingest)
         from artifact_core.ingest import ShardLoader
         train: Any = ShardLoader(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
-                                 drop_last=len(train_ds) // world > cfg.batch_size)
+                                 drop_last=drop_last)
     else:
         train = SkippingLoader(DataLoader(train_ds, batch_size=cfg.batch_size,
                                           sampler=EpochSampler(sampler, rank=rank),
-                                          num_workers=cfg.loader_workers, drop_last=per_rank > cfg.batch_size,
+                                          num_workers=cfg.loader_workers, drop_last=drop_last,
                                           persistent_workers=cfg.loader_workers > 0, collate_fn=collate,
                                           pin_memory=cfg.use_gpu, generator=_loader_generator(cfg)))
     val_shard = Subset(val_ds, val_indices)
