@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from artifact_core.storage import Location, redact_uri, temp_file_of
+from artifact_core.storage import Location, redact_uri, temp_file_of, uri_without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def _differences(old: ScoringIdentity, new: ScoringIdentity) -> list[str]:
     diffs = []
     for name in ("input", "model_sha256", "threshold", "image_size", *_RECORDED_LATER):
         a, b = getattr(old, name), getattr(new, name)
-        if name == "input":  # (older manifests hold the URI unredacted)
-            a = redact_uri(a)
+        if name == "input":  # one folder however its URI is spelled, with or without a key (older manifests hold it unredacted)
+            a, b = uri_without_credentials(a), uri_without_credentials(b)
         if name in _RECORDED_LATER and a == "":
             continue
         same = abs(a - b) < 1e-12 if isinstance(a, float) and isinstance(b, (int, float)) else a == b

@@ -63,7 +63,15 @@ def uri_without_credentials(uri: str) -> str:
     """``uri`` with no user info at all and secret query values blanked: what names a folder
     whoever reads it, with a key in the URI, another key, or one in the environment."""
     redacted = redact_uri(uri)
-    return redacted.replace("://***@", "://", 1) if is_uri(redacted) else redacted
+    if not is_uri(redacted):
+        return redacted
+    # One spelling per folder: no trailing '/' before the options and the options in one
+    # order, so `s3://b/d/?region=x&scheme=http` and `s3://b/d?scheme=http&region=x` are one
+    # data folder for a run's record (both name the same objects).
+    parts = urllib.parse.urlsplit(redacted.replace("://***@", "://", 1))
+    path = parts.path.rstrip("/") if parts.path.strip("/") else ""
+    query = "&".join(sorted(q for q in parts.query.split("&") if q))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, parts.fragment))
 
 
 def is_uri(path: str) -> bool:

@@ -359,6 +359,19 @@ def test_a_rotated_key_in_the_data_uri_is_the_same_run_and_no_secret_is_recorded
     assert len(diffs) == 1 and "data_dir" in diffs[0] and "SECRET" not in diffs[0]
 
 
+def test_one_data_folder_however_its_uri_is_spelled():
+    from artifact_core.run_identity import differences, identity_of
+
+    def record(data_dir: str) -> dict:
+        return {"identity": identity_of({"data_dir": data_dir, "image_size": 224}), "kind": "train", "config": {}}
+
+    old = record("s3://b/train/?scheme=http&endpoint_override=m:9000")
+    assert differences(old, record("s3://b/train?endpoint_override=m:9000&scheme=http")) == []
+    assert differences(old, record("s3://b/train//?endpoint_override=m:9000&scheme=http")) == []
+    assert len(differences(old, record("s3://b/train?endpoint_override=m:9001&scheme=http"))) == 1
+    assert len(differences(old, record("s3://b/train/x?endpoint_override=m:9000&scheme=http"))) == 1
+
+
 def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation(tmp_path):
     from artifact_core.run_identity import Split, claim_run
     from artifact_core.storage import resolve

@@ -265,6 +265,19 @@ def test_an_older_manifest_with_credentials_in_its_input_still_resumes(tmp_path)
     assert new.input == "s3://***@bucket/in?endpoint_override=localhost%3A9000"
 
 
+def test_one_input_folder_however_its_uri_is_spelled_and_keyed(tmp_path):
+    from artifact_core.score_output import ScoringIdentity, _differences
+    from artifact_core.storage import redact_uri
+
+    old = ScoringIdentity(input=redact_uri("s3://AK:SECRET@bucket/in/?scheme=http&endpoint_override=m%3A9000"),
+                          model="m", model_sha256="x", threshold=0.5, image_size=32)
+    # the key now in the environment, no trailing '/', the options in another order
+    new = ScoringIdentity(**{**old.__dict__, "input": "s3://bucket/in?endpoint_override=m%3A9000&scheme=http"})
+    assert _differences(old, new) == []
+    other = ScoringIdentity(**{**old.__dict__, "input": "s3://bucket/in2?endpoint_override=m%3A9000&scheme=http"})
+    assert len(_differences(old, other)) == 1
+
+
 def test_resume_clears_what_a_killed_compaction_staged(cfg):
     parquet, first = claim(cfg)
     write_part(parquet, first.run_id, ["a.png", "b.png"])
