@@ -1,7 +1,7 @@
 """Score a (huge) image folder with Ray Data into Parquet and CSV.
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/score.py --model /mnt/runs/exp1/model --input /data/test --output /mnt/preds/exp1
+    ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/score.py --model /mnt/runs/exp1/model --input /data/test --output /mnt/preds/exp1
 On a laptop (no arguments: the demo test folder with the demo model under ./runs):
     python jobs/score.py
 

@@ -1,7 +1,7 @@
 """Two-phase MobileNetV2 fine-tune on Ray Train (DDP over N CPU or GPU workers).
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/train.py --data-dir /data/train --storage-path /mnt/runs --name exp1 --num-workers 4 --use-gpu
+    ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/train.py --data-dir /data/train --storage-path /mnt/runs --name exp1 --num-workers 4 --use-gpu
 On a laptop (starts a local Ray; no --data-dir trains on generated demo data):
     python jobs/train.py
 

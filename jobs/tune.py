@@ -1,7 +1,7 @@
 """Ray Tune sweep over learning rates, unfreeze depth and input size; each trial is a multi-worker TorchTrainer.
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/tune.py --data-dir /data/train --storage-path /mnt/runs --name sweep1 --num-samples 20 --num-workers 2 --use-gpu
+    ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/tune.py --data-dir /data/train --storage-path /mnt/runs --name sweep1 --num-samples 20 --num-workers 2 --use-gpu
 On a laptop (demo data, local Ray):
     python jobs/tune.py --num-samples 4
 

@@ -27,7 +27,21 @@ def docs(path):
 def test_runtime_env():
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "."
-    assert {".git/", ".venv/", "runs/", "data/"} <= set(env["excludes"])
+    assert {".git/", ".venv/", "runs/", "data/", "subtle/"} <= set(env["excludes"])
+
+
+def test_every_job_submission_in_the_docs_uploads_the_project_without_its_data():
+    """A `ray job submit ... -- python jobs/...` written in the docs names the runtime env file
+    (the upload and its excludes), or a working dir with its own excludes: with neither,
+    nothing is uploaded, or the whole folder (demo data, venv) against Ray's 512 MiB cap."""
+    files = [REPO / "README.md", CLUSTER / "README.md", *sorted((REPO / "jobs").glob("*.py"))]
+    found = 0
+    for path in files:
+        for cmd in re.findall(r"ray job submit[^`]*?-- (?:\\\n\s*)?python jobs/", path.read_text()):
+            found += 1
+            assert ("--runtime-env cluster/runtime_env.yaml" in cmd
+                    or ("--working-dir" in cmd and '"excludes"' in cmd and "PYTHONPATH" in cmd)), (path.name, cmd)
+    assert found >= 10
 
 
 def _pod_images(spec: dict) -> list[str]:
@@ -145,6 +159,10 @@ def test_cluster_launcher(name):
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
     workers = [t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]]
     if name.startswith("aws"):
+        # the GPU workers name their AMI (Ray's default one's driver is too old for CUDA 13)
+        # and an instance profile (Ray gives one to the head only)
+        assert all(t["node_config"].get("ImageId", "").startswith("ami-") for t in workers)
+        assert all(t["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::") for t in workers)
         # autoscaling from zero: a 0-CPU head and a worker type that can grow
         assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
         assert any(t["min_workers"] == 0 and t["max_workers"] > 0 for t in workers)
@@ -177,6 +195,22 @@ def test_dockerfile_pins_ray_and_torch():
         top = re.search(r"<=([\d.]+)", next(d for d in deps if re.match(rf"{name}\b[<>=]", d))).group(1)
         assert f'"{name}=={top}"' in install
     assert all("--chown=ray:users" in ln for ln in lines if ln.startswith("COPY "))
+    # WORKDIR made by the image's user first: other builders than BuildKit create it as root
+    workdir = next(ln for ln in lines if ln.startswith("WORKDIR ")).split()[1]
+    assert lines.index(f"RUN mkdir -p {workdir}") < lines.index(f"WORKDIR {workdir}")
+
+
+def test_docker_build_context_leaves_out_venvs_and_data_but_not_what_the_image_copies():
+    import fnmatch
+
+    ignored = [ln.strip().rstrip("/") for ln in (REPO / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    assert {".git", ".venv", "runs", "data", "subtle"} <= set(ignored)
+    copies = [ln.split()[2:-1] for ln in (CLUSTER / "Dockerfile").read_text().splitlines() if ln.startswith("COPY ")]
+    sources = [src for srcs in copies for src in srcs]
+    assert "artifact_core" in sources and "pyproject.toml" in sources
+    for src in sources:
+        assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), src
 
 
 def test_runtime_env_upload_keeps_the_package_and_its_weights(tmp_path):
