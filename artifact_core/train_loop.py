@@ -15,9 +15,9 @@ import os
 import tempfile
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import ray.train
@@ -73,16 +73,23 @@ class PhaseSpec:
 COSINE_FLOOR = 0.05
 
 
-def scheduled_lr(spec: PhaseSpec, step: int, steps_per_epoch: int) -> float:
+def scheduled_lr(spec: PhaseSpec, step: int, steps_per_epoch: int, restart: Sequence[float] = ()) -> float:
     """The learning rate of a phase's ``step`` (0-based, counted over the whole phase).
 
     A pure function of the position, so a run resumed from a checkpoint continues the
     schedule exactly without saving a scheduler. The warm-up matters when the trunk is
     unfrozen: a full rate at once moves every feature the phase-1 head was fitted to.
+    ``restart`` (epoch, share of ``lr``), set when a rerun raised the phase's epochs (see
+    :func:`extend_phase`): from that epoch on, a cosine from that share down to the floor at
+    the phase's new last step, so the rate goes on from where it was instead of jumping up.
     """
     if spec.schedule == "constant":
         return spec.lr
     total = max(1, spec.epochs * steps_per_epoch)
+    if restart and step >= int(restart[0] * steps_per_epoch):
+        start, floor, lr0 = int(restart[0] * steps_per_epoch), COSINE_FLOOR * spec.lr, restart[1] * spec.lr
+        progress = min(1.0, (step - start) / max(1, total - start - 1))
+        return floor + (lr0 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     warmup = max(1, steps_per_epoch)
     if step < warmup:
         return spec.lr * (step + 1) / warmup
@@ -101,6 +108,8 @@ class LoopState:
     phase_best_metric: str = ""     # the --select-metric that score is of
     bad_epochs: int = 0           # epochs without a gain of the selection metric in this phase
     stopped_early: bool = False   # the current phase ended by patience
+    phase_planned_epochs: int = 0  # the epochs the current phase was run for (0: not recorded)
+    lr_restart: list[float] = field(default_factory=list)  # (epoch, share of lr): see scheduled_lr
     diverged_at: int = 0          # the epoch whose loss or validation scores were not finite (0: none)
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_after: list[int] = field(default_factory=list)  # global_epoch at each resume
@@ -858,7 +867,7 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
             steps = epoch_steps(cfg, len(loop_config["split"]["train_paths"]), world)
             for i, (x, y) in enumerate(train_loader):
                 for group in optimizer.param_groups:
-                    group["lr"] = scheduled_lr(spec, state.phase_epoch * steps + i, steps)
+                    group["lr"] = scheduled_lr(spec, state.phase_epoch * steps + i, steps, state.lr_restart)
                 x, y = _to_device(x, y, device)
                 with autocast():
                     logits = ddp_model(x)
@@ -992,6 +1001,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         spec = specs[state.phase_index]
         # Judged against this run's config: a rerun with more epochs extends the phase (phase 1
         # only until phase 2 began: check_phase_one_growth).
+        extend_phase(state, spec)
         if state.phase_epoch < spec.epochs and not state.stopped_early and not state.diverged_at:
             log.info("phase %d (%s): %d epoch(s) at lr %g, unfreeze depth %d", state.phase_index + 1,
                      spec.name, spec.epochs, spec.lr, spec.unfreeze_depth)
@@ -1026,7 +1036,32 @@ def check_phase_one_growth(state: LoopState, head_epochs: int, *, run: str = "th
 def _next_phase(state: LoopState) -> LoopState:
     state.phase_index += 1
     state.phase_epoch, state.bad_epochs, state.phase_best_score, state.stopped_early = 0, 0, -math.inf, False
+    state.phase_planned_epochs, state.lr_restart = 0, []
     return state
+
+
+def extend_phase(state: LoopState, spec: PhaseSpec) -> None:
+    """Continue the current phase for the epochs a rerun raised it to (``spec.epochs``).
+
+    The epochs it was run for are recorded on first entry. When a rerun raises them, the phase
+    goes on: patience that had ended it starts counting again (the user asked for the
+    epochs), and a cosine schedule continues from the rate it had reached rather than from
+    the new plan's position, which could be 10x above it on an unfrozen trunk.
+    """
+    planned = state.phase_planned_epochs or spec.epochs  # (not recorded: a checkpoint of an older version)
+    state.phase_planned_epochs = max(planned, spec.epochs)
+    if spec.epochs <= planned:
+        return
+    if state.stopped_early and not state.diverged_at:
+        log.info("phase %d had ended by patience after %d epoch(s); raised to %d epochs, it continues",
+                 state.phase_index + 1, state.phase_epoch, spec.epochs)
+        state.stopped_early, state.bad_epochs = False, 0
+    if spec.schedule != "constant" and state.phase_epoch > 0:
+        steps = 1000  # (any resolution: the rate at an epoch boundary does not depend on it)
+        was = scheduled_lr(replace(spec, epochs=planned), state.phase_epoch * steps, steps, state.lr_restart)
+        state.lr_restart = [state.phase_epoch, was / spec.lr]
+        log.info("phase %d: its schedule continues from %.3g (%.0f%% of its rate) to the floor over %d more epoch(s)",
+                 state.phase_index + 1, was, 100 * was / spec.lr, spec.epochs - state.phase_epoch)
 
 
 def read_val_scores(checkpoint_dir: str) -> tuple[np.ndarray, np.ndarray]:

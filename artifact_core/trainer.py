@@ -239,6 +239,11 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
                wait_s=cfg.wait_for_resources)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
     score_attribute = checkpoint_score_attribute(resolve(storage_path).join(name), cfg.select_metric)
+    num_to_keep = checkpoints_to_keep(score_attribute)
+    if num_to_keep is None:
+        log.warning("run %s was scored for another --select-metric (or before scores were recorded): keeping "
+                    "every checkpoint of this run, since the plain %s can rank a one-class epoch above ones "
+                    "with skill", name, score_attribute)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -249,7 +254,7 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
             name=name,
             **storage_args(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=score_attribute, checkpoint_score_order="max"),
+                num_to_keep=num_to_keep, checkpoint_score_attribute=score_attribute, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks or []),
             # Ray logs every report's full metrics dict per rank at INFO; the loop's own
@@ -273,6 +278,14 @@ def checkpoint_score_attribute(run: Location, metric: str) -> str:
     if _reports_scored_for(run, metric):
         return SELECT_SCORE
     return metric
+
+
+def checkpoints_to_keep(score_attribute: str) -> int | None:
+    """How many checkpoints Ray keeps when ordering them by ``score_attribute``: the best two
+    by a selection score; all (None) by a plain metric, since a plain decision metric ranks a
+    one-class epoch above epochs with skill (micro F1 0.90 against 0.87 under a 1:9
+    imbalance), and Ray would delete exactly those."""
+    return 2 if score_attribute in (KEEP_SCORE, SELECT_SCORE) else None
 
 
 def latest_checkpoint_state(run: Location) -> dict[str, Any] | None:

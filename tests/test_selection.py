@@ -330,6 +330,33 @@ def test_checkpoints_keep_by_keep_score_and_resumed_runs_by_what_they_reported(t
     assert checkpoint_score_attribute(resolve(str(run)), "val_micro_f1") == "val_micro_f1"
 
 
+def test_a_rerun_under_another_metric_keeps_every_checkpoint_with_skill(tmp_path):
+    """Reports scored for another --select-metric are ordered by the plain metric. Ray's own
+    keeper, configured as the trainer configures it, must not delete the epochs with skill
+    because all-clean epochs have the higher micro F1."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    from artifact_core.metrics import KEEP_SCORE, SELECT_SCORE
+    from artifact_core.trainer import checkpoints_to_keep
+
+    assert checkpoints_to_keep(KEEP_SCORE) == 2 and checkpoints_to_keep(SELECT_SCORE) == 2
+    metric = "val_micro_f1"  # the reports were scored for val_ap_artifact; the rerun asks for micro F1
+    # epochs 2 and 3 find artifacts (micro F1 0.87, 0.88); the others call everything clean (0.90)
+    f1s = {1: 0.90, 2: 0.87, 3: 0.88, 4: 0.90, 5: 0.90, 6: 0.90, 7: 0.90}
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=checkpoints_to_keep(metric),
+                                                  checkpoint_score_attribute=metric, checkpoint_score_order="max"))
+    for epoch, f1 in f1s.items():
+        d = tmp_path / f"ckpt{epoch}"
+        d.mkdir()
+        (d / "x").write_text("x")
+        manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint.from_directory(str(d)),
+                                                    metrics={"epoch": epoch, metric: f1}))
+    assert sorted(c.metrics["epoch"] for c in manager.best_checkpoint_results) == list(f1s)
+    assert (tmp_path / "ckpt2").is_dir() and (tmp_path / "ckpt3").is_dir()
+
+
 def test_a_half_written_newest_checkpoint_is_skipped(tmp_path):
     """A job killed while Ray wrote a checkpoint leaves a folder without state.json: the newest
     complete checkpoint tells how the run's reports were scored."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -231,6 +232,35 @@ def test_finetune_schedule_warms_up_then_decays_and_resumes_exactly():
     assert {train_loop.scheduled_lr(constant, i, steps) for i in range(40)} == {1e-3}
     with pytest.raises(ValueError, match="--finetune-schedule"):
         TrainConfig(finetune_schedule="step").validate()
+
+
+@pytest.mark.parametrize("done, stopped", [(4, False), (2, False), (3, True)])
+def test_a_rerun_that_raises_phase_two_continues_its_rate_and_its_patience(done, stopped):
+    """4 planned phase-2 epochs, `done` of them run (patience ended the phase when `stopped`),
+    then a rerun asks for 8: the rate goes on from where it was, down to the floor at the new
+    last step (the new plan's position would be up to 10x higher), and the phase runs on."""
+    from artifact_core.config import TrainConfig
+
+    steps = 10
+    old = train_loop.phases(TrainConfig(finetune_epochs=4, finetune_lr=1e-3))[1]
+    new = train_loop.phases(TrainConfig(finetune_epochs=8, finetune_lr=1e-3))[1]
+    state = train_loop.LoopState(phase_index=1)
+    train_loop.extend_phase(state, old)  # the first start records its plan
+    assert state.phase_planned_epochs == 4 and state.lr_restart == []
+    state.phase_epoch, state.stopped_early, state.bad_epochs = done, stopped, 3 if stopped else 0
+    last_old = train_loop.scheduled_lr(old, done * steps - 1, steps)
+    state = train_loop.LoopState.from_dict(json.loads(json.dumps(dataclasses.asdict(state))))  # through a checkpoint
+    train_loop.extend_phase(state, new)
+    assert state.phase_planned_epochs == 8 and not state.stopped_early and state.bad_epochs == 0
+    lrs = [train_loop.scheduled_lr(new, i, steps, state.lr_restart) for i in range(done * steps, 8 * steps)]
+    assert lrs[0] <= last_old * 1.01  # no jump up
+    assert lrs[0] >= train_loop.scheduled_lr(old, done * steps, steps) * 0.99
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(train_loop.COSINE_FLOOR * 1e-3)
+    # the same plan again changes nothing
+    before = list(state.lr_restart)
+    train_loop.extend_phase(state, new)
+    assert state.lr_restart == before
 
 
 @pytest.mark.parametrize("members", [1, 3])
