@@ -377,8 +377,7 @@ def _remove_report(report: Location) -> None:
     An object store deletes a folder object by object: removing the page first means that a
     run stopped half way leaves no page, rather than a page whose images are gone.
     """
-    report.join(INDEX_FILE).remove()
-    report.remove()
+    report.remove(first=(INDEX_FILE,))
 
 
 def _write_report_anywhere(cfg: Any) -> dict[str, Any]:

@@ -127,6 +127,9 @@ def write_manifest(output: Location, manifest: Manifest) -> None:
     output.join(MANIFEST_FILE).write_text(manifest.to_json())
 
 
+#: Deleted first from an owned folder (a web page, the review page's): see Location.remove.
+PAGE_FIRST = ("index.html",)
+
 _LABELS = {"model_sha256": "model weights (sha256 of model.pt)", "precision": "--precision",
            "int8_sha256": "int8 model (sha256 of model.int8.onnx)", "config_sha256": "bundle config (sha256 of config.json)"}
 #: fields an older manifest may lack (recorded as ""): compared only when it has them
@@ -228,7 +231,7 @@ def prepare_output(output: Location, identity: ScoringIdentity, *, owned: list[s
             for name in reversed(owned):
                 if name in old.entries and name in names:
                     log.info("--overwrite: removing %s", output.join(name).uri)
-                    output.join(name).remove()
+                    output.join(name).remove(first=PAGE_FIRST)
     output.makedirs()
     write_manifest(output, manifest)
     return manifest

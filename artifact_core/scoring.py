@@ -43,8 +43,8 @@ from artifact_core.decode import decode_array, decode_batch
 from artifact_core.metrics import classification_metrics
 from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, DecodingPredictor, resolve_engine
 from artifact_core.raycluster import check_fits
-from artifact_core.score_output import (Manifest, OutputConflictError, ScoringIdentity, check_claimable, check_holder,
-                                        mark_complete, part_run, prepare_output, read_manifest)
+from artifact_core.score_output import (PAGE_FIRST, Manifest, OutputConflictError, ScoringIdentity, check_claimable,
+                                        check_holder, mark_complete, part_run, prepare_output, read_manifest)
 from artifact_core.storage import (Location, check_apart, display_path, file_sha256, read_file_bytes, redact_uri,
                                    resolve)
 
@@ -193,7 +193,7 @@ def _prepare_output(cfg: ScoreConfig, threshold: float, image_size: int,
     manifest = prepare_output(output, identity, owned=list(OWNED_ENTRIES), resume=cfg.resume,
                               overwrite=cfg.overwrite)
     for name in DERIVED_ENTRIES:
-        output.join(name).remove()
+        output.join(name).remove(first=PAGE_FIRST)
     parquet_dir = output.join(PARQUET_DIR)
     parquet_dir.makedirs()
     return parquet_dir, manifest

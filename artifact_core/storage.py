@@ -15,7 +15,7 @@ import re
 import stat
 import urllib.parse
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -180,13 +180,20 @@ class Location:
         """Create the folder and its parents (a no-op on object stores, which have none)."""
         self.fs.create_dir(self.path, recursive=True)
 
-    def remove(self) -> None:
-        """Delete this file or folder tree; a symbolic link is unlinked, never followed."""
+    def remove(self, first: Sequence[str] = ()) -> None:
+        """Delete this file or folder tree; a symbolic link is unlinked, never followed.
+
+        ``first``: files of the folder to delete before the rest. An object store deletes a
+        folder object by object, in batches: a web page's ``index.html`` deleted first means a
+        kill half way leaves no page rather than a page whose images are gone.
+        """
         if self.is_local and os.path.islink(self.path):
             os.unlink(self.path)
             return
         kind = self.info().type
         if kind == pafs.FileType.Directory:
+            for name in first:
+                self.join(name).remove()
             self.fs.delete_dir(self.path)
         elif kind == pafs.FileType.File:
             self.fs.delete_file(self.path)

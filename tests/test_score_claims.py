@@ -167,11 +167,11 @@ def test_an_overwrite_cut_short_leaves_an_unfinished_claim_not_the_old_complete_
     removed = []
     real_remove = Location.remove
 
-    def remove(self):
+    def remove(self, first=()):
         if self.path.endswith(PARQUET_DIR):
             raise OSError("throttled")  # an object store gives up on the rows half-way
         removed.append(self.path.rsplit("/", 1)[-1])
-        real_remove(self)
+        real_remove(self, first)
 
     monkeypatch.setattr(Location, "remove", remove)
     with pytest.raises(OSError, match="throttled"):
@@ -179,7 +179,7 @@ def test_an_overwrite_cut_short_leaves_an_unfinished_claim_not_the_old_complete_
     after = read_manifest(resolve(str(out)))
     assert not after.complete and after.run_id != man.run_id and after.runs == [after.run_id]
     # what described the old run went first; its rows are no longer this output's (another run id)
-    assert removed == ["report", "confidence_hist.png", "summary.json", "predictions.csv"]
+    assert removed == ["report", "index.html", "confidence_hist.png", "summary.json", "predictions.csv"]  # (the page first)
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILE, PARQUET_DIR])
 
 
@@ -350,3 +350,50 @@ def test_a_resume_that_does_not_fit_the_cluster_unpublishes_nothing(cfg, tmp_pat
     assert planned == [["c.png"]]  # only what is missing, counted before the claim
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert read_manifest(resolve(str(out))).complete
+
+
+@pytest.mark.parametrize("flag", ["resume", "overwrite"])
+def test_a_claim_deletes_the_old_review_page_before_its_images(cfg, tmp_path, flag, monkeypatch):
+    """An object store deletes a folder in batches: a kill between them must leave no page,
+    never a page whose images are gone. (Order recorded on a store that is not local.)"""
+    import pyarrow.fs as pafs
+
+    from artifact_core.storage import Location
+
+    parquet, man = claim(cfg)
+    write_part(parquet, man.run_id, ["a.png", "b.png"])
+    done(cfg, man.run_id, ["a.png", "b.png"])
+    page = tmp_path / "out" / "report"
+    (page / "img").mkdir(parents=True, exist_ok=True)
+    (page / "img" / "0.jpg").write_bytes(b"x")
+    (page / "index.html").write_text("<html>")
+    deleted: list[str] = []
+
+    class Recording:  # the local disk seen as a store: deletes recorded in their order
+        def __init__(self):
+            self.inner = pafs.LocalFileSystem()
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def delete_file(self, path):
+            deleted.append(path)
+            self.inner.delete_file(path)
+
+        def delete_dir(self, path):
+            deleted.extend(sorted(str(p) for p in Path(path).rglob("*") if p.is_file()))
+            self.inner.delete_dir(path)
+
+    from artifact_core import scoring
+
+    real_resolve = scoring.resolve
+
+    def resolve_on_store(path):
+        loc = real_resolve(path)
+        return Location(Recording(), loc.path, loc.uri) if loc.path == str(tmp_path / "out") else loc
+
+    monkeypatch.setattr(scoring, "resolve", resolve_on_store)
+    claim(cfg, **{flag: True})
+    page_files = [p for p in deleted if "/report/" in p]
+    assert page_files and page_files[0].endswith("/report/index.html"), page_files
+    assert not page.exists()
