@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Union
 
 import numpy as np
@@ -238,12 +239,13 @@ def _jpeg_scans(data: bytes) -> tuple[int, bool]:
             if i < 0:
                 return scans, False
             continue
+        skip = _JPEG_NO_LENGTH.match(data, i)  # fill bytes, markers without a length: in C, not a byte a turn
+        if skip:
+            i = skip.end()
+            continue
         marker = data[i + 1]
         if marker == 0xD9:
             return scans, True
-        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            i += 1 if marker == 0xFF else 2  # fill byte, or a marker without a length
-            continue
         if i + 4 > n:
             return scans, False
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
@@ -252,18 +254,18 @@ def _jpeg_scans(data: bytes) -> tuple[int, bool]:
         scans += 1
         if scans > MAX_JPEG_SCANS:
             return scans, False
-        while True:  # the scan's entropy-coded data
-            i = data.find(b"\xff", i)
-            if i < 0 or i + 1 >= n:
-                return scans, False
-            follower = data[i + 1]
-            if follower == 0x00 or 0xD0 <= follower <= 0xD7:
-                i += 2
-            elif follower == 0xFF:
-                i += 1
-            else:
-                break
+        end = _JPEG_SCAN_END.search(data, i)  # the scan's entropy-coded data ends at a marker
+        if end is None:
+            return scans, False
+        i = end.start()
     return scans, False
+
+
+#: A run of fill bytes and length-less markers (TEM, RSTn) between segments.
+_JPEG_NO_LENGTH = re.compile(rb"(?:\xff(?=\xff)|\xff[\x01\xd0-\xd7])+")
+#: The first FF in entropy-coded data that starts a marker: not a stuffed FF 00, a restart
+#: marker or a fill byte (the last FF of a run is the marker's).
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
