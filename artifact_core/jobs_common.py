@@ -15,6 +15,7 @@ from artifact_core.data import FolderListingError
 from artifact_core.errors import WeightsUnavailableError
 from artifact_core.images import ImageDecodeError
 from artifact_core.raycluster import ClusterTooSmallError
+from artifact_core.storage import redact_text
 
 # Errors that are the user's input, not a bug: one clear line, no stack dump.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError,
@@ -45,12 +46,26 @@ def _raised_outside_project(exc: BaseException) -> bool:
     return not (os.path.abspath(last.filename).startswith(ours) and (last.line or "").lstrip().startswith("raise "))
 
 
+class RedactingFilter(logging.Filter):
+    """Blanks credentials of URIs in log records (messages name folders as the user typed them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
 def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace,
             logger: logging.Logger) -> int:
     """Configure logging, run ``main(args)``, turn user errors into one line and exit code 2
     (a library's plain ``ValueError`` with its traceback above that line)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         main(args)
     except KeyboardInterrupt:
@@ -61,9 +76,10 @@ def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace
             raise
         if _raised_outside_project(cause):
             # One line would hide where it came from: the traceback goes with it.
-            traceback.print_exception(cause, file=sys.stderr)
+            print(redact_text("".join(traceback.format_exception(cause))), end="", file=sys.stderr)
         else:
             logger.debug("details", exc_info=True)
-        print(f"error: {cause}", file=sys.stderr)
+        # Paths in messages are the URIs as typed: a key in one stays out of the job's log.
+        print(f"error: {redact_text(str(cause))}", file=sys.stderr)
         return 2
     return 0

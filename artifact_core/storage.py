@@ -59,6 +59,15 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+#: A URI inside running text: up to a space, a quote or a bracket that would close it.
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`()\[\]]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a message, a log line) with every URI in it passed through :func:`redact_uri`."""
+    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text) if "://" in text else text
+
+
 def uri_without_credentials(uri: str) -> str:
     """``uri`` with no user info at all and secret query values blanked: what names a folder
     whoever reads it, with a key in the URI, another key, or one in the environment."""

@@ -37,3 +37,30 @@ def test_a_check_of_the_project_is_one_line_and_a_librarys_value_error_keeps_its
     assert run_job(python_library_bug, argparse.Namespace(), log) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "pandas" in err
+
+
+def test_credentials_in_uris_stay_out_of_error_lines_and_logs(capsys):
+    """Messages name folders as typed: a key in a URI is blanked in the job's error line, in a
+    library error's traceback and in the log records of every handler the job set up."""
+    from artifact_core.jobs_common import RedactingFilter
+
+    log = logging.getLogger("test")
+
+    def conflict(_):
+        raise FileExistsError("output s3://AKIA:TOPSECRET@bucket/preds already holds a scoring run")
+
+    assert run_job(conflict, argparse.Namespace(), log) == 2
+    err = capsys.readouterr().err
+    assert "TOPSECRET" not in err and "AKIA" not in err and "s3://***@bucket/preds" in err
+
+    def library_bug(_):
+        np.zeros(3).reshape(2, 2 if "s3://K:TOPSECRET@b/x" else 1)  # the URI is in the traceback's line
+
+    run_job(library_bug, argparse.Namespace(), log)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "TOPSECRET" not in err
+    assert all(any(isinstance(f, RedactingFilter) for f in h.filters) for h in logging.getLogger().handlers)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d image file(s) under %s",
+                               (3, "s3://b/in?secret_key=TOPSECRET&region=x"), None)
+    assert RedactingFilter().filter(record)
+    assert record.getMessage() == "3 image file(s) under s3://b/in?secret_key=***&region=x"
