@@ -124,6 +124,9 @@ def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = Fa
         for name in names:
             if name.startswith("_") and ".parquet" in name:
                 parquet_dir.join(name).remove()
+    # In the order the runs wrote them (run ids are random): a later row is a later read.
+    order = {run: i for i, run in enumerate(manifest.runs)}
+    parts.sort(key=lambda n: (order.get(part_run(n), -1), n))
     return [parquet_dir.join(n) for n in parts]
 
 
@@ -494,12 +497,13 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
     table = (pq.read_table([p.path for p in parts], columns=list(OUTPUT_COLUMNS), filesystem=parquet_dir.fs)
              if parts else pa.table({c: [] for c in OUTPUT_COLUMNS}))
     # A resumed crash may have left a file scored twice: keep its first row. A file whose error
-    # row a --resume scored again keeps the new score (its first row without an error).
+    # row a --resume read again keeps the later row (parts are in run order): its score, or
+    # the reason it fails now (a timeout then, a cut file now).
     paths = table.column("path").to_pylist()
     failed = pc.fill_null(pc.not_equal(table.column("error"), ""), False).to_pylist()
     first: dict[str, int] = {}
     for i, p in enumerate(paths):
-        if p not in first or (failed[first[p]] and not failed[i]):
+        if p not in first or failed[first[p]]:
             first[p] = i
     missing = sorted(set(expected) - first.keys())
     if missing:
@@ -511,10 +515,14 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         # the Parquet output keeps one row per listed file, as the CSV does.
         log.info("rewriting %s as one row per listed file (%d rows before, %d now)", parquet_dir.uri,
                  len(paths), table.num_rows)
+        check_holder(output, run_id, published=False)  # (reading the rows took a while)
         _compact(parquet_dir, parts, table, run_id)
     table = table.sort_by("filename")
     buf = io.BytesIO()
     pacsv.write_csv(table, buf)
+    # Checked again before each file it publishes: another job's claim since (which deleted
+    # the derived files) must not find this run's CSV or summary beside its own manifest.
+    check_holder(output, run_id, published=False)
     output.join(CSV_FILE).write_bytes(buf.getvalue())
 
     finalize_seconds = time.time() - t_final
@@ -541,11 +549,13 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "images_per_second": scored_now / wall_seconds if wall_seconds > 0 else None,
         "error_examples": failed.select(["filename", "error"]).to_pylist(),
     }
+    check_holder(output, run_id)
     output.join(SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if ok.any():
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, HIST_FILE)
             plots.confidence_histogram(conf[ok], pred[ok], local)
+            check_holder(output, run_id)
             output.join(HIST_FILE).upload(local)
     mark_complete(output, run_id, files=len(expected), scored_this_run=scored_now)
     return summary

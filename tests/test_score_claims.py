@@ -397,3 +397,47 @@ def test_a_claim_deletes_the_old_review_page_before_its_images(cfg, tmp_path, fl
     page_files = [p for p in deleted if "/report/" in p]
     assert page_files and page_files[0].endswith("/report/index.html"), page_files
     assert not page.exists()
+
+
+def test_a_file_that_still_fails_on_resume_shows_its_latest_reason(cfg, tmp_path, monkeypatch):
+    """Run ids are random: the rows of a later run may sort before an earlier one's. The
+    reason shown is the later read's, whichever id sorts first."""
+    from types import SimpleNamespace
+
+    from artifact_core import score_output
+
+    ids = iter(["f" * 32, "0" * 32])  # the resume's id sorts before the first run's
+    monkeypatch.setattr(score_output.uuid, "uuid4", lambda: SimpleNamespace(hex=next(ids)))
+
+    def failed(reason: str) -> pa.Table:
+        return rows(["a.png"]).set_column(2, "predicted_class", pa.array([-1], pa.int64())) \
+            .set_column(5, "error", pa.array([reason]))
+
+    parquet, first = claim(cfg)
+    pq.write_table(pa.concat_tables([failed("read failed: timed out"), rows(["b.png"])]),
+                   str(Path(parquet.path) / f"{first.run_id}_0_000000.parquet"))
+    parquet, second = claim(cfg, resume=True)
+    assert second.run_id < first.run_id
+    pq.write_table(failed("truncated PNG"), str(Path(parquet.path) / f"{second.run_id}_0_000000.parquet"))
+    summary = done(cfg, second.run_id, ["a.png", "b.png"])
+    assert summary["errors"] == 1 and summary["error_examples"][0]["error"] == "truncated PNG"
+
+
+def test_a_run_that_loses_the_folder_while_it_finalizes_publishes_nothing(cfg, tmp_path, monkeypatch):
+    """Another job claims the folder (--overwrite deletes the derived files) while this one
+    reads its rows: this run's CSV must not appear beside the new claim."""
+    from artifact_core import scoring
+
+    parquet, man = claim(cfg)
+    write_part(parquet, man.run_id, ["a.png", "b.png"])
+    real_write_csv = scoring.pacsv.write_csv
+
+    def write_csv_while_another_job_claims(table, sink):
+        real_write_csv(table, sink)
+        claim(ScoreConfig(**{**cfg.__dict__}), overwrite=True)
+
+    monkeypatch.setattr(scoring.pacsv, "write_csv", write_csv_while_another_job_claims)
+    with pytest.raises(OutputConflictError, match="nothing was published"):
+        done(cfg, man.run_id, ["a.png", "b.png"])
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+    assert not (tmp_path / "out" / "summary.json").exists()
