@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -130,29 +131,44 @@ def _parts(parquet_dir: Location, manifest: Manifest, *, drop_foreign: bool = Fa
     return [parquet_dir.join(n) for n in parts]
 
 
+#: Parts a --resume reads at once: an object store answers each read in tens of milliseconds,
+#: and a big run has thousands of parts (one per written block).
+PART_READ_THREADS = 16
+
+
+def _scored_paths(part: Location) -> list[str] | pa.ArrowInvalid | OSError:
+    """The paths of ``part``'s rows without an error, or the error reading it raised."""
+    try:
+        rows = pq.read_table(part.path, columns=["path", "error"], filesystem=part.fs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        return exc
+    ok = pc.fill_null(pc.equal(rows.column("error"), ""), True)
+    return rows.column("path").filter(ok).to_pylist()
+
+
 def _existing_rows(parts: list[Location], *, remove_corrupt: bool = True) -> set[str]:
     """Paths already scored without an error; a part cut short by a crash mid-write is removed
     (its rows are scored again; left in place and skipped without ``remove_corrupt``). Error
     rows are tried again: a read may have failed for a passing reason (a network timeout),
     and a file that is still broken gets its error row again."""
+    with ThreadPoolExecutor(max_workers=max(1, min(PART_READ_THREADS, len(parts)))) as pool:
+        results = list(pool.map(_scored_paths, parts))
     done: set[str] = set()
-    for part in parts:
-        try:
-            rows = pq.read_table(part.path, columns=["path", "error"], filesystem=part.fs)
-            ok = pc.fill_null(pc.equal(rows.column("error"), ""), True)
-            done.update(rows.column("path").filter(ok).to_pylist())
-        except (pa.ArrowInvalid, OSError) as exc:
-            # Only a file that is not valid Parquet goes: a read that failed for any other reason
-            # (network, permissions, memory) must not delete finished rows. A cut file is
-            # ArrowInvalid; a local file with a corrupt footer is an OSError that no system call
-            # raised (errno None); remote, that cannot be told from the network, so it stops.
-            corrupt = isinstance(exc, pa.ArrowInvalid) or (part.is_local and exc.errno is None
-                                                           and not isinstance(exc, FileNotFoundError))
-            if not corrupt:
-                raise
-            if remove_corrupt:
-                log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, exc)
-                part.remove()
+    for part, result in zip(parts, results):
+        if isinstance(result, list):
+            done.update(result)
+            continue
+        # Only a file that is not valid Parquet goes: a read that failed for any other reason
+        # (network, permissions, memory) must not delete finished rows. A cut file is
+        # ArrowInvalid; a local file with a corrupt footer is an OSError that no system call
+        # raised (errno None); remote, that cannot be told from the network, so it stops.
+        corrupt = isinstance(result, pa.ArrowInvalid) or (part.is_local and result.errno is None
+                                                          and not isinstance(result, FileNotFoundError))
+        if not corrupt:
+            raise result
+        if remove_corrupt:
+            log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, result)
+            part.remove()
     return done
 
 
