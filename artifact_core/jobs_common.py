@@ -46,15 +46,26 @@ def _raised_outside_project(exc: BaseException) -> bool:
     return not (os.path.abspath(last.filename).startswith(ours) and (last.line or "").lstrip().startswith("raise "))
 
 
-class RedactingFilter(logging.Filter):
-    """Blanks credentials of URIs in log records (messages name folders as the user typed them)."""
+class RedactingFormatter(logging.Formatter):
+    """Another formatter's lines with the credentials of any URI in them blanked (messages name
+    folders as the user typed them), tracebacks included. Formatting runs inside the handler's
+    own error handling, so a malformed log call is reported as logging always reports it."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact_text(message)
-        if redacted != message:
-            record.msg, record.args = redacted, ()
-        return True
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(self.inner.format(record))
+
+
+def redact_logs(*loggers: logging.Logger) -> None:
+    """Give every handler of ``loggers`` (default: the root logger and Ray's, which do not
+    pass their records up) a :class:`RedactingFormatter` over its formatter."""
+    for lg in loggers or (logging.getLogger(), logging.getLogger("ray")):
+        for handler in lg.handlers:
+            if not isinstance(handler.formatter, RedactingFormatter):
+                handler.setFormatter(RedactingFormatter(handler.formatter))
 
 
 def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace,
@@ -63,9 +74,7 @@ def run_job(main: Callable[[argparse.Namespace], None], args: argparse.Namespace
     (a library's plain ``ValueError`` with its traceback above that line)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    redact_logs()
     try:
         main(args)
     except KeyboardInterrupt:

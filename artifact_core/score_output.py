@@ -248,7 +248,7 @@ def check_holder(output: Location, run_id: str, *, published: bool = True) -> Ma
     manifest = read_manifest(output)
     if manifest is None or manifest.run_id != run_id:
         holder = "its manifest is gone" if manifest is None else f"run {manifest.run_id or '(unknown)'} holds it now"
-        done = ("the CSV and summary it wrote are not marked complete" if published
+        done = ("the files it published (CSV, summary) are not marked complete" if published
                 else "nothing was published by this run")
         raise OutputConflictError(
             f"another scoring job claimed {output.uri} while this one (run {run_id}) ran ({holder}); {done}. "

@@ -151,24 +151,29 @@ def _existing_rows(parts: list[Location], *, remove_corrupt: bool = True) -> set
     (its rows are scored again; left in place and skipped without ``remove_corrupt``). Error
     rows are tried again: a read may have failed for a passing reason (a network timeout),
     and a file that is still broken gets its error row again."""
-    with ThreadPoolExecutor(max_workers=max(1, min(PART_READ_THREADS, len(parts)))) as pool:
-        results = list(pool.map(_scored_paths, parts))
     done: set[str] = set()
-    for part, result in zip(parts, results):
-        if isinstance(result, list):
-            done.update(result)
-            continue
-        # Only a file that is not valid Parquet goes: a read that failed for any other reason
-        # (network, permissions, memory) must not delete finished rows. A cut file is
-        # ArrowInvalid; a local file with a corrupt footer is an OSError that no system call
-        # raised (errno None); remote, that cannot be told from the network, so it stops.
-        corrupt = isinstance(result, pa.ArrowInvalid) or (part.is_local and result.errno is None
-                                                          and not isinstance(result, FileNotFoundError))
-        if not corrupt:
-            raise result
-        if remove_corrupt:
-            log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, result)
-            part.remove()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(PART_READ_THREADS, len(parts))))
+    try:
+        futures = [pool.submit(_scored_paths, part) for part in parts]
+        for i, part in enumerate(parts):
+            result, futures[i] = futures[i].result(), None
+            if isinstance(result, list):
+                done.update(result)
+                continue
+            # Only a file that is not valid Parquet goes: a read that failed for any other reason
+            # (network, permissions, memory) must not delete finished rows. A cut file is
+            # ArrowInvalid; a local file with a corrupt footer is an OSError that no system call
+            # raised (errno None); remote, that cannot be told from the network, so it stops.
+            corrupt = isinstance(result, pa.ArrowInvalid) or (part.is_local and result.errno is None
+                                                              and not isinstance(result, FileNotFoundError))
+            if not corrupt:
+                raise result
+            if remove_corrupt:
+                log.warning("removing unreadable partial output %s (%s); its rows are scored again", part.uri, result)
+                part.remove()
+    finally:
+        # (a failure or Ctrl-C stops here: the reads still queued are dropped, not waited for)
+        pool.shutdown(wait=False, cancel_futures=True)
     return done
 
 
@@ -537,7 +542,8 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
     buf = io.BytesIO()
     pacsv.write_csv(table, buf)
     # Checked again before each file it publishes: another job's claim since (which deleted
-    # the derived files) must not find this run's CSV or summary beside its own manifest.
+    # the derived files) finds this run's CSV or summary beside its own manifest only if it
+    # came in the moment between a check and its write (a manifest cannot be locked).
     check_holder(output, run_id, published=False)
     output.join(CSV_FILE).write_bytes(buf.getvalue())
 

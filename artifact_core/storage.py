@@ -45,6 +45,8 @@ def undisplay_path(shown: str) -> str:
 
 
 _SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
+#: Schemes whose user-info position holds a container name (container@account), not a login.
+_CONTAINER_AT_ACCOUNT = ("abfs", "abfss", "az")
 
 
 def redact_uri(uri: str) -> str:
@@ -61,11 +63,19 @@ def redact_uri(uri: str) -> str:
 
 #: A URI inside running text: up to a space, a quote or a bracket that would close it.
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`()\[\]]+")
+#: What may be user info in running text: anything up to an '@' after '://', not past a space,
+#: a quote or the next URI. Looser than a URI parser on purpose: a secret key holding '/', '+'
+#: or '(' (AWS keys often do) typed unescaped does not parse, and must not be printed either.
+_USER_INFO_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)(?:(?!://)[^\s'\"<>`@])*@")
 
 
 def redact_text(text: str) -> str:
-    """``text`` (a message, a log line) with every URI in it passed through :func:`redact_uri`."""
-    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text) if "://" in text else text
+    """``text`` (a message, a log line) with the credentials of every URI in it blanked: user
+    info (over-blanking a path that holds an '@' is the lesser harm) and secret query values."""
+    if "://" not in text:
+        return text
+    text = _USER_INFO_IN_TEXT.sub(r"\1***@", text)
+    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
 
 
 def uri_without_credentials(uri: str) -> str:
@@ -77,10 +87,14 @@ def uri_without_credentials(uri: str) -> str:
     # One spelling per folder: no trailing '/' before the options and the options in one
     # order, so `s3://b/d/?region=x&scheme=http` and `s3://b/d?scheme=http&region=x` are one
     # data folder for a run's record (both name the same objects).
-    parts = urllib.parse.urlsplit(redacted.replace("://***@", "://", 1))
+    parts = urllib.parse.urlsplit(redacted)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if parts.scheme.lower() in _CONTAINER_AT_ACCOUNT:
+        netloc = urllib.parse.urlsplit(uri).netloc  # (Azure: container@account, no login: kept)
     path = parts.path.rstrip("/") if parts.path.strip("/") else ""
-    query = "&".join(sorted(q for q in parts.query.split("&") if q))
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, parts.fragment))
+    # options compared decoded: `endpoint_override=m%3A9000` is `m:9000`
+    query = "&".join(sorted(urllib.parse.unquote(q) for q in parts.query.split("&") if q))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
 
 
 def is_uri(path: str) -> bool:

@@ -1001,7 +1001,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         spec = specs[state.phase_index]
         # Judged against this run's config: a rerun with more epochs extends the phase (phase 1
         # only until phase 2 began: check_phase_one_growth).
-        extend_phase(state, spec)
+        extend_phase(state, spec, (loop_config.get("recorded_epochs") or {}).get(spec.name))
         if state.phase_epoch < spec.epochs and not state.stopped_early and not state.diverged_at:
             log.info("phase %d (%s): %d epoch(s) at lr %g, unfreeze depth %d", state.phase_index + 1,
                      spec.name, spec.epochs, spec.lr, spec.unfreeze_depth)
@@ -1016,8 +1016,8 @@ def check_phase_one_growth(state: LoopState, head_epochs: int, *, run: str = "th
     """Refuse ``--head-epochs`` above the head epochs a run trained once its phase 2 began.
 
     The loop never returns to phase 1, so more head epochs would be ignored while the run
-    record says they applied. A phase 1 that patience ended, or a run that diverged, would
-    not have run them either: nothing to refuse.
+    record says they applied (also when patience ended phase 1: raised before phase 2 began,
+    they would have continued it). A run that diverged runs nothing more: nothing to refuse.
 
     Raises:
         ValueError: naming the head epochs trained and what to do.
@@ -1026,7 +1026,7 @@ def check_phase_one_growth(state: LoopState, head_epochs: int, *, run: str = "th
                                                          for h in state.history):
         return  # (histories from before the phase was reported cannot tell)
     head = [h for h in state.history if h["phase"] == "head"]
-    if any(h.get("early_stopped") for h in head) or head_epochs <= len(head):
+    if head_epochs <= len(head):
         return
     raise ValueError(f"--head-epochs {head_epochs}: {run} trained {len(head)} head epoch(s) and has begun phase 2 "
                      f"(fine-tuning), which cannot go back to phase 1; rerun with --head-epochs {len(head)}, or "
@@ -1040,19 +1040,21 @@ def _next_phase(state: LoopState) -> LoopState:
     return state
 
 
-def extend_phase(state: LoopState, spec: PhaseSpec) -> None:
+def extend_phase(state: LoopState, spec: PhaseSpec, recorded: int | None = None) -> None:
     """Continue the current phase for the epochs a rerun raised it to (``spec.epochs``).
 
-    The epochs it was run for are recorded on first entry. When a rerun raises them, the phase
-    goes on: patience that had ended it starts counting again (the user asked for the
-    epochs), and a cosine schedule continues from the rate it had reached rather than from
-    the new plan's position, which could be 10x above it on an unfrozen trunk.
+    The epochs it was run for are recorded on first entry (``recorded``: the run record's
+    count before this start, for a checkpoint of an older version, which has none). When a
+    rerun raises them, the phase goes on: patience that had ended it starts counting again
+    (the user asked for the epochs), and a cosine schedule continues from the rate it had
+    reached rather than from the new plan's position, which could be 10x above it on an
+    unfrozen trunk.
     """
-    planned = state.phase_planned_epochs or spec.epochs  # (not recorded: a checkpoint of an older version)
+    planned = state.phase_planned_epochs or (recorded if state.phase_epoch and recorded else spec.epochs)
     state.phase_planned_epochs = max(planned, spec.epochs)
-    if spec.epochs <= planned:
+    if spec.epochs <= planned or state.diverged_at:
         return
-    if state.stopped_early and not state.diverged_at:
+    if state.stopped_early:
         log.info("phase %d had ended by patience after %d epoch(s); raised to %d epochs, it continues",
                  state.phase_index + 1, state.phase_epoch, spec.epochs)
         state.stopped_early, state.bad_epochs = False, 0

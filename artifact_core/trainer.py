@@ -167,8 +167,10 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         return Split(data_root, [relative[i] for i in train_idx], [folder.labels[i] for i in train_idx],
                      [relative[i] for i in val_idx], [folder.labels[i] for i in val_idx])
 
+    recorded_epochs = None
     if run is not None and not cfg.overwrite:
         _check_resumable(run, cfg)
+        recorded_epochs = _recorded_epochs(run)
     # Loading here makes a bad --weights fail before any worker starts, and workers need
     # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
     weights_state, weights_source = resolve_weights(cfg.weights)
@@ -197,7 +199,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     # pickles to the workers, which read each image through it at its turn.
     return {"train": {**train_dict, "overwrite": False}, "split": split, "data_fs": folder.fs,
             "class_weights": class_weights(split["train_labels"]).tolist(), "initial_state": initial_state,
-            "counts": counts, "weights_source": weights_source}
+            "counts": counts, "weights_source": weights_source, "recorded_epochs": recorded_epochs}
 
 
 def storage_args(storage_path: str) -> dict[str, Any]:
@@ -323,6 +325,17 @@ def _reports_scored_for(run: Location, metric: str, key: str = SELECT_SCORE) -> 
         return False
     return isinstance(history, list) and all(
         isinstance(h, dict) and key in h and h.get(SELECT_SCORE_METRIC) == metric for h in history)
+
+
+def _recorded_epochs(run: Location) -> dict[str, int] | None:
+    """Each phase's epochs as ``run``'s record held them before this start (None: no record):
+    what a checkpoint of an older version, which does not record its plan, was run for."""
+    try:
+        record = read_record(run)
+        return {"head": int(record["config"]["head_epochs"]),
+                "finetune": int(record["config"]["finetune_epochs"])} if record else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _check_resumable(run: Location, cfg: TrainConfig) -> None:

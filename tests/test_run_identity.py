@@ -370,6 +370,9 @@ def test_one_data_folder_however_its_uri_is_spelled():
     assert differences(old, record("s3://b/train//?endpoint_override=m:9000&scheme=http")) == []
     assert len(differences(old, record("s3://b/train?endpoint_override=m:9001&scheme=http"))) == 1
     assert len(differences(old, record("s3://b/train/x?endpoint_override=m:9000&scheme=http"))) == 1
+    assert differences(old, record("s3://b/train?endpoint_override=m%3A9000&scheme=http")) == []  # encoded
+    # Azure names the container where other schemes put a login: two containers, two folders
+    assert len(differences(record("abfs://train@acct/faces"), record("abfs://test@acct/faces"))) == 1
 
 
 def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation(tmp_path):

@@ -399,15 +399,17 @@ def test_a_claim_deletes_the_old_review_page_before_its_images(cfg, tmp_path, fl
     assert not page.exists()
 
 
-def test_a_file_that_still_fails_on_resume_shows_its_latest_reason(cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ids", [("0" * 32, "f" * 32), ("f" * 32, "0" * 32)])
+def test_a_file_that_still_fails_on_resume_shows_its_latest_reason(cfg, tmp_path, monkeypatch, ids):
     """Of two error rows of one file, the one shown is the later read's: its reason is the
     one that holds now (run ids are random, so rows are ordered by the manifest's runs)."""
     from types import SimpleNamespace
 
     from artifact_core import score_output
 
-    ids = iter(["0" * 32, "f" * 32])  # the resume's rows sort after the first run's, whose reason is the older
-    monkeypatch.setattr(score_output.uuid, "uuid4", lambda: SimpleNamespace(hex=next(ids)))
+    # (the resume's parts sort after the first run's by name, then before them)
+    fresh = iter(ids)
+    monkeypatch.setattr(score_output.uuid, "uuid4", lambda: SimpleNamespace(hex=next(fresh)))
 
     def failed(reason: str) -> pa.Table:
         return rows(["a.png"]).set_column(2, "predicted_class", pa.array([-1], pa.int64())) \
@@ -417,7 +419,7 @@ def test_a_file_that_still_fails_on_resume_shows_its_latest_reason(cfg, tmp_path
     pq.write_table(pa.concat_tables([failed("read failed: timed out"), rows(["b.png"])]),
                    str(Path(parquet.path) / f"{first.run_id}_0_000000.parquet"))
     parquet, second = claim(cfg, resume=True)
-    assert second.run_id > first.run_id
+    assert (first.run_id, second.run_id) == (ids[0][:12], ids[1][:12])
     pq.write_table(failed("truncated PNG"), str(Path(parquet.path) / f"{second.run_id}_0_000000.parquet"))
     summary = done(cfg, second.run_id, ["a.png", "b.png"])
     assert summary["errors"] == 1 and summary["error_examples"][0]["error"] == "truncated PNG"

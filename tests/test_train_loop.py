@@ -261,6 +261,15 @@ def test_a_rerun_that_raises_phase_two_continues_its_rate_and_its_patience(done,
     before = list(state.lr_restart)
     train_loop.extend_phase(state, new)
     assert state.lr_restart == before
+    # a checkpoint of a version that did not record its plan: the run record's count is used
+    legacy = train_loop.LoopState(phase_index=1, phase_epoch=done, stopped_early=stopped)
+    train_loop.extend_phase(legacy, new, recorded=4)
+    assert legacy.phase_planned_epochs == 8 and legacy.lr_restart == state.lr_restart
+    assert not legacy.stopped_early
+    # a diverged run trains nothing more: no restart
+    diverged = train_loop.LoopState(phase_index=1, phase_epoch=done, diverged_at=done, phase_planned_epochs=4)
+    train_loop.extend_phase(diverged, new)
+    assert diverged.lr_restart == []
 
 
 @pytest.mark.parametrize("members", [1, 3])
@@ -516,9 +525,11 @@ def test_more_head_epochs_once_phase_two_began_are_refused():
         train_loop.check_phase_one_growth(state, 5, run="run x")
     train_loop.check_phase_one_growth(state, 2)  # as before: resumes
     train_loop.check_phase_one_growth(dataclasses.replace(state, phase_index=0, history=head), 5)  # extends phase 1
-    # patience ended phase 1: more epochs would not have run either
+    # patience ended phase 1: raised then, the epochs would have continued it; now they cannot
     stopped = [head[0], {**head[1], "early_stopped": True}, state.history[-1]]
-    train_loop.check_phase_one_growth(dataclasses.replace(state, history=stopped), 5)
+    with pytest.raises(ValueError, match="has begun phase 2"):
+        train_loop.check_phase_one_growth(dataclasses.replace(state, history=stopped), 5)
+    train_loop.check_phase_one_growth(dataclasses.replace(state, history=stopped, diverged_at=3), 5)
 
 
 def test_cached_head_epochs_leave_no_patience_debt_for_a_resume_that_streams(tmp_path, monkeypatch):
