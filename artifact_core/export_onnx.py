@@ -22,7 +22,8 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -46,6 +47,9 @@ FP32_TOLERANCE = 1e-3
 MAX_CALIBRATION_IMAGES = 256
 #: Below this many calibration images the int8 export warns (MinMax ranges from a handful of images).
 FEW_CALIBRATION_IMAGES = 32
+#: The export checks fp32 and evaluates int8 on at most this many of the images it is given
+#: (evenly spaced): a big validation set, decoded at once at 768 px, would not fit in memory.
+MAX_CHECK_IMAGES = 512
 INPUT_NAME = "input"
 OUTPUT_NAME = "logit"
 
@@ -84,9 +88,13 @@ def _session(path: str) -> Any:
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _ort_logits(path: str, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def _ort_logits(path: str, x: np.ndarray, batch_size: int = 32,
+                normalize: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Logits of ``x`` by batches; ``normalize`` turns each batch into the model's input
+    (uint8 images stay uint8 until then: a float copy of them all is 4x their size)."""
     sess = _session(path)
-    out = [sess.run(None, {INPUT_NAME: x[i:i + batch_size]})[0].reshape(-1) for i in range(0, len(x), batch_size)]
+    prep = normalize or (lambda b: b)
+    out = [sess.run(None, {INPUT_NAME: prep(x[i:i + batch_size])})[0].reshape(-1) for i in range(0, len(x), batch_size)]
     return np.concatenate(out).astype(np.float64)
 
 
@@ -126,9 +134,11 @@ def _record_source(path: str, source_sha256: str) -> None:
 
 
 def _quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch_size: int = 2, *,
-                   source_sha256: str | None = None) -> None:
+                   source_sha256: str | None = None,
+                   normalize: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
     """Static QDQ quantization, per-channel weights, MinMax calibration on ``calibration``
-    (normalized float32 images, ``batch_size`` per calibration run).
+    (normalized float32 images, or images that ``normalize`` makes so a batch at a time;
+    ``batch_size`` per calibration run).
 
     Small batches because the export's peak memory grows with them (at 448 px: 15.6 GB with
     batches of 16, 5.6 GB with batches of 2). MinMax ranges are the minimum and maximum over
@@ -140,7 +150,8 @@ def _quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size))
+            prep = normalize or (lambda b: b)
+            self.batches = iter(prep(calibration[i:i + batch_size]) for i in range(0, len(calibration), batch_size))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -183,7 +194,8 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
             micro F1, macro F1 and artifact recall are reported.
         int8: also quantize.
         opset: ONNX opset of the export.
-        max_calibration_images: int8 calibrates on an evenly spaced subset of this size.
+        max_calibration_images: int8 calibrates on an evenly spaced subset of this size
+            (of the at most :data:`MAX_CHECK_IMAGES` it checks and evaluates on).
         fs: the filesystem ``calibration_paths`` are on (a bucket's, for object-storage
             data); None: local paths.
         require_int8: with ``int8`` and no calibration image that decodes, raise (after
@@ -212,12 +224,17 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
         calibration_paths, calibration_labels = named.get("paths") or [], named.get("labels")
     if calibration_labels is not None and len(calibration_labels) != len(calibration_paths or []):
         raise ValueError(f"{len(calibration_paths or [])} calibration paths but {len(calibration_labels)} labels")
+    if calibration_paths is not None and len(calibration_paths) > MAX_CHECK_IMAGES:
+        keep = np.unique(np.linspace(0, len(calibration_paths) - 1, MAX_CHECK_IMAGES).round().astype(int))
+        log.info("checking and calibrating on %d evenly spaced of %d images", len(keep), len(calibration_paths))
+        calibration_paths = [calibration_paths[i] for i in keep]
+        calibration_labels = None if calibration_labels is None else [calibration_labels[i] for i in keep]
     images, paths, labels = _decode_all(calibration_paths or [], calibration_labels, cfg.image_size, fs)
     if len(images):
-        check = images
+        x = images
     else:  # no image to hand: random pixels still catch an exporter that changed the graph
-        check = np.random.default_rng(0).integers(0, 256, (8, 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
-    x = _normalize(check, cfg.mean, cfg.std)
+        x = np.random.default_rng(0).integers(0, 256, (8, 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    norm = partial(_normalize, mean=cfg.mean, std=cfg.std)  # by batches: x stays uint8
 
     fp32_path = os.path.join(bundle_dir, ONNX_FILE)
     tmp = fp32_path + ".tmp"
@@ -225,9 +242,9 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
         _export_fp32(bundle.model, cfg.image_size, tmp, opset)
         _record_source(tmp, source)
         with torch.inference_mode():
-            torch_logits = torch.cat([bundle.model(torch.from_numpy(x[i:i + 32])).reshape(-1)
+            torch_logits = torch.cat([bundle.model(torch.from_numpy(norm(x[i:i + 32]))).reshape(-1)
                                       for i in range(0, len(x), 32)]).double().numpy()
-        onnx_logits = _ort_logits(tmp, x)
+        onnx_logits = _ort_logits(tmp, x, normalize=norm)
         logit_diff = float(np.max(np.abs(onnx_logits - torch_logits)))
         prob_diff = float(np.max(np.abs(_sigmoid(onnx_logits) - _sigmoid(torch_logits))))
         if not prob_diff <= FP32_TOLERANCE:
@@ -240,7 +257,7 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
     info: dict[str, Any] = {
         "file": ONNX_FILE, "opset": opset, "exporter": "torch.onnx.export (TorchScript)", "model_pt_sha256": source,
         "onnxruntime": onnxruntime.__version__,
-        "checked_on": f"{len(check)} calibration images" if len(images) else f"{len(check)} random images",
+        "checked_on": f"{len(x)} calibration images" if len(images) else f"{len(x)} random images",
         "max_abs_logit_diff": logit_diff, "max_abs_prob_diff": prob_diff, "threshold": cfg.threshold,
     }
     fp32_probs = _sigmoid(onnx_logits)
@@ -265,7 +282,7 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
                          f"object storage names its images by their keys in the bucket); {ONNX_FILE} was written")
     if int8:
         info["int8"] = _int8_step(bundle_dir, fp32_path, x, fp32_probs, paths, labels, cfg.threshold,
-                                  max_calibration_images, source)
+                                  max_calibration_images, source, norm)
     elif os.path.exists(os.path.join(bundle_dir, ONNX_INT8_FILE)):
         # An fp32-only re-export leaves the int8 model as it is: keep its figures with it.
         # (Scoring checks the model.pt each ONNX file records, so a stale one is never run.)
@@ -278,13 +295,13 @@ def export_onnx(bundle_dir: str, calibration_paths: Sequence[str] | None = None,
 
 def _int8_step(bundle_dir: str, fp32_path: str, x: np.ndarray, fp32_probs: np.ndarray, paths: list[str],
                labels: list[int] | None, threshold: float, max_calibration_images: int,
-               source_sha256: str) -> dict[str, Any]:
+               source_sha256: str, normalize: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
     """Quantize, evaluate against fp32 and record the calibration set; failures are returned, not raised."""
     int8_path = os.path.join(bundle_dir, ONNX_INT8_FILE)
     pick = np.unique(np.linspace(0, len(x) - 1, min(len(x), max_calibration_images)).round().astype(int))
     try:
-        _quantize_int8(fp32_path, int8_path, x[pick], source_sha256=source_sha256)
-        probs = _sigmoid(_ort_logits(int8_path, x))
+        _quantize_int8(fp32_path, int8_path, x[pick], source_sha256=source_sha256, normalize=normalize)
+        probs = _sigmoid(_ort_logits(int8_path, x, normalize=normalize))
     except Exception as exc:  # noqa: BLE001 - int8 is optional; fp32 stays usable
         log.warning("int8 quantization of %s failed; the bundle keeps fp32 only: %s: %s", bundle_dir,
                     type(exc).__name__, exc)

@@ -386,3 +386,15 @@ def test_onnx_whose_input_size_is_not_the_configs_is_refused_when_the_engine_is_
     with pytest.raises(StaleOnnxError, match=f"takes .* images but the bundle's config.json says image_size "
                                              f"{config['image_size']}"):
         OnnxEngine(edited)
+
+
+def test_a_big_calibration_set_is_checked_on_an_evenly_spaced_subset(torch_bundle, images, tmp_path, monkeypatch):
+    """Training passes its whole validation set: decoded at once at the model's size, a big
+    one would not fit in memory. The export takes an evenly spaced subset, end to end."""
+    path = str(tmp_path / "model")
+    shutil.copytree(torch_bundle, path)
+    monkeypatch.setattr(export_mod, "MAX_CHECK_IMAGES", 6)
+    info = export_mod.export_onnx(path, images, [parse_label(p) for p in images], int8=True)
+    calibration = json.load(open(os.path.join(path, "calibration.json")))
+    assert len(images) > 6 and info["int8"]["evaluated_on"] == 6 and info["checked_on"] == "6 calibration images"
+    assert calibration["paths"] == [images[i] for i in np.linspace(0, len(images) - 1, 6).round().astype(int)]
