@@ -315,7 +315,8 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
     page = render_page(summary, cards_flagged, cards_unsure, n_flagged=n_flagged,
                        errors=errors.slice(0, 200).to_pylist(), n_errors=errors.num_rows, has_hist=has_hist,
                        heatmap="evidence" if trunk_head else "grad-cam")
-    with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+    # (backslashreplace: a name that slipped through undecodable must not cost the whole page)
+    with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write(page)
     # Swap in the finished folder: a report that exists is complete.
     _remove_report(resolve(final))

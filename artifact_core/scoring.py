@@ -559,8 +559,9 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "predicted": {"0 (artifact)": int((pred == 0).sum()), "1 (artifact-free)": int((pred == 1).sum())},
         "mean_confidence": float(np.mean(conf[ok])) if ok.any() else None,
         # (credentials in a URI blanked out: the summary and the page are made to be shared)
-        "model": redact_uri(resolve(cfg.model).uri), "threshold": threshold,
-        "input": redact_uri(resolve(cfg.input).uri),
+        # (a folder name that is not UTF-8 as \xNN, as the rows show file names: the page is UTF-8)
+        "model": display_path(redact_uri(resolve(cfg.model).uri)), "threshold": threshold,
+        "input": display_path(redact_uri(resolve(cfg.input).uri)),
         "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
         "precision": cfg.precision,
         "pipeline": asdict(pipeline) if pipeline else None,  # None: nothing was left to score
