@@ -292,9 +292,17 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    names = _output_names(paths)
+    # What this writes must never replace what it reads: an --out that is an input's folder
+    # holds inputs named like the heatmaps (and each rerun would explain the last one's).
+    inputs = {os.path.realpath(p) for p in paths}
+    written = [os.path.join(out_dir, n) for n in (*(f"{n}.heatmap.png" for n in names), "explain.csv", "explain.json")]
+    clash = next((w for w in written if os.path.realpath(w) in inputs), None)
+    if clash is not None:
+        raise ValueError(f"--out {out_dir!r}: {os.path.basename(clash)!r} there is an image to explain and would be "
+                         f"replaced by an output; choose another folder")
     explainer = Explainer(bundle_dir)
     os.makedirs(out_dir, exist_ok=True)
-    names = _output_names(paths)
     rows: list[dict] = []
     for start in range(0, len(paths), batch_size):
         chunk = list(zip(paths[start:start + batch_size], names[start:start + batch_size]))
@@ -374,12 +382,17 @@ def expand_inputs(items: Sequence[str], *, exclude: Sequence[str] = ()) -> list[
 
     Raises:
         FileNotFoundError: an item does not exist.
-        ValueError: nothing to explain.
+        ValueError: nothing to explain, or a folder to explain is an ``exclude`` folder itself.
     """
     paths: list[str] = []
+    excluded = {os.path.realpath(e) for e in exclude}
     for item in items:
         item = os.path.abspath(os.path.expanduser(item))
         if os.path.isdir(item):
+            if os.path.realpath(item) in excluded:
+                # (its heatmaps would be explained as images on the next run, and could replace one)
+                raise ValueError(f"{item!r} is both a folder to explain and the output folder; "
+                                 f"choose another --out")
             paths.extend(list_images(item, exclude=exclude))
         elif os.path.isfile(item):
             paths.append(item)

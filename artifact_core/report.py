@@ -515,7 +515,7 @@ img.hist{max-width:640px;width:100%;background:#fff;border:1px solid #e3e6ea}
 .fn{font-family:ui-monospace,monospace;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .err{color:#b42318}
 table.errors{border-collapse:collapse;font-size:.85em;background:#fff}
-table.errors td,table.errors th{padding:3px 8px;border-bottom:1px solid #e3e6ea;text-align:left;font-family:ui-monospace,monospace}
+table.errors td,table.errors th{padding:3px 8px;border-bottom:1px solid #e3e6ea;text-align:left;font-family:ui-monospace,monospace;word-break:break-all;max-width:560px}
 img.broken{outline:2px solid #b42318}
 </style>
 </head>

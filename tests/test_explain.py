@@ -306,3 +306,19 @@ def test_the_cli_gives_a_non_finite_probability_an_error_row_as_scoring_does(tmp
     rows = explain_paths(bundle, [str(tmp_path / "in" / "a.png")], str(tmp_path / "out"))
     assert rows[0]["predicted_class"] == -1 and rows[0]["error"] == "the model returned a non-finite probability"
     json.loads((tmp_path / "out" / "explain.json").read_text())  # valid JSON: no bare NaN
+
+
+def test_the_output_folder_is_never_an_input_folder_nor_replaces_an_input(bundle64, tmp_path):
+    from artifact_core.explain import expand_inputs, explain_paths
+
+    folder = tmp_path / "in"
+    write_image(folder / "a.png", size=40)
+    write_image(folder / "a.png.heatmap.png", size=40)  # an image named like a.png's heatmap
+    with pytest.raises(ValueError, match="both a folder to explain and the output folder"):
+        expand_inputs([str(folder)], exclude=[str(folder)])
+    # given as files, an output would still replace one of them
+    with pytest.raises(ValueError, match="'a.png.heatmap.png' there is an image to explain"):
+        explain_paths(bundle64, [str(folder / "a.png"), str(folder / "a.png.heatmap.png")], str(folder))
+    assert (folder / "a.png.heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    rows = explain_paths(bundle64, [str(folder / "a.png")], str(tmp_path / "out"))
+    assert len(rows) == 1 and (tmp_path / "out" / rows[0]["heatmap"]).is_file()
