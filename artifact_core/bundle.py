@@ -18,6 +18,8 @@ refuses to load instead of pairing new weights with an old threshold.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -223,14 +225,18 @@ def _read_config(bundle: Location, shown: str) -> BundleConfig:
                          f"(expected format <= {BUNDLE_FORMAT}, {ARCHITECTURE!r}, a head in {HEADS})")
     _check_fields(config, where)
     if config.weights_sha256 is not None:
-        actual = weights_sha256(bundle.uri)
-        if actual != config.weights_sha256:
-            raise ValueError(
-                f"model bundle {shown!r}: its {WEIGHTS_FILE} (sha256 {actual[:12]}...) is not the one its "
-                f"{CONFIG_FILE} was written with (sha256 {config.weights_sha256[:12]}...): an export was "
-                f"interrupted, or the files come from two exports. Export it again: rerun the training job "
-                f"with the same --storage-path and --name (it resumes and exports), or copy the whole folder again")
+        _check_weights(config, weights_sha256(bundle.uri), shown)
     return config
+
+
+def _check_weights(config: BundleConfig, actual: str, shown: str) -> None:
+    """Refuse weights whose sha256 (``actual``) is not the one ``config`` was written with."""
+    if config.weights_sha256 is not None and actual != config.weights_sha256:
+        raise ValueError(
+            f"model bundle {shown!r}: its {WEIGHTS_FILE} (sha256 {actual[:12]}...) is not the one its "
+            f"{CONFIG_FILE} was written with (sha256 {config.weights_sha256[:12]}...): an export was "
+            f"interrupted, or the files come from two exports. Export it again: rerun the training job "
+            f"with the same --storage-path and --name (it resumes and exports), or copy the whole folder again")
 
 
 def _is_int(v: Any) -> bool:
@@ -354,8 +360,13 @@ def _load(local: str, shown: str, device: str | torch.device) -> Bundle:
     model = build_model(weights="none", dropout=config.dropout, num_outputs=config.num_outputs, head=config.head,
                         test_time_flip=config.test_time_flip, members=config.head_members)
     weights = f"{shown.rstrip('/')}/{WEIGHTS_FILE}"
+    # Hashed and loaded from one read: an export of the same run in between must not pair
+    # these weights with the other export's config (threshold, flip, head).
+    with open(os.path.join(local, WEIGHTS_FILE), "rb") as f:
+        data = f.read()
+    _check_weights(config, hashlib.sha256(data).hexdigest(), shown)
     try:
-        state = torch.load(os.path.join(local, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, EOFError, OSError,
             pickle.UnpicklingError) as exc:

@@ -60,6 +60,10 @@ class StaleOnnxError(ValueError):
     """A bundle's ONNX model was exported from another ``model.pt`` than the one beside it."""
 
 
+class BundleChangedError(ValueError):
+    """A bundle holds other weights than the scoring run that loads it began with."""
+
+
 def _log_once(level: int, message: str) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
@@ -330,7 +334,7 @@ class ArtifactPredictor:
 
     def __init__(self, bundle_dir: str, *, use_gpu: bool = False, threshold: float | None = None,
                  num_threads: int | None = None, cpu_micro_batch: int = 8, engine: str = "auto",
-                 precision: str = "fp32", spin: bool = True) -> None:
+                 precision: str = "fp32", spin: bool = True, expected_weights_sha256: str | None = None) -> None:
         self.engine_name = resolve_engine(bundle_dir, engine, precision, use_gpu=use_gpu)
         self.device = "cuda" if use_gpu else "cpu"
         # On CPU MobileNetV2 runs ~2x faster per image in chunks of 4-8 than of 64 (its
@@ -348,6 +352,15 @@ class ArtifactPredictor:
             self.engine = TorchEngine(bundle_dir, device=self.device, micro_batch=micro_batch)
         self.precision = self.engine.precision
         self.config = self.engine.config
+        # A scoring actor that starts late (a node the autoscaler added, a restart) must score
+        # with the model the run recorded, not one exported into the bundle since. (The config
+        # was checked against the model.pt its engine runs; a config of a bundle written
+        # before it recorded the hash cannot tell.)
+        found = self.config.weights_sha256
+        if expected_weights_sha256 and found and found != expected_weights_sha256:
+            raise BundleChangedError(f"model bundle {redact_uri(bundle_dir)} holds other weights (model.pt sha256 "
+                                 f"{found[:12]}...) than this scoring run began with ({expected_weights_sha256[:12]}...): "
+                                 f"it was exported again meanwhile; rerun with --overwrite to score with the new model")
         self.threshold = float(self.config.threshold if threshold is None else threshold)
 
     def predict_tensor(self, x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -424,7 +424,8 @@ def actor_memory_bytes(cfg: ScoreConfig, plan: PipelinePlan, image_size: int, vi
 
 
 def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None, root: str,
-                  image_size: int, plan: PipelinePlan | int, *, views: int = 1) -> ray.data.Dataset:
+                  image_size: int, plan: PipelinePlan | int, *, views: int = 1,
+                  weights_sha256: str | None = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline from files to prediction rows.
 
     Args:
@@ -432,6 +433,8 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
             that many actors.
         views: images the model runs per input (2 for a bundle with a test-time flip): sizes
             the memory each extra lane reserves.
+        weights_sha256: the ``model.pt`` the run recorded; an actor that finds other weights
+            (the bundle exported again since) refuses to start.
     """
     if isinstance(plan, int):
         plan = PipelinePlan("split", plan, cfg.cpus_per_actor, max(1, int(cfg.cpus_per_actor)))
@@ -452,7 +455,7 @@ def build_dataset(cfg: ScoreConfig, paths: list[str], fs: pafs.FileSystem | None
     predictor_kwargs = {"bundle_dir": cfg.model, "use_gpu": cfg.use_gpu, "threshold": cfg.threshold,
                         "num_threads": plan.engine_threads,
                         "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
-                        "precision": cfg.precision}
+                        "precision": cfg.precision, "expected_weights_sha256": weights_sha256}
     common = {"batch_size": cfg.batch_size, "batch_format": "numpy",
               "compute": ray.data.ActorPoolStrategy(size=plan.num_actors), "num_cpus": plan.actor_cpus,
               "num_gpus": 1 if cfg.use_gpu else 0, "memory": actor_memory_bytes(cfg, plan, image_size, views)}
@@ -629,7 +632,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             plan = _plan_and_fit(cfg, todo, fs, bundle_config, stages)
         t = time.time()
         ds = build_dataset(cfg, todo, fs, display_path(root), bundle_config.image_size, plan,
-                           views=2 if bundle_config.test_time_flip else 1)
+                           views=2 if bundle_config.test_time_flip else 1, weights_sha256=identity.model_sha256)
         # Parts named after the run: finalize keeps only the parts of runs this output names.
         ds.write_parquet(parquet_dir.path, filesystem=parquet_dir.fs,
                          filename_provider=FilenameProvider(dataset_uuid=manifest.run_id, file_format="parquet"))

@@ -66,6 +66,23 @@ def test_model_pt_of_other_weights_beside_a_config_is_refused(tmp_path):
     assert load_bundle(str(old)).config.threshold == 0.12
 
 
+def test_weights_replaced_between_the_config_check_and_the_load_are_refused(tmp_path, monkeypatch):
+    """Another export of the same run may replace model.pt while a bundle loads: the weights
+    loaded are the bytes that were hashed, checked against the config read."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    save_bundle(str(old), _model(0), BundleConfig(threshold=0.12))
+    save_bundle(str(new), _model(1), BundleConfig(threshold=0.87))
+    recorded = json.loads((old / CONFIG_FILE).read_text())["weights_sha256"]
+
+    def hash_then_replaced(uri):  # the config check saw the old weights; then they were replaced
+        (old / WEIGHTS_FILE).write_bytes((new / WEIGHTS_FILE).read_bytes())
+        return recorded
+
+    monkeypatch.setattr(bundle_mod, "weights_sha256", hash_then_replaced)
+    with pytest.raises(ValueError, match=r"its model\.pt .* is not the one its config\.json was written with"):
+        load_bundle(str(old))
+
+
 @pytest.mark.parametrize("field, value, named", [
     ("threshold", math.nan, "threshold must be a finite number in [0, 1], got nan"),
     ("threshold", None, "threshold must be a finite number in [0, 1], got None"),

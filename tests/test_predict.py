@@ -398,3 +398,15 @@ def test_a_big_calibration_set_is_checked_on_an_evenly_spaced_subset(torch_bundl
     calibration = json.load(open(os.path.join(path, "calibration.json")))
     assert len(images) > 6 and info["int8"]["evaluated_on"] == 6 and info["checked_on"] == "6 calibration images"
     assert calibration["paths"] == [images[i] for i in np.linspace(0, len(images) - 1, 6).round().astype(int)]
+
+
+def test_a_predictor_refuses_a_bundle_exported_again_since_the_run_began(torch_bundle, onnx_bundle):
+    """Scoring actors that start late load the bundle themselves: one holding other weights
+    than the run recorded must not score part of its rows."""
+    from artifact_core.predict import BundleChangedError
+
+    for bundle in (torch_bundle, onnx_bundle):
+        recorded = read_bundle_config(bundle).weights_sha256
+        assert recorded and ArtifactPredictor(bundle, expected_weights_sha256=recorded).config.weights_sha256 == recorded
+        with pytest.raises(BundleChangedError, match="holds other weights .* than this scoring run began with"):
+            ArtifactPredictor(bundle, expected_weights_sha256="0" * 64)
