@@ -227,6 +227,8 @@ def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = Fal
     paths, fs, root = list_image_files(os.fspath(folder))
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {os.fspath(folder)!r}")
+    if fs is None:
+        paths = _one_path_per_file(paths)
     kept, labels, skipped = [], [], []
     for p in paths:
         try:
@@ -251,6 +253,64 @@ def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = Fal
             f"training needs examples of both 0 (artifact) and 1 (artifact-free)"
         )
     return LabeledFolder(kept, labels, skipped, fs=fs, root=root)
+
+
+def _one_path_per_file(paths: list[str]) -> list[str]:
+    """``paths`` with each file once: a file reached through a link or a hard link under two
+    names would otherwise be two images, and a split could put it on both sides (validation
+    would score an image it trained on). The first path in sorted order is kept."""
+    seen: dict[tuple[int, int], str] = {}
+    kept = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            kept.append(p)  # (the loaders report it unreadable)
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen:
+            continue
+        seen[ident] = p
+        kept.append(p)
+    if len(kept) < len(paths):
+        log.warning("%d image path(s) are another name (a link) of a file already listed; each file is "
+                    "used once", len(paths) - len(kept))
+    return kept
+
+
+#: Files of each class opened before training (spread over the class).
+READABLE_SAMPLE = 8
+
+
+def check_classes_readable(paths: Sequence[str], labels: Sequence[int], fs: pafs.FileSystem | None = None, *,
+                           sample: int = READABLE_SAMPLE) -> None:
+    """Refuse a folder where none of a class's sampled files decodes.
+
+    Training skips unreadable files; when all of a class is unreadable (a clone without
+    `git lfs pull`, HEIC files named .png) it would train a useless model without a word,
+    or end as "diverged" when nothing at all reads.
+
+    Raises:
+        ValueError: naming the class, a file and the reason.
+    """
+    from artifact_core.images import ImageDecodeError, decode_image
+    from artifact_core.storage import FileReadError, read_file_bytes
+
+    for c in sorted(set(labels)):
+        members = [p for p, y in zip(paths, labels) if y == c]
+        spread = np.linspace(0, len(members) - 1, min(sample, len(members))).round().astype(int)
+        picks = [members[i] for i in sorted(set(spread))]
+        reasons = []
+        for p in picks:
+            try:
+                decode_image(read_file_bytes(p, fs) if fs is not None else p, name=p, target_size=16)
+                break
+            except (ImageDecodeError, FileReadError, OSError) as exc:
+                reasons.append((p, getattr(exc, "reason", None) or str(exc)))
+        else:
+            first, why = reasons[0]
+            raise ValueError(f"none of {len(picks)} {LABEL_NAMES[c]} image(s) ({c}) sampled from {len(members)} "
+                             f"could be read, e.g. {first!r}: {why}; training would learn nothing of that class")
 
 
 def stratified_split(labels: Sequence[int], *, val_fraction: float = 0.2,

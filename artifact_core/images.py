@@ -115,6 +115,15 @@ def _key_to_white(img: Image.Image) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def _unset_bmp_alpha(img: Image.Image) -> Image.Image:
+    """A BMP whose alpha is zero everywhere without its alpha: writers of 32-bit BMPs with an
+    alpha mask often leave it unset, and browsers show such files opaque. Over white, the
+    picture would be a blank."""
+    if img.format == "BMP" and img.mode == "RGBA" and img.getchannel("A").getextrema() == (0, 0):
+        return img.convert("RGB")
+    return img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
 
@@ -315,7 +324,7 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
                 # both sides >= the request, so the resize below still only downsamples.
                 img.draft(None, (shrink, shrink))
             img.load()
-            out = _exif_upright(img)
+            out = _exif_upright(_unset_bmp_alpha(img))
             if shrink:
                 out = _shrink_before_rgb(out, shrink, keep_aspect=bool(max_side))
             out = _to_rgb(out)
@@ -330,6 +339,9 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
     except UnidentifiedImageError as exc:
         # PIL's own message names a stream object by its memory address
         known = _format_by_signature(data)
+        if data.startswith(b"version https://git-lfs"):  # a clone without `git lfs pull`
+            raise ImageDecodeError(label, "a Git LFS pointer file, not the image itself (fetch the images with "
+                                          "`git lfs pull`)") from exc
         raise ImageDecodeError(label, f"truncated or corrupt {known} header" if known else NOT_AN_IMAGE) from exc
     except MemoryError as exc:
         raise ImageDecodeError(label, "out of memory while decoding") from exc

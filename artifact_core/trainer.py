@@ -24,8 +24,8 @@ from ray.train.torch import TorchTrainer
 from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle, upload_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig, auto_image_size
-from artifact_core.data import (LABEL_NAMES, check_split, class_weights, native_short_side, scan_labeled_folder,
-                                stratified_split)
+from artifact_core.data import (LABEL_NAMES, check_classes_readable, check_split, class_weights, native_short_side,
+                                scan_labeled_folder, stratified_split)
 from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, best_report, best_threshold,
                                    classification_metrics, precision_recall_curve, predict_labels, ranking_metrics,
@@ -145,6 +145,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     if run is not None:
         check_apart(run, data, output_name="the run folder (--storage-path/--name)", source_name="the training data")
     folder = scan_labeled_folder(data.uri, skip_unlabeled=cfg.skip_unlabeled)
+    check_classes_readable(folder.paths, folder.labels, folder.fs)  # before a record: nothing to clear
     prefix = folder.root.rstrip("/") + "/"
     relative = [p[len(prefix):] for p in folder.paths]
     if cfg.image_size == "auto":

@@ -356,3 +356,35 @@ def test_each_images_augmentation_is_fixed_by_seed_epoch_and_index(tmp_path):
     for a, b in zip(in_process, epochs(2)):  # two persistent loader processes, another start
         assert torch.equal(a, b)
     assert not torch.equal(in_process[0], in_process[2]), "epochs 4 and 5 augmented alike"
+
+
+def test_a_class_of_which_no_sampled_file_reads_is_refused_naming_one(tmp_path):
+    """A clone without `git lfs pull` holds pointer files named .png: training would skip
+    them all and learn nothing of the class without a word."""
+    from artifact_core.data import check_classes_readable, scan_labeled_folder
+
+    for i in range(12):
+        write_image(tmp_path / f"image_{i}_1.png", size=24)
+    for i in range(12, 15):
+        (tmp_path / f"image_{i}_0.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    folder = scan_labeled_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"none of 3 artifact image\(s\) \(0\) sampled from 3 could be read, "
+                                         r"e\.g\. .*image_12_0\.png.*Git LFS pointer file.*git lfs pull"):
+        check_classes_readable(folder.paths, folder.labels, folder.fs)
+    write_image(tmp_path / "image_15_0.png", size=24)  # one readable artifact among the sample: trains
+    folder = scan_labeled_folder(tmp_path)
+    check_classes_readable(folder.paths, folder.labels, folder.fs)
+
+
+def test_a_file_under_two_names_is_one_training_image(tmp_path):
+    """A link or a hard link to a listed file would be a second image, which a split could put
+    on the other side of the train/validation line."""
+    from artifact_core.data import scan_labeled_folder
+
+    for i in range(4):
+        write_image(tmp_path / "a" / f"image_{i}_{i % 2}.png", size=24)
+    (tmp_path / "b").mkdir()
+    os.symlink(tmp_path / "a" / "image_0_0.png", tmp_path / "b" / "image_0_0.png")
+    os.link(tmp_path / "a" / "image_1_1.png", tmp_path / "b" / "copy_1.png")
+    folder = scan_labeled_folder(tmp_path)
+    assert [os.path.relpath(p, tmp_path) for p in folder.paths] == [f"a/image_{i}_{i % 2}.png" for i in range(4)]

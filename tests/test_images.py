@@ -57,6 +57,21 @@ def test_transparent_pixels_become_white(tmp_path):
     assert np.asarray(decode_image(str(p))).min() == 255
 
 
+def test_a_bmp_whose_alpha_is_unset_everywhere_is_opaque_not_blank():
+    """32-bit BMPs with an alpha mask often leave alpha at 0 (browsers show them opaque); a
+    PNG that is transparent everywhere stays white (test above)."""
+    import struct
+
+    w = h = 4
+    pixels = bytes([10, 20, 200, 0] * w * h)  # BGRA, alpha 0
+    dib = struct.pack("<IiiHHIIiiII", 108, w, h, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    dib += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"BGRs" + bytes(48)
+    offset = 14 + len(dib)
+    bmp = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + dib + pixels
+    assert Image.open(io.BytesIO(bmp)).mode == "RGBA"
+    assert np.asarray(decode_image(bmp))[0, 0].tolist() == [200, 20, 10]
+
+
 @pytest.mark.parametrize("content,reason", [
     (b"", "empty"),
     (b"this is not an image", NOT_AN_IMAGE),
