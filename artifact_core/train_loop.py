@@ -576,15 +576,16 @@ def _cache_features(model: nn.Module, loader: Any, device: torch.device, autocas
 
 def _shard_loader(loader: SkippingLoader, cfg: TrainConfig, world: int) -> SkippingLoader:
     """The training loader's dataset over this rank's shard of the split, every image once (a
-    shuffled :class:`DistributedSampler`, as without oversampling), for phase 1's cache."""
+    shuffled :class:`DistributedSampler`, as without oversampling), for phase 1's cache.
+    Without drop_last: it guards BatchNorm in training mode, and the frozen trunk runs in eval
+    mode here; with it, up to a batch of images per rank would never reach the cache."""
     inner = loader.loader
     rank = inner.sampler.rank  # (an EpochSampler)
     sampler = EpochSampler(DistributedSampler(inner.dataset, num_replicas=world, rank=rank, shuffle=True,
                                               seed=cfg.seed), rank=rank)
     return SkippingLoader(DataLoader(inner.dataset, batch_size=inner.batch_size, sampler=sampler,
                                      num_workers=cfg.loader_workers, collate_fn=inner.collate_fn,
-                                     drop_last=inner.drop_last, pin_memory=cfg.use_gpu,
-                                     generator=_loader_generator(cfg)))
+                                     pin_memory=cfg.use_gpu, generator=_loader_generator(cfg)))
 
 
 def _plain_views(model: nn.Module, loader: SkippingLoader, cfg: TrainConfig, device: torch.device,

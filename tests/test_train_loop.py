@@ -560,7 +560,8 @@ def test_cached_head_epochs_leave_no_patience_debt_for_a_resume_that_streams(tmp
     assert state.bad_epochs == 0 and state.phase_epoch == 3
 
 
-def test_oversampling_caches_every_image_once_and_draws_each_epochs_mix_from_the_cache(tmp_path):
+@pytest.mark.parametrize("n_clean", [10, 11])  # 12 images: whole batches of 4; 13: a last, short one
+def test_oversampling_caches_every_image_once_and_draws_each_epochs_mix_from_the_cache(tmp_path, n_clean):
     """With --oversample, phase 1's cache holds each image of the rank's shard once (one
     with-replacement draw cached for every head epoch would leave most clean images out),
     and each epoch on the cache draws about the asked share of artifact views."""
@@ -572,7 +573,7 @@ def test_oversampling_caches_every_image_once_and_draws_each_epochs_mix_from_the
     from artifact_core.transforms import eval_transform
 
     rng = torch.Generator().manual_seed(1)
-    paths, labels = [], [0, 0] + [1] * 10
+    paths, labels = [], [0, 0] + [1] * n_clean
     for i, y in enumerate(labels):
         path = tmp_path / f"image_{i}_{y}.png"
         Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=rng).numpy()).save(path)
@@ -591,13 +592,17 @@ def test_oversampling_caches_every_image_once_and_draws_each_epochs_mix_from_the
         want = model.features(x).float()
     cached = train.features.float()
     assert len(train) == len(paths)  # every image of the shard, once
+    # augmented views too (from the shard's own loader): a short last batch is cached, not dropped
+    augmented, _ = train_loop._head_caches(model, dataclasses.replace(cfg, head_cache_augment=True), loaders,
+                                           torch.device("cpu"), nullcontext, train_loop.LoopState(), 1)
+    assert len(augmented) == len(paths)
     nearest = [int(min(range(len(paths)), key=lambda j: float((c - want[j]).abs().max()))) for c in cached]
     assert len(set(nearest)) == len(nearest), f"an image cached twice: {nearest}"
 
     order = train_loop._cached_order(torch.tensor(labels), steps=200, batch_size=8, seed=3, oversample=0.5)
     share = float((torch.tensor(labels)[order] == 0).float().mean())
     assert len(order) == 1600 and 0.45 < share < 0.55  # 2 artifacts in 12, drawn half the time
-    plain = train_loop._cached_order(torch.tensor(labels), steps=3, batch_size=4, seed=3)
+    plain = train_loop._cached_order(torch.tensor(labels[:12]), steps=3, batch_size=4, seed=3)
     assert sorted(plain.tolist()) == list(range(12))  # without oversampling: a shuffle of the views
     assert train_loop._cached_order(torch.tensor([], dtype=torch.int64), steps=3, batch_size=4, seed=3) is None
 
