@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from typing import Any
@@ -164,13 +165,32 @@ def results_table(grid: Any, total_epochs: int, metric: str = TrainConfig.select
             f"best_{SELECT_SCORE}": report_score(best, metric) if best else math.nan,
             "best_epoch": int(best["epoch"]) if best else 0,
             "epochs": epochs, "status": _status(r, reports, total_epochs),
-            "error": str(r.error).splitlines()[0][:300] if r.error is not None else "",
+            "error": error_line(r.error) if r.error is not None else "",
         })
         keys.append(selection_key(best, metric) if best else (-math.inf,) * 3 + (0,))
     order = sorted(range(len(rows)), key=lambda i: keys[i], reverse=True)  # stable: trial order after that
     columns = ["trial_id", *_trial_params({}), *[f"best_{k}" for k in shown], f"best_{SELECT_SCORE}", "best_epoch",
                "epochs", "status", "error"]
     return pd.DataFrame([rows[i] for i in order], columns=columns)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(err: BaseException) -> str:
+    """What went wrong in a trial, in one line: the cause inside Ray's wrappers (the task's
+    error, Train's worker or controller failure), not the first line of the wrapper, which
+    names only the process (``ray::ImplicitFunc.train() (pid=...)``)."""
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = (getattr(err, "cause", None) or getattr(err, "controller_failure", None)
+                 or next(iter((getattr(err, "worker_failures", None) or {}).values()), None))
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _trial_params(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +234,10 @@ def best_trial_id(table: pd.DataFrame, metric: str) -> str:
     """
     ok = table[table["status"] != "error"].dropna(subset=[f"best_{metric}", f"best_{SELECT_SCORE}"])
     if ok.empty:
-        raise NoTrialError(f"every trial failed, diverged or reported no {metric}: lower --lr-max or the "
+        errors = table[table["status"] == "error"]
+        example = (f" (e.g. trial {errors.iloc[0]['trial_id']}: {errors.iloc[0]['error']})"
+                   if len(errors) and "error" in errors else "")
+        raise NoTrialError(f"every trial failed, diverged or reported no {metric}{example}: lower --lr-max or the "
                            f"fine-tune ratio if they diverged, else see each trial's error in results.csv")
     return str(ok.iloc[0]["trial_id"])
 

@@ -451,3 +451,29 @@ def test_a_sweep_without_results_has_a_table_with_its_columns_and_no_winner():
     assert table.empty and {"trial_id", "image_size", "status", "best_val_ap_artifact", "best_epoch"} <= set(table)
     with pytest.raises(NoTrialError):
         best_trial_id(table, "val_ap_artifact")
+
+
+def test_a_trials_error_is_its_cause_in_one_line_not_rays_wrapper():
+    """Tune wraps a trial's error in a RayTaskError whose first line names only the process
+    (in colour); Train wraps a worker's in a WorkerGroupError. The table shows the cause."""
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from artifact_core.raycluster import ClusterTooSmallError
+    from artifact_core.tuning import NoTrialError, error_line
+
+    cause = ClusterTooSmallError("training needs 2 workers of 2 CPUs; the cluster has 1\nmore detail")
+    try:
+        raise cause
+    except ClusterTooSmallError:
+        wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", cause,
+                               proctitle="\x1b[36mray::ImplicitFunc.train()\x1b[39m")
+    wrapped = wrapped.as_instanceof_cause()
+    assert error_line(wrapped) == "ClusterTooSmallError: training needs 2 workers of 2 CPUs; the cluster has 1"
+    workers = WorkerGroupError("rank 0 failed", {0: MemoryError("out of memory at 768 px")})
+    assert error_line(workers) == "MemoryError: out of memory at 768 px"
+    assert error_line(ControllerError(ValueError("bad \x1b[31mthing\x1b[0m"))) == "ValueError: bad thing"
+    table = pd.DataFrame([{"trial_id": "t1", "status": "error", "error": error_line(workers),
+                           "best_val_ap_artifact": math.nan, "best_select_score": math.nan}])
+    with pytest.raises(NoTrialError, match="e.g. trial t1: MemoryError: out of memory"):
+        best_trial_id(table, "val_ap_artifact")
