@@ -340,11 +340,20 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                             weights_source=loop_config["weights_source"], split=loop_config["split"],
                             data_fs=loop_config.get("data_fs"))
     row = table[table["trial_id"] == best_id].iloc[0]
-    # the selected epoch's figures (the bundle's epoch), not each column's best over epochs
+    if int(metrics["best_epoch"]) != int(row["best_epoch"]):
+        # Tune saves its record of the trials every few seconds, Train each checkpoint at once:
+        # a sweep killed in between lost reports that the trial's checkpoints still hold.
+        log.warning("trial %s: results.csv shows epoch %d, but its run kept epoch %d as the best (reports of a "
+                    "killed sweep that Tune had not saved yet); best_config.json and the bundle are epoch %d",
+                    best_id, int(row["best_epoch"]), int(metrics["best_epoch"]), int(metrics["best_epoch"]))
+    # The bundle's epoch and its reported figures (not each column's best over epochs, nor
+    # Tune's record): the run's own history, which its checkpoints carry
+    chosen = next((h for h in metrics.get("history") or [] if isinstance(h, dict)
+                   and h.get("epoch") == metrics["best_epoch"]), {})
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.shareable_dict(),
-                   "select_metric": metric, "best_epoch": int(row["best_epoch"]),
-                   f"best_{metric}": float(row[f"best_{metric}"]),
-                   f"best_{HEADLINE_METRIC}": float(row[f"best_{HEADLINE_METRIC}"]),
+                   "select_metric": metric, "best_epoch": int(metrics["best_epoch"]),
+                   f"best_{metric}": _number(chosen.get(metric, metrics["select_value"])),
+                   f"best_{HEADLINE_METRIC}": _number(chosen.get(HEADLINE_METRIC, row[f"best_{HEADLINE_METRIC}"])),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
                    "wall_seconds": time.time() - t0}
     sweep.join("best_config.json").write_text(json.dumps(best_config, indent=2, default=float))
