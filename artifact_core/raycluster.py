@@ -195,7 +195,35 @@ def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
     return placed, None
 
 
-def _live_nodes() -> list[dict[str, float]]:
+def groups_that_fit(nodes: list[dict[str, float]], *, num_workers: int, cpus_per_worker: float,
+                    gpus_per_worker: float = 0.0, reserved_cpus: float = 0.0, limit: int = 10_000) -> int:
+    """How many groups of ``num_workers`` workers (plus ``reserved_cpus`` on one node, as
+    :func:`_shortfall` places them) fit on ``nodes`` at once, packed node by node: a sweep's
+    trials, whose workers cannot share a CPU across nodes. Total CPUs overcount: three
+    3-CPU nodes hold one trial of two 2-CPU workers at a time, not two."""
+    free = [[units(n.get("CPU", 0.0)), units(n.get("GPU", 0.0))] for n in nodes]
+    cpu, gpu, reserved = units(cpus_per_worker), units(gpus_per_worker), units(reserved_cpus)
+    groups = 0
+    while groups < limit:
+        trial = [list(r) for r in free]
+        placed = 0
+        for res in sorted(trial, key=lambda r: -r[0]):
+            while placed < num_workers and res[0] >= cpu and res[1] >= gpu:
+                res[0] -= cpu
+                res[1] -= gpu
+                placed += 1
+        room = max(trial, key=lambda r: r[0], default=None)
+        if placed < num_workers or (reserved and (room is None or room[0] < reserved)):
+            return groups
+        if reserved:
+            room[0] -= reserved
+        free = trial
+        groups += 1
+    return groups
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """Each alive node's total resources."""
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
@@ -246,7 +274,7 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, gpus_per_worker: flo
                memory_per_worker: float = 0.0, reserved_cpus: float = 0.0, what: str = "training",
                wait_s: float | None = None,
                autoscaler: Autoscaler | None | Callable[[], Autoscaler | None] = detect_autoscaler,
-               nodes: Callable[[], list[dict[str, float]]] = _live_nodes,
+               nodes: Callable[[], list[dict[str, float]]] = live_nodes,
                request: Callable[[list[dict[str, float]]], Callable[[], None]] = _request,
                clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
     """Return once ``num_workers`` bundles (plus ``reserved_cpus``) fit the cluster, else raise.

@@ -29,7 +29,8 @@ from ray.tune.schedulers import ASHAScheduler
 from artifact_core import plots
 from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.metrics import SELECT_SCORE, best_report, is_diverged, report_score, selection_key
-from artifact_core.raycluster import check_fits, detect_autoscaler, remove_wait_groups, units
+from artifact_core.raycluster import (check_fits, detect_autoscaler, groups_that_fit, live_nodes, remove_wait_groups,
+                                      units)
 from artifact_core.storage import Location, resolve
 from artifact_core.train_loop import SCHEDULE_EPOCH
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, data_task_cpus, export_bundle,
@@ -78,7 +79,10 @@ def _concurrency(cfg: SweepConfig) -> int:
         n = units(res.get("CPU", 0.0)) // (b.num_workers * units(b.cpus_per_worker) + units(data_cpus))
         return min(n, int(res.get("GPU", 0.0) // b.num_workers)) if b.use_gpu else n
 
-    fits = max(1, trials_in(ray.cluster_resources()))
+    # The nodes alive, packed as placement groups pack them (workers do not span nodes);
+    # an autoscaler's limits are totals only.
+    fits = max(1, groups_that_fit(live_nodes(), num_workers=b.num_workers, cpus_per_worker=b.cpus_per_worker,
+                                  gpus_per_worker=gpus, reserved_cpus=data_cpus))
     scaler = detect_autoscaler()
     if scaler is not None:
         most = scaler.max_resources()

@@ -152,7 +152,7 @@ def test_sweep_concurrency_counts_what_the_autoscaler_may_build(monkeypatch):
 
     checked = []
     monkeypatch.setattr(tuning, "check_fits", lambda **kw: checked.append(kw))
-    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 0.0})  # a 0-CPU head, nothing else yet
+    monkeypatch.setattr(tuning, "live_nodes", lambda: [{"CPU": 0.0}])  # a 0-CPU head, nothing else yet
     cfg = SweepConfig(base=TrainConfig(num_workers=2, cpus_per_worker=1))
     limits = Autoscaler("cluster config", (NodeGroup("head", {"CPU": 0.0}, 0), NodeGroup("cpu", {"CPU": 4.0}, 3)))
     monkeypatch.setattr(tuning, "detect_autoscaler", lambda: limits)
@@ -163,7 +163,7 @@ def test_sweep_concurrency_counts_what_the_autoscaler_may_build(monkeypatch):
     cfg.max_concurrent_trials = 4
     assert tuning._concurrency(cfg) == 4  # the user's number stands: extra trials wait for nodes
     monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
-    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(tuning, "live_nodes", lambda: [{"CPU": 4.0}])
     assert tuning._concurrency(cfg) == 2  # fixed cluster: capped at what fits
 
 
@@ -226,8 +226,26 @@ def test_sweep_concurrency_counts_fractional_cpus_exactly(monkeypatch):
 
     monkeypatch.setattr(tuning, "check_fits", lambda **kw: None)
     monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
-    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 3.0})
+    monkeypatch.setattr(tuning, "live_nodes", lambda: [{"CPU": 3.0}])
     assert tuning._concurrency(SweepConfig(base=TrainConfig(num_workers=3, cpus_per_worker=0.1))) == 10
+
+
+def test_sweep_concurrency_packs_trials_node_by_node(monkeypatch):
+    """Three 3-CPU nodes hold one trial of two 2-CPU workers at a time (9 CPUs in total would
+    say two): the second trial's workers would wait for the first one's."""
+    from artifact_core import tuning
+    from artifact_core.config import SweepConfig, TrainConfig
+    from artifact_core.raycluster import groups_that_fit
+
+    monkeypatch.setattr(tuning, "check_fits", lambda **kw: None)
+    monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
+    monkeypatch.setattr(tuning, "live_nodes", lambda: [{"CPU": 3.0}] * 3)
+    assert tuning._concurrency(SweepConfig(base=TrainConfig(num_workers=2, cpus_per_worker=2))) == 1
+    assert groups_that_fit([{"CPU": 4.0}] * 3, num_workers=2, cpus_per_worker=2) == 3
+    # a decode CPU per trial on a node with room; GPUs one per worker
+    assert groups_that_fit([{"CPU": 5.0}], num_workers=2, cpus_per_worker=2, reserved_cpus=1) == 1
+    assert groups_that_fit([{"CPU": 8.0, "GPU": 1.0}] * 4, num_workers=2, cpus_per_worker=2, gpus_per_worker=1) == 2
+    assert groups_that_fit([{"CPU": 0.0}], num_workers=1, cpus_per_worker=1) == 0
 
 
 def test_a_sweep_with_no_trial_to_pick_is_a_one_line_error():

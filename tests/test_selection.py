@@ -408,7 +408,7 @@ def test_sweep_concurrency_leaves_a_cpu_per_trial_for_ray_data_decode(monkeypatc
 
     asked = []
     monkeypatch.setattr(tuning, "check_fits", lambda **kw: asked.append(kw))
-    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(tuning, "live_nodes", lambda: [{"CPU": 4.0}])
     monkeypatch.setattr(tuning, "detect_autoscaler", lambda: None)
     loader = TrainConfig(num_workers=2, cpus_per_worker=0.5)
     assert tuning._concurrency(SweepConfig(base=loader)) == 4 and asked[-1]["reserved_cpus"] == 0
