@@ -17,7 +17,7 @@ def test_decode_train_batch_augments_and_marks_unreadable(tmp_path):
     bad.write_text("text, not a picture")
     batch = {"path": np.asarray([str(good), str(bad)], dtype=object), "label": np.asarray([1, 0])}
     out = decode_train_batch(batch, image_size=32)
-    assert out["image"].shape == (2, 3, 32, 32) and out["image"].dtype == np.float32
+    assert out["image"].shape == (2, 3, 32, 32) and out["image"].dtype == np.uint8  # normalized in the worker
     assert out["error"][0] == "" and out["error"][1] and out["label"].tolist() == [1, 0]
     assert np.abs(out["image"][0]).sum() > 0 and not out["image"][1].any()
 
@@ -63,12 +63,37 @@ def test_ray_data_decode_gives_the_dataloader_pixels(tmp_path, monkeypatch, fmt)
     Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(path, fmt)
 
     def no_augmentation(img):
-        # train_transform's first step (ResizePIL), without the random part
-        return torch.from_numpy(np.asarray(resize_image(img, size), dtype=np.float32).transpose(2, 0, 1).copy())
+        # train_augment's first step (ResizePIL), without the random part
+        return torch.from_numpy(np.asarray(resize_image(img, size), dtype=np.uint8).transpose(2, 0, 1).copy())
 
-    monkeypatch.setattr(ingest, "train_transform", lambda image_size: no_augmentation)
+    monkeypatch.setattr(ingest, "train_augment", lambda image_size: no_augmentation)
     out = ingest.decode_train_batch({"path": np.asarray([str(path)], dtype=object), "label": np.asarray([1])},
                                     image_size=size)
     assert out["error"][0] == ""
     loader = ImageFileDataset([str(path)], [1], no_augmentation, target_size=size)
     assert np.array_equal(out["image"][0], loader[0][0].numpy())
+
+
+def test_the_shard_loader_gives_what_train_transform_gives(tmp_path):
+    """The tasks ship augmented uint8 and the worker normalizes: the same tensors as the
+    DataLoader path's train_transform for the same draw."""
+    import torch
+
+    from artifact_core.images import decode_image
+    from artifact_core.ingest import ShardLoader
+    from artifact_core.transforms import train_transform
+
+    path = write_image(tmp_path / "image_0_1.png", size=40)
+    torch.manual_seed(5)
+    batch = decode_train_batch({"path": np.asarray([str(path)], dtype=object), "label": np.asarray([1])},
+                               image_size=32)
+    torch.manual_seed(5)
+    want = train_transform(image_size=32)(decode_image(str(path), target_size=32))
+
+    class Shard:
+        def iter_batches(self, **kw):
+            yield batch
+
+    images, labels = next(iter(ShardLoader(Shard(), batch_size=1, drop_last=False)))
+    assert images.dtype == torch.float32 and labels.tolist() == [1]
+    assert torch.allclose(images[0], want, atol=1e-6)
