@@ -58,9 +58,37 @@ def tune_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     loop_config = {**shared["loop_config"], "train": cfg.to_dict()}
     trial_id = tune.get_context().get_trial_id()
     # A fixed run name per trial: a restored sweep resumes the trial's Train run.
+    claim_trial_run(resolve(shared["trials_path"]).join(trial_id), params)
     trainer = build_trainer(cfg, loop_config, name=trial_id, storage_path=shared["trials_path"],
                             callbacks=[TuneReportCallback()])
     trainer.fit()
+
+
+TRIAL_PARAMS_FILE = "trial_params.json"
+
+
+def claim_trial_run(run: Location, params: dict[str, Any]) -> None:
+    """Record a trial's sampled parameters in its Train run folder; when the folder holds a
+    run of other parameters, clear it first.
+
+    Tune restores its search state but not the random draws: a trial created after Tune's
+    last save gets its id again on restore, with other parameters, and would otherwise resume
+    the old draw's checkpoints under the new draw's name in the table.
+    """
+    record = run.join(TRIAL_PARAMS_FILE)
+    wanted = json.loads(json.dumps(params, default=float))
+    try:
+        recorded = json.loads(record.read_text()) if record.exists() else None
+    except (OSError, ValueError):
+        recorded = None
+    if recorded == wanted:
+        return
+    # (no record: a new trial, or a folder from before the record, whose parameters are unknown: kept)
+    if recorded is not None:
+        log.warning("trial run %s was trained with %s; this draw is %s: starting it afresh", run.uri,
+                    recorded, wanted)
+        run.remove()
+    record.write_text(json.dumps(wanted))
 
 
 def _concurrency(cfg: SweepConfig) -> int:

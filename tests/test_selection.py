@@ -477,3 +477,24 @@ def test_a_trials_error_is_its_cause_in_one_line_not_rays_wrapper():
                            "best_val_ap_artifact": math.nan, "best_select_score": math.nan}])
     with pytest.raises(NoTrialError, match="e.g. trial t1: MemoryError: out of memory"):
         best_trial_id(table, "val_ap_artifact")
+
+
+def test_a_trial_id_drawn_again_with_other_parameters_starts_its_run_afresh(tmp_path):
+    """Tune restores its search state but not its random draws: a trial id reused with other
+    parameters must not resume the old draw's checkpoints."""
+    from artifact_core.storage import resolve
+    from artifact_core.tuning import TRIAL_PARAMS_FILE, claim_trial_run
+
+    run = resolve(str(tmp_path / "trials" / "t1"))
+    first = {"lr": 1e-3, "finetune_lr_ratio": 0.3, "unfreeze_depth": 4, "image_size": None}
+    claim_trial_run(run, first)
+    (tmp_path / "trials" / "t1" / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    claim_trial_run(run, dict(first))  # the same draw (a restart): its checkpoints stay
+    assert (tmp_path / "trials" / "t1" / "checkpoint_2026-01-01_00-00-00.000000").is_dir()
+    claim_trial_run(run, {**first, "lr": 2e-3})  # the id drawn again with another lr
+    assert sorted(p.name for p in (tmp_path / "trials" / "t1").iterdir()) == [TRIAL_PARAMS_FILE]
+    # a folder from before the record: kept as it is
+    legacy = tmp_path / "trials" / "t2" / "checkpoint_x"
+    legacy.mkdir(parents=True)
+    claim_trial_run(resolve(str(tmp_path / "trials" / "t2")), first)
+    assert legacy.is_dir()
