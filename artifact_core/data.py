@@ -227,8 +227,6 @@ def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = Fal
     paths, fs, root = list_image_files(os.fspath(folder))
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {os.fspath(folder)!r}")
-    if fs is None:
-        paths = _one_path_per_file(paths)
     kept, labels, skipped = [], [], []
     for p in paths:
         try:
@@ -255,27 +253,34 @@ def scan_labeled_folder(folder: str | os.PathLike, *, skip_unlabeled: bool = Fal
     return LabeledFolder(kept, labels, skipped, fs=fs, root=root)
 
 
-def _one_path_per_file(paths: list[str]) -> list[str]:
-    """``paths`` with each file once: a file reached through a link or a hard link under two
-    names would otherwise be two images, and a split could put it on both sides (validation
-    would score an image it trained on). The first path in sorted order is kept."""
-    seen: dict[tuple[int, int], str] = {}
-    kept = []
-    for p in paths:
+def distinct_files(paths: Sequence[str], labels: Sequence[int]) -> list[int]:
+    """Indices of ``paths`` (local files) with each file once: a file reached through a link,
+    or a hard link under a second name, would otherwise be two images, and a split could put
+    it on both sides (validation would score an image it trained on). The first name in
+    sorted order is kept. A file system that reports no inode numbers (0) keeps every name.
+    One ``stat`` a file, when a run draws its split (not on a resume)."""
+    seen: dict[tuple[int, int], int] = {}
+    keep, clashes = [], []
+    for i, p in enumerate(paths):
         try:
             st = os.stat(p)
+            ident = (st.st_dev, st.st_ino) if st.st_ino else None
         except OSError:
-            kept.append(p)  # (the loaders report it unreadable)
+            ident = None  # (the loaders report it unreadable)
+        if ident is not None and ident in seen:
+            first = seen[ident]
+            if labels[first] != labels[i]:
+                clashes.append(f"{paths[first]!r} ({labels[first]}) and {p!r} ({labels[i]})")
             continue
-        ident = (st.st_dev, st.st_ino)
-        if ident in seen:
-            continue
-        seen[ident] = p
-        kept.append(p)
-    if len(kept) < len(paths):
-        log.warning("%d image path(s) are another name (a link) of a file already listed; each file is "
-                    "used once", len(paths) - len(kept))
-    return kept
+        if ident is not None:
+            seen[ident] = i
+        keep.append(i)
+    if len(keep) < len(paths):
+        log.warning("%d image name(s) are another name (a link) of a file already listed; each file is used once",
+                    len(paths) - len(keep))
+    if clashes:
+        log.warning("one file under two names with different labels, the first kept: %s", "; ".join(clashes[:3]))
+    return keep
 
 
 #: Files of each class opened before training (spread over the class).

@@ -28,7 +28,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -295,9 +295,17 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
     names = _output_names(paths)
     # What this writes must never replace what it reads: an --out that is an input's folder
     # holds inputs named like the heatmaps (and each rerun would explain the last one's).
-    inputs = {os.path.realpath(p) for p in paths}
+    # (by inode where the output exists: a case-insensitive disk names one file two ways)
+    def ident(p: str) -> Any:
+        try:
+            st = os.stat(p)
+            return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(p)
+        except OSError:
+            return os.path.realpath(p)
+
+    inputs = {ident(p) for p in paths} | {os.path.realpath(p) for p in paths}
     written = [os.path.join(out_dir, n) for n in (*(f"{n}.heatmap.png" for n in names), "explain.csv", "explain.json")]
-    clash = next((w for w in written if os.path.realpath(w) in inputs), None)
+    clash = next((w for w in written if os.path.realpath(w) in inputs or ident(w) in inputs), None)
     if clash is not None:
         raise ValueError(f"--out {out_dir!r}: {os.path.basename(clash)!r} there is an image to explain and would be "
                          f"replaced by an output; choose another folder")

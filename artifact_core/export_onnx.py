@@ -364,7 +364,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "names '<name>_<0|1>.<ext>' when every file has one (default: the images the "
                         "bundle's calibration.json names)")
     p.add_argument("--max-calibration-images", type=int, default=MAX_CALIBRATION_IMAGES,
-                   help="int8 calibrates on at most this many of them (default: %(default)s)")
+                   help=f"int8 calibrates on at most this many of them (default: %(default)s; the export reads "
+                        f"at most {MAX_CHECK_IMAGES}, evenly spaced)")
     return p
 
 

@@ -39,7 +39,8 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from artifact_core.images import ImageDecodeError, decode_image
-from artifact_core.storage import FileReadError, Location, read_file_bytes, redact_uri, resolve, undisplay_path
+from artifact_core.storage import (FileReadError, Location, display_path, read_file_bytes, redact_uri, resolve,
+                                   undisplay_path)
 
 log = logging.getLogger(__name__)
 
@@ -436,8 +437,9 @@ def render_page(summary: dict[str, Any], flagged: Sequence[dict], uncertain: Seq
         ("unreadable (error rows)", _fmt(summary.get("errors"))),
         ("decision threshold on P(artifact-free)", _fmt(summary.get("threshold"), ".4f")),
         ("mean confidence", _fmt(summary.get("mean_confidence"), ".4f")),
-        ("model", _fmt(summary.get("model"))),
-        ("input", _fmt(summary.get("input"))),
+        # (a folder name that is not UTF-8 as \xNN, as the rows show file names: the page is UTF-8)
+        ("model", display_path(_fmt(summary.get("model")))),
+        ("input", display_path(_fmt(summary.get("input")))),
     ]
     table_html = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     note = (f"<p class=\"note\">Showing the {len(flagged)} most confident of {n_flagged} flagged images; "

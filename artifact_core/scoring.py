@@ -42,7 +42,8 @@ from artifact_core.config import SCORE_PIPELINES, ScoreConfig
 from artifact_core.data import list_image_files
 from artifact_core.decode import decode_array, decode_batch
 from artifact_core.metrics import classification_metrics
-from artifact_core.predict import OUTPUT_COLUMNS, ArtifactPredictor, DecodingPredictor, resolve_engine
+from artifact_core.predict import (OUTPUT_COLUMNS, ArtifactPredictor, BundleChangedError, DecodingPredictor,
+                                   resolve_engine)
 from artifact_core.raycluster import check_fits
 from artifact_core.score_output import (PAGE_FIRST, Manifest, OutputConflictError, ScoringIdentity, check_claimable,
                                         check_holder, mark_complete, part_run, prepare_output, read_manifest)
@@ -562,9 +563,8 @@ def finalize(cfg: ScoreConfig, expected: list[str], *, threshold: float, wall_se
         "predicted": {"0 (artifact)": int((pred == 0).sum()), "1 (artifact-free)": int((pred == 1).sum())},
         "mean_confidence": float(np.mean(conf[ok])) if ok.any() else None,
         # (credentials in a URI blanked out: the summary and the page are made to be shared)
-        # (a folder name that is not UTF-8 as \xNN, as the rows show file names: the page is UTF-8)
-        "model": display_path(redact_uri(resolve(cfg.model).uri)), "threshold": threshold,
-        "input": display_path(redact_uri(resolve(cfg.input).uri)),
+        "model": redact_uri(resolve(cfg.model).uri), "threshold": threshold,
+        "input": redact_uri(resolve(cfg.input).uri),
         "engine": resolve_engine(cfg.model, cfg.engine, cfg.precision, use_gpu=cfg.use_gpu),
         "precision": cfg.precision,
         "pipeline": asdict(pipeline) if pipeline else None,  # None: nothing was left to score
@@ -613,6 +613,10 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     shown = [display_path(p) for p in paths]
     _check_distinct(shown)
     identity = _check_output(cfg, threshold, bundle_config.image_size)
+    if bundle_config.weights_sha256 and identity.model_sha256 != bundle_config.weights_sha256:
+        # exported again between reading the config (size, flip, threshold) and hashing the weights
+        raise BundleChangedError(f"model bundle {redact_uri(cfg.model)} was exported again while this job started "
+                                 f"(its model.pt is not the one its config.json was read with); run it again")
     plan = None
     stages = {"setup": time.time() - t0}
     # Planned and fitted to the cluster before the claim: --overwrite deletes the earlier

@@ -24,8 +24,8 @@ from ray.train.torch import TorchTrainer
 from artifact_core import demo_data, plots
 from artifact_core.bundle import BundleConfig, save_bundle, upload_bundle
 from artifact_core.config import DEMO_DATA_FOLDER, TrainConfig, auto_image_size
-from artifact_core.data import (LABEL_NAMES, check_classes_readable, check_split, class_weights, native_short_side,
-                                scan_labeled_folder, stratified_split)
+from artifact_core.data import (LABEL_NAMES, check_classes_readable, check_split, class_weights, distinct_files,
+                                native_short_side, scan_labeled_folder, stratified_split)
 from artifact_core.export_onnx import export_onnx_or_log
 from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC, best_report, best_threshold,
                                    classification_metrics, precision_recall_curve, predict_labels, ranking_metrics,
@@ -121,8 +121,8 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
                 extra_identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """List and split the data, claim the run folder and load the starting weights, once, on the driver.
 
-    No image is opened here: unreadable files are skipped by the workers that load them
-    (counted with the epoch metrics). The first start of a named run stores its config and
+    Only a few images of each class are opened here (a class none of which reads is refused):
+    unreadable files are skipped by the workers that load them (counted with the epoch metrics). The first start of a named run stores its config and
     split in the run folder; a rerun resumes with the stored split, or is refused when it
     would train something else (:mod:`artifact_core.run_identity`).
 
@@ -160,7 +160,12 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     train_dict = {**cfg.to_dict(), "data_dir": data.uri}
 
     def fresh_split() -> Split:
-        train_idx, val_idx = stratified_split(folder.labels, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        # Each file once (local data): a file under two names must not land on both sides.
+        # Only here, when a split is drawn: a stored split keeps the names it was drawn from.
+        distinct = distinct_files(folder.paths, folder.labels) if folder.fs is None else list(range(len(folder.paths)))
+        train_idx, val_idx = stratified_split([folder.labels[i] for i in distinct], val_fraction=cfg.val_fraction,
+                                              seed=cfg.seed)
+        train_idx, val_idx = [distinct[i] for i in train_idx], [distinct[i] for i in val_idx]
         # Refused before the run folder is claimed: a split that cannot train leaves no record.
         for warning in check_split([folder.labels[i] for i in train_idx], [folder.labels[i] for i in val_idx],
                                    cfg.val_fraction):

@@ -221,7 +221,11 @@ def error_line(err: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         err = inner
-    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    try:
+        text = str(err)
+    except Exception:  # noqa: BLE001 - a user's __str__ may fail; the table must still be written
+        text = ""
+    lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
@@ -385,7 +389,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     best_config = {"trial_id": best_id, "params": best.config, "train_config": best_cfg.shareable_dict(),
                    "select_metric": metric, "best_epoch": int(metrics["best_epoch"]),
                    f"best_{metric}": _number(chosen.get(metric, metrics["select_value"])),
-                   f"best_{HEADLINE_METRIC}": _number(chosen.get(HEADLINE_METRIC, row[f"best_{HEADLINE_METRIC}"])),
+                   f"best_{HEADLINE_METRIC}": _number(chosen.get(HEADLINE_METRIC)),
                    "validation_at_tuned_threshold": metrics["validation"], "threshold": metrics["threshold"],
                    "wall_seconds": time.time() - t0}
     sweep.join("best_config.json").write_text(json.dumps(best_config, indent=2, default=float))

@@ -376,15 +376,27 @@ def test_a_class_of_which_no_sampled_file_reads_is_refused_naming_one(tmp_path):
     check_classes_readable(folder.paths, folder.labels, folder.fs)
 
 
-def test_a_file_under_two_names_is_one_training_image(tmp_path):
+def test_a_file_under_two_names_is_one_training_image(tmp_path, monkeypatch):
     """A link or a hard link to a listed file would be a second image, which a split could put
-    on the other side of the train/validation line."""
-    from artifact_core.data import scan_labeled_folder
+    on the other side of the train/validation line. The listing keeps every name (a stored
+    split drawn from them still resumes); a new split takes each file once."""
+    from artifact_core.data import distinct_files, scan_labeled_folder
 
     for i in range(4):
         write_image(tmp_path / "a" / f"image_{i}_{i % 2}.png", size=24)
     (tmp_path / "b").mkdir()
     os.symlink(tmp_path / "a" / "image_0_0.png", tmp_path / "b" / "image_0_0.png")
-    os.link(tmp_path / "a" / "image_1_1.png", tmp_path / "b" / "copy_1.png")
+    os.link(tmp_path / "a" / "image_1_1.png", tmp_path / "b" / "copy_0.png")  # another label, too
     folder = scan_labeled_folder(tmp_path)
-    assert [os.path.relpath(p, tmp_path) for p in folder.paths] == [f"a/image_{i}_{i % 2}.png" for i in range(4)]
+    assert len(folder.paths) == 6
+    keep = distinct_files(folder.paths, folder.labels)
+    assert [os.path.relpath(folder.paths[i], tmp_path) for i in keep] == [f"a/image_{i}_{i % 2}.png" for i in range(4)]
+    # a file system without inode numbers keeps every name
+    real_stat = os.stat
+
+    def no_inodes(p, *a, **k):
+        st = real_stat(p, *a, **k)
+        return os.stat_result((st.st_mode, 0, st.st_dev, st.st_nlink, *tuple(st)[4:]))
+
+    monkeypatch.setattr(os, "stat", no_inodes)
+    assert len(distinct_files(folder.paths, folder.labels)) == 6

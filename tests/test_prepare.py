@@ -11,17 +11,22 @@ from artifact_core.trainer import demo_data_dir, prepare_run
 from conftest import make_easy_folder
 
 
-def test_prepare_decodes_no_image_and_keeps_unreadable_for_the_workers(tmp_path, monkeypatch):
+def test_prepare_decodes_a_few_images_a_class_and_keeps_unreadable_for_the_workers(tmp_path, monkeypatch):
+    from artifact_core import data as data_mod
+    from artifact_core import images
+
     data = make_easy_folder(tmp_path / "train", n=20)
     (data / "image_99_1.png").write_bytes(b"broken")
     (data / "image_98_0.png").write_bytes(b"")
+    decoded = []
+    real = images.decode_image
 
-    def no_decode(*a, **k):
-        raise AssertionError("prepare_run decoded an image")
+    def counted(source, **k):
+        decoded.append(k.get("name"))
+        return real(source, **k)
 
-    monkeypatch.setattr("artifact_core.images.decode_image", no_decode)
-    monkeypatch.setattr("artifact_core.images.decode_image", no_decode)
-    monkeypatch.setattr("artifact_core.dataset.decode_image", no_decode)
+    monkeypatch.setattr(images, "decode_image", counted)  # (check_classes_readable imports it when called)
+    monkeypatch.setattr("artifact_core.dataset.decode_image", counted)
     loop = prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path), name="x", weights="none"))
     split = loop["split"]
     # the broken files stay in the split: the workers skip them when they load them
@@ -30,6 +35,8 @@ def test_prepare_decodes_no_image_and_keeps_unreadable_for_the_workers(tmp_path,
     assert loop["counts"]["val"] == {"artifact": 1, "artifact-free": 3}
     assert len(loop["class_weights"]) == 2 and loop["class_weights"][0] > loop["class_weights"][1]
     assert "features.0.0.weight" in loop["initial_state"] and loop["data_fs"] is None
+    # only the readability sample: at most READABLE_SAMPLE a class, the first readable ending a class's
+    assert 2 <= len(decoded) <= 2 * data_mod.READABLE_SAMPLE
 
 
 def test_config_from_args_absolute_paths_and_names(tmp_path, monkeypatch):
@@ -87,6 +94,8 @@ def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypat
 
     monkeypatch.setattr("artifact_core.images.decode_image", no_decode)
     monkeypatch.setattr("artifact_core.dataset.decode_image", no_decode)
+    # (the readability sample decodes a few files, tested above: the size comes from headers alone)
+    monkeypatch.setattr("artifact_core.trainer.check_classes_readable", lambda *a, **k: None)
     cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
                       val_fraction=0.3)
     loop = prepare_run(cfg)

@@ -445,10 +445,13 @@ def test_a_run_that_loses_the_folder_while_it_finalizes_publishes_nothing(cfg, t
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
-def test_a_summary_names_an_input_folder_that_is_not_utf8_as_the_rows_name_files(bundle_dir, tmp_path):
-    """summary.json and the page are UTF-8: a folder name with undecodable bytes is shown as
-    \\xNN (it used to reach the page as lone surrogates, and writing the page failed)."""
+def test_a_summary_and_page_name_an_input_folder_that_is_not_utf8(bundle_dir, tmp_path):
+    """summary.json keeps the folder's real name (it is read back to find the bundle); the page,
+    which is UTF-8, shows undecodable bytes as \\xNN as the rows show file names (lone
+    surrogates used to make writing the page fail)."""
     import os
+
+    from artifact_core.report import render_page
 
     folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
     for name in ("a.png", "b.png"):
@@ -456,7 +459,9 @@ def test_a_summary_names_an_input_folder_that_is_not_utf8_as_the_rows_name_files
     cfg = ScoreConfig(model=bundle_dir, input=folder, output=str(tmp_path / "out"))
     parquet, man = claim(cfg)
     write_part(parquet, man.run_id, ["a.png", "b.png"])
-    summary = done(cfg, man.run_id, ["a.png", "b.png"])
-    assert summary["input"].endswith("/caf\\xe9")
-    summary["input"].encode("utf-8")  # no lone surrogate left
-    json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))["input"].encode("utf-8")
+    done(cfg, man.run_id, ["a.png", "b.png"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["input"] == folder
+    page = render_page(summary, [], [], n_flagged=0, errors=[], n_errors=0, has_hist=False)
+    assert "caf\\xe9" in page
+    page.encode("utf-8")

@@ -498,3 +498,13 @@ def test_a_trial_id_drawn_again_with_other_parameters_starts_its_run_afresh(tmp_
     legacy.mkdir(parents=True)
     claim_trial_run(resolve(str(tmp_path / "trials" / "t2")), first)
     assert legacy.is_dir()
+
+
+def test_an_error_whose_text_cannot_be_made_is_named_by_its_type():
+    from artifact_core.tuning import error_line
+
+    class Odd(Exception):
+        def __str__(self):
+            raise AttributeError("no message")
+
+    assert error_line(Odd()) == "Odd: "
