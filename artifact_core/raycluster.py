@@ -166,6 +166,20 @@ def units(x: float) -> int:
     return round(x * RESOURCE_UNITS)
 
 
+def _place_workers(free: list[list[float]], num_workers: int, cpu: int, gpu: int, memory: float = 0.0) -> int:
+    """Place up to ``num_workers`` workers on ``free`` ([CPU, GPU units, memory] left per node,
+    taken from as they are placed), fullest node first as a placement group packs; returns
+    how many were placed."""
+    placed = 0
+    for res in sorted(free, key=lambda r: -r[0]):
+        while placed < num_workers and res[0] >= cpu and res[1] >= gpu and res[2] >= memory:
+            res[0] -= cpu
+            res[1] -= gpu
+            res[2] -= memory
+            placed += 1
+    return placed
+
+
 def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, reserved_cpus: float,
                nodes: list[dict[str, float]], memory_per_worker: float = 0.0) -> tuple[int, str | None]:
     """How many workers fit on ``nodes`` (total resources per node) and what is missing, if anything.
@@ -181,14 +195,7 @@ def _shortfall(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
     if memory_per_worker:
         largest = max((r[2] for r in free), default=0.0)
         have += f" (at most {largest / 2**30:.1f} GiB of Ray memory on one node)" if math.isfinite(largest) else ""
-    cpu, gpu = units(cpus_per_worker), units(gpus_per_worker)
-    placed = 0
-    for res in sorted(free, key=lambda r: -r[0]):
-        while placed < num_workers and res[0] >= cpu and res[1] >= gpu and res[2] >= memory_per_worker:
-            res[0] -= cpu
-            res[1] -= gpu
-            res[2] -= memory_per_worker
-            placed += 1
+    placed = _place_workers(free, num_workers, units(cpus_per_worker), units(gpus_per_worker), memory_per_worker)
     # The reserved CPUs are one bundle (scoring's decode tasks): they must fit on one node.
     if placed < num_workers or max((r[0] for r in free), default=0) < units(reserved_cpus):
         return placed, have
@@ -201,17 +208,12 @@ def groups_that_fit(nodes: list[dict[str, float]], *, num_workers: int, cpus_per
     :func:`_shortfall` places them) fit on ``nodes`` at once, packed node by node: a sweep's
     trials, whose workers cannot share a CPU across nodes. Total CPUs overcount: three
     3-CPU nodes hold one trial of two 2-CPU workers at a time, not two."""
-    free = [[units(n.get("CPU", 0.0)), units(n.get("GPU", 0.0))] for n in nodes]
+    free = [[units(n.get("CPU", 0.0)), units(n.get("GPU", 0.0)), math.inf] for n in nodes]
     cpu, gpu, reserved = units(cpus_per_worker), units(gpus_per_worker), units(reserved_cpus)
     groups = 0
     while groups < limit:
         trial = [list(r) for r in free]
-        placed = 0
-        for res in sorted(trial, key=lambda r: -r[0]):
-            while placed < num_workers and res[0] >= cpu and res[1] >= gpu:
-                res[0] -= cpu
-                res[1] -= gpu
-                placed += 1
+        placed = _place_workers(trial, num_workers, cpu, gpu)
         room = max(trial, key=lambda r: r[0], default=None)
         if placed < num_workers or (reserved and (room is None or room[0] < reserved)):
             return groups
