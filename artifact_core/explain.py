@@ -47,8 +47,73 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.45
 DEFAULT_CMAP = "jet"
+#: The evidence maps' colours: diverging, white at 0.5 (the decision threshold), so a cell is
+#: red only where it reads as artifact (jet would show the threshold itself green).
+EVIDENCE_CMAP = "coolwarm"
 #: The CLI's overlays keep the image's aspect at most this many px on the longer side.
 OVERLAY_MAX_SIDE = 1024
+
+
+def cell_geometry(layer: nn.Module) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Where ``layer``'s output cells sit on its input: ((stride, offset) of rows, of columns),
+    cell ``j`` being centred on input pixel ``stride * j + offset``.
+
+    Composed over the convolutions and poolings of ``layer`` in the order they are registered
+    (the order a sequential trunk such as MobileNetV2's runs them; residual additions keep the
+    geometry). A 3x3 stride-2 convolution with padding 1 centres its output ``j`` on input
+    ``2j``, so MobileNetV2's stride-32 cell ``j`` lies on pixel ``32j``, not on the middle of
+    the 32 px block ``[32j, 32j + 32)`` that a plain resize of the map assumes.
+    """
+    def along(value: Any, axis: int) -> int:
+        return int(value[axis] if isinstance(value, (tuple, list)) else value)
+
+    geometry = [(1.0, 0.0), (1.0, 0.0)]
+    for module in layer.modules():
+        if not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            continue
+        for axis in (0, 1):
+            kernel = along(module.kernel_size, axis)
+            # poolings default their stride to the kernel
+            stride = along(kernel if module.stride is None else module.stride, axis)
+            dilation = along(getattr(module, "dilation", 1), axis)
+            padding = module.padding
+            if padding == "valid":
+                padding = 0
+            elif padding == "same":  # stride 1 only; PyTorch pads an even span's extra pixel at the end
+                padding = dilation * (kernel - 1) // 2
+            reach = dilation * (kernel - 1) / 2.0 - along(padding, axis)
+            step, offset = geometry[axis]
+            geometry[axis] = (step * stride, offset + step * reach)
+    return geometry[0], geometry[1]
+
+
+def upsample_cells(cells: torch.Tensor, size: tuple[int, int],
+                   geometry: tuple[tuple[float, float], tuple[float, float]]) -> torch.Tensor:
+    """A (N, C, h, w) map of cells as (N, C, H, W) pixels: each cell's value at its receptive
+    field's centre (``geometry`` from :func:`cell_geometry`), bilinear between centres and
+    constant beyond the outermost ones.
+
+    A map whose size does not fit the geometry (a layer that is not a plain chain of
+    convolutions) is stretched over the image instead, as a resize would.
+    """
+    height, width = size
+    (step_y, offset_y), (step_x, offset_x) = geometry
+    rows, cols = cells.shape[-2:]
+    fits = all(math.floor((side - 1) / step) + 1 >= n >= math.ceil(side / step) - 1
+               for side, step, n in ((height, step_y, rows), (width, step_x, cols)))
+    if not fits:
+        return nn.functional.interpolate(cells, size=(height, width), mode="bilinear", align_corners=False)
+
+    def axis(pixels: int, step: float, offset: float, n: int) -> torch.Tensor:
+        # pixel -> cell coordinate -> grid_sample's [-1, 1] with align_corners=True (cell centres)
+        where = (torch.arange(pixels, dtype=torch.float32, device=cells.device) - offset) / step
+        return where * (2.0 / (n - 1)) - 1.0 if n > 1 else torch.zeros_like(where)
+
+    ys, xs = axis(height, step_y, offset_y, rows), axis(width, step_x, offset_x, cols)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, (x, y))
+    grid = grid.unsqueeze(0).expand(cells.shape[0], -1, -1, -1)
+    return nn.functional.grid_sample(cells.float(), grid, mode="bilinear", padding_mode="border",
+                                     align_corners=True)
 
 
 class _ArtifactLogit(nn.Module):
@@ -106,11 +171,12 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
     Returns:
         float32 array (N, H, W) in [0, 1]; each map is scaled by its own maximum.
     """
-    from captum.attr import LayerAttribution, LayerGradCam
+    from captum.attr import LayerGradCam
 
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected a normalized (N, 3, H, W) batch, got shape {tuple(x.shape)}")
     layer = model.features if layer is None else layer
+    geometry = cell_geometry(layer)
     device = next(model.parameters()).device
     height, width = int(x.shape[2]), int(x.shape[3])
     out = []
@@ -129,7 +195,7 @@ def gradcam_heatmaps(model: nn.Module, x: torch.Tensor, *, layer: nn.Module | No
                     mirrored = (model(chunk.flip(-1)) < model(chunk))[:, 0]
                 chunk = torch.where(mirrored[:, None, None, None], chunk.flip(-1), chunk)
             attr = cam.attribute(chunk, target=0, relu_attributions=True)
-            attr = LayerAttribution.interpolate(attr, (height, width), interpolate_mode="bilinear")
+            attr = upsample_cells(attr.float(), (height, width), geometry)
             attr = torch.where(mirrored[:, None, None, None], attr.flip(-1), attr)
             out.append(attr[:, 0].detach().float().cpu())
     maps = torch.cat(out).clamp_(min=0)
@@ -156,7 +222,8 @@ def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, threshold: float = 0
         (the members' mean artifact logit, shifted by one constant per image so that the
         mean of its strongest cells, the pooling the score uses, equals the image's own
         artifact logit: with several members the mean map pools a little lower than the
-        members do), upsampled bilinearly over the cells' own 16 px grid. One scale for all
+        members do), each cell's value on its receptive field's centre (16 px apart), bilinear
+        between them (:func:`upsample_cells`). One scale for all
         images: an image whose strongest cells pass 0.5 is one the threshold flags, and a
         clean image's cells stay low.
     """
@@ -167,6 +234,7 @@ def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, threshold: float = 0
     device = next(model.parameters()).device
     height, width = int(x.shape[2]), int(x.shape[3])
     flips = bool(getattr(model, "test_time_flip", False))
+    geometry = cell_geometry(model.features)
     # P(artifact-free) < threshold flags an image: artifact logit > logit(1 - threshold)
     decision = math.log((1.0 - threshold) / threshold)
     was_training = model.training
@@ -179,24 +247,26 @@ def evidence_heatmaps(model: nn.Module, x: torch.Tensor, *, threshold: float = 0
                 features = model.trunk(chunk)
                 cells = model.classifier(features).mean(dim=1, keepdim=True)  # as evidence_map, one trunk pass
                 score = -model.head(features)  # the image's artifact logit (eval: the members' mean)
+                mirrored = torch.zeros(len(chunk), dtype=torch.bool, device=device)
                 if flips:
-                    # The view whose evidence gave the score: the lower artifact-free logit.
+                    # The view whose evidence gave the score: the lower artifact-free logit. Its
+                    # cells stay in its own frame until they are pixels: a mirrored cell's centre
+                    # is not on the unmirrored grid unless the width is a multiple of 16.
                     mirror_features = model.trunk(chunk.flip(-1))
                     mirror_score = -model.head(mirror_features)
                     mirrored = (mirror_score > score)[:, 0]
-                    mirror_cells = model.classifier(mirror_features).mean(dim=1, keepdim=True).flip(-1)
+                    mirror_cells = model.classifier(mirror_features).mean(dim=1, keepdim=True)
                     cells = torch.where(mirrored[:, None, None, None], mirror_cells, cells)
                     score = torch.maximum(score, mirror_score)
                 flat = cells.flatten(1).float()
                 k = max(1, int(model.top_fraction * flat.shape[1] + 0.5))
                 pooled = flat.topk(k, dim=1).values.mean(dim=1)
                 cells = cells.float() + (score[:, 0].float() - pooled)[:, None, None, None] - decision
-                # Over the cells' own grid (16 px each), then cut to the image: an input that is
-                # not a multiple of 16 has a last cell that runs past its edge.
-                cell_h, cell_w = math.ceil(height / cells.shape[-2]), math.ceil(width / cells.shape[-1])
-                grid = (cell_h * cells.shape[-2], cell_w * cells.shape[-1])
-                heat = torch.sigmoid(nn.functional.interpolate(cells, size=grid, mode="bilinear", align_corners=False))
-                out.append(heat[:, 0, :height, :width].cpu())
+                # Each cell's value on its receptive field's centre (about 16 j px), not on the
+                # middle of a 16 px block: a resized map would sit half a cell off.
+                heat = torch.sigmoid(upsample_cells(cells, (height, width), geometry))
+                heat = torch.where(mirrored[:, None, None, None], heat.flip(-1), heat)
+                out.append(heat[:, 0].cpu())
     finally:
         model.train(was_training)
     return torch.cat(out).clamp_(0, 1).numpy().astype(np.float32)
@@ -259,6 +329,10 @@ class Explainer:
         self.image_size = int(cfg.image_size)
         self.normalize = normalize(mean=tuple(cfg.mean), std=tuple(cfg.std))
         self.micro_batch = micro_batch
+        from artifact_core.model import LocalEvidenceNet
+
+        #: the colours its heatmaps are drawn in (:func:`overlay`'s ``cmap``)
+        self.cmap = EVIDENCE_CMAP if isinstance(self.model, LocalEvidenceNet) else DEFAULT_CMAP
 
     def pixels(self, source: ImageSource, *, name: str | None = None) -> torch.Tensor:
         """A file (path or bytes) -> the uint8 (3, S, S) tensor scoring feeds the model (before
@@ -277,8 +351,8 @@ class Explainer:
         return prob, heatmaps(self.model, x, threshold=self.threshold, micro_batch=self.micro_batch)
 
 
-def _overlay_png(image: Image.Image, heatmap: np.ndarray, path: str) -> None:
-    Image.fromarray(overlay(image, heatmap)).save(path)
+def _overlay_png(image: Image.Image, heatmap: np.ndarray, path: str, cmap: str) -> None:
+    Image.fromarray(overlay(image, heatmap, cmap=cmap)).save(path)
 
 
 def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_size: int = 16) -> list[dict]:
@@ -339,7 +413,7 @@ def explain_paths(bundle_dir: str, paths: Sequence[str], out_dir: str, *, batch_
             heatmap_file = f"{name}.heatmap.png"
             # Over the image with its aspect kept (the map is resized to it), at most
             # OVERLAY_MAX_SIDE px: a 64 MP original would take gigabytes to blend.
-            _overlay_png(preview, heat, os.path.join(out_dir, heatmap_file))
+            _overlay_png(preview, heat, os.path.join(out_dir, heatmap_file), explainer.cmap)
             rows.append({"file": path, "heatmap": heatmap_file, "prob_artifact_free": float(prob),
                          "predicted_class": pred, "confidence": float(prob if pred == 1 else 1.0 - prob),
                          "error": ""})

@@ -114,7 +114,7 @@ class HeatmapActor:
                 thumbs[i] = self._jpeg(thumb)
                 # The map covers the square model input; resizing it to the thumbnail's
                 # aspect puts it back over the pixels it came from.
-                overlays[i] = self._jpeg(overlay(thumb, heat))
+                overlays[i] = self._jpeg(overlay(thumb, heat, cmap=self.explainer.cmap))
                 prob[i] = p
         return {"path": np.asarray(batch["path"], dtype=object), "thumb": thumbs, "overlay": overlays,
                 "prob_artifact_free": prob, "error": errors.astype(str)}
@@ -179,14 +179,21 @@ def _source_path(shown: str, fs: pafs.FileSystem | None) -> str:
 PROB_DRIFT = 0.02
 
 
-def _drift(heatmap: dict[str, Any], row_prob: float) -> str:
+def _drift(heatmap: dict[str, Any], row_prob: float, threshold: float) -> str:
     """Why a card's heatmap may not explain its row: the model that drew it gives another
-    P(artifact) for the file ("" when within :data:`PROB_DRIFT`, or no heatmap)."""
+    P(artifact) for the file, by more than :data:`PROB_DRIFT` or on the other side of the
+    threshold ("" when neither, or no heatmap)."""
     prob = heatmap.get("prob")
-    if heatmap.get("error") or prob is None or not math.isfinite(prob) or abs(prob - row_prob) <= PROB_DRIFT:
+    if heatmap.get("error") or prob is None or not math.isfinite(prob):
         return ""
-    return (f"the heatmap's model gives P(artifact) {1.0 - prob:.3f} for this file, the row {1.0 - row_prob:.3f}: "
-            f"the file changed since scoring, or it was scored another way (int8, GPU)")
+    # Near the threshold a tiny difference flips the decision, and with it the map's reading
+    # (its middle is the threshold): the uncertain cards are exactly those.
+    crosses = (prob < threshold) != (row_prob < threshold)
+    if abs(prob - row_prob) <= PROB_DRIFT and not crosses:
+        return ""
+    side = ", on the other side of the threshold, so its map reads the other way" if crosses else ""
+    return (f"the heatmap's model gives P(artifact) {1.0 - prob:.3f} for this file, the row {1.0 - row_prob:.3f}"
+            f"{side}: the file changed since scoring, or it was scored another way (int8, GPU)")
 
 
 def _missing(paths: Sequence[str], fs: pafs.FileSystem | None) -> set[str]:
@@ -295,7 +302,7 @@ def write_report(output_dir: str, *, top: int = 500, uncertain: int = 50, bundle
         res = results.get(r["path"], {"error": "no heatmap returned for this file"})
         out = {"f": r["filename"], "c": round(r["confidence"], 4), "pa": round(1.0 - r["prob_artifact_free"], 4),
                "p": r["predicted_class"], "t": res.get("thumb", ""), "o": res.get("overlay", ""), "e": res["error"]}
-        drift = _drift(res, r["prob_artifact_free"])
+        drift = _drift(res, r["prob_artifact_free"], threshold)
         if drift:
             out["d"] = drift
         return out
@@ -463,8 +470,9 @@ def render_page(summary: dict[str, Any], flagged: Sequence[dict], uncertain: Seq
 #: What the overlays show, by head (the page's note under the summary).
 _HEATMAP_NOTES = {
     "evidence": "the model's own evidence for an artifact in each 16 px cell (the cells its score is pooled "
-                "from), on one scale for every image with its middle at the decision threshold: red = a cell "
-                "that reads as artifact at this threshold, blue = clean, so a clean image stays blue.",
+                "from), on one scale for every image with its middle (white) at the decision threshold: red = "
+                "a cell that reads as artifact at this threshold, blue = clean. An image is flagged when its "
+                "strongest cells together pass the middle, so a lone red cell can sit on an image that is not.",
     "grad-cam": "a Grad-CAM heatmap of where the model sees artifact evidence (last feature block, scaled per "
                 "image: red = strongest in this image, also in a clean one).",
 }

@@ -18,7 +18,8 @@ from torch import nn
 
 from artifact_core.bundle import BundleConfig, save_bundle
 from artifact_core.images import decode_image
-from artifact_core.explain import Explainer, explain_paths, gradcam_heatmaps, overlay
+from artifact_core.explain import (Explainer, cell_geometry, explain_paths, gradcam_heatmaps, overlay,
+                                   upsample_cells)
 from conftest import REPO, calibrated_model, make_easy_folder, write_image
 
 
@@ -61,6 +62,48 @@ def test_heatmap_marks_the_region_that_drives_the_artifact_logit():
         assert inside > 0.5 > 0.1 > outside, (y, x, inside, outside)
         py, px = np.unravel_index(heat[0].argmax(), heat[0].shape)
         assert y - 4 <= py < y + 20 and x - 4 <= px < x + 20
+
+
+@pytest.mark.parametrize("head,size", [("multiscale", 384), ("global", 512)])
+def test_cell_geometry_is_where_each_cells_receptive_field_is_centred(head, size):
+    """The support of a middle cell's input gradient (symmetric kernels: its middle is the
+    cell's centre) is centred on ``stride * j + offset``: 16 j and 32 j px for MobileNetV2, half
+    a cell before the middle of the block a resized map would put it on."""
+    from artifact_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(weights="none", head=head).eval()
+    x = torch.randn(1, 3, size, size).requires_grad_(True)
+    cells = model.features(x)
+    j = cells.shape[-1] // 2
+    cells[0, :, j, j].sum().backward()
+    support = x.grad[0].abs().sum(0) > 0
+    assert 0 < int(support.sum()) < size * size, "the receptive field must lie inside the input"
+    (step_y, offset_y), (step_x, offset_x) = cell_geometry(model.features)
+    assert (step_y, step_x) == ((16.0, 16.0) if head == "multiscale" else (32.0, 32.0))
+    for along, (step, offset) in ((support.any(1), (step_y, offset_y)), (support.any(0), (step_x, offset_x))):
+        where = torch.nonzero(along)[:, 0]
+        assert (int(where.min()) + int(where.max())) / 2 == step * j + offset
+    # A layer with no padding (RedDetector's 4 px blocks) is centred on each block's middle.
+    assert cell_geometry(RedDetector().features) == ((4.0, 1.5), (4.0, 1.5))
+
+
+def test_upsampled_cells_sit_on_their_centres():
+    cells = torch.zeros(1, 1, 16, 16)
+    cells[0, 0, 5, 15] = 1.0
+    heat = upsample_cells(cells, (500, 500), ((32.0, 0.0), (32.0, 0.0)))[0, 0]
+    assert heat.shape == (500, 500) and float(heat[160, 480]) == pytest.approx(1.0)
+    assert np.unravel_index(int(heat.argmax()), heat.shape) == (160, 480)
+    # halfway to the next cell, half; past the outermost centre, the outermost cell's own value
+    assert float(heat[160, 464]) == pytest.approx(0.5) and float(heat[160, 499]) == pytest.approx(1.0)
+    assert float(heat[176, 480]) == pytest.approx(0.5) and float(heat[192, 480]) == 0.0
+    # No padding: the same as resizing the map (its cells are the blocks' middles).
+    cells = torch.rand(2, 1, 16, 16)
+    np.testing.assert_allclose(upsample_cells(cells, (64, 64), ((4.0, 1.5), (4.0, 1.5))),
+                               nn.functional.interpolate(cells, size=(64, 64), mode="bilinear"), atol=1e-5)
+    # A map the geometry does not describe is stretched over the image.
+    np.testing.assert_allclose(upsample_cells(cells, (300, 300), ((32.0, 0.0), (32.0, 0.0))),
+                               nn.functional.interpolate(cells, size=(300, 300), mode="bilinear"), atol=1e-5)
 
 
 def test_heatmap_is_evidence_for_the_artifact_class_not_against_it():
@@ -199,8 +242,8 @@ def _calibrated(model, x):
 def test_heatmaps_of_the_trunk_heads_are_their_evidence_on_one_scale(seed, size):
     """The multiscale head as shipped (5 members, test-time flip): each cell shows the evidence
     of the view that scored, anchored so that its strongest cells pool to the image's own
-    artifact logit, with 0.5 at the decision threshold; on the cells' own 16 px grid (200 px:
-    13 cells, the last past the edge); the same images with the evidence lowered come out cold
+    artifact logit, with 0.5 at the decision threshold; each cell on its receptive field's centre
+    (200 px: 13 cells, 16 px apart); the same images with the evidence lowered come out cold
     (a per-image scale would not change)."""
     from artifact_core.explain import heatmaps
     from artifact_core.model import build_model
@@ -225,7 +268,10 @@ def test_heatmaps_of_the_trunk_heads_are_their_evidence_on_one_scale(seed, size)
         decision = float(np.log((1 - threshold) / threshold))
         for i in range(len(x)):
             for cy, cx in [np.unravel_index(int(cells[i].argmax()), cells[i].shape), (cells.shape[1] - 1, 0)]:
-                centre = heat[i, min(cy * 16 + 8, size - 1), cx * 16 + 8]  # a cell's middle: its own value
+                # a cell's receptive-field centre: its own value (a mirrored view's centres are
+                # the mirror images of its own grid's)
+                column = size - 1 - 16 * (cells.shape[2] - 1 - cx) if use_mirror[i] else 16 * cx
+                centre = heat[i, cy * 16, column]
                 want = float(torch.sigmoid(anchored[i, cy, cx] - decision))
                 assert abs(float(centre) - want) < 0.03, (i, (cy, cx), float(centre), want)
             # flagged at this threshold exactly when the strongest cells pool past the middle
@@ -237,6 +283,32 @@ def test_heatmaps_of_the_trunk_heads_are_their_evidence_on_one_scale(seed, size)
         prob_artifact = 1 - torch.sigmoid(model(x)[:, 0])
     cold = heatmaps(model, x)
     assert float(prob_artifact.max()) < 0.01 and cold.max() < 0.05
+
+
+def test_evidence_maps_are_drawn_white_at_the_threshold_and_grad_cam_in_jet(bundle64, tmp_path):
+    """The evidence maps' middle is the decision threshold: neutral there, red above, blue
+    below; Grad-CAM (scaled per image, no threshold) keeps its rainbow."""
+    from matplotlib import colormaps
+
+    from artifact_core.explain import DEFAULT_CMAP, EVIDENCE_CMAP
+
+    grey = np.full((8, 8, 3), 128, np.uint8)
+    for heat, want in ((0.5, "neutral"), (1.0, "red"), (0.0, "blue")):
+        r, g, b = overlay(grey, np.full((8, 8), heat, np.float32), cmap=EVIDENCE_CMAP)[0, 0].astype(int)
+        if want == "neutral":
+            assert max(r, g, b) - min(r, g, b) < 12, (r, g, b)
+        elif want == "red":
+            assert r > b + 60 and r > g + 60, (r, g, b)
+        else:
+            assert b > r + 40 and b > g + 20, (r, g, b)
+    r, g, b = (np.asarray(colormaps[DEFAULT_CMAP](0.5)[:3]) * 255).astype(int)
+    assert g > r and g > b  # jet's middle is green: no place for a threshold
+    assert Explainer(bundle64).cmap == DEFAULT_CMAP  # a global-head bundle: Grad-CAM
+    from artifact_core.model import build_model
+
+    evidence = save_bundle(str(tmp_path / "multiscale"), build_model(weights="none", head="multiscale").eval(),
+                           BundleConfig(image_size=64, head="multiscale"))
+    assert Explainer(evidence).cmap == EVIDENCE_CMAP
 
 
 def test_a_global_head_is_explained_by_grad_cam():

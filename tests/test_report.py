@@ -523,3 +523,16 @@ def test_a_card_says_when_its_heatmap_model_disagrees_with_the_row(bundle64, tmp
     cards = {c["f"]: c for c in data["flagged"] + data["uncertain"]}
     assert "P(artifact)" in cards[first["filename"]]["d"] and "the row 1.000" in cards[first["filename"]]["d"]
     assert all("d" not in c for name, c in cards.items() if name != first["filename"])
+
+
+def test_a_card_says_when_its_heatmap_model_lands_on_the_other_side_of_the_threshold():
+    """Within the 0.02 tolerance, but across the threshold: the map (its middle is the threshold)
+    reads the other way than the card's class, which the card must say."""
+    from artifact_core.report import _drift
+
+    across = _drift({"prob": 0.505, "error": ""}, 0.495, 0.5)
+    assert "other side of the threshold" in across and "P(artifact) 0.495" in across and "the row 0.505" in across
+    assert _drift({"prob": 0.51, "error": ""}, 0.52, 0.5) == ""  # same side, within tolerance
+    far = _drift({"prob": 0.60, "error": ""}, 0.70, 0.5)  # same side, beyond tolerance
+    assert far and "other side" not in far
+    assert _drift({"prob": 0.49, "error": "cannot decode"}, 0.51, 0.5) == ""
