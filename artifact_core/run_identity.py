@@ -9,6 +9,12 @@ fields or data differ is refused with the differences named. ``--overwrite`` del
 the entries runs write (:func:`is_owned`), and only in a folder that holds a run record; a
 folder holding nothing but what a first start killed before its record wrote is cleared and
 started again (:func:`clear_interrupted_start`).
+
+Each start also writes itself into the record as the run's holder (:func:`new_holder`): the
+latest start holds the run. A job whose run another start has claimed since (a rerun while it
+still ran, ``--overwrite``) stops at its next epoch, before it reports a checkpoint, and does
+not export (:func:`holder_lost`): two Train controllers on one folder would delete each
+other's checkpoints and leave a record Ray cannot resume from.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import io
 import json
 import logging
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -67,6 +75,51 @@ START_FILES = (SPLIT_JSON, SPLIT_PARQUET)
 
 class RunConflictError(ValueError):
     """The run folder holds another run (or no run); the message names why and what to do."""
+
+
+class RunTakenOverError(RunConflictError):
+    """Another start claimed the run folder while this job ran; the message names it."""
+
+
+def new_holder() -> dict[str, Any]:
+    """An id for this start (with where it runs, for the messages) to claim a run folder with."""
+    return {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+
+
+def holder_lost(run: Location | None, holder_id: str) -> str:
+    """Why ``run`` is no longer held by the start ``holder_id`` ("" while it is, or for no run folder).
+
+    A record that cannot be read right now (an object store's passing error) leaves the run
+    with its holder: only a readable record that names another start, or no record, takes
+    the run away.
+    """
+    if run is None:
+        return ""
+    try:
+        record = read_record(run)
+    except (OSError, RunConflictError) as exc:
+        log.warning("cannot check who holds run %s (%s); going on", redact_uri(run.uri), exc)
+        return ""
+    holder = (record or {}).get("holder")
+    if record is not None and isinstance(holder, dict) and holder.get("id") == holder_id:
+        return ""
+    if record is None:
+        why = f"its {RUN_FILE} is gone (--overwrite by another job, or the folder was deleted)"
+    elif isinstance(holder, dict):
+        why = (f"another start claimed it (on {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+               f"at {holder.get('since', '?')})")
+    else:
+        why = "another start claimed it"
+    return (f"run {redact_uri(run.uri)} was taken over while this job ran: {why}. This job stops without "
+            f"reporting or exporting anything more, so the two do not write the same checkpoints; the "
+            f"run continues in the job that claimed it")
+
+
+def check_holder(run: Location | None, holder_id: str) -> None:
+    """Raise :class:`RunTakenOverError` when another start has claimed ``run`` (:func:`holder_lost`)."""
+    why = holder_lost(run, holder_id)
+    if why:
+        raise RunTakenOverError(why)
 
 
 @dataclass
@@ -242,7 +295,11 @@ def clear_run(run: Location) -> list[str]:
         raise RunConflictError(
             f"--overwrite refused: {redact_uri(run.join(RUN_FILE).uri)} was not written by this project's training "
             f"or sweeps; nothing was deleted; choose another --name or --storage-path")
-    removed = [n for n in names if is_owned(n)]
+    # Ray's checkpoint list first, the record last: a kill part-way leaves neither a list
+    # naming deleted checkpoints (a rerun Ray refuses as corrupted) nor, without a record, a
+    # folder that --overwrite no longer accepts as a run's.
+    first, last = "checkpoint_manager_snapshot.json", RUN_FILE
+    removed = sorted((n for n in names if is_owned(n)), key=lambda n: (n != first, n == last, n))
     for name in removed:
         log.info("--overwrite: removing %s", redact_uri(run.join(name).uri))
         run.join(name).remove()
@@ -311,7 +368,7 @@ def _without_credentials(config: dict[str, Any]) -> dict[str, Any]:
 
 def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[str], data_root: str,
               make_split: Callable[[], Split], overwrite: bool = False,
-              extra_identity: dict[str, Any] | None = None) -> Split:
+              extra_identity: dict[str, Any] | None = None, holder: dict[str, Any] | None = None) -> Split:
     """Start or resume the run in ``run`` and return the split it trains on.
 
     Args:
@@ -323,6 +380,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
         make_split: computes a fresh split (first start or ``--overwrite``).
         overwrite: delete what an earlier run wrote here first.
         extra_identity: more fields that define the run (a sweep's search space).
+        holder: this start (:func:`new_holder`), recorded as the run's holder: a job that held
+            the run before stops at its next check (:func:`holder_lost`).
 
     Raises:
         RunConflictError: naming the differences, with ``--name``/``--overwrite`` offered.
@@ -330,7 +389,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     config = _without_credentials(config)  # (records are read by others; a key may rotate)
     shown = redact_uri(run.uri)
     new = {"writer": WRITER, "version": RECORD_VERSION, "kind": kind,
-           "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config}
+           "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config,
+           **({"holder": holder} if holder else {})}
     clear_interrupted_start(run, data_root, any_root=overwrite)
     if overwrite:
         clear_run(run)
@@ -366,7 +426,7 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
                  "its stored split (start a new --name to train on them)", len(added), data_root, shown, added[:3])
     before = _without_credentials(old.get("config", {}))  # (a record from before they were left out)
     changed = {k: (before.get(k), v) for k, v in config.items() if not _same(before.get(k), v)}
-    old.update(config=config)
+    old.update(config=config, **({"holder": holder} if holder else {}))
     old.setdefault("history", []).append({"resumed": _now(), **({"changed": changed} if changed else {})})
     write_record(run, old)
     log.info("resuming run %s with its stored split (%d train, %d val)", shown,

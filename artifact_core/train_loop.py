@@ -36,6 +36,7 @@ from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC
                                    keep_score, predict_labels, ranking_metrics, selection_score)
 from artifact_core.model import (amp_dtype, frozen_prefix, head_logits, model_for, set_trainable, train_mode, trunk_prefix,
                                  trunk_suffix, unwrap)
+from artifact_core.run_identity import holder_lost
 from artifact_core.spill import SpillFile, spill_room
 from artifact_core.transforms import eval_transform, train_transform
 
@@ -195,6 +196,24 @@ def _gather(values: list) -> list:
     out: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(out, values)
     return [v for part in out for v in part]
+
+
+class _TakenOver(Exception):
+    """Another start claimed this run's folder: every rank leaves the loop (raised on all at once)."""
+
+
+def _check_still_held(loop_config: dict, rank: int) -> None:
+    """Raise :class:`_TakenOver` on every rank when another start has claimed the run folder
+    since this job did (rank 0 reads the record; the others take its answer)."""
+    holder = loop_config.get("run_holder")
+    if not holder or loop_config.get("run_folder") is None:
+        return
+    why = holder_lost(loop_config["run_folder"], holder) if rank == 0 else ""
+    why = _gather([why])[0]
+    if why:
+        if rank == 0:
+            log.error("%s", why)
+        raise _TakenOver(why)
 
 
 def _mean_across_ranks(total: float, count: int, device: torch.device) -> float:
@@ -939,6 +958,9 @@ def run_phase(spec: PhaseSpec, *, model: nn.Module, state: LoopState, optimizer_
             "unreadable_skipped": unreadable, "features_cached": caches is not None,
         }
         state.history.append(metrics)
+        # Before the checkpoint: a job whose run another start took over must not add to (or
+        # let Ray prune) the checkpoints the new holder resumes from.
+        _check_still_held(loop_config, rank)
         with tempfile.TemporaryDirectory() as tmpdir:
             checkpoint = None
             if rank == 0:
@@ -995,6 +1017,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # would otherwise be what moves it.
     model = model.to(device)
 
+    try:
+        # (a worker group Ray restarts after the run was taken over stops before any work)
+        _check_still_held(loop_config, rank)
+        _run_phases(loop_config, cfg, model, state, optimizer_state, device, context)
+    except _TakenOver:
+        # A clean end, not an error: Ray would restart a failed worker group (--max-failures)
+        # only to stop it again; the driver then refuses to export (run_identity.check_holder).
+        return
+
+
+def _run_phases(loop_config: dict, cfg: TrainConfig, model: nn.Module, state: LoopState,
+                optimizer_state: dict | None, device: torch.device, context: dict) -> None:
+    """The phases from ``state`` on (both, or what is left of them after a resume)."""
+    rank, world = context["rank"], context["world"]
     weights = torch.tensor(loss_weights(cfg, loop_config["class_weights"]), dtype=torch.float32, device=device)
     loaders = _loaders(loop_config, cfg, rank, world)
     specs = phases(cfg)

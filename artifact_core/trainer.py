@@ -33,7 +33,8 @@ from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC
 from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
-from artifact_core.run_identity import Split, claim_run, read_record, stored_split_paths
+from artifact_core.run_identity import (Split, check_holder, claim_run, new_holder, read_record,
+                                       stored_split_paths)
 from artifact_core.storage import Location, check_apart, is_uri, resolve, uri_without_credentials
 from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
                                       read_val_scores, train_loop_per_worker)
@@ -192,11 +193,13 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         raise WeightsUnavailableError(f"--weights {cfg.weights!r} does not fit MobileNetV2 with the {cfg.head} head: "
                                       f"{first[:300]}") from exc
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
+    holder = new_holder()
     if run is None:
         stored = fresh_split()
     else:
         stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data_root,
-                           make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity)
+                           make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity,
+                           holder=holder)
     split = stored.absolute(folder.root)
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
@@ -205,7 +208,9 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     # pickles to the workers, which read each image through it at its turn.
     return {"train": {**train_dict, "overwrite": False}, "split": split, "data_fs": folder.fs,
             "class_weights": class_weights(split["train_labels"]).tolist(), "initial_state": initial_state,
-            "counts": counts, "weights_source": weights_source, "recorded_epochs": recorded_epochs}
+            "counts": counts, "weights_source": weights_source, "recorded_epochs": recorded_epochs,
+            # the workers stop when another start claims the run (run_identity.holder_lost)
+            "run_folder": run, "run_holder": holder["id"]}
 
 
 def storage_args(storage_path: str) -> dict[str, Any]:
@@ -471,6 +476,8 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     bundle = resolve(cfg.storage_path).join(cfg.name, BUNDLE_FOLDER)
     trainer = build_trainer(cfg, loop_config, name=cfg.name, storage_path=cfg.storage_path)
     result = trainer.fit()
+    # A job whose run another start claimed meanwhile exports nothing: the bundle is the new holder's.
+    check_holder(loop_config["run_folder"], loop_config["run_holder"])
     bundle_dir = bundle.uri
     unreadable = unreadable_of(result)
     metrics = export_bundle(result, cfg, bundle, extra_metrics={

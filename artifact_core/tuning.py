@@ -31,6 +31,7 @@ from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.metrics import SELECT_SCORE, best_report, is_diverged, report_score, selection_key
 from artifact_core.raycluster import (check_fits, detect_autoscaler, groups_that_fit, live_nodes, remove_wait_groups,
                                       units)
+from artifact_core.run_identity import check_holder
 from artifact_core.storage import Location, resolve
 from artifact_core.train_loop import SCHEDULE_EPOCH
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, data_task_cpus, export_bundle,
@@ -360,6 +361,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         # A trial killed while it waited for nodes leaves its stand-in placement group behind
         # (a killed actor runs no cleanup; Ray would remove it only with this job).
         remove_wait_groups()
+    # A sweep another start claimed meanwhile (its trials stopped early) writes nothing more.
+    check_holder(loop_config["run_folder"], loop_config["run_holder"])
     table = results_table(grid, total_epochs, metric)
     table["image_size"] = table["image_size"].fillna(base.image_size).astype(int)
     write_results(sweep, table, metric)

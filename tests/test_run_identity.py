@@ -87,6 +87,38 @@ def test_overwrite_deletes_only_what_runs_wrote(tmp_path):
     assert loop["train"]["overwrite"] is False  # the workers and the bundle never see it
 
 
+def test_an_overwrite_killed_part_way_leaves_a_folder_overwrite_accepts(tmp_path, monkeypatch):
+    """Ray's checkpoint list goes first (no list naming deleted checkpoints) and the record last
+    (the folder stays a run's): after a kill at any deletion, --overwrite starts the run again."""
+    from artifact_core.storage import Location
+
+    data = make_easy_folder(tmp_path / "train", n=16)
+    run = tmp_path / "runs" / "r"
+    real_remove = Location.remove
+    for kill_after in range(6):
+        prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+        for name in ("checkpoint_000001", "checkpoint_000002", "model"):
+            (run / name).mkdir()
+        (run / "checkpoint_manager_snapshot.json").write_text("{}")
+        (run / "notes.txt").write_text("mine")  # a user's file: the folder is never a bare start
+        order, left = [], [kill_after]
+
+        def remove(loc, *args, **kwargs):
+            if not left[0]:
+                raise KeyboardInterrupt
+            left[0] -= 1
+            order.append(os.path.basename(loc.path))
+            return real_remove(loc, *args, **kwargs)
+        monkeypatch.setattr(Location, "remove", remove)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+        monkeypatch.setattr(Location, "remove", real_remove)
+        assert (run / RUN_FILE).exists()
+        assert not order or order[0] == "checkpoint_manager_snapshot.json"
+        prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+        assert sorted(p.name for p in run.iterdir()) == sorted([RUN_FILE, "notes.txt", SPLIT_JSON])
+
+
 def test_folders_that_are_not_runs_are_left_alone(tmp_path):
     data = make_easy_folder(tmp_path / "train", n=16)
     foreign = tmp_path / "runs" / "r"
@@ -393,3 +425,40 @@ def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation
     record = (tmp_path / "runs" / "r" / RUN_FILE).read_text()
     assert "SECRET" not in record and "SECRET" not in (tmp_path / "runs" / "r" / SPLIT_JSON).read_text()
     assert len(json.loads(record)["history"]) == 2
+
+
+def test_the_latest_start_holds_the_run_and_an_earlier_one_learns_it_lost_it(tmp_path, monkeypatch):
+    """A rerun (or --overwrite) while the first job still runs: the record names the new start
+    as the holder, and the earlier job is told so (it then stops and exports nothing)."""
+    from artifact_core.run_identity import RunTakenOverError, check_holder, holder_lost
+
+    data = make_easy_folder(tmp_path / "train", n=16)
+    first = prepare_run(cfg(data, tmp_path / "runs"))
+    run = first["run_folder"]
+    assert holder_lost(run, first["run_holder"]) == ""
+    second = prepare_run(cfg(data, tmp_path / "runs"))  # the same command again
+    record = json.loads((tmp_path / "runs" / "r" / RUN_FILE).read_text())
+    assert record["holder"]["id"] == second["run_holder"] != first["run_holder"]
+    assert record["holder"]["pid"] == os.getpid() and record["holder"]["host"]
+    lost = holder_lost(run, first["run_holder"])
+    assert "was taken over" in lost and f"pid {os.getpid()}" in lost and str(tmp_path / "runs" / "r") in lost
+    assert holder_lost(run, second["run_holder"]) == ""
+    with pytest.raises(RunTakenOverError, match="was taken over"):
+        check_holder(run, first["run_holder"])
+    check_holder(run, second["run_holder"])
+    # an unnamed run has no folder to lose
+    assert holder_lost(None, "x") == ""
+
+    third = prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+    assert holder_lost(run, second["run_holder"]) and holder_lost(run, third["run_holder"]) == ""
+    (tmp_path / "runs" / "r" / RUN_FILE).unlink()  # deleted under the running job
+    assert "is gone" in holder_lost(run, third["run_holder"])
+
+    # A record that cannot be read for a moment (an object store's passing error) takes
+    # nothing away: training goes on.
+    fourth = prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+
+    def failing_read(loc):
+        raise OSError("503 Slow Down")
+    monkeypatch.setattr(run_identity, "read_record", failing_read)
+    assert holder_lost(run, fourth["run_holder"]) == "" and holder_lost(run, "someone else") == ""

@@ -618,3 +618,45 @@ def test_the_schedule_counts_the_batches_the_loader_yields(n, world, ingest, ste
         split = {"train_paths": paths, "train_labels": [int(i % 10 != 0) for i in range(n)],
                  "val_paths": paths[:2], "val_labels": [0, 1]}
         assert len(train_loop._loaders({"split": split}, cfg, 0, world)[0]) == steps
+
+
+def test_a_job_whose_run_another_start_claimed_stops_before_its_next_checkpoint(tmp_path, monkeypatch):
+    """The same command run again while the first job still trains: the first job's next epoch
+    reports no checkpoint (nor lets Ray prune any) and its loop ends cleanly."""
+    import ray.train
+    import ray.train.torch
+
+    from artifact_core.trainer import prepare_run
+    from conftest import make_easy_folder
+
+    data = make_easy_folder(tmp_path / "d", n=16, size=32)
+    cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="r", image_size=32,
+                      batch_size=4, head_members=1, weights="none", decode_cache_mb=0, head_epochs=3,
+                      finetune_epochs=0, patience=0, val_fraction=0.25)
+    first = prepare_run(cfg)
+    reports, claims = [], [1]
+
+    def report(metrics, checkpoint=None):
+        reports.append(metrics["epoch"])
+        if claims:
+            prepare_run(cfg)  # another job claims the run after this job's first epoch
+            claims.pop()
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m: m)
+    torch.manual_seed(0)
+    model = train_loop.model_for(cfg)
+    state = train_loop.LoopState()
+    with pytest.raises(train_loop._TakenOver, match="was taken over"):
+        train_loop.run_phase(train_loop.phases(cfg)[0], model=model, state=state, optimizer_state=None, cfg=cfg,
+                             loop_config=first, loaders=train_loop._loaders(first, cfg, 0, 1),
+                             weights=torch.ones(2), device=torch.device("cpu"),
+                             context={"rank": 0, "world": 1, "workers_on_node": 1, "node_ids": []})
+    assert reports == [1], "the epoch after the takeover must not be reported"
+    # The job that holds the run trains on as before.
+    again = prepare_run(cfg)
+    reports.clear()
+    train_loop.run_phase(train_loop.phases(cfg)[0], model=model, state=train_loop.LoopState(), optimizer_state=None,
+                         cfg=cfg, loop_config=again, loaders=train_loop._loaders(again, cfg, 0, 1),
+                         weights=torch.ones(2), device=torch.device("cpu"),
+                         context={"rank": 0, "world": 1, "workers_on_node": 1, "node_ids": []})
+    assert reports == [1, 2, 3]
