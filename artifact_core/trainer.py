@@ -149,11 +149,21 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     check_classes_readable(folder.paths, folder.labels, folder.fs)  # before a record: nothing to clear
     prefix = folder.root.rstrip("/") + "/"
     relative = [p[len(prefix):] for p in folder.paths]
+    distinct_cache: list[list[int]] = []
+
+    def distinct() -> list[int]:
+        # Each file once (local data): a file under two names must not land on both sides.
+        if not distinct_cache:
+            distinct_cache.append(distinct_files(folder.paths, folder.labels) if folder.fs is None
+                                  else list(range(len(folder.paths))))
+        return distinct_cache[0]
+
     if cfg.image_size == "auto":
         # A rerun samples the files its first start did (its stored split): files added since
-        # must not change the size, and so the run's identity.
+        # must not change the size, and so the run's identity. A first start samples the
+        # files its split is drawn from (each file once), which is what that split stores.
         stored = None if run is None or cfg.overwrite else stored_split_paths(run, data_root, folder.root)
-        side = native_short_side(stored or folder.paths, folder.fs)
+        side = native_short_side(stored or [folder.paths[i] for i in distinct()], folder.fs)
         cfg.image_size = auto_image_size(side)
         log.info("image size: auto -> %d px (the short side of %s is %s)", cfg.image_size,
                  "the run's stored split" if stored else "the images",
@@ -161,12 +171,12 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     train_dict = {**cfg.to_dict(), "data_dir": data.uri}
 
     def fresh_split() -> Split:
-        # Each file once (local data): a file under two names must not land on both sides.
-        # Only here, when a split is drawn: a stored split keeps the names it was drawn from.
-        distinct = distinct_files(folder.paths, folder.labels) if folder.fs is None else list(range(len(folder.paths)))
-        train_idx, val_idx = stratified_split([folder.labels[i] for i in distinct], val_fraction=cfg.val_fraction,
+        # Only here (and for a first start's auto size), when a split is drawn: a stored split
+        # keeps the names it was drawn from.
+        once = distinct()
+        train_idx, val_idx = stratified_split([folder.labels[i] for i in once], val_fraction=cfg.val_fraction,
                                               seed=cfg.seed)
-        train_idx, val_idx = [distinct[i] for i in train_idx], [distinct[i] for i in val_idx]
+        train_idx, val_idx = [once[i] for i in train_idx], [once[i] for i in val_idx]
         # Refused before the run folder is claimed: a split that cannot train leaves no record.
         for warning in check_split([folder.labels[i] for i in train_idx], [folder.labels[i] for i in val_idx],
                                    cfg.val_fraction):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
+from PIL import Image
 
 from artifact_core.config import TrainConfig, add_training_args, config_from_args
 from artifact_core.trainer import demo_data_dir, prepare_run
@@ -70,8 +72,6 @@ def test_demo_data_dir_generated_once(tmp_path):
 
 
 def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypatch):
-    from PIL import Image
-
     from artifact_core.config import auto_image_size, parse_image_size
     from artifact_core.data import native_short_side
 
@@ -106,6 +106,27 @@ def test_image_size_auto_follows_the_images_without_decoding(tmp_path, monkeypat
     with pytest.raises(ValueError, match="image_size: 672 before, 320 now"):
         prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="auto", weights="none",
                                 val_fraction=0.3, image_size=320))
+
+
+def test_auto_size_of_a_first_start_counts_each_file_once_as_its_rerun_does(tmp_path, monkeypatch):
+    """Links to the large files made them the listing's median (768 px), but the stored split,
+    which a rerun measures, holds each file once (288 px): the first start must measure that
+    too, or the plain rerun is refused as another image size."""
+    data = tmp_path / "train"
+    data.mkdir()
+    for i in range(12):
+        side = 1000 if i >= 8 else 300
+        Image.new("RGB", (side, side), (i * 20, 90, 120)).save(data / f"image_{i}_{int(i % 4 > 0)}.png")
+    for j in range(10):
+        os.symlink(data / f"image_{8 + j % 4}_{int((8 + j % 4) % 4 > 0)}.png",
+                   data / f"image_{100 + j}_{int((8 + j % 4) % 4 > 0)}.png")
+    monkeypatch.setattr("artifact_core.trainer.check_classes_readable", lambda *a, **k: None)
+
+    def start() -> dict:
+        return prepare_run(TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="links",
+                                       weights="none", val_fraction=0.25))
+    assert start()["train"]["image_size"] == 288
+    assert start()["train"]["image_size"] == 288  # the rerun resumes, not refused
 
 
 def test_test_time_flip_is_on_for_the_trunk_heads_and_can_be_turned_off():
