@@ -183,8 +183,19 @@ class TrainConfig:
         """Whether the model this config builds scores the mirrored image too (not the global head)."""
         return mirror_pass_acts(self.test_time_flip, self.head)
 
+    def validate_paths(self) -> "TrainConfig":
+        """Raise ``ValueError`` for an empty ``--data-dir`` (None: the demo's), ``--storage-path``
+        or ``--weights``."""
+        for flag, value, expected in (("--data-dir", self.data_dir, "a folder path or URI (leave it out for the demo)"),
+                                      ("--storage-path", self.storage_path, "a folder path or URI"),
+                                      ("--weights", self.weights, "imagenet, torchvision, bundled, none or a file")):
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise ValueError(f"{flag} must be {expected}, got {value!r}")
+        return self
+
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first flag out of range."""
+        self.validate_paths()
         name_problem = None if self.name is None else run_name_problem(self.name, in_uri=is_uri(self.storage_path))
         checks = [
             ("--num-workers", self.num_workers >= 1, "at least 1"),
@@ -379,6 +390,9 @@ def run_name_problem(name: str, *, in_uri: bool = False) -> str | None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Fill a :class:`TrainConfig` from parsed flags, with absolute paths and a run name."""
     cfg = TrainConfig.from_dict(vars(args))
+    # An empty value (an unset shell variable) is an error, not the demo's data, the working
+    # folder or random weights: checked before the paths are made absolute.
+    cfg.validate_paths()
     cfg.storage_path = absolute_storage_path(cfg.storage_path)
     if cfg.data_dir:
         cfg.data_dir = absolute_storage_path(cfg.data_dir)  # a URI stays as it is

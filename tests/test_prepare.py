@@ -240,3 +240,22 @@ def test_unfreeze_depth_zero_needs_no_phase_two():
         TrainConfig(unfreeze_depth=0, finetune_epochs=2).validate()
     with pytest.raises(ValueError, match="--unfreeze-depths must be values in 1"):
         SweepConfig(base=TrainConfig(), unfreeze_depths=[0, 2]).validate()
+
+
+@pytest.mark.parametrize("job", ["train", "tune"])
+@pytest.mark.parametrize("flag", ["--data-dir", "--storage-path", "--weights"])
+def test_an_empty_path_flag_is_one_line_not_the_demo_or_the_working_folder(tmp_path, monkeypatch, capsys, job, flag):
+    """``--data-dir "$DATA"`` with DATA unset: an error naming the flag, before Ray starts; not
+    the demo data, the working folder or random weights."""
+    import logging
+
+    from artifact_core.jobs_common import run_job
+    from conftest import load_job
+
+    monkeypatch.chdir(tmp_path)
+    module = load_job(job)
+    argv = {"--data-dir": ["--data-dir", " "], "--storage-path": ["--storage-path", ""], "--weights": ["--weights", ""]}[flag]
+    rc = run_job(module.main, module.get_args_parser().parse_args(argv), logging.getLogger("test"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {flag} must be" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # no demo data, no run folder
