@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -723,7 +724,12 @@ def _label_value(text: str | None) -> int | None:
 def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
     """Metrics of a finished scoring output against a ``filename,label`` CSV.
 
-    Error rows count as wrong predictions; files missing from the labels are ignored.
+    A label's ``filename`` is matched to a scored file's path under the input folder, else to
+    the one scored file of that base name (a CSV of bare names for a folder with sub-folders);
+    error rows count as wrong predictions. The metrics hold what was compared:
+    ``labels_matched``, ``labels_unmatched`` (with up to 5 ``unmatched_examples``) and
+    ``scored_without_label`` (scored files no label names), which a partial match needs beside
+    its F1.
     """
     truth = read_labels(labels_csv)
     csv = resolve(output).join(CSV_FILE)
@@ -731,10 +737,23 @@ def evaluate_against_labels(output: str, labels_csv: str) -> dict[str, Any]:
         pred = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(newlines_in_values=True),
                               convert_options=pacsv.ConvertOptions(column_types={"filename": pa.string()})).to_pydict()
     by_name = dict(zip(pred["filename"], pred["predicted_class"]))
-    pairs = [(y, int(by_name[f])) for f, y in truth if f in by_name]
+    by_base: dict[str, list[str]] = {}
+    for name in by_name:
+        by_base.setdefault(posixpath.basename(name), []).append(name)
+    pairs, unmatched, used = [], [], set()
+    for name, y in truth:
+        if name not in by_name and len(by_base.get(name, ())) == 1:
+            name = by_base[name][0]
+        if name in by_name:
+            pairs.append((y, int(by_name[name])))
+            used.add(name)
+        else:
+            unmatched.append(name)
     if not pairs:
-        raise ValueError(f"no file in {labels_csv!r} matches a scored filename in {output!r}")
+        raise ValueError(f"no file in {labels_csv!r} matches a scored filename in {redact_uri(output)!r} "
+                         f"(e.g. {unmatched[0]!r}; scored e.g. {next(iter(by_name), None)!r})")
     y_true = [t for t, _ in pairs]
     # An error row (-1) is a miss: predict the opposite of the truth.
     y_pred = [p if p >= 0 else 1 - t for t, p in pairs]
-    return classification_metrics(y_true, y_pred)
+    return {**classification_metrics(y_true, y_pred), "labels_matched": len(pairs), "labels_unmatched": len(unmatched),
+            "unmatched_examples": unmatched[:5], "scored_without_label": len(set(by_name) - used)}

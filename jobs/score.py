@@ -42,8 +42,15 @@ def main(args: argparse.Namespace) -> None:
           f"({s['images_per_second'] or 0:.1f} images/s); threshold {s['threshold']:.3f}")
     if labels:
         m = evaluate_against_labels(cfg.output, labels)
-        print(f"against {labels}: micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f}, "
-              f"confusion matrix [rows true 0/1, cols predicted 0/1] {m['confusion_matrix']}")
+        print(f"against {labels} ({m['labels_matched']} labelled file(s) scored): micro F1 {m['micro_f1']:.4f}, "
+              f"macro F1 {m['macro_f1']:.4f}, confusion matrix [rows true 0/1, cols predicted 0/1] "
+              f"{m['confusion_matrix']}")
+        if m["labels_unmatched"] or m["scored_without_label"]:
+            # A partial match is a metric of a subset: say which, rather than let it pass as the folder's.
+            logging.getLogger("artifact_core").warning(
+                "the metrics cover %d of %d labelled file(s): %d label(s) name no scored file (e.g. %s), and %d "
+                "scored file(s) have no label", m["labels_matched"], m["labels_matched"] + m["labels_unmatched"],
+                m["labels_unmatched"], m["unmatched_examples"][:3], m["scored_without_label"])
     print(f"predictions: {redact_uri(resolve(cfg.output).join('predictions.csv').uri)}")
     report = s.get("report", {})
     print(f"report: {report['path']}" if report.get("path") else f"no report: {report.get('reason')}")

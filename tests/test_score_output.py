@@ -144,12 +144,33 @@ def test_labels_csv_is_checked_and_error_rows_count_as_misses(tmp_path):
     m = evaluate_against_labels(str(tmp_path / "out"), str(good))
     # c's error row is a miss whatever its label; 007 stays a name, not the number 7
     assert m["confusion_matrix"] == [[2, 1], [1, 1]]
+    assert (m["labels_matched"], m["labels_unmatched"], m["unmatched_examples"], m["scored_without_label"]) == \
+        (5, 1, ["unscored.png"], 0)
     for bad, shown in [("-1", "'-1'"), ("2", "'2'"), ("", "''"), ("yes", "'yes'")]:
         labels = tmp_path / "bad.csv"
         labels.write_text(f"filename,label\na.png,0\nb.png,{bad}\n")
         with pytest.raises(ValueError) as err:
             evaluate_against_labels(str(tmp_path / "out"), str(labels))
         assert f"data row 2 ('b.png'): label {shown} is not 0" in str(err.value)
+
+
+def test_labels_of_bare_names_match_a_nested_folder_and_the_metrics_say_what_they_cover(tmp_path):
+    """A CSV of base names for an input with sub-folders: each name that is one scored file's
+    matches it; an ambiguous or unknown name, and scored files without a label, are counted."""
+    from artifact_core.scoring import evaluate_against_labels
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions.csv").write_text(
+        "filename,predicted_class\nsub/a.png,0\nsub/b.png,0\nc.png,1\nx/dup.png,1\ny/dup.png,0\nz/e.png,1\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,label\na.png,0\nb.png,0\nc.png,1\ndup.png,1\nmissing.png,0\n")
+    m = evaluate_against_labels(str(tmp_path / "out"), str(labels))
+    assert m["confusion_matrix"] == [[2, 0], [0, 1]]  # a, b (found by base name) and c
+    assert (m["labels_matched"], m["labels_unmatched"], m["scored_without_label"]) == (3, 2, 3)
+    assert m["unmatched_examples"] == ["dup.png", "missing.png"]  # dup.png names two files: no guess
+    labels.write_text("filename,label\nnowhere.png,0\n")
+    with pytest.raises(ValueError, match="no file in .* matches a scored filename .*e.g. 'nowhere.png'"):
+        evaluate_against_labels(str(tmp_path / "out"), str(labels))
 
 
 def test_two_files_that_would_share_a_row_are_refused_before_anything_is_written(bundle_dir, tmp_path):
