@@ -39,6 +39,8 @@ from artifact_core.storage import Location, redact_uri, temp_file_of, uri_withou
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run_config.json"
+#: Ray Train's list of a run's checkpoints, which it resumes from.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 SPLIT_JSON = "split.json"
 SPLIT_PARQUET = "split.parquet"
 #: Above this many files the split is stored as Parquet (a JSON list of a million names is
@@ -65,7 +67,7 @@ SWEEP_SAMPLED_FIELDS = ("lr", "finetune_lr", "unfreeze_depth")
 
 #: Entries of a run folder that training or a sweep writes; ``--overwrite`` deletes only these.
 OWNED_NAMES = frozenset({RUN_FILE, SPLIT_JSON, SPLIT_PARQUET, "model", "trials", "tune", "results.csv",
-                         "best_config.json", "tune_results.png", "checkpoint_manager_snapshot.json",
+                         "best_config.json", "tune_results.png", SNAPSHOT_FILE,
                          ".validate_storage_marker"})
 #: Ray Train's checkpoint folders (``checkpoint_<timestamp>``).
 OWNED_PREFIXES = ("checkpoint_",)
@@ -298,7 +300,7 @@ def clear_run(run: Location) -> list[str]:
     # Ray's checkpoint list first, the record last: a kill part-way leaves neither a list
     # naming deleted checkpoints (a rerun Ray refuses as corrupted) nor, without a record, a
     # folder that --overwrite no longer accepts as a run's.
-    first, last = "checkpoint_manager_snapshot.json", RUN_FILE
+    first, last = SNAPSHOT_FILE, RUN_FILE
     removed = sorted((n for n in names if is_owned(n)), key=lambda n: (n != first, n == last, n))
     for name in removed:
         log.info("--overwrite: removing %s", redact_uri(run.join(name).uri))
@@ -368,7 +370,8 @@ def _without_credentials(config: dict[str, Any]) -> dict[str, Any]:
 
 def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[str], data_root: str,
               make_split: Callable[[], Split], overwrite: bool = False,
-              extra_identity: dict[str, Any] | None = None, holder: dict[str, Any] | None = None) -> Split:
+              extra_identity: dict[str, Any] | None = None, holder: dict[str, Any] | None = None,
+              weights_source: str | None = None) -> Split:
     """Start or resume the run in ``run`` and return the split it trains on.
 
     Args:
@@ -382,6 +385,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
         extra_identity: more fields that define the run (a sweep's search space).
         holder: this start (:func:`new_holder`), recorded as the run's holder: a job that held
             the run before stops at its next check (:func:`holder_lost`).
+        weights_source: where a first start's starting weights came from, recorded (a rerun
+            that resumes from a checkpoint reports it instead of loading them again).
 
     Raises:
         RunConflictError: naming the differences, with ``--name``/``--overwrite`` offered.
@@ -401,7 +406,7 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
             raise RunConflictError(
                 f"run folder {shown} is not empty and holds no {RUN_FILE}, so it is not a run of this "
                 f"project (found e.g. {names[:3]}); choose a new --name or --storage-path")
-        return _start(run, new, make_split())
+        return _start(run, {**new, **({"weights_source": weights_source} if weights_source else {})}, make_split())
     if _is_legacy(old):
         raise RunConflictError(
             f"run folder {shown} was written before runs stored their split, so resuming it could mix "

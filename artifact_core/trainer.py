@@ -33,7 +33,7 @@ from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC
 from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
-from artifact_core.run_identity import (Split, check_holder, claim_run, new_holder, read_record,
+from artifact_core.run_identity import (SNAPSHOT_FILE, Split, check_holder, claim_run, new_holder, read_record,
                                        stored_split_paths)
 from artifact_core.storage import Location, check_apart, is_uri, resolve, uri_without_credentials
 from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
@@ -184,13 +184,23 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         return Split(data_root, [relative[i] for i in train_idx], [folder.labels[i] for i in train_idx],
                      [relative[i] for i in val_idx], [folder.labels[i] for i in val_idx])
 
-    recorded_epochs = None
+    recorded_epochs, resumed_source = None, None
     if run is not None and not cfg.overwrite:
         _check_resumable(run, cfg)
         recorded_epochs = _recorded_epochs(run)
-    # Loading here makes a bad --weights fail before any worker starts, and workers need
-    # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
-    weights_state, weights_source = resolve_weights(cfg.weights)
+        if kind == "train":
+            resumed_source = _resumed_weights_source(run)
+    if resumed_source is not None:
+        # Ray resumes from a checkpoint that replaces every weight: loading --weights again
+        # could only fail (a file deleted since, a head node offline) or record another source
+        # (a download now, the shipped copy then) than the one the run trained from.
+        weights_state, weights_source = None, resumed_source
+        log.info("resuming from a checkpoint: starting weights not loaded again (the run started from %s)",
+                 weights_source)
+    else:
+        # Loading here makes a bad --weights fail before any worker starts, and workers need
+        # neither internet nor the file. The source (cache, download, shipped copy) goes into the bundle.
+        weights_state, weights_source = resolve_weights(cfg.weights)
     try:
         # --seed is the split's and the initialisation's: the same seed starts from the same head
         with torch.random.fork_rng(devices=[]):
@@ -209,7 +219,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     else:
         stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data_root,
                            make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity,
-                           holder=holder)
+                           holder=holder, weights_source=weights_source)
     split = stored.absolute(folder.root)
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
@@ -312,16 +322,20 @@ def checkpoints_to_keep(score_attribute: str) -> int | None:
 
 
 def latest_checkpoint_state(run: Location) -> dict[str, Any] | None:
-    """The loop state (``state.json``) of the newest complete checkpoint in ``run``; None when none.
+    """The loop state (``state.json``) of the checkpoint Ray resumes ``run`` from
+    (:func:`registered_checkpoint`), else of the newest complete one; None when none.
 
-    Checkpoint folders are tried newest first: one without a readable state file is being (or
-    was, when the job was killed) written, and Ray never registered it.
+    Without Ray's list, checkpoint folders are tried newest first: one without a readable
+    state file is being (or was, when the job was killed) written, and Ray never registered it.
 
     Raises:
         OSError: the run folder cannot be listed, or it has checkpoints and none is readable
             (not the same as a new run: callers then take their cautious path).
     """
-    names = sorted((n for n in run.children() if n.startswith("checkpoint_")), reverse=True)
+    registered = registered_checkpoint(run)
+    # The one Ray resumes from, when its list says; else newest first by name
+    names = [registered] if registered else sorted((n for n in run.children() if n.startswith("checkpoint_")),
+                                                   reverse=True)
     for name in names:
         state_file = run.join(name, STATE_FILE)
         try:
@@ -334,6 +348,32 @@ def latest_checkpoint_state(run: Location) -> dict[str, Any] | None:
     if names:
         raise OSError(f"no checkpoint in {run.uri} has a readable {STATE_FILE}")
     return None
+
+
+def registered_checkpoint(run: Location) -> str | None:
+    """The checkpoint folder Ray Train resumes ``run`` from: the latest one its checkpoint list
+    (``checkpoint_manager_snapshot.json``) registered, when that folder holds its state; None
+    when Ray would start afresh, or the list cannot be read (Ray refuses the run then)."""
+    try:
+        snapshot = json.loads(run.join(SNAPSHOT_FILE).read_text())
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        if isinstance(name, str) and name and run.join(name, STATE_FILE).exists():
+            return name
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _resumed_weights_source(run: Location) -> str | None:
+    """Where the starting weights of the run in ``run`` came from, when Ray resumes it from a
+    checkpoint and its record says (None: this start loads ``--weights``)."""
+    if registered_checkpoint(run) is None:
+        return None
+    try:
+        source = (read_record(run) or {}).get("weights_source")
+    except (OSError, ValueError):
+        return None
+    return source if isinstance(source, str) and source else None
 
 
 def _reports_scored_for(run: Location, metric: str, key: str = SELECT_SCORE) -> bool:

@@ -462,3 +462,35 @@ def test_the_latest_start_holds_the_run_and_an_earlier_one_learns_it_lost_it(tmp
         raise OSError("503 Slow Down")
     monkeypatch.setattr(run_identity, "read_record", failing_read)
     assert holder_lost(run, fourth["run_holder"]) == "" and holder_lost(run, "someone else") == ""
+
+
+def test_a_rerun_that_resumes_from_a_checkpoint_does_not_load_its_weights_again(tmp_path, monkeypatch):
+    """The checkpoint replaces every weight: a --weights file deleted since, or a head node
+    now offline, must not stop the rerun, and the bundle names the source the run started from."""
+    from artifact_core import trainer
+    from artifact_core.model import WeightsUnavailableError
+
+    data = make_easy_folder(tmp_path / "train", n=16)
+    first = prepare_run(cfg(data, tmp_path / "runs", weights="bundled"))
+    assert "bundled" in first["weights_source"] or "shipped" in first["weights_source"]
+    run = tmp_path / "runs" / "r"
+    assert json.loads((run / RUN_FILE).read_text())["weights_source"] == first["weights_source"]
+
+    def unavailable(weights, **kwargs):
+        raise WeightsUnavailableError(f"--weights {weights}: gone")
+    monkeypatch.setattr(trainer, "resolve_weights", unavailable)
+    # No checkpoint Ray would resume from (none, or one its list does not name): the weights are needed.
+    (run / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    (run / "checkpoint_2026-01-01_00-00-00.000000" / "state.json").write_text("{}")
+    with pytest.raises(WeightsUnavailableError, match="gone"):
+        prepare_run(cfg(data, tmp_path / "runs", weights="bundled"))
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-02_00-00-00.000000"}}))
+    with pytest.raises(WeightsUnavailableError, match="gone"):  # named, but not there
+        prepare_run(cfg(data, tmp_path / "runs", weights="bundled"))
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000"}}))
+    again = prepare_run(cfg(data, tmp_path / "runs", weights="bundled"))
+    assert again["weights_source"] == first["weights_source"] and again["split"] == first["split"]
+    from artifact_core.storage import resolve
+    assert trainer._resumed_weights_source(resolve(str(run))) == first["weights_source"]
