@@ -431,6 +431,23 @@ def _best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
     return best
 
 
+def _pruned_best_note(history: list[dict[str, Any]], chosen: dict[str, Any], metric: str) -> str:
+    """A note when the run's history holds a better epoch by ``metric`` than the kept checkpoint
+    chosen ("" when not): a rerun under another ``--select-metric`` chooses among the
+    checkpoints the earlier metric kept, and the others are gone."""
+    reports = [h for h in history if isinstance(h, dict) and metric in h]
+    if not reports:
+        return ""
+    best = reports[best_report(reports, metric)]
+    if int(best.get("epoch", -1)) == int(chosen.get("epoch", -1)) or \
+            selection_key(best, metric) <= selection_key(chosen, metric):
+        return ""
+    return (f"the best epoch by {metric} in this run's history is {best.get('epoch')} ({metric} "
+            f"{best.get(metric)}), but its checkpoint was not kept (checkpoints were kept by another "
+            f"--select-metric before); the bundle holds epoch {chosen.get('epoch')} ({chosen.get(metric)}), "
+            f"the best of those kept. Retrain under a new --name to select by {metric} from every epoch")
+
+
 def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
                   extra_metrics: dict[str, Any] | None = None, weights_source: str | None = None,
                   split: dict[str, Any] | None = None, data_fs: Any = None) -> dict[str, Any]:
@@ -455,6 +472,9 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
     with latest.as_directory() as d:
         state = read_state(d)
     history = state["history"]
+    select_note = _pruned_best_note(history, best_metrics, cfg.select_metric)
+    if select_note:
+        log.warning("%s", select_note)
     if len(set(int(y) for y in labels)) == 2:
         threshold, _ = best_threshold(labels, probs)
         threshold_source = "tuned on validation (micro F1)"
@@ -478,6 +498,7 @@ def export_bundle(result: Any, cfg: TrainConfig, out_dir: str | Location, *,
                 "validation figures are optimistic; score a held-out set for an unbiased estimate",
         "history": history,
         "resumed_after_epochs": state.get("resumed_after", []),
+        **({"select_note": select_note} if select_note else {}),
         **(extra_metrics or {}),
     }
     config = BundleConfig(image_size=cfg.image_size, threshold=threshold, dropout=cfg.dropout, head=cfg.head,

@@ -508,3 +508,19 @@ def test_an_error_whose_text_cannot_be_made_is_named_by_its_type():
             raise AttributeError("no message")
 
     assert error_line(Odd()) == "Odd: "
+
+
+def test_a_rerun_under_another_metric_says_when_that_metrics_best_epoch_was_pruned():
+    """Checkpoints kept by AP, then a rerun selecting by recall: the bundle is the best kept one,
+    and metrics.json says which better epoch is gone."""
+    from artifact_core.trainer import _pruned_best_note
+
+    metric = "val_recall_artifact"
+    history = [{"epoch": e, metric: r, "val_ap_artifact": ap, "val_micro_f1": 0.9}
+               for e, r, ap in ((1, 0.2, 0.5), (2, 0.9, 0.6), (3, 0.5, 0.8), (4, 0.6, 0.85))]
+    kept = history[3]  # AP kept epochs 3 and 4; recall's best is epoch 2
+    note = _pruned_best_note(history, kept, metric)
+    assert "best epoch by val_recall_artifact in this run's history is 2" in note and "holds epoch 4" in note
+    assert _pruned_best_note(history, history[1], metric) == ""
+    assert _pruned_best_note(history, kept, "val_ap_artifact") == ""
+    assert _pruned_best_note([{"epoch": 1}], {"epoch": 1}, metric) == ""  # reports without the metric
