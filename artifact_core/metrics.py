@@ -275,14 +275,19 @@ def selection_key(metrics: dict[str, Any], metric: str) -> tuple[float, float, f
     """Sort key of one epoch's report for ``metric``: higher is better.
 
     First its :func:`report_score`; ties go to the higher artifact AP, then the higher micro
-    F1 at 0.5, then the later epoch (it has seen more data). NaN sorts last.
+    F1 at 0.5, then the later epoch (it has seen more data). NaN sorts last. A validation set
+    of one class measures no skill (every AP alike) and its micro F1 rewards calling every
+    image that class: there the later epoch decides.
     """
     score = report_score(metrics, metric)
 
     def num(v: float) -> float:
         return -math.inf if math.isnan(v) else v
 
-    return (num(score), num(_finite(metrics.get("val_ap_artifact"))), num(_finite(metrics.get("val_micro_f1"))),
+    cm = metrics.get("val_confusion_matrix")
+    one_class = cm is not None and int(np.count_nonzero(np.asarray(cm).sum(axis=1))) < 2  # rows: true class
+    micro_f1 = math.nan if one_class else _finite(metrics.get("val_micro_f1"))
+    return (num(score), num(_finite(metrics.get("val_ap_artifact"))), num(micro_f1),
             int(metrics.get("epoch", 0) or 0))
 
 

@@ -524,3 +524,25 @@ def test_a_rerun_under_another_metric_says_when_that_metrics_best_epoch_was_prun
     assert _pruned_best_note(history, history[1], metric) == ""
     assert _pruned_best_note(history, kept, "val_ap_artifact") == ""
     assert _pruned_best_note([{"epoch": 1}], {"epoch": 1}, metric) == ""  # reports without the metric
+
+
+def test_a_validation_of_one_class_keeps_the_last_epoch_not_the_one_that_calls_everything_that_class():
+    """No artifact in validation (a folder with one artifact image): every AP is alike, and
+    micro F1 rewards the epoch that calls every image clean; the later epoch decides, and Ray's
+    keeper orders the checkpoints the same way."""
+    from artifact_core.metrics import best_report, keep_score
+
+    def report(epoch: int, false_alarms: int) -> dict:
+        return {"epoch": epoch, "val_ap_artifact": 0.0, "val_micro_f1": (40 - false_alarms) / 40,
+                "val_confusion_matrix": [[0, 0], [false_alarms, 40 - false_alarms]], "diverged": False}
+    history = [report(1, 6), report(2, 0), report(3, 2)]
+    assert best_report(history, "val_ap_artifact") == 2
+    from artifact_core.metrics import KEEP_SCORE, SELECT_SCORE_METRIC
+
+    kept = []
+    for h in history:
+        kept.append({**h, SELECT_SCORE_METRIC: "val_ap_artifact", KEEP_SCORE: keep_score(h, "val_ap_artifact", kept)})
+    assert max(range(3), key=lambda i: kept[i][KEEP_SCORE]) == 2
+    # with both classes in validation, micro F1 still breaks AP's ties
+    two = [{**h, "val_confusion_matrix": [[4, 0], h["val_confusion_matrix"][1]]} for h in history]
+    assert best_report(two, "val_ap_artifact") == 1
