@@ -3,6 +3,7 @@ torch Dataset over these files is :mod:`artifact_core.dataset`)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -16,12 +17,12 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from artifact_core.labels import ARTIFACT, CLEAN, LABEL_NAMES  # noqa: F401 (re-exported)
-from artifact_core.storage import open_listed_file, resolve
+from artifact_core.storage import open_listed_file, redact_uri, resolve
 
 log = logging.getLogger(__name__)
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp")
 LABEL_PATTERN = "'<name>_<0|1>.<ext>' (0 = artifact, 1 = artifact-free)"
 # \Z, not $: '$' also matches before a trailing newline, so 'x_1\n.png' would read as label 1
 _LABEL_RE = re.compile(r"_([01])\Z")
@@ -30,6 +31,18 @@ _LABEL_RE = re.compile(r"_([01])\Z")
 def is_image_file(name: str) -> bool:
     """True when ``name`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _log_skipped(names: Sequence[str], folder: str) -> None:
+    """One line for the files a listing left out by their extension (hidden ones aside): a
+    TIFF or HEIC among the images gets no row and no error, so the count must be said."""
+    if not names:
+        return
+    kinds = collections.Counter(os.path.splitext(n)[1].lower() or "(no extension)" for n in names)
+    shown = ", ".join(f"{ext} {n}" for ext, n in kinds.most_common(5))
+    log.warning("%d file(s) under %s are not listed: not image files by their extension (%s%s; e.g. %r). "
+                "Listed: %s", len(names), redact_uri(folder), shown, ", ..." if len(kinds) > 5 else "",
+                names[0], " ".join(IMAGE_EXTENSIONS))
 
 
 class FolderListingError(OSError):
@@ -105,7 +118,7 @@ def list_images(folder: str | os.PathLike, *, exclude: Sequence[str] = ()) -> li
     for path in exclude:
         with contextlib.suppress(OSError):  # (an output that does not exist yet holds nothing)
             seen.add(key(path))
-    found = []
+    found, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(top, onerror=fail, followlinks=True):
         keep = []
         for d in sorted(dirnames):  # sorted: which path of a folder reached twice is kept does not vary
@@ -127,10 +140,13 @@ def list_images(folder: str | os.PathLike, *, exclude: Sequence[str] = ()) -> li
                 continue
             if is_image_file(f):
                 found.append(os.path.join(dirpath, f))
-            elif os.path.islink(os.path.join(dirpath, f)):
+            elif os.path.islink(os.path.join(dirpath, f)) and not os.path.exists(os.path.join(dirpath, f)):
                 # os.walk files a linked folder it cannot stat among the file names: an
                 # unmounted shard, or a target it may not look at, would vanish unseen.
                 _check_link(os.path.join(dirpath, f), top)
+            else:
+                skipped.append(os.path.relpath(os.path.join(dirpath, f), top))
+    _log_skipped(sorted(skipped), top)
     return sorted(os.path.abspath(p) for p in found)
 
 
@@ -154,8 +170,10 @@ def list_image_files(folder: str, *, exclude: Sequence[str] = ()) -> tuple[list[
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
     prefix = loc.path + "/"
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and is_image_file(i.base_name)
-                   and not any(part.startswith(".") for part in i.path[len(prefix):].split("/")))
+    visible = [i for i in infos if i.type == pafs.FileType.File
+               and not any(part.startswith(".") for part in i.path[len(prefix):].split("/"))]
+    paths = sorted(i.path for i in visible if is_image_file(i.base_name))
+    _log_skipped(sorted(i.path[len(prefix):] for i in visible if not is_image_file(i.base_name)), folder)
     return paths, loc.fs, loc.path
 
 

@@ -400,3 +400,30 @@ def test_a_file_under_two_names_is_one_training_image(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "stat", no_inodes)
     assert len(distinct_files(folder.paths, folder.labels)) == 6
+
+
+def test_a_listing_names_the_files_it_leaves_out_and_takes_jpeg_by_its_other_names(tmp_path, caplog):
+    """A TIFF or a text file among the images gets no row: one warning counts them by extension.
+    JPEGs saved as .jfif (a browser's default on Windows) or .jpe are images."""
+    import logging
+
+    from artifact_core.data import list_image_files, list_images
+    from artifact_core.images import decode_image
+
+    write_image(tmp_path / "in" / "a.png")
+    write_image(tmp_path / "in" / "sub" / "b.JFIF", fmt="JPEG")
+    write_image(tmp_path / "in" / "c.jpe", fmt="JPEG")
+    write_image(tmp_path / "in" / "d.tif", fmt="TIFF")
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    (tmp_path / "in" / ".DS_Store").write_text("x")  # hidden: not worth a word
+    with caplog.at_level(logging.WARNING, logger="artifact_core.data"):
+        listed = list_images(tmp_path / "in")
+    assert [os.path.relpath(p, tmp_path / "in") for p in listed] == ["a.png", "c.jpe", os.path.join("sub", "b.JFIF")]
+    assert decode_image(listed[2], max_side=16).size == (16, 16)
+    assert "2 file(s) under" in caplog.text and ".tif 1" in caplog.text and ".txt 1" in caplog.text
+    assert "DS_Store" not in caplog.text
+    caplog.clear()
+    write_image(tmp_path / "clean" / "a.png")
+    with caplog.at_level(logging.WARNING, logger="artifact_core.data"):
+        list_image_files(str(tmp_path / "clean"))
+    assert "not listed" not in caplog.text
