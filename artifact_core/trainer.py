@@ -33,9 +33,9 @@ from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC
 from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
-from artifact_core.run_identity import (SNAPSHOT_FILE, Split, check_holder, claim_run, new_holder, read_record,
-                                       stored_split_paths)
-from artifact_core.storage import Location, check_apart, is_uri, resolve, uri_without_credentials
+from artifact_core.run_identity import (SNAPSHOT_FILE, RunConflictError, Split, check_holder, claim_run, new_holder,
+                                       read_record, stored_split_paths)
+from artifact_core.storage import Location, check_apart, is_uri, redact_uri, resolve, uri_without_credentials
 from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
                                       read_val_scores, train_loop_per_worker)
 
@@ -118,6 +118,28 @@ def _demo_counts(done: str) -> tuple[int, int] | None:
     return n_train, n_test
 
 
+def _check_demo_counts(run: Location, n_train: int) -> None:
+    """Refuse, before the demo data is generated again, a rerun of a demo run with another
+    ``--demo-train-images``: the new data would delete the files of the run's split (and of
+    any job reading them) only for the rerun to be refused."""
+    try:
+        record = read_record(run)
+        made = int(record["config"]["demo_train_images"]) if record else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # claim_run names what is wrong with the record
+    if made is not None and made != n_train and _trained_on_demo(record):
+        raise RunConflictError(
+            f"run {redact_uri(run.uri)} trained on demo data of {made} training images; --demo-train-images "
+            f"{n_train} would generate it again and remove that run's images. Pass another --storage-path (it "
+            f"gets demo data of its own), or --overwrite to start this run again on the new demo data")
+
+
+def _trained_on_demo(record: dict[str, Any]) -> bool:
+    """Whether a run record's data folder is the demo data's (``<storage>/demo_data/train``)."""
+    data = str(record.get("config", {}).get("data_dir") or "")
+    return data.rstrip("/").endswith(f"{DEMO_DATA_FOLDER}/train")
+
+
 def prepare_run(cfg: TrainConfig, *, kind: str = "train",
                 extra_identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """List and split the data, claim the run folder and load the starting weights, once, on the driver.
@@ -136,6 +158,8 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         The ``train_loop_config`` for :func:`~artifact_core.train_loop.train_loop_per_worker`.
     """
     cfg.validate()
+    if not cfg.data_dir and cfg.name and not cfg.overwrite:
+        _check_demo_counts(resolve(cfg.storage_path).join(cfg.name), cfg.demo_train_images)
     data_dir = cfg.data_dir or os.path.join(demo_data_dir(cfg.storage_path, n_train=cfg.demo_train_images), "train")
     data = resolve(data_dir)
     # The data folder as runs record and print it: without credentials (the key may rotate;

@@ -259,3 +259,20 @@ def test_an_empty_path_flag_is_one_line_not_the_demo_or_the_working_folder(tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {flag} must be" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # no demo data, no run folder
+
+
+def test_a_demo_rerun_with_other_image_counts_is_refused_before_the_demo_data_is_replaced(tmp_path):
+    """Regenerating first would delete the run's own split (and the files any job reads)."""
+    from artifact_core.run_identity import RunConflictError
+
+    def demo(n: int, **kw) -> dict:
+        return prepare_run(TrainConfig(storage_path=str(tmp_path), name="demo", demo_train_images=n, image_size=32,
+                                       weights="none", **kw))
+    first = demo(40)
+    made = sorted(p.name for p in (tmp_path / "demo_data" / "train").iterdir())
+    with pytest.raises(RunConflictError, match="trained on demo data of 40 training images; --demo-train-images 48"):
+        demo(48)
+    assert sorted(p.name for p in (tmp_path / "demo_data" / "train").iterdir()) == made
+    assert demo(40)["split"] == first["split"]  # the run resumes as it was
+    again = demo(48, overwrite=True)
+    assert len(again["split"]["train_paths"]) + len(again["split"]["val_paths"]) == 48
