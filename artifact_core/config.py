@@ -184,9 +184,10 @@ class TrainConfig:
         return mirror_pass_acts(self.test_time_flip, self.head)
 
     def validate_paths(self) -> "TrainConfig":
-        """Raise ``ValueError`` for an empty ``--data-dir`` (None: the demo's), ``--storage-path``
-        or ``--weights``."""
+        """Raise ``ValueError`` for an empty ``--data-dir`` (None: the demo's), ``--name`` (None:
+        the data folder's), ``--storage-path`` or ``--weights``."""
         for flag, value, expected in (("--data-dir", self.data_dir, "a folder path or URI (leave it out for the demo)"),
+                                      ("--name", self.name, "a folder name (leave it out for the data folder's name)"),
                                       ("--storage-path", self.storage_path, "a folder path or URI"),
                                       ("--weights", self.weights, "imagenet, torchvision, bundled, none or a file")):
             if value is not None and not (isinstance(value, str) and value.strip()):

@@ -400,8 +400,8 @@ def check_split(train_labels: Sequence[int], val_labels: Sequence[int], val_frac
                          f"image in training) or with a lower --val-fraction (now {val_fraction:g})")
     missing = [c for c in LABEL_NAMES if c not in in_val]
     return [f"validation holds no {LABEL_NAMES[c]} ({c}) image ({parts}): the threshold cannot be tuned, "
-            f"that class's recall and AP are not measured, and no epoch can be chosen for skill (the last "
-            f"one is kept, not the one that calls every image {LABEL_NAMES[1 - c]}); a class needs at least 2 "
+            f"that class's recall and AP are not measured, and no epoch can be chosen for skill (by AP the "
+            f"last one is kept, not the one that calls every image {LABEL_NAMES[1 - c]}); a class needs at least 2 "
             f"images to be in both parts (--val-fraction {val_fraction:g})" for c in missing]
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from artifact_core.bundle import Bundle, load_bundle
-from artifact_core.data import LABEL_NAMES, list_images
+from artifact_core.data import IMAGE_EXTENSIONS, LABEL_NAMES, list_images
 from artifact_core.decode import decode_array
 from artifact_core.images import ImageDecodeError, ImageSource, decode_image
 from artifact_core.storage import FileReadError, display_path, read_file_bytes, redact_uri
@@ -481,7 +481,7 @@ def expand_inputs(items: Sequence[str], *, exclude: Sequence[str] = ()) -> list[
         else:
             raise FileNotFoundError(f"{item!r} does not exist (expected an image file or a folder)")
     if not paths:
-        raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) in {list(items)}")
+        raise ValueError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in {list(items)}")
     return paths
 
 

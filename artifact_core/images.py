@@ -38,7 +38,7 @@ MAX_JPEG_SCANS = 100
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
 
 #: What PIL may open, whatever the file's name says: the content of the listed extensions
-#: (.png .jpg .jpeg .webp .bmp). Left open, PIL would also parse PostScript named .png and
+#: (PNG, JPEG, WebP, BMP; data.IMAGE_EXTENSIONS). Left open, PIL would also parse PostScript named .png and
 #: hand it to Ghostscript to run. Camera JPEGs that carry a second frame (MPO) open through
 #: the JPEG entry (PIL registers no opener of its own for MPO), with ``format`` "MPO".
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")

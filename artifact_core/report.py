@@ -188,7 +188,8 @@ def _drift(heatmap: dict[str, Any], row_prob: float, threshold: float) -> str:
         return ""
     # Near the threshold a tiny difference flips the decision, and with it the map's reading
     # (its middle is the threshold): the uncertain cards are exactly those.
-    crosses = (prob < threshold) != (row_prob < threshold)
+    # (beyond the engines' own rounding: ONNX and PyTorch fp32 differ by about 1e-6)
+    crosses = (prob < threshold) != (row_prob < threshold) and abs(prob - row_prob) > 1e-4
     if abs(prob - row_prob) <= PROB_DRIFT and not crosses:
         return ""
     side = ", on the other side of the threshold, so its map reads the other way" if crosses else ""

@@ -10,8 +10,8 @@ the entries runs write (:func:`is_owned`), and only in a folder that holds a run
 folder holding nothing but what a first start killed before its record wrote is cleared and
 started again (:func:`clear_interrupted_start`).
 
-Each start also writes itself into the record as the run's holder (:func:`new_holder`): the
-latest start holds the run. A job whose run another start has claimed since (a rerun while it
+Each start also writes itself into the record as the run's holder (:func:`hold_run`, once its
+workers fit, just before it trains): the latest start holds the run. A job whose run another start has claimed since (a rerun while it
 still ran, ``--overwrite``) stops at its next epoch, before it reports a checkpoint, and does
 not export (:func:`holder_lost`): two Train controllers on one folder would delete each
 other's checkpoints and leave a record Ray cannot resume from.
@@ -115,6 +115,22 @@ def holder_lost(run: Location | None, holder_id: str) -> str:
     return (f"run {redact_uri(run.uri)} was taken over while this job ran: {why}. This job stops without "
             f"reporting or exporting anything more, so the two do not write the same checkpoints; the "
             f"run continues in the job that claimed it")
+
+
+def hold_run(run: Location | None, holder: dict[str, Any]) -> None:
+    """Record ``holder`` (:func:`new_holder`) as the one start that holds ``run`` from now on.
+
+    Called once the start has shown it can run (its workers fit the cluster), just before it
+    trains: a rerun that fails on its way there leaves the job that holds the run training.
+    """
+    if run is None:
+        return
+    record = read_record(run)
+    if record is None:
+        raise RunTakenOverError(f"run {redact_uri(run.uri)} lost its {RUN_FILE} before this job could start "
+                                f"training (--overwrite by another job, or the folder was deleted)")
+    record["holder"] = holder
+    write_record(run, record)
 
 
 def check_holder(run: Location | None, holder_id: str) -> None:
@@ -370,8 +386,7 @@ def _without_credentials(config: dict[str, Any]) -> dict[str, Any]:
 
 def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[str], data_root: str,
               make_split: Callable[[], Split], overwrite: bool = False,
-              extra_identity: dict[str, Any] | None = None, holder: dict[str, Any] | None = None,
-              weights_source: str | None = None) -> Split:
+              extra_identity: dict[str, Any] | None = None, weights_source: str | None = None) -> Split:
     """Start or resume the run in ``run`` and return the split it trains on.
 
     Args:
@@ -383,8 +398,6 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
         make_split: computes a fresh split (first start or ``--overwrite``).
         overwrite: delete what an earlier run wrote here first.
         extra_identity: more fields that define the run (a sweep's search space).
-        holder: this start (:func:`new_holder`), recorded as the run's holder: a job that held
-            the run before stops at its next check (:func:`holder_lost`).
         weights_source: where a first start's starting weights came from, recorded (a rerun
             that resumes from a checkpoint reports it instead of loading them again).
 
@@ -394,10 +407,13 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     config = _without_credentials(config)  # (records are read by others; a key may rotate)
     shown = redact_uri(run.uri)
     new = {"writer": WRITER, "version": RECORD_VERSION, "kind": kind,
-           "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config,
-           **({"holder": holder} if holder else {})}
+           "identity": identity_of(config, kind=kind, extra=extra_identity), "config": config}
     clear_interrupted_start(run, data_root, any_root=overwrite)
+    fresh = None
     if overwrite:
+        # The split before anything is deleted: listing a large folder takes a while, and a
+        # kill then must not leave a run folder without its record (which --overwrite needs).
+        fresh = make_split()
         clear_run(run)
     old = read_record(run)
     if old is None:
@@ -406,7 +422,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
             raise RunConflictError(
                 f"run folder {shown} is not empty and holds no {RUN_FILE}, so it is not a run of this "
                 f"project (found e.g. {names[:3]}); choose a new --name or --storage-path")
-        return _start(run, {**new, **({"weights_source": weights_source} if weights_source else {})}, make_split())
+        return _start(run, {**new, **({"weights_source": weights_source} if weights_source else {})},
+                      fresh if fresh is not None else make_split())
     if _is_legacy(old):
         raise RunConflictError(
             f"run folder {shown} was written before runs stored their split, so resuming it could mix "
@@ -431,7 +448,7 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
                  "its stored split (start a new --name to train on them)", len(added), data_root, shown, added[:3])
     before = _without_credentials(old.get("config", {}))  # (a record from before they were left out)
     changed = {k: (before.get(k), v) for k, v in config.items() if not _same(before.get(k), v)}
-    old.update(config=config, **({"holder": holder} if holder else {}))
+    old.update(config=config)
     old.setdefault("history", []).append({"resumed": _now(), **({"changed": changed} if changed else {})})
     write_record(run, old)
     log.info("resuming run %s with its stored split (%d train, %d val)", shown,

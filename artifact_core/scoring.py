@@ -40,7 +40,7 @@ from ray.data.datasource import FilenameProvider
 from artifact_core import plots
 from artifact_core.bundle import CONFIG_FILE, ONNX_INT8_FILE, WEIGHTS_FILE, load_bundle, read_bundle_config
 from artifact_core.config import SCORE_PIPELINES, ScoreConfig
-from artifact_core.data import list_image_files
+from artifact_core.data import IMAGE_EXTENSIONS, list_image_files
 from artifact_core.decode import decode_array, decode_batch
 from artifact_core.metrics import classification_metrics
 from artifact_core.predict import (OUTPUT_COLUMNS, ArtifactPredictor, BundleChangedError, DecodingPredictor,
@@ -610,7 +610,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     threshold = float(bundle_config.threshold if cfg.threshold is None else cfg.threshold)
     paths, fs, root = list_input(cfg.input, cfg.output)
     if not paths:
-        raise ValueError(f"no image files (.png .jpg .jpeg .webp .bmp) found under {cfg.input!r}")
+        raise ValueError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found under {redact_uri(cfg.input)!r}")
     shown = [display_path(p) for p in paths]
     _check_distinct(shown)
     identity = _check_output(cfg, threshold, bundle_config.image_size)

@@ -1002,6 +1002,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         per_pass = use_cpu_passes(model, cfg.image_size)
         log.info("CPU passes without autograd take %s through the trunk",
                  f"{per_pass} image(s) at a time" if per_pass else "whole batches")
+    try:
+        # Before the checkpoint: a worker group Ray restarts after the run was taken over may
+        # find its checkpoint deleted by the new holder; it stops before any work.
+        _check_still_held(loop_config, rank)
+    except _TakenOver:
+        return
     state, optimizer_state = LoopState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -1018,8 +1024,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = model.to(device)
 
     try:
-        # (a worker group Ray restarts after the run was taken over stops before any work)
-        _check_still_held(loop_config, rank)
         _run_phases(loop_config, cfg, model, state, optimizer_state, device, context)
     except _TakenOver:
         # A clean end, not an error: Ray would restart a failed worker group (--max-failures)

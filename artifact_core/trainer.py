@@ -33,8 +33,8 @@ from artifact_core.metrics import (KEEP_SCORE, SELECT_SCORE, SELECT_SCORE_METRIC
 from artifact_core.errors import WeightsUnavailableError
 from artifact_core.model import model_for, resolve_weights
 from artifact_core.raycluster import check_fits
-from artifact_core.run_identity import (SNAPSHOT_FILE, RunConflictError, Split, check_holder, claim_run, new_holder,
-                                       read_record, stored_split_paths)
+from artifact_core.run_identity import (SNAPSHOT_FILE, RunConflictError, Split, check_holder, claim_run, hold_run,
+                                       new_holder, read_record, stored_split_paths)
 from artifact_core.storage import Location, check_apart, is_uri, redact_uri, resolve, uri_without_credentials
 from artifact_core.train_loop import (MODEL_FILE, STATE_FILE, LoopState, check_phase_one_growth, read_state,
                                       read_val_scores, train_loop_per_worker)
@@ -243,7 +243,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
     else:
         stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data_root,
                            make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity,
-                           holder=holder, weights_source=weights_source)
+                           weights_source=weights_source)
     split = stored.absolute(folder.root)
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
@@ -254,7 +254,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
             "class_weights": class_weights(split["train_labels"]).tolist(), "initial_state": initial_state,
             "counts": counts, "weights_source": weights_source, "recorded_epochs": recorded_epochs,
             # the workers stop when another start claims the run (run_identity.holder_lost)
-            "run_folder": run, "run_holder": holder["id"]}
+            "run_folder": run, "run_holder": holder["id"], "holder": holder}
 
 
 def storage_args(storage_path: str) -> dict[str, Any]:
@@ -570,7 +570,15 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     cfg = TrainConfig.from_dict(loop_config["train"])  # with the resolved data folder
     bundle = resolve(cfg.storage_path).join(cfg.name, BUNDLE_FOLDER)
     trainer = build_trainer(cfg, loop_config, name=cfg.name, storage_path=cfg.storage_path)
-    result = trainer.fit()
+    # The workers fit: from here this start holds the run (an earlier job still running stops).
+    hold_run(loop_config["run_folder"], loop_config["holder"])
+    try:
+        result = trainer.fit()
+    except Exception:
+        # A job taken over can fail on the way out (its checkpoints deleted under a restarted
+        # worker group): the takeover is the error to report, not what it caused.
+        check_holder(loop_config["run_folder"], loop_config["run_holder"])
+        raise
     # A job whose run another start claimed meanwhile exports nothing: the bundle is the new holder's.
     check_holder(loop_config["run_folder"], loop_config["run_holder"])
     bundle_dir = bundle.uri

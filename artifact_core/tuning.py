@@ -31,7 +31,7 @@ from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.metrics import SELECT_SCORE, best_report, is_diverged, report_score, selection_key
 from artifact_core.raycluster import (check_fits, detect_autoscaler, groups_that_fit, live_nodes, remove_wait_groups,
                                       units)
-from artifact_core.run_identity import check_holder
+from artifact_core.run_identity import check_holder, hold_run, holder_lost
 from artifact_core.storage import Location, resolve
 from artifact_core.train_loop import SCHEDULE_EPOCH
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, data_task_cpus, export_bundle,
@@ -58,6 +58,12 @@ def tune_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     cfg = trial_config(shared["loop_config"]["train"], params)
     loop_config = {**shared["loop_config"], "train": cfg.to_dict()}
     trial_id = tune.get_context().get_trial_id()
+    why = holder_lost(loop_config.get("run_folder"), loop_config.get("run_holder", ""))
+    if why:
+        # A sweep another start took over: its later trials end at once, before they claim a
+        # trial folder the new sweep may be training in, or ask for workers.
+        log.warning("trial %s not started: %s", trial_id, why)
+        return
     # A fixed run name per trial: a restored sweep resumes the trial's Train run.
     claim_trial_run(resolve(shared["trials_path"]).join(trial_id), params)
     trainer = build_trainer(cfg, loop_config, name=trial_id, storage_path=shared["trials_path"],
@@ -355,8 +361,13 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
+    # Trials fit (_concurrency waited for one): from here this sweep holds its folder.
+    hold_run(loop_config["run_folder"], loop_config["holder"])
     try:
         grid = tuner.fit()
+    except Exception:
+        check_holder(loop_config["run_folder"], loop_config["run_holder"])  # the takeover, if that was it
+        raise
     finally:
         # A trial killed while it waited for nodes leaves its stand-in placement group behind
         # (a killed actor runs no cleanup; Ray would remove it only with this job).

@@ -243,7 +243,7 @@ def test_unfreeze_depth_zero_needs_no_phase_two():
 
 
 @pytest.mark.parametrize("job", ["train", "tune"])
-@pytest.mark.parametrize("flag", ["--data-dir", "--storage-path", "--weights"])
+@pytest.mark.parametrize("flag", ["--data-dir", "--storage-path", "--weights", "--name"])
 def test_an_empty_path_flag_is_one_line_not_the_demo_or_the_working_folder(tmp_path, monkeypatch, capsys, job, flag):
     """``--data-dir "$DATA"`` with DATA unset: an error naming the flag, before Ray starts; not
     the demo data, the working folder or random weights."""
@@ -254,7 +254,8 @@ def test_an_empty_path_flag_is_one_line_not_the_demo_or_the_working_folder(tmp_p
 
     monkeypatch.chdir(tmp_path)
     module = load_job(job)
-    argv = {"--data-dir": ["--data-dir", " "], "--storage-path": ["--storage-path", ""], "--weights": ["--weights", ""]}[flag]
+    argv = {"--data-dir": ["--data-dir", " "], "--storage-path": ["--storage-path", ""], "--weights": ["--weights", ""],
+            "--name": ["--name", ""]}[flag]
     rc = run_job(module.main, module.get_args_parser().parse_args(argv), logging.getLogger("test"))
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {flag} must be" in err and "Traceback" not in err, err

@@ -117,6 +117,15 @@ def test_an_overwrite_killed_part_way_leaves_a_folder_overwrite_accepts(tmp_path
         assert not order or order[0] == "checkpoint_manager_snapshot.json"
         prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
         assert sorted(p.name for p in run.iterdir()) == sorted([RUN_FILE, "notes.txt", SPLIT_JSON])
+    # Killed while it draws the new split (a large folder takes a while): nothing is deleted yet.
+    (run / "checkpoint_000001").mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("artifact_core.trainer.stratified_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+    assert (run / RUN_FILE).exists() and (run / "checkpoint_000001").is_dir()
 
 
 def test_folders_that_are_not_runs_are_left_alone(tmp_path):
@@ -430,13 +439,22 @@ def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation
 def test_the_latest_start_holds_the_run_and_an_earlier_one_learns_it_lost_it(tmp_path, monkeypatch):
     """A rerun (or --overwrite) while the first job still runs: the record names the new start
     as the holder, and the earlier job is told so (it then stops and exports nothing)."""
-    from artifact_core.run_identity import RunTakenOverError, check_holder, holder_lost
+    from artifact_core.run_identity import RunTakenOverError, check_holder, hold_run, holder_lost
+
+    def start(**kw) -> dict:
+        loop = prepare_run(cfg(data, tmp_path / "runs", **kw))
+        hold_run(loop["run_folder"], loop["holder"])  # as run_training does once the workers fit
+        return loop
 
     data = make_easy_folder(tmp_path / "train", n=16)
-    first = prepare_run(cfg(data, tmp_path / "runs"))
+    first = start()
     run = first["run_folder"]
     assert holder_lost(run, first["run_holder"]) == ""
-    second = prepare_run(cfg(data, tmp_path / "runs"))  # the same command again
+    # A rerun refused before its workers start (too many workers, Ctrl-C while it waits)
+    # claims the folder but does not hold it: the running job goes on.
+    prepare_run(cfg(data, tmp_path / "runs"))
+    assert holder_lost(run, first["run_holder"]) == ""
+    second = start()  # the same command again, and it trains
     record = json.loads((tmp_path / "runs" / "r" / RUN_FILE).read_text())
     assert record["holder"]["id"] == second["run_holder"] != first["run_holder"]
     assert record["holder"]["pid"] == os.getpid() and record["holder"]["host"]
@@ -449,14 +467,16 @@ def test_the_latest_start_holds_the_run_and_an_earlier_one_learns_it_lost_it(tmp
     # an unnamed run has no folder to lose
     assert holder_lost(None, "x") == ""
 
-    third = prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+    third = start(overwrite=True)
     assert holder_lost(run, second["run_holder"]) and holder_lost(run, third["run_holder"]) == ""
     (tmp_path / "runs" / "r" / RUN_FILE).unlink()  # deleted under the running job
     assert "is gone" in holder_lost(run, third["run_holder"])
 
     # A record that cannot be read for a moment (an object store's passing error) takes
     # nothing away: training goes on.
-    fourth = prepare_run(cfg(data, tmp_path / "runs", overwrite=True))
+    with pytest.raises(RunTakenOverError, match="lost its run_config.json"):
+        hold_run(run, third["holder"])
+    fourth = start(overwrite=True)
 
     def failing_read(loc):
         raise OSError("503 Slow Down")

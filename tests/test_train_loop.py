@@ -633,13 +633,19 @@ def test_a_job_whose_run_another_start_claimed_stops_before_its_next_checkpoint(
     cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="r", image_size=32,
                       batch_size=4, head_members=1, weights="none", decode_cache_mb=0, head_epochs=3,
                       finetune_epochs=0, patience=0, val_fraction=0.25)
-    first = prepare_run(cfg)
+    from artifact_core.run_identity import hold_run
+
+    def start() -> dict:
+        loop = prepare_run(cfg)
+        hold_run(loop["run_folder"], loop["holder"])
+        return loop
+    first = start()
     reports, claims = [], [1]
 
     def report(metrics, checkpoint=None):
         reports.append(metrics["epoch"])
         if claims:
-            prepare_run(cfg)  # another job claims the run after this job's first epoch
+            start()  # another job takes the run over after this job's first epoch
             claims.pop()
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m: m)
@@ -653,10 +659,51 @@ def test_a_job_whose_run_another_start_claimed_stops_before_its_next_checkpoint(
                              context={"rank": 0, "world": 1, "workers_on_node": 1, "node_ids": []})
     assert reports == [1], "the epoch after the takeover must not be reported"
     # The job that holds the run trains on as before.
-    again = prepare_run(cfg)
+    again = start()
     reports.clear()
     train_loop.run_phase(train_loop.phases(cfg)[0], model=model, state=train_loop.LoopState(), optimizer_state=None,
                          cfg=cfg, loop_config=again, loaders=train_loop._loaders(again, cfg, 0, 1),
                          weights=torch.ones(2), device=torch.device("cpu"),
                          context={"rank": 0, "world": 1, "workers_on_node": 1, "node_ids": []})
     assert reports == [1, 2, 3]
+
+
+def test_a_worker_group_of_a_run_taken_over_ends_cleanly_before_it_loads_a_checkpoint(tmp_path, monkeypatch):
+    """Ray restarts the earlier job's workers (or starts them late) after another start took
+    the run: they return at once, without an error Ray would retry, without loading a
+    checkpoint the new holder may have deleted, and without reporting."""
+    import types
+
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from artifact_core.run_identity import hold_run
+    from artifact_core.trainer import prepare_run
+    from conftest import make_easy_folder
+
+    data = make_easy_folder(tmp_path / "d", n=16, size=32)
+    cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="r", image_size=32,
+                      batch_size=4, head_members=1, weights="none", decode_cache_mb=0, head_epochs=2,
+                      finetune_epochs=0, patience=0, val_fraction=0.25)
+
+    def start() -> dict:
+        loop = prepare_run(cfg)
+        hold_run(loop["run_folder"], loop["holder"])
+        return loop
+    context = types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1,
+                                    get_local_world_size=lambda: 1)
+    reports, loads = [], []
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m: m)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: loads.append(1))
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: reports.append(metrics["epoch"]))
+    earlier = start()
+    start()  # taken over
+    train_loop.train_loop_per_worker(earlier)
+    assert reports == [] and loads == []
+    holder = start()
+    train_loop.train_loop_per_worker(holder)
+    assert reports == [1, 2] and loads == [1]
