@@ -117,11 +117,13 @@ def holder_lost(run: Location | None, holder_id: str) -> str:
             f"run continues in the job that claimed it")
 
 
-def hold_run(run: Location | None, holder: dict[str, Any]) -> None:
-    """Record ``holder`` (:func:`new_holder`) as the one start that holds ``run`` from now on.
+def hold_run(run: Location | None, holder: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+    """Record ``holder`` (:func:`new_holder`) as the one start that holds ``run`` from now on,
+    with its ``config`` (a resume's changes go into the record's history).
 
     Called once the start has shown it can run (its workers fit the cluster), just before it
-    trains: a rerun that fails on its way there leaves the job that holds the run training.
+    trains: a rerun that fails on its way there leaves the job that holds the run training,
+    and the record as it was (its epochs may still be lowered back).
     """
     if run is None:
         return
@@ -129,6 +131,15 @@ def hold_run(run: Location | None, holder: dict[str, Any]) -> None:
     if record is None:
         raise RunTakenOverError(f"run {redact_uri(run.uri)} lost its {RUN_FILE} before this job could start "
                                 f"training (--overwrite by another job, or the folder was deleted)")
+    history = record.setdefault("history", [])
+    if config is not None:
+        config = _without_credentials(config)
+        before = _without_credentials(record.get("config", {}))  # (a record from before they were left out)
+        changed = {k: (before.get(k), v) for k, v in config.items() if not _same(before.get(k), v)}
+        # (a first start's own record says "started"; every later start that trains, "resumed")
+        if "holder" in record or len(history) > 1:
+            history.append({"resumed": _now(), **({"changed": changed} if changed else {})})
+        record["config"] = config
     record["holder"] = holder
     write_record(run, record)
 
@@ -446,11 +457,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     if added:
         log.info("%d file(s) were added to %s since run %s started, e.g. %s; they are ignored: the run keeps "
                  "its stored split (start a new --name to train on them)", len(added), data_root, shown, added[:3])
-    before = _without_credentials(old.get("config", {}))  # (a record from before they were left out)
-    changed = {k: (before.get(k), v) for k, v in config.items() if not _same(before.get(k), v)}
-    old.update(config=config)
-    old.setdefault("history", []).append({"resumed": _now(), **({"changed": changed} if changed else {})})
-    write_record(run, old)
+    # The record takes this start's config (raised epochs) only when it trains (hold_run): a
+    # rerun that fails before would otherwise leave a record no rerun may lower again.
     log.info("resuming run %s with its stored split (%d train, %d val)", shown,
              len(split.train_files), len(split.val_files))
     return split

@@ -254,7 +254,7 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
             "class_weights": class_weights(split["train_labels"]).tolist(), "initial_state": initial_state,
             "counts": counts, "weights_source": weights_source, "recorded_epochs": recorded_epochs,
             # the workers stop when another start claims the run (run_identity.holder_lost)
-            "run_folder": run, "run_holder": holder["id"], "holder": holder}
+            "run_folder": run, "run_holder": holder["id"], "holder": holder, "record_config": train_dict}
 
 
 def storage_args(storage_path: str) -> dict[str, Any]:
@@ -571,7 +571,7 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     bundle = resolve(cfg.storage_path).join(cfg.name, BUNDLE_FOLDER)
     trainer = build_trainer(cfg, loop_config, name=cfg.name, storage_path=cfg.storage_path)
     # The workers fit: from here this start holds the run (an earlier job still running stops).
-    hold_run(loop_config["run_folder"], loop_config["holder"])
+    hold_run(loop_config["run_folder"], loop_config["holder"], loop_config["record_config"])
     try:
         result = trainer.fit()
     except Exception:

@@ -362,7 +362,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
     # Trials fit (_concurrency waited for one): from here this sweep holds its folder.
-    hold_run(loop_config["run_folder"], loop_config["holder"])
+    hold_run(loop_config["run_folder"], loop_config["holder"], loop_config["record_config"])
     try:
         grid = tuner.fit()
     except Exception:

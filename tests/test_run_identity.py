@@ -30,6 +30,7 @@ def names(split: dict, part: str) -> list[str]:
 def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_path, caplog):
     data = make_easy_folder(tmp_path / "train", n=24)
     first = prepare_run(cfg(data, tmp_path / "runs"))
+    run_identity.hold_run(first["run_folder"], first["holder"], first["record_config"])  # it trains
     run = tmp_path / "runs" / "r"
     record = json.loads((run / RUN_FILE).read_text())
     assert record["identity"]["image_size"] == 32 and record["data"]["files"] == 24
@@ -42,8 +43,16 @@ def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_pa
         again = prepare_run(cfg(data, tmp_path / "runs", num_workers=1, max_failures=3, finetune_epochs=2))
     assert again["split"] == first["split"], "a rerun must train on the stored split"
     assert "12 file(s) were added" in caplog.text and "ignored" in caplog.text
+    # Nothing recorded until the rerun trains (its workers fit): one that fails before, with
+    # raised epochs, leaves a record the original command still resumes.
+    assert json.loads((run / RUN_FILE).read_text())["config"]["finetune_epochs"] == 1
+    prepare_run(cfg(data, tmp_path / "runs"))
+    run_identity.hold_run(again["run_folder"], again["holder"], again["record_config"])
     record = json.loads((run / RUN_FILE).read_text())
-    assert record["config"]["finetune_epochs"] == 2 and "changed" in record["history"][-1]
+    assert record["config"]["finetune_epochs"] == 2 and record["history"][-1]["changed"]["finetune_epochs"] == [1, 2]
+    assert [list(h)[0] for h in record["history"]] == ["started", "resumed"]
+    with pytest.raises(RunConflictError, match="finetune_epochs: 2 before, 1 now"):
+        prepare_run(cfg(data, tmp_path / "runs"))
 
 
 @pytest.mark.parametrize("change, named", [
@@ -417,7 +426,7 @@ def test_one_data_folder_however_its_uri_is_spelled():
 
 
 def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation(tmp_path):
-    from artifact_core.run_identity import Split, claim_run
+    from artifact_core.run_identity import Split, claim_run, hold_run, new_holder
     from artifact_core.storage import resolve
 
     run = resolve(str(tmp_path / "runs" / "r"))
@@ -431,6 +440,7 @@ def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation
         got = claim_run(run, config=config(secret), kind="train", listed=["image_1_1.png", "image_2_0.png"],
                         data_root="s3://b/train", make_split=lambda: split)
         assert got.files() == split.files()
+        hold_run(run, new_holder(), config(secret))
     record = (tmp_path / "runs" / "r" / RUN_FILE).read_text()
     assert "SECRET" not in record and "SECRET" not in (tmp_path / "runs" / "r" / SPLIT_JSON).read_text()
     assert len(json.loads(record)["history"]) == 2
@@ -443,7 +453,7 @@ def test_the_latest_start_holds_the_run_and_an_earlier_one_learns_it_lost_it(tmp
 
     def start(**kw) -> dict:
         loop = prepare_run(cfg(data, tmp_path / "runs", **kw))
-        hold_run(loop["run_folder"], loop["holder"])  # as run_training does once the workers fit
+        hold_run(loop["run_folder"], loop["holder"], loop["record_config"])  # as run_training does once workers fit
         return loop
 
     data = make_easy_folder(tmp_path / "train", n=16)
