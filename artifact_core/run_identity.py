@@ -107,6 +107,8 @@ def holder_lost(run: Location | None, holder_id: str) -> str:
         return ""
     if record is None:
         why = f"its {RUN_FILE} is gone (--overwrite by another job, or the folder was deleted)"
+    elif holder is None and "holder" in record:
+        why = "another start cleared it and started it again (--overwrite)"
     elif isinstance(holder, dict):
         why = (f"another start claimed it (on {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
                f"at {holder.get('since', '?')})")
@@ -117,31 +119,50 @@ def holder_lost(run: Location | None, holder_id: str) -> str:
             f"run continues in the job that claimed it")
 
 
-def hold_run(run: Location | None, holder: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+def hold_run(run: Location | None, holder: dict[str, Any], config: dict[str, Any] | None = None, *,
+             claim: dict[str, Any] | None = None) -> str:
     """Record ``holder`` (:func:`new_holder`) as the one start that holds ``run`` from now on,
-    with its ``config`` (a resume's changes go into the record's history).
+    with its ``config`` (a resume's changes go into the record's history); returns its id.
 
     Called once the start has shown it can run (its workers fit the cluster), just before it
     trains: a rerun that fails on its way there leaves the job that holds the run training,
-    and the record as it was (its epochs may still be lowered back).
+    and the record as it was (its epochs may still be lowered back). ``claim`` (from
+    :func:`claim_run`'s caller: the record's ``start_id``, ``kind`` and
+    ``extra_identity``) is checked again, since the record may have changed since the claim.
+
+    Raises:
+        RunTakenOverError: the run was started again (``--overwrite``) or deleted since the claim.
+        RunConflictError: another start recorded settings since that this one may not follow
+            (epochs it would lower).
     """
     if run is None:
-        return
+        return holder["id"]
     record = read_record(run)
-    if record is None:
-        raise RunTakenOverError(f"run {redact_uri(run.uri)} lost its {RUN_FILE} before this job could start "
-                                f"training (--overwrite by another job, or the folder was deleted)")
+    shown = redact_uri(run.uri)
+    if record is None or (claim is not None and record.get("start_id") != claim.get("start_id")):
+        why = f"lost its {RUN_FILE}" if record is None else "was started again (--overwrite)"
+        raise RunTakenOverError(f"run {shown} {why} by another job while this one prepared to train; this job "
+                                f"stops without training")
     history = record.setdefault("history", [])
     if config is not None:
         config = _without_credentials(config)
+        if claim is not None:
+            diffs = differences(record, {"kind": claim.get("kind"), "config": config, "identity": identity_of(
+                config, kind=claim.get("kind", "train"), extra=claim.get("extra_identity"))})
+            if diffs:
+                raise RunConflictError(f"run {shown} was resumed by another start with other settings while this "
+                                       f"one prepared to train ({'; '.join(diffs)}); this job stops without training")
         before = _without_credentials(record.get("config", {}))  # (a record from before they were left out)
         changed = {k: (before.get(k), v) for k, v in config.items() if not _same(before.get(k), v)}
-        # (a first start's own record says "started"; every later start that trains, "resumed")
-        if "holder" in record or len(history) > 1:
+        # A start that trained before (a holder, or a record from before holders) makes this a
+        # resume; a first start refused before it trained leaves a record nothing trained from.
+        trained_before = record.get("holder", "legacy") is not None
+        if trained_before or changed:
             history.append({"resumed": _now(), **({"changed": changed} if changed else {})})
         record["config"] = config
-    record["holder"] = holder
+    record["holder"] = {**holder, "since": _now()}
     write_record(run, record)
+    return holder["id"]
 
 
 def check_holder(run: Location | None, holder_id: str) -> None:
@@ -230,7 +251,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             # A restored sweep runs on with the scheduler it pickled (ASHA's max_t) and never
             # reruns finished trials: new epoch counts would be recorded but not trained.
             diffs.append(f"{key}: {a} before, {b} now (a sweep continues with the epochs it started with)")
-        elif a is not None and b is not None and b < a:
+        elif a is not None and b is not None and b < a and old.get("holder", "legacy") is not None:
+            # (a record no start has trained from yet may take fewer epochs)
             diffs.append(f"{key}: {a} before, {b} now (epochs may be raised to continue a run, not lowered)")
     return diffs
 
@@ -468,7 +490,9 @@ def _start(run: Location, record: dict[str, Any], split: Split) -> Split:
     run.makedirs()
     split_file = write_split(run, split)
     now = _now()
-    record.update(created=now, history=[{"started": now}],
+    # start_id: which start created the record (a second --overwrite in the same second has
+    # the same created stamp)
+    record.update(created=now, start_id=uuid.uuid4().hex, history=[{"started": now}], holder=None,
                   data={"root": split.root, "files": len(split.train_files) + len(split.val_files),
                         "split_file": split_file})
     # Split first, record last: a record always points at a complete split.

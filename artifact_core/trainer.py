@@ -237,13 +237,15 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         raise WeightsUnavailableError(f"--weights {cfg.weights!r} does not fit MobileNetV2 with the {cfg.head} head: "
                                       f"{first[:300]}") from exc
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
-    holder = new_holder()
+    holder, claim = new_holder(), None
     if run is None:
         stored = fresh_split()
     else:
         stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data_root,
                            make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity,
                            weights_source=weights_source)
+        # what hold_run checks again before this start trains (the record may change meanwhile)
+        claim = {"start_id": (read_record(run) or {}).get("start_id"), "kind": kind, "extra_identity": extra_identity}
     split = stored.absolute(folder.root)
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
@@ -254,7 +256,9 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
             "class_weights": class_weights(split["train_labels"]).tolist(), "initial_state": initial_state,
             "counts": counts, "weights_source": weights_source, "recorded_epochs": recorded_epochs,
             # the workers stop when another start claims the run (run_identity.holder_lost)
-            "run_folder": run, "run_holder": holder["id"], "holder": holder, "record_config": train_dict}
+            # (the workers check who holds the run once the caller holds it: hold_run)
+            "run_folder": run, "run_holder": None, "holder": holder, "record_config": train_dict,
+            "claim": claim}
 
 
 def storage_args(storage_path: str) -> dict[str, Any]:
@@ -284,6 +288,14 @@ def _ingest_args(cfg: TrainConfig, loop_config: dict[str, Any]) -> dict[str, Any
             "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
 
 
+def check_workers_fit(cfg: TrainConfig) -> None:
+    """Check that the run's workers fit the cluster, waiting for an autoscaler to add nodes
+    (``--wait-for-resources``); raises ``ClusterTooSmallError`` naming what is missing."""
+    check_fits(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+               gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=data_task_cpus(cfg),
+               wait_s=cfg.wait_for_resources)
+
+
 def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, storage_path: str,
                   callbacks: Sequence[Any] | None = None) -> TorchTrainer:
     """The one TorchTrainer set-up, shared by the train job and every tune trial.
@@ -291,9 +303,7 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], *, name: str, s
     Checks first that the workers fit the cluster, waiting for an autoscaler to add
     nodes (``--wait-for-resources``): Ray Train would otherwise wait for them forever.
     """
-    check_fits(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-               gpus_per_worker=1.0 if cfg.use_gpu else 0.0, reserved_cpus=data_task_cpus(cfg),
-               wait_s=cfg.wait_for_resources)
+    check_workers_fit(cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
     score_attribute = checkpoint_score_attribute(resolve(storage_path).join(name), cfg.select_metric)
     num_to_keep = checkpoints_to_keep(score_attribute)
@@ -565,13 +575,17 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     split; other training settings or data are refused (see :mod:`artifact_core.run_identity`).
     """
     t0 = time.time()
+    # Before the run folder is touched: a start whose workers cannot run must not clear a
+    # run (--overwrite) or take it from the job that trains it.
+    check_workers_fit(cfg)
     loop_config = prepare_run(cfg)
     loop_config.update(loop_overrides or {})
     cfg = TrainConfig.from_dict(loop_config["train"])  # with the resolved data folder
     bundle = resolve(cfg.storage_path).join(cfg.name, BUNDLE_FOLDER)
+    # From here this start holds the run (an earlier job still running stops at its next epoch).
+    loop_config["run_holder"] = hold_run(loop_config["run_folder"], loop_config["holder"],
+                                         loop_config["record_config"], claim=loop_config["claim"])
     trainer = build_trainer(cfg, loop_config, name=cfg.name, storage_path=cfg.storage_path)
-    # The workers fit: from here this start holds the run (an earlier job still running stops).
-    hold_run(loop_config["run_folder"], loop_config["holder"], loop_config["record_config"])
     try:
         result = trainer.fit()
     except Exception:

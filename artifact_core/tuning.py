@@ -31,7 +31,7 @@ from artifact_core.config import SweepConfig, TrainConfig
 from artifact_core.metrics import SELECT_SCORE, best_report, is_diverged, report_score, selection_key
 from artifact_core.raycluster import (check_fits, detect_autoscaler, groups_that_fit, live_nodes, remove_wait_groups,
                                       units)
-from artifact_core.run_identity import check_holder, hold_run, holder_lost
+from artifact_core.run_identity import check_holder, hold_run
 from artifact_core.storage import Location, resolve
 from artifact_core.train_loop import SCHEDULE_EPOCH
 from artifact_core.trainer import (BUNDLE_FOLDER, HEADLINE_METRIC, build_trainer, data_task_cpus, export_bundle,
@@ -58,17 +58,23 @@ def tune_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     cfg = trial_config(shared["loop_config"]["train"], params)
     loop_config = {**shared["loop_config"], "train": cfg.to_dict()}
     trial_id = tune.get_context().get_trial_id()
-    why = holder_lost(loop_config.get("run_folder"), loop_config.get("run_holder", ""))
-    if why:
-        # A sweep another start took over: its later trials end at once, before they claim a
-        # trial folder the new sweep may be training in, or ask for workers.
-        log.warning("trial %s not started: %s", trial_id, why)
-        return
+    # A sweep another start took over: its later trials end at once, before they claim a
+    # trial folder the new sweep may be training in, or ask for workers. As errors, not
+    # finished trials: a restore (the new sweep's) reruns errored trials.
+    _check_sweep_held(loop_config)
     # A fixed run name per trial: a restored sweep resumes the trial's Train run.
     claim_trial_run(resolve(shared["trials_path"]).join(trial_id), params)
     trainer = build_trainer(cfg, loop_config, name=trial_id, storage_path=shared["trials_path"],
                             callbacks=[TuneReportCallback()])
     trainer.fit()
+    # A trial whose workers stopped for a takeover ends as an error too (see above).
+    _check_sweep_held(loop_config)
+
+
+def _check_sweep_held(loop_config: dict[str, Any]) -> None:
+    """Raise ``RunTakenOverError`` in a trial of a sweep that another start has taken over."""
+    if loop_config.get("run_holder"):
+        check_holder(loop_config.get("run_folder"), loop_config["run_holder"])
 
 
 TRIAL_PARAMS_FILE = "trial_params.json"
@@ -329,8 +335,13 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         raise ValueError("--resume and --overwrite contradict each other: pass one of them")
     sweep = resolve(base.storage_path).join(base.name)
     sweep_dir = sweep.uri
-    loop_config = prepare_run(base, kind="sweep", extra_identity=_search_space_identity(cfg))
+    # Before the sweep folder is touched: a sweep whose trials cannot run must not clear it
+    # (--overwrite) or take it from the job that runs it.
     concurrent = _concurrency(cfg)
+    loop_config = prepare_run(base, kind="sweep", extra_identity=_search_space_identity(cfg))
+    # From here this sweep holds its folder (an earlier one still running stops its trials).
+    loop_config["run_holder"] = hold_run(loop_config["run_folder"], loop_config["holder"],
+                                         loop_config["record_config"], claim=loop_config["claim"])
     shared = {"loop_config": loop_config, "trials_path": sweep.join(TRIALS_FOLDER).uri}
     storage = storage_args(sweep_dir)
     fs = storage.get("storage_filesystem")
@@ -361,8 +372,6 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
-    # Trials fit (_concurrency waited for one): from here this sweep holds its folder.
-    hold_run(loop_config["run_folder"], loop_config["holder"], loop_config["record_config"])
     try:
         grid = tuner.fit()
     except Exception:

@@ -30,7 +30,7 @@ def names(split: dict, part: str) -> list[str]:
 def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_path, caplog):
     data = make_easy_folder(tmp_path / "train", n=24)
     first = prepare_run(cfg(data, tmp_path / "runs"))
-    run_identity.hold_run(first["run_folder"], first["holder"], first["record_config"])  # it trains
+    run_identity.hold_run(first["run_folder"], first["holder"], first["record_config"], claim=first["claim"])
     run = tmp_path / "runs" / "r"
     record = json.loads((run / RUN_FILE).read_text())
     assert record["identity"]["image_size"] == 32 and record["data"]["files"] == 24
@@ -47,7 +47,7 @@ def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_pa
     # raised epochs, leaves a record the original command still resumes.
     assert json.loads((run / RUN_FILE).read_text())["config"]["finetune_epochs"] == 1
     prepare_run(cfg(data, tmp_path / "runs"))
-    run_identity.hold_run(again["run_folder"], again["holder"], again["record_config"])
+    run_identity.hold_run(again["run_folder"], again["holder"], again["record_config"], claim=again["claim"])
     record = json.loads((run / RUN_FILE).read_text())
     assert record["config"]["finetune_epochs"] == 2 and record["history"][-1]["changed"]["finetune_epochs"] == [1, 2]
     assert [list(h)[0] for h in record["history"]] == ["started", "resumed"]
@@ -64,7 +64,8 @@ def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_pa
 ])
 def test_rerun_with_other_training_flags_is_refused_naming_them(tmp_path, change, named):
     data = make_easy_folder(tmp_path / "train", n=16)
-    prepare_run(cfg(data, tmp_path / "runs"))
+    first = prepare_run(cfg(data, tmp_path / "runs"))
+    run_identity.hold_run(first["run_folder"], first["holder"], first["record_config"], claim=first["claim"])
     with pytest.raises(RunConflictError) as err:
         prepare_run(cfg(data, tmp_path / "runs", **change))
     msg = str(err.value)
@@ -425,6 +426,33 @@ def test_one_data_folder_however_its_uri_is_spelled():
     assert len(differences(record("abfs://train@acct/faces"), record("abfs://test@acct/faces"))) == 1
 
 
+def test_a_start_that_never_trained_may_be_lowered_and_a_hold_checks_the_record_again(tmp_path):
+    """A first start refused before it trained (too many workers) fixes no epochs; and a start
+    that waited for nodes does not take a run another start cleared (--overwrite) or resumed
+    with more epochs meanwhile."""
+    from artifact_core.run_identity import RunTakenOverError
+
+    data = make_easy_folder(tmp_path / "train", n=16)
+    prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=5))  # refused before it trained
+    lowered = prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=3))
+    run_identity.hold_run(lowered["run_folder"], lowered["holder"], lowered["record_config"], claim=lowered["claim"])
+    record = json.loads((tmp_path / "runs" / "r" / RUN_FILE).read_text())
+    assert record["config"]["finetune_epochs"] == 3
+    assert record["history"][-1]["changed"]["finetune_epochs"] == [5, 3]
+
+    waiting = prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=3))  # waits for nodes...
+    raised = prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=8))
+    run_identity.hold_run(raised["run_folder"], raised["holder"], raised["record_config"], claim=raised["claim"])
+    with pytest.raises(RunConflictError, match="finetune_epochs: 8 before, 3 now"):
+        run_identity.hold_run(waiting["run_folder"], waiting["holder"], waiting["record_config"],
+                              claim=waiting["claim"])
+    cleared = prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=8, overwrite=True))
+    with pytest.raises(RunTakenOverError, match="was started again"):
+        run_identity.hold_run(raised["run_folder"], raised["holder"], raised["record_config"], claim=raised["claim"])
+    assert "started it again" in run_identity.holder_lost(raised["run_folder"], raised["holder"]["id"])
+    assert cleared["claim"]["start_id"] != raised["claim"]["start_id"]
+
+
 def test_a_run_record_holds_no_credentials_of_its_uris_also_after_a_key_rotation(tmp_path):
     from artifact_core.run_identity import Split, claim_run, hold_run, new_holder
     from artifact_core.storage import resolve
@@ -453,7 +481,8 @@ def test_the_latest_start_holds_the_run_and_an_earlier_one_learns_it_lost_it(tmp
 
     def start(**kw) -> dict:
         loop = prepare_run(cfg(data, tmp_path / "runs", **kw))
-        hold_run(loop["run_folder"], loop["holder"], loop["record_config"])  # as run_training does once workers fit
+        # as run_training does once the workers fit
+        loop["run_holder"] = hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
         return loop
 
     data = make_easy_folder(tmp_path / "train", n=16)

@@ -637,7 +637,7 @@ def test_a_job_whose_run_another_start_claimed_stops_before_its_next_checkpoint(
 
     def start() -> dict:
         loop = prepare_run(cfg)
-        hold_run(loop["run_folder"], loop["holder"], loop["record_config"])
+        loop["run_holder"] = hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
         return loop
     first = start()
     reports, claims = [], [1]
@@ -689,7 +689,7 @@ def test_a_worker_group_of_a_run_taken_over_ends_cleanly_before_it_loads_a_check
 
     def start() -> dict:
         loop = prepare_run(cfg)
-        hold_run(loop["run_folder"], loop["holder"], loop["record_config"])
+        loop["run_holder"] = hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
         return loop
     context = types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1,
                                     get_local_world_size=lambda: 1)
