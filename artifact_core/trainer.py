@@ -577,7 +577,7 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     t0 = time.time()
     # Before the run folder is touched: a start whose workers cannot run must not clear a
     # run (--overwrite) or take it from the job that trains it.
-    check_workers_fit(cfg)
+    check_workers_fit(cfg.validate())
     loop_config = prepare_run(cfg)
     loop_config.update(loop_overrides or {})
     cfg = TrainConfig.from_dict(loop_config["train"])  # with the resolved data folder
