@@ -419,7 +419,8 @@ def _without_credentials(config: dict[str, Any]) -> dict[str, Any]:
 
 def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[str], data_root: str,
               make_split: Callable[[], Split], overwrite: bool = False,
-              extra_identity: dict[str, Any] | None = None, weights_source: str | None = None) -> Split:
+              extra_identity: dict[str, Any] | None = None, weights_source: str | None = None,
+              claim: dict[str, Any] | None = None) -> Split:
     """Start or resume the run in ``run`` and return the split it trains on.
 
     Args:
@@ -433,6 +434,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
         extra_identity: more fields that define the run (a sweep's search space).
         weights_source: where a first start's starting weights came from, recorded (a rerun
             that resumes from a checkpoint reports it instead of loading them again).
+        claim: filled with the ``start_id`` of the record this claim checked, which
+            :func:`hold_run` compares before the start trains.
 
     Raises:
         RunConflictError: naming the differences, with ``--name``/``--overwrite`` offered.
@@ -455,8 +458,11 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
             raise RunConflictError(
                 f"run folder {shown} is not empty and holds no {RUN_FILE}, so it is not a run of this "
                 f"project (found e.g. {names[:3]}); choose a new --name or --storage-path")
-        return _start(run, {**new, **({"weights_source": weights_source} if weights_source else {})},
-                      fresh if fresh is not None else make_split())
+        record = {**new, **({"weights_source": weights_source} if weights_source else {})}
+        split = _start(run, record, fresh if fresh is not None else make_split())
+        if claim is not None:
+            claim["start_id"] = record["start_id"]
+        return split
     if _is_legacy(old):
         raise RunConflictError(
             f"run folder {shown} was written before runs stored their split, so resuming it could mix "
@@ -479,6 +485,8 @@ def claim_run(run: Location, *, config: dict[str, Any], kind: str, listed: list[
     if added:
         log.info("%d file(s) were added to %s since run %s started, e.g. %s; they are ignored: the run keeps "
                  "its stored split (start a new --name to train on them)", len(added), data_root, shown, added[:3])
+    if claim is not None:
+        claim["start_id"] = old.get("start_id")
     # The record takes this start's config (raised epochs) only when it trains (hold_run): a
     # rerun that fails before would otherwise leave a record no rerun may lower again.
     log.info("resuming run %s with its stored split (%d train, %d val)", shown,

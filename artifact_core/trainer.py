@@ -237,15 +237,15 @@ def prepare_run(cfg: TrainConfig, *, kind: str = "train",
         raise WeightsUnavailableError(f"--weights {cfg.weights!r} does not fit MobileNetV2 with the {cfg.head} head: "
                                       f"{first[:300]}") from exc
     # (Before the run folder is claimed: a start that fails on --weights leaves no record behind.)
-    holder, claim = new_holder(), None
+    holder = new_holder()
+    # what hold_run checks again before this start trains (the record may change meanwhile)
+    claim: dict[str, Any] = {"kind": kind, "extra_identity": extra_identity}
     if run is None:
         stored = fresh_split()
     else:
         stored = claim_run(run, config=train_dict, kind=kind, listed=relative, data_root=data_root,
                            make_split=fresh_split, overwrite=cfg.overwrite, extra_identity=extra_identity,
-                           weights_source=weights_source)
-        # what hold_run checks again before this start trains (the record may change meanwhile)
-        claim = {"start_id": (read_record(run) or {}).get("start_id"), "kind": kind, "extra_identity": extra_identity}
+                           weights_source=weights_source, claim=claim)
     split = stored.absolute(folder.root)
     counts = {part: {LABEL_NAMES[c]: int(sum(1 for y in split[f"{part}_labels"] if y == c)) for c in LABEL_NAMES}
               for part in ("train", "val")}
@@ -582,10 +582,13 @@ def run_training(cfg: TrainConfig, *, loop_overrides: dict[str, Any] | None = No
     loop_config.update(loop_overrides or {})
     cfg = TrainConfig.from_dict(loop_config["train"])  # with the resolved data folder
     bundle = resolve(cfg.storage_path).join(cfg.name, BUNDLE_FOLDER)
-    # From here this start holds the run (an earlier job still running stops at its next epoch).
-    loop_config["run_holder"] = hold_run(loop_config["run_folder"], loop_config["holder"],
-                                         loop_config["record_config"], claim=loop_config["claim"])
+    # (the workers read their config at fit(); they check this id from then on)
+    loop_config["run_holder"] = loop_config["holder"]["id"]
     trainer = build_trainer(cfg, loop_config, name=cfg.name, storage_path=cfg.storage_path)
+    # From here this start holds the run (an earlier job still running stops at its next epoch):
+    # the last step before fit(), so a start that fails on its way leaves the running job alone.
+    hold_run(loop_config["run_folder"], loop_config["holder"], loop_config["record_config"],
+             claim=loop_config["claim"])
     try:
         result = trainer.fit()
     except Exception:

@@ -66,7 +66,11 @@ def tune_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     claim_trial_run(resolve(shared["trials_path"]).join(trial_id), params)
     trainer = build_trainer(cfg, loop_config, name=trial_id, storage_path=shared["trials_path"],
                             callbacks=[TuneReportCallback()])
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception:
+        _check_sweep_held(loop_config)  # the takeover, not what it caused, is the trial's error
+        raise
     # A trial whose workers stopped for a takeover ends as an error too (see above).
     _check_sweep_held(loop_config)
 
@@ -339,9 +343,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     # (--overwrite) or take it from the job that runs it.
     concurrent = _concurrency(cfg)
     loop_config = prepare_run(base, kind="sweep", extra_identity=_search_space_identity(cfg))
-    # From here this sweep holds its folder (an earlier one still running stops its trials).
-    loop_config["run_holder"] = hold_run(loop_config["run_folder"], loop_config["holder"],
-                                         loop_config["record_config"], claim=loop_config["claim"])
+    # (the trials read it from the object store, where with_parameters puts it below)
+    loop_config["run_holder"] = loop_config["holder"]["id"]
     shared = {"loop_config": loop_config, "trials_path": sweep.join(TRIALS_FOLDER).uri}
     storage = storage_args(sweep_dir)
     fs = storage.get("storage_filesystem")
@@ -372,6 +375,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name="tune", **storage, failure_config=tune.FailureConfig(max_failures=0)),
         )
+    # From here this sweep holds its folder (an earlier one still running stops its trials):
+    # the last step before fit(), so a sweep that fails on its way leaves the running one alone.
+    hold_run(loop_config["run_folder"], loop_config["holder"], loop_config["record_config"],
+             claim=loop_config["claim"])
     try:
         grid = tuner.fit()
     except Exception:

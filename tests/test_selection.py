@@ -546,3 +546,44 @@ def test_a_validation_of_one_class_keeps_the_last_epoch_not_the_one_that_calls_e
     # with both classes in validation, micro F1 still breaks AP's ties
     two = [{**h, "val_confusion_matrix": [[4, 0], h["val_confusion_matrix"][1]]} for h in history]
     assert best_report(two, "val_ap_artifact") == 1
+
+
+def test_a_trial_of_a_sweep_taken_over_ends_as_an_error_before_it_claims_its_folder(tmp_path, monkeypatch):
+    """The earlier sweep, still running after a rerun took its folder: a trial it starts raises
+    before it writes into trials/<id> (where the new sweep may train that id) or asks for
+    workers, and one whose workers stopped for the takeover ends as an error (which the new
+    sweep's restore reruns), not as a finished trial."""
+    from artifact_core import tuning
+    from artifact_core.run_identity import RunTakenOverError, hold_run
+    from artifact_core.trainer import prepare_run
+    from conftest import make_easy_folder
+
+    data = make_easy_folder(tmp_path / "d", n=16, size=32)
+    base = TrainConfig(data_dir=str(data), storage_path=str(tmp_path), name="sweep", image_size=32, weights="none",
+                       head_epochs=1, finetune_epochs=1, val_fraction=0.25)
+
+    def start() -> dict:
+        loop = prepare_run(base, kind="sweep")
+        loop["run_holder"] = loop["holder"]["id"]
+        hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
+        return loop
+    fits = []
+
+    class Trainer:
+        def fit(self):
+            fits.append(1)
+            start()  # another sweep takes the folder while this trial trains
+
+    monkeypatch.setattr(tuning.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(tuning, "build_trainer", lambda *a, **k: Trainer())
+    monkeypatch.setattr(tuning, "TuneReportCallback", lambda: None)
+    params = {"lr": 1e-3, "finetune_lr_ratio": 0.3, "unfreeze_depth": 4, "image_size": None}
+    old = start()
+    shared = {"loop_config": old, "trials_path": str(tmp_path / "sweep" / "trials")}
+    with pytest.raises(RunTakenOverError, match="was taken over"):
+        tuning.tune_trial(params, shared)  # trained, then lost the folder
+    assert fits == [1] and (tmp_path / "sweep" / "trials" / "t1" / tuning.TRIAL_PARAMS_FILE).exists()
+    (tmp_path / "sweep" / "trials" / "t1" / tuning.TRIAL_PARAMS_FILE).unlink()
+    with pytest.raises(RunTakenOverError, match="was taken over"):
+        tuning.tune_trial(params, shared)  # a later trial of the old sweep
+    assert fits == [1] and not (tmp_path / "sweep" / "trials" / "t1" / tuning.TRIAL_PARAMS_FILE).exists()
