@@ -75,6 +75,27 @@ def tune_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     _check_sweep_held(loop_config)
 
 
+def _tune_state_readable(tune_dir: Location) -> bool:
+    """Whether the newest Tune experiment state under ``tune_dir`` (the one a restore reads)
+    is readable JSON. Ray copies it to storage in place: a sweep killed during the copy leaves
+    it empty, and a restore from it would run one trial with no parameters. Logs why not."""
+    names = sorted(n for n in tune_dir.children() if n.startswith("experiment_state-") and n.endswith(".json"))
+    if not names:
+        return True  # (Tune decides; nothing of ours to check)
+    try:
+        text = tune_dir.join(names[-1]).read_text()
+        state = json.loads(text) if text.strip() else None
+        if isinstance(state, dict) and state:
+            return True
+        why = "it is empty" if not text.strip() else "it holds no state"
+    except (OSError, ValueError) as exc:
+        why = f"it cannot be read ({exc})"
+    log.warning("Tune's state %s of this sweep cannot be restored: %s (a sweep killed while Ray copied it). "
+                "Starting the sweep's trials again; the earlier trials' runs stay under trials/",
+                tune_dir.join(names[-1]).uri, why)
+    return False
+
+
 def _check_sweep_held(loop_config: dict[str, Any]) -> None:
     """Raise ``RunTakenOverError`` in a trial of a sweep that another start has taken over."""
     if loop_config.get("run_holder"):
@@ -356,7 +377,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     experiment = f"{storage['storage_path']}/tune"
     # Rerunning the same command continues the sweep, as a rerun of jobs/train.py continues
     # its run (claim_run above has checked it is the same sweep); --overwrite cleared it.
-    if not base.overwrite and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+    if (not base.overwrite and tune.Tuner.can_restore(experiment, storage_filesystem=fs)
+            and _tune_state_readable(sweep.join("tune"))):
         log.info("resuming sweep %s", sweep.join("tune").uri)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)

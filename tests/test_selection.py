@@ -587,3 +587,24 @@ def test_a_trial_of_a_sweep_taken_over_ends_as_an_error_before_it_claims_its_fol
     with pytest.raises(RunTakenOverError, match="was taken over"):
         tuning.tune_trial(params, shared)  # a later trial of the old sweep
     assert fits == [1] and not (tmp_path / "sweep" / "trials" / "t1" / tuning.TRIAL_PARAMS_FILE).exists()
+
+
+def test_a_sweep_whose_tune_state_was_cut_off_is_not_restored_from_it(tmp_path, caplog):
+    """Ray copies its experiment state to storage in place: a sweep killed then leaves an empty
+    file, from which a restore runs one trial with no parameters."""
+    import logging
+
+    from artifact_core.storage import resolve
+    from artifact_core.tuning import _tune_state_readable
+
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    assert _tune_state_readable(resolve(str(tune_dir)))  # nothing to check: Tune decides
+    (tune_dir / "experiment_state-2026-01-01_10-00-00.json").write_text('{"trial_data": []}')
+    assert _tune_state_readable(resolve(str(tune_dir)))
+    (tune_dir / "experiment_state-2026-01-01_11-00-00.json").write_text("")  # the newest, cut off
+    with caplog.at_level(logging.WARNING, logger="artifact_core.tuning"):
+        assert not _tune_state_readable(resolve(str(tune_dir)))
+    assert "it is empty" in caplog.text and "Starting the sweep's trials again" in caplog.text
+    (tune_dir / "experiment_state-2026-01-01_11-00-00.json").write_text('{"trial_da')
+    assert not _tune_state_readable(resolve(str(tune_dir)))
