@@ -236,3 +236,14 @@ def s3_server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+def held_run(cfg, **kwargs) -> dict:
+    """``prepare_run`` and then ``hold_run``, as ``run_training`` does once its workers fit:
+    the loop config of a start that trains."""
+    from artifact_core.run_identity import hold_run
+    from artifact_core.trainer import prepare_run
+
+    loop = prepare_run(cfg, **kwargs)
+    loop["run_holder"] = hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
+    return loop

@@ -13,7 +13,7 @@ from artifact_core import run_identity
 from artifact_core.config import TrainConfig
 from artifact_core.run_identity import RUN_FILE, SPLIT_JSON, SPLIT_PARQUET, RunConflictError
 from artifact_core.trainer import prepare_run
-from conftest import make_easy_folder, write_image
+from conftest import held_run, make_easy_folder, write_image
 
 
 def cfg(data: Path, storage: Path, **kw) -> TrainConfig:
@@ -29,8 +29,7 @@ def names(split: dict, part: str) -> list[str]:
 
 def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_path, caplog):
     data = make_easy_folder(tmp_path / "train", n=24)
-    first = prepare_run(cfg(data, tmp_path / "runs"))
-    run_identity.hold_run(first["run_folder"], first["holder"], first["record_config"], claim=first["claim"])
+    first = held_run(cfg(data, tmp_path / "runs"))  # it trains
     run = tmp_path / "runs" / "r"
     record = json.loads((run / RUN_FILE).read_text())
     assert record["identity"]["image_size"] == 32 and record["data"]["files"] == 24
@@ -64,8 +63,7 @@ def test_first_start_stores_split_and_rerun_keeps_it_when_files_are_added(tmp_pa
 ])
 def test_rerun_with_other_training_flags_is_refused_naming_them(tmp_path, change, named):
     data = make_easy_folder(tmp_path / "train", n=16)
-    first = prepare_run(cfg(data, tmp_path / "runs"))
-    run_identity.hold_run(first["run_folder"], first["holder"], first["record_config"], claim=first["claim"])
+    held_run(cfg(data, tmp_path / "runs"))
     with pytest.raises(RunConflictError) as err:
         prepare_run(cfg(data, tmp_path / "runs", **change))
     msg = str(err.value)
@@ -434,15 +432,13 @@ def test_a_start_that_never_trained_may_be_lowered_and_a_hold_checks_the_record_
 
     data = make_easy_folder(tmp_path / "train", n=16)
     prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=5))  # refused before it trained
-    lowered = prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=3))
-    run_identity.hold_run(lowered["run_folder"], lowered["holder"], lowered["record_config"], claim=lowered["claim"])
+    held_run(cfg(data, tmp_path / "runs", finetune_epochs=3))
     record = json.loads((tmp_path / "runs" / "r" / RUN_FILE).read_text())
     assert record["config"]["finetune_epochs"] == 3
     assert record["history"][-1]["changed"]["finetune_epochs"] == [5, 3]
 
     waiting = prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=3))  # waits for nodes...
-    raised = prepare_run(cfg(data, tmp_path / "runs", finetune_epochs=8))
-    run_identity.hold_run(raised["run_folder"], raised["holder"], raised["record_config"], claim=raised["claim"])
+    raised = held_run(cfg(data, tmp_path / "runs", finetune_epochs=8))
     with pytest.raises(RunConflictError, match="finetune_epochs: 8 before, 3 now"):
         run_identity.hold_run(waiting["run_folder"], waiting["holder"], waiting["record_config"],
                               claim=waiting["claim"])
@@ -480,10 +476,7 @@ def test_the_latest_start_holds_the_run_and_an_earlier_one_learns_it_lost_it(tmp
     from artifact_core.run_identity import RunTakenOverError, check_holder, hold_run, holder_lost
 
     def start(**kw) -> dict:
-        loop = prepare_run(cfg(data, tmp_path / "runs", **kw))
-        # as run_training does once the workers fit
-        loop["run_holder"] = hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
-        return loop
+        return held_run(cfg(data, tmp_path / "runs", **kw))
 
     data = make_easy_folder(tmp_path / "train", n=16)
     first = start()

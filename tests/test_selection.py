@@ -554,19 +554,15 @@ def test_a_trial_of_a_sweep_taken_over_ends_as_an_error_before_it_claims_its_fol
     workers, and one whose workers stopped for the takeover ends as an error (which the new
     sweep's restore reruns), not as a finished trial."""
     from artifact_core import tuning
-    from artifact_core.run_identity import RunTakenOverError, hold_run
-    from artifact_core.trainer import prepare_run
-    from conftest import make_easy_folder
+    from artifact_core.run_identity import RunTakenOverError
+    from conftest import held_run, make_easy_folder
 
     data = make_easy_folder(tmp_path / "d", n=16, size=32)
     base = TrainConfig(data_dir=str(data), storage_path=str(tmp_path), name="sweep", image_size=32, weights="none",
                        head_epochs=1, finetune_epochs=1, val_fraction=0.25)
 
     def start() -> dict:
-        loop = prepare_run(base, kind="sweep")
-        loop["run_holder"] = loop["holder"]["id"]
-        hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
-        return loop
+        return held_run(base, kind="sweep")
     fits = []
 
     class Trainer:

@@ -620,25 +620,27 @@ def test_the_schedule_counts_the_batches_the_loader_yields(n, world, ingest, ste
         assert len(train_loop._loaders({"split": split}, cfg, 0, world)[0]) == steps
 
 
+def _tiny_run(tmp_path, *, head_epochs: int) -> TrainConfig:
+    """A named run of 16 easy 32 px images, phase 1 only."""
+    from conftest import make_easy_folder
+
+    data = make_easy_folder(tmp_path / "d", n=16, size=32)
+    return TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="r", image_size=32,
+                       batch_size=4, head_members=1, weights="none", decode_cache_mb=0, head_epochs=head_epochs,
+                       finetune_epochs=0, patience=0, val_fraction=0.25)
+
+
 def test_a_job_whose_run_another_start_claimed_stops_before_its_next_checkpoint(tmp_path, monkeypatch):
     """The same command run again while the first job still trains: the first job's next epoch
     reports no checkpoint (nor lets Ray prune any) and its loop ends cleanly."""
     import ray.train
     import ray.train.torch
 
-    from artifact_core.trainer import prepare_run
-    from conftest import make_easy_folder
-
-    data = make_easy_folder(tmp_path / "d", n=16, size=32)
-    cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="r", image_size=32,
-                      batch_size=4, head_members=1, weights="none", decode_cache_mb=0, head_epochs=3,
-                      finetune_epochs=0, patience=0, val_fraction=0.25)
-    from artifact_core.run_identity import hold_run
+    cfg = _tiny_run(tmp_path, head_epochs=3)
 
     def start() -> dict:
-        loop = prepare_run(cfg)
-        loop["run_holder"] = hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
-        return loop
+        from conftest import held_run
+        return held_run(cfg)
     first = start()
     reports, claims = [], [1]
 
@@ -678,19 +680,11 @@ def test_a_worker_group_of_a_run_taken_over_ends_cleanly_before_it_loads_a_check
     import ray.train
     import ray.train.torch
 
-    from artifact_core.run_identity import hold_run
-    from artifact_core.trainer import prepare_run
-    from conftest import make_easy_folder
-
-    data = make_easy_folder(tmp_path / "d", n=16, size=32)
-    cfg = TrainConfig(data_dir=str(data), storage_path=str(tmp_path / "runs"), name="r", image_size=32,
-                      batch_size=4, head_members=1, weights="none", decode_cache_mb=0, head_epochs=2,
-                      finetune_epochs=0, patience=0, val_fraction=0.25)
+    cfg = _tiny_run(tmp_path, head_epochs=2)
 
     def start() -> dict:
-        loop = prepare_run(cfg)
-        loop["run_holder"] = hold_run(loop["run_folder"], loop["holder"], loop["record_config"], claim=loop["claim"])
-        return loop
+        from conftest import held_run
+        return held_run(cfg)
     context = types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1,
                                     get_local_world_size=lambda: 1)
     reports, loads = [], []
