@@ -133,15 +133,22 @@ def test_resume_refuses_another_precision_int8_model_or_bundle_config(tmp_path):
                        overwrite=False)
 
 
+def _evaluate(tmp_path, predictions: str, labels: str) -> dict:
+    """``evaluate_against_labels`` on an output holding ``predictions`` (CSV rows after the
+    header) and a labels file holding ``labels``."""
+    from artifact_core.scoring import evaluate_against_labels
+
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "predictions.csv").write_text("filename,predicted_class\n" + predictions)
+    (tmp_path / "labels.csv").write_text("filename,label\n" + labels)
+    return evaluate_against_labels(str(tmp_path / "out"), str(tmp_path / "labels.csv"))
+
+
 def test_labels_csv_is_checked_and_error_rows_count_as_misses(tmp_path):
     from artifact_core.scoring import evaluate_against_labels
 
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "predictions.csv").write_text(
-        "filename,predicted_class\na.png,0\nb.png,1\nc.png,-1\nd.png,1\n007,0\n")
-    good = tmp_path / "labels.csv"
-    good.write_text("filename,label\na.png,0\nb.png,1\nc.png,1\nd.png,0\nunscored.png,1\n007,0\n")
-    m = evaluate_against_labels(str(tmp_path / "out"), str(good))
+    m = _evaluate(tmp_path, "a.png,0\nb.png,1\nc.png,-1\nd.png,1\n007,0\n",
+                  "a.png,0\nb.png,1\nc.png,1\nd.png,0\nunscored.png,1\n007,0\n")
     # c's error row is a miss whatever its label; 007 stays a name, not the number 7
     assert m["confusion_matrix"] == [[2, 1], [1, 1]]
     assert (m["labels_matched"], m["labels_unmatched"], m["unmatched_examples"], m["scored_without_label"]) == \
@@ -159,12 +166,9 @@ def test_labels_of_bare_names_match_a_nested_folder_and_the_metrics_say_what_the
     matches it; an ambiguous or unknown name, and scored files without a label, are counted."""
     from artifact_core.scoring import evaluate_against_labels
 
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "predictions.csv").write_text(
-        "filename,predicted_class\nsub/a.png,0\nsub/b.png,0\nc.png,1\nx/dup.png,1\ny/dup.png,0\nz/e.png,1\n")
+    m = _evaluate(tmp_path, "sub/a.png,0\nsub/b.png,0\nc.png,1\nx/dup.png,1\ny/dup.png,0\nz/e.png,1\n",
+                  "a.png,0\nb.png,0\nc.png,1\ndup.png,1\nmissing.png,0\n")
     labels = tmp_path / "labels.csv"
-    labels.write_text("filename,label\na.png,0\nb.png,0\nc.png,1\ndup.png,1\nmissing.png,0\n")
-    m = evaluate_against_labels(str(tmp_path / "out"), str(labels))
     assert m["confusion_matrix"] == [[2, 0], [0, 1]]  # a, b (found by base name) and c
     assert (m["labels_matched"], m["labels_unmatched"], m["scored_without_label"]) == (3, 2, 3)
     assert m["unmatched_examples"] == ["dup.png", "missing.png"]  # dup.png names two files: no guess
